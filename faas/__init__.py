@@ -1,0 +1,1 @@
+"""tpm-faas: serverless functions for calls to trillion-parameter models."""

@@ -1,0 +1,1 @@
+"""What exists: function and model specs stored in the ObjectStore."""

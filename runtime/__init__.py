@@ -1,0 +1,1 @@
+"""What one invocation needs: wire models, serialisation, stores, the Model handle."""

@@ -1,0 +1,212 @@
+"""The ObjectStore protocol and the local filesystem backend.
+
+Keys are ``/``-separated strings relative to the store's root (a directory or a
+bucket prefix). Every backend satisfies :class:`ObjectStore` without inheriting
+from it, and is rebuilt from ``config()`` by :func:`store_from_config`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol, runtime_checkable
+from urllib.parse import unquote, urlparse
+
+from runtime._errors import ObjectExists, ObjectNotFound, StoreError
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """Where function artifacts, invocation records and staged values live."""
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        """Write ``data`` under ``key`` atomically (readers see all or nothing).
+
+        Raises:
+            ObjectExists: ``if_absent`` is set and the key already holds an object.
+        """
+        ...
+
+    def put_file(self, key: str, fileobj: BinaryIO, *, if_absent: bool = False) -> None:
+        """Stream a file object's remaining bytes to ``key`` atomically."""
+        ...
+
+    def get(self, key: str) -> bytes:
+        """Return the bytes under ``key``; raise ObjectNotFound if there are none."""
+        ...
+
+    def open(self, key: str) -> BinaryIO:
+        """Open ``key`` for streaming reads; the caller closes the file object."""
+        ...
+
+    def exists(self, key: str) -> bool:
+        """Whether an object exists under ``key``."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Delete ``key``; deleting a missing key is not an error."""
+        ...
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Yield the keys that start with ``prefix``, in lexicographic order."""
+        ...
+
+    def config(self) -> dict[str, Any]:
+        """A JSON-able ``{"kind": ..., "options": {...}}`` that rebuilds this store."""
+        ...
+
+    def url(self) -> str:
+        """The store URL (``file:///...`` or ``s3://...``) naming this store."""
+        ...
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in key.split("/")):
+        raise ValueError(f"Invalid object key {key!r}: keys are relative '/'-separated paths.")
+    return key
+
+
+class LocalStore:
+    """An ObjectStore on the local filesystem.
+
+    Writes go to a temporary file in the target directory, are fsynced, then
+    renamed into place, so a reader never sees a half-written object.
+    Commit-once writes use ``os.link``, which fails if the target exists.
+
+    Args:
+        root: Directory holding the objects; created if missing.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        """Write ``data`` under ``key`` atomically."""
+        self._commit(key, lambda f: f.write(data), if_absent=if_absent)
+
+    def put_file(self, key: str, fileobj: BinaryIO, *, if_absent: bool = False) -> None:
+        """Stream ``fileobj`` to ``key`` atomically."""
+        self._commit(key, lambda f: shutil.copyfileobj(fileobj, f, 1 << 20), if_absent=if_absent)
+
+    def _commit(self, key: str, write: Any, *, if_absent: bool) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            if if_absent:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise ObjectExists(f"An object already exists under {key!r} in {self!r}.") from None
+            else:
+                os.replace(tmp, path)
+        except OSError as exc:
+            raise StoreError(f"Writing {key!r} to {self!r} failed: {exc}") from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def get(self, key: str) -> bytes:
+        """Return the bytes under ``key``."""
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(f"No object under {key!r} in {self!r}.") from None
+
+    def open(self, key: str) -> BinaryIO:
+        """Open ``key`` for streaming reads."""
+        try:
+            return self._path(key).open("rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(f"No object under {key!r} in {self!r}.") from None
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` holds an object."""
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        """Delete ``key`` if present."""
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Yield keys under ``prefix`` in lexicographic order."""
+        keys: list[str] = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            base = "" if rel == "." else rel + "/"
+            if not (base.startswith(prefix) or prefix.startswith(base)):
+                continue
+            for name in files:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    continue
+                key = base + name
+                if key.startswith(prefix):
+                    keys.append(key)
+        yield from sorted(keys)
+
+    def config(self) -> dict[str, Any]:
+        """The config that rebuilds this store."""
+        return {"kind": "file", "options": {"root": str(self.root)}}
+
+    def url(self) -> str:
+        """The ``file://`` URL of this store."""
+        return self.root.as_uri()
+
+    @classmethod
+    def from_config(cls, options: dict[str, Any]) -> LocalStore:
+        """Build a LocalStore from ``config()["options"]``."""
+        return cls(options["root"])
+
+
+def store_from_config(config: dict[str, Any]) -> ObjectStore:
+    """Rebuild a store from its ``config()``.
+
+    Raises:
+        ValueError: The kind is not one this installation knows.
+    """
+    kind = config.get("kind")
+    options = dict(config.get("options") or {})
+    if kind == "file":
+        return LocalStore.from_config(options)
+    if kind == "s3":
+        from runtime._s3 import S3Store  # boto3 is imported only when S3 is used
+
+        return S3Store.from_config(options)
+    raise ValueError(f"Unknown object store kind {kind!r}; expected 'file' or 's3'.")
+
+
+def store_from_url(url: str) -> ObjectStore:
+    """Open the store named by a URL: ``file:///path`` or ``s3://bucket/prefix?...``.
+
+    A plain path is taken as a local directory.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        return LocalStore(unquote(parsed.path) if parsed.scheme else url)
+    if parsed.scheme == "s3":
+        from runtime._s3 import S3Store
+
+        return S3Store.from_url(url)
+    raise ValueError(f"Unsupported store URL {url!r}: use file:///path or s3://bucket/prefix.")
+
+
+def new_id() -> str:
+    """A new random identifier (hex, 32 characters)."""
+    return uuid.uuid4().hex

@@ -1,0 +1,1 @@
+"""Where work runs: engine hosts, replicas, workers and the pool."""
