@@ -1,1 +1,14 @@
-"""What exists: function and model specs stored in the ObjectStore."""
+"""What exists: function and model specs, stored as objects in the ObjectStore."""
+
+from registry._registry import Registry, UnknownFunctionError, split_ref
+from registry._specs import BUILTIN_MODELS, TINY_LLAMA, FunctionSpec, ModelSpec
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "TINY_LLAMA",
+    "FunctionSpec",
+    "ModelSpec",
+    "Registry",
+    "UnknownFunctionError",
+    "split_ref",
+]

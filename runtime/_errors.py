@@ -19,7 +19,8 @@ FaasError
 ├── IntegrityError              bytes do not match their recorded digest
 └── StoreError                  the object store failed
     ├── ObjectNotFound          no object under that key
-    └── ObjectExists            a commit-once write found the key taken
+    ├── ObjectExists            a commit-once write found the key taken
+    └── StoreAuthError          the store rejected the credentials (never retried)
 ```
 """
 
@@ -106,3 +107,10 @@ class ObjectNotFound(StoreError, KeyError):
 
 class ObjectExists(StoreError):
     """A commit-once write found an object already under the key."""
+
+
+class StoreAuthError(StoreError):
+    """The object store rejected the credentials or denied access.
+
+    Raised at once, without retries: bad keys do not get better by asking again.
+    """

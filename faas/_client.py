@@ -1,0 +1,201 @@
+"""The client: registers functions and submits invocations to the embedded pool."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from registry._registry import Registry
+from registry._specs import FunctionSpec, ModelSpec
+from runtime import _serde
+from runtime._errors import PoolClosedError
+from runtime._model import Model
+from runtime._paths import default_store_url
+from runtime._store import ObjectStore, new_id, store_from_url
+from runtime._wire import Invocation
+from warmpool._pool import Pool
+from warmpool._replica import EngineFactory, default_engine_factory
+
+from faas._future import Future
+
+if TYPE_CHECKING:
+    from faas._function import Function
+
+
+class Client:
+    """Submits invocations to a warm pool running embedded in this process.
+
+    The pool (its workers and engines) starts on first use and stops on
+    :meth:`shutdown`, at interpreter exit, or when the ``with`` block ends.
+
+    Args:
+        store: An ObjectStore or store URL (default ``$FAAS_STORE`` or a
+            directory under the user's cache).
+        workers: Worker processes in the pool.
+        threads_per_worker: Invocations each worker runs at once.
+        engine_factory: Builds engine hosts (tests inject failing ones).
+        log_dir: Where engine logs go.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: ObjectStore | str | None = None,
+        workers: int = 2,
+        threads_per_worker: int = 64,
+        engine_factory: EngineFactory = default_engine_factory,
+        log_dir: Path | None = None,
+    ) -> None:
+        if store is None:
+            store = default_store_url()
+        self.store: ObjectStore = store_from_url(store) if isinstance(store, str) else store
+        self.registry = Registry(self.store)
+        self._pool_args: dict[str, Any] = {
+            "workers": workers,
+            "threads_per_worker": threads_per_worker,
+            "engine_factory": engine_factory,
+            "log_dir": log_dir,
+        }
+        self._pool: Pool | None = None
+        self._lock = threading.Lock()
+        self._specs: dict[int, tuple[Function[Any], FunctionSpec]] = {}
+        self._handles: dict[str, Model] = {}
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<faas.Client store={self.store.url()!r}>"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    @property
+    def pool(self) -> Pool:
+        """The embedded pool, started on first use."""
+        with self._lock:
+            if self._closed:
+                raise PoolClosedError("This faas client has been shut down.")
+            if self._pool is None:
+                self._pool = Pool(self.store, **self._pool_args).start()
+            return self._pool
+
+    def register(self, function: Function[Any]) -> FunctionSpec:
+        """Register ``function`` in the store (once per client) and return its spec."""
+        with self._lock:
+            cached = self._specs.get(id(function))
+            if cached is not None and cached[0] is function:
+                return cached[1]
+        artifact = _serde.dumps(function.fn, what=f"function {function.name!r}")
+        spec = FunctionSpec(
+            name=function.name,
+            digest=_serde.digest_of(artifact),
+            model=function.model,
+            model_param=function.model_param,
+            model_param_index=function.model_param_index,
+            timeout=function.timeout,
+            retries=function.retries,
+            module=getattr(function.fn, "__module__", "") or "",
+            qualname=getattr(function.fn, "__qualname__", "") or "",
+        )
+        spec = self.registry.register_function(artifact, spec)
+        with self._lock:
+            self._specs[id(function)] = (function, spec)
+        return spec
+
+    def resolve_model(self, ref: str) -> ModelSpec:
+        """Resolve a model reference; raises UnknownModelError for unknown names."""
+        return self.registry.get_model(ref)
+
+    def submit(self, function: Function[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
+        """Validate, register and submit one invocation; return its future.
+
+        Raises:
+            SubmitError: Unknown model, bad or unpicklable arguments (nothing runs).
+            PoolClosedError: The client is shut down.
+        """
+        function.check_arguments(args, kwargs)
+        model = self.resolve_model(function.model) if function.model else None
+        blob = _serde.dumps((args, kwargs), what=f"arguments of {function.name!r}")
+        spec = self.register(function)
+        invocation = Invocation(
+            id=new_id(),
+            function_name=spec.name,
+            function_digest=spec.digest,
+            model=model.ref if model else None,
+            args=blob,
+            timeout=spec.timeout,
+            retries=spec.retries,
+        )
+        future: Future[Any] = Future(invocation.id, self.cancel)
+        self.pool.submit(invocation, spec, model, future._resolve)
+        return future
+
+    def cancel(self, invocation_id: str) -> bool:
+        """Cancel an invocation by id."""
+        pool = self._pool
+        return pool.cancel(invocation_id) if pool is not None else False
+
+    def model_handle(self, ref: str) -> Model:
+        """A handle on a ready replica of model ``ref`` (starting one if needed)."""
+        spec = self.resolve_model(ref)
+        url = self.pool.engine_url(spec)
+        with self._lock:
+            handle = self._handles.get(url)
+            if handle is None:
+                handle = self._handles[url] = Model(url, spec.ref, request_prefix="local")
+            return handle
+
+    def status(self) -> dict[str, Any]:
+        """The pool's metrics, replicas and workers."""
+        return self._pool.status() if self._pool is not None else {"metrics": {}, "replicas": [], "workers": []}
+
+    def shutdown(self) -> None:
+        """Stop the pool and every process it started."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+            handles = list(self._handles.values())
+            self._handles.clear()
+        for handle in handles:
+            handle.close()
+        if pool is not None:
+            pool.shutdown()
+
+
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def get_client() -> Client:
+    """The process-wide default client, created on first use."""
+    global _default
+    with _default_lock:
+        if _default is None or _default._closed:
+            _default = Client()
+        return _default
+
+
+def configure(**options: Any) -> Client:
+    """Replace the default client with one built from ``options`` (see :class:`Client`)."""
+    global _default
+    with _default_lock:
+        old, _default = _default, Client(**options)
+    if old is not None:
+        old.shutdown()
+    return _default
+
+
+def shutdown() -> None:
+    """Shut down the default client's pool, if one was started."""
+    global _default
+    with _default_lock:
+        old, _default = _default, None
+    if old is not None:
+        old.shutdown()
+
+
+atexit.register(shutdown)

@@ -1,0 +1,88 @@
+"""Function and model specs: what the registry stores about each."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FunctionSpec(BaseModel):
+    """A registered function version.
+
+    Attributes:
+        name: The function's registered name.
+        version: Monotonic version number within the name, from 1.
+        digest: sha256 of the pickled function artifact.
+        model: Model the function calls (``name`` or ``name@version``), or None.
+        model_param: Parameter that receives the ``Model`` handle.
+        model_param_index: Its position (0 = passed first).
+        timeout: Seconds an invocation may run, or None.
+        retries: Retries for invocations lost to a dead worker or engine.
+        module: Defining module, for display.
+        qualname: Qualified name in that module, for display.
+        created_at: Registration time (seconds since the epoch).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    version: int = 0
+    digest: str
+    model: str | None = None
+    model_param: str | None = None
+    model_param_index: int = 0
+    timeout: float | None = None
+    retries: int = 0
+    module: str = ""
+    qualname: str = ""
+    created_at: float = Field(default_factory=time.time)
+
+    @property
+    def ref(self) -> str:
+        """``name@version``."""
+        return f"{self.name}@{self.version}"
+
+
+EngineKind = Literal["cpu", "sglang"]
+
+
+class ModelSpec(BaseModel):
+    """A model version the pool can serve.
+
+    Attributes:
+        name: The model's name, as functions name it.
+        version: Version label (``"1"``, ``"2"``, ...).
+        engine: Which engine host serves it.
+        model_path: Weights directory or URI; None for the built-in tiny model,
+            which is built on first use.
+        engine_args: Extra engine arguments (e.g. SGLang's ``tp_size``).
+        min_replicas: Replicas kept warm even when idle.
+        max_replicas: Upper bound on replicas.
+        max_inflight: Invocations dispatched to one replica at once.
+        startup_timeout: Seconds a replica may take to become ready.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    version: str = "1"
+    engine: EngineKind = "cpu"
+    model_path: str | None = None
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    min_replicas: int = Field(0, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    max_inflight: int = Field(64, ge=1)
+    startup_timeout: float = Field(300.0, gt=0)
+
+    @property
+    def ref(self) -> str:
+        """``name@version``."""
+        return f"{self.name}@{self.version}"
+
+
+TINY_LLAMA = ModelSpec(name="tiny-llama", version="1", engine="cpu", model_path=None)
+"""The built-in tiny offline Llama; its weights are built locally on first use."""
+
+BUILTIN_MODELS: dict[str, ModelSpec] = {TINY_LLAMA.name: TINY_LLAMA}

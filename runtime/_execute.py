@@ -1,0 +1,88 @@
+"""``execute()``: run one invocation inside a worker and capture its outcome."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from runtime import _serde
+from runtime._errors import FaasError
+from runtime._model import Model
+from runtime._wire import ErrorInfo, ErrorKind, Invocation, Result
+
+_HOST = socket.gethostname()
+
+
+def error_info(exc: BaseException, kind: ErrorKind, *, with_traceback: bool = True) -> ErrorInfo:
+    """Describe ``exc`` for a Result, serialising it when it can be."""
+    try:
+        blob: bytes | None = _serde.dumps(exc, what="exception")
+    except FaasError:
+        blob = None
+    tb = "".join(traceback.format_exception(exc)) if with_traceback else ""
+    cls = type(exc)
+    return ErrorInfo(
+        kind=kind,
+        type_name=f"{cls.__module__}.{cls.__qualname__}" if cls.__module__ != "builtins" else cls.__qualname__,
+        message=str(exc),
+        traceback=tb,
+        exception=blob,
+    )
+
+
+def execute(
+    invocation: Invocation,
+    fn: Callable[..., Any],
+    *,
+    model: Model | None = None,
+    model_param: str | None = None,
+    model_param_index: int = 0,
+) -> Result:
+    """Run one invocation of ``fn`` and return its Result; never raises.
+
+    Args:
+        invocation: The invocation; its ``args`` hold the serialised ``(args, kwargs)``.
+        fn: The verified, deserialised user function.
+        model: The handle on the engine of the function's model, if it has one.
+        model_param: Name of the parameter that receives ``model``.
+        model_param_index: Position of that parameter; 0 means it is passed first.
+    """
+    started = time.time()
+    result = Result(
+        invocation_id=invocation.id,
+        worker_pid=os.getpid(),
+        worker_host=_HOST,
+        started_at=started,
+        attempt=invocation.attempt,
+    )
+    try:
+        args, kwargs = _serde.loads(invocation.args, what=f"arguments of invocation {invocation.id}")
+        if model_param is not None:
+            if model is None:
+                raise FaasError(f"Function {invocation.function_name!r} needs a model handle but none was given.")
+            bound = model.bind(f"inv-{invocation.id}-{invocation.attempt}")
+            if model_param_index == 0:
+                args = (bound, *args)
+            else:
+                kwargs = {**kwargs, model_param: bound}
+    except Exception as exc:
+        result.error = error_info(exc, "system")
+        result.finished_at = time.time()
+        return result
+    try:
+        value = fn(*args, **kwargs)
+    except Exception as exc:
+        # Drop this frame from the traceback: the user wants their own frames.
+        result.error = error_info(exc.with_traceback(exc.__traceback__.tb_next if exc.__traceback__ else None), "user")
+        result.finished_at = time.time()
+        return result
+    try:
+        result.value = _serde.dumps(value, what=f"return value of {invocation.function_name!r}")
+    except FaasError as exc:
+        result.error = error_info(exc, "user", with_traceback=False)
+    result.finished_at = time.time()
+    return result

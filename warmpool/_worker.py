@@ -1,0 +1,106 @@
+"""Worker processes: long-lived, each running many invocations at once in threads.
+
+A function mostly waits on the engine, so one worker process runs up to
+``threads`` invocations concurrently; their requests reach the engine together
+and are batched there. The parent talks to a worker over one duplex pipe:
+
+- parent -> worker: :class:`Dispatch` (run this), :class:`Abort` (drop it), ``None`` (exit);
+- worker -> parent: :class:`runtime.Result`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from registry._registry import Registry
+from runtime._execute import error_info, execute
+from runtime._model import Model
+from runtime._store import store_from_config
+from runtime._wire import Invocation, Result
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Run one invocation.
+
+    Attributes:
+        invocation: What to run.
+        engine_url: Base URL of the model's engine replica, if the function has a model.
+        model_name: The resolved model reference (``name@version``).
+        model_param: Parameter receiving the Model handle.
+        model_param_index: Its position.
+    """
+
+    invocation: Invocation
+    engine_url: str | None = None
+    model_name: str | None = None
+    model_param: str | None = None
+    model_param_index: int = 0
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Stop caring about an invocation and abort its engine requests (best effort)."""
+
+    invocation_id: str
+
+
+def worker_main(conn: Connection, store_config: dict[str, Any], threads: int) -> None:
+    """Entry point of a worker process (spawned by the pool)."""
+    store = store_from_config(store_config)
+    registry = Registry(store)
+    handles: dict[tuple[str, str], Model] = {}
+    handles_lock = threading.Lock()
+    send_lock = threading.Lock()
+    running: dict[str, tuple[Model, str]] = {}
+
+    def handle_for(url: str, name: str) -> Model:
+        with handles_lock:
+            model = handles.get((url, name))
+            if model is None:
+                model = handles[(url, name)] = Model(url, name)
+            return model
+
+    def run(msg: Dispatch) -> None:
+        inv = msg.invocation
+        try:
+            fn = registry.load_function(inv.function_digest)
+            model = handle_for(msg.engine_url, msg.model_name or "") if msg.engine_url else None
+            if model is not None:
+                running[inv.id] = (model, f"inv-{inv.id}-{inv.attempt}-")
+            result = execute(
+                inv, fn, model=model, model_param=msg.model_param, model_param_index=msg.model_param_index
+            )
+        except Exception as exc:  # loading failed: integrity, unpickling, store
+            result = Result(invocation_id=inv.id, error=error_info(exc, "system"), worker_pid=os.getpid())
+        finally:
+            running.pop(inv.id, None)
+        with send_lock:
+            try:
+                conn.send(result)
+            except (OSError, ValueError):
+                os._exit(0)  # parent is gone
+
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="faas-inv")
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                break
+            if msg is None:
+                break
+            if isinstance(msg, Abort):
+                entry = running.get(msg.invocation_id)
+                if entry is not None:
+                    entry[0].abort_prefix(entry[1])
+                continue
+            pool.submit(run, msg)
+    finally:
+        # Threads stuck in user code (past their timeout) must not hold the exit.
+        os._exit(0)
