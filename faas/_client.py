@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from faas._future import Future
 from registry._registry import Registry
 from registry._specs import FunctionSpec, ModelSpec
 from runtime import _serde
@@ -17,8 +18,6 @@ from runtime._store import ObjectStore, new_id, store_from_url
 from runtime._wire import Invocation
 from warmpool._pool import Pool
 from warmpool._replica import EngineFactory, default_engine_factory
-
-from faas._future import Future
 
 if TYPE_CHECKING:
     from faas._function import Function
@@ -151,7 +150,9 @@ class Client:
 
     def status(self) -> dict[str, Any]:
         """The pool's metrics, replicas and workers."""
-        return self._pool.status() if self._pool is not None else {"metrics": {}, "replicas": [], "workers": []}
+        return (
+            self._pool.status() if self._pool is not None else {"metrics": {}, "replicas": [], "workers": []}
+        )
 
     def shutdown(self) -> None:
         """Stop the pool and every process it started."""

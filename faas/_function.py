@@ -115,7 +115,12 @@ class Function(Generic[R]):
     def with_client(self, client: Client) -> Function[R]:
         """A copy of this function bound to ``client``."""
         return Function(
-            self.fn, model=self.model, timeout=self.timeout, retries=self.retries, name=self.name, client=client
+            self.fn,
+            model=self.model,
+            timeout=self.timeout,
+            retries=self.retries,
+            name=self.name,
+            client=client,
         )
 
     def check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -225,6 +230,7 @@ def function(
         def complete(model: faas.Model, prompt: str) -> str: ...
 
     Args:
+        fn: Must not be given: bare ``@faas.function`` is an error.
         model: Model name (``name`` resolves the ``latest`` alias at submit
             time; ``name@version`` pins a version). The parameter annotated
             ``faas.Model`` receives its handle.

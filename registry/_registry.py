@@ -12,12 +12,13 @@ Layout under the store::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from registry._specs import BUILTIN_MODELS, FunctionSpec, ModelSpec
 from runtime import _serde
@@ -97,10 +98,9 @@ class Registry:
             return latest
         artifact_key = f"registry/artifacts/{digest}"
         if not self.store.exists(artifact_key):
-            try:
+            # Content-addressed: if another process won the race it wrote the same bytes.
+            with contextlib.suppress(ObjectExists):
                 self.store.put(artifact_key, artifact, if_absent=True)
-            except ObjectExists:
-                pass  # content-addressed: whoever won wrote the same bytes
         version = latest.version if latest else 0
         while True:
             version += 1
@@ -165,8 +165,13 @@ class Registry:
         try:
             blob = self.store.get(f"registry/artifacts/{digest}")
         except ObjectNotFound:
-            raise UnknownFunctionError(f"No function artifact with digest {digest[:12]}... is stored.") from None
-        fn = _serde.loads(blob, expected_digest=digest, what=f"function artifact {digest[:12]}")
+            raise UnknownFunctionError(
+                f"No function artifact with digest {digest[:12]}... is stored."
+            ) from None
+        fn = cast(
+            "Callable[..., Any]",
+            _serde.loads(blob, expected_digest=digest, what=f"function artifact {digest[:12]}"),
+        )
         with self._lock:
             self._functions[digest] = fn
             while len(self._functions) > self._cache_size:
@@ -177,7 +182,9 @@ class Registry:
     def register_model(self, spec: ModelSpec, *, alias: str | None = "latest") -> ModelSpec:
         """Store a model version and (by default) point ``latest`` at it."""
         _check_name(spec.name, "model")
-        self._put_json(f"registry/models/{spec.name}/versions/{spec.version}.json", spec.model_dump(mode="json"))
+        self._put_json(
+            f"registry/models/{spec.name}/versions/{spec.version}.json", spec.model_dump(mode="json")
+        )
         if alias:
             self.set_model_alias(spec.name, alias, spec.version)
         return spec

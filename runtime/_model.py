@@ -6,6 +6,7 @@ serves too, so a function cannot tell the two apart.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import threading
@@ -119,9 +120,7 @@ class Model:
             an invocation's requests.
     """
 
-    def __init__(
-        self, url: str, name: str, *, timeout: float = 600.0, request_prefix: str = "faas"
-    ) -> None:
+    def __init__(self, url: str, name: str, *, timeout: float = 600.0, request_prefix: str = "faas") -> None:
         self.url = url.rstrip("/")
         self.name = name
         self._prefix = request_prefix
@@ -231,10 +230,8 @@ class Model:
 
     def abort(self, rid: str) -> None:
         """Ask the engine to abort the request ``rid`` (best effort)."""
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             self._client.post("/abort_request", json={"rid": rid}, timeout=5.0)
-        except httpx.HTTPError:
-            pass
 
     def abort_prefix(self, prefix: str) -> int:
         """Abort every in-flight request whose id starts with ``prefix``; return how many."""
@@ -248,7 +245,9 @@ class Model:
         try:
             response = self._client.post(path, json=body)
         except httpx.TransportError as exc:
-            raise EngineLost(f"The engine for model {self.name!r} at {self.url} is unreachable: {exc}") from exc
+            raise EngineLost(
+                f"The engine for model {self.name!r} at {self.url} is unreachable: {exc}"
+            ) from exc
         if response.status_code >= 400:
             try:
                 detail = response.json()
@@ -257,6 +256,7 @@ class Model:
             except ValueError:
                 message = response.text[:500]
             raise EngineError(
-                f"The engine for model {self.name!r} rejected {path} with HTTP {response.status_code}: {message}"
+                f"The engine for model {self.name!r} rejected {path} "
+                f"with HTTP {response.status_code}: {message}"
             )
         return response.json()

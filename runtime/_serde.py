@@ -39,7 +39,7 @@ def dumps(obj: Any, *, what: str = "value") -> bytes:
         SerializationError: The object cannot be pickled.
     """
     try:
-        payload = cloudpickle.dumps(obj, protocol=5)
+        payload: bytes = cloudpickle.dumps(obj, protocol=5)
     except Exception as exc:  # pickling raises many unrelated types
         raise SerializationError(
             f"The {what} cannot be serialised with cloudpickle: {type(exc).__name__}: {exc}"
@@ -92,7 +92,8 @@ def loads(data: bytes, *, expected_digest: str | None = None, what: str = "value
     except Exception as exc:
         hint = ""
         if py != sys.version_info[:2]:
-            hint = f" (it was written by Python {py[0]}.{py[1]}, this is {sys.version_info[0]}.{sys.version_info[1]})"
+            here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+            hint = f" (it was written by Python {py[0]}.{py[1]}, this is {here})"
         raise SerializationError(
             f"The {what} cannot be deserialised{hint}: {type(exc).__name__}: {exc}"
         ) from exc

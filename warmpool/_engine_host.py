@@ -122,8 +122,12 @@ class SubprocessEngineHost:
         env = {**os.environ, **self._env}
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True,
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
             )
 
     def wait_ready(self, timeout: float) -> float:
@@ -218,12 +222,23 @@ class CpuEngineHost(SubprocessEngineHost):
     ) -> None:
         def command(port_file: Path) -> list[str]:
             argv = [
-                sys.executable, "-m", "warmpool._cpu_engine",
-                "--model-path", str(model_path),
-                "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
-                "--served-model-name", served_model_name,
-                "--max-batch-size", str(max_batch_size),
-                "--device", device,
+                sys.executable,
+                "-m",
+                "warmpool._cpu_engine",
+                "--model-path",
+                str(model_path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--port-file",
+                str(port_file),
+                "--served-model-name",
+                served_model_name,
+                "--max-batch-size",
+                str(max_batch_size),
+                "--device",
+                device,
             ]
             if threads:
                 argv += ["--threads", str(threads)]

@@ -128,9 +128,7 @@ class Pool:
             "cold_start_seconds": 0.0,
             "warm_hits": 0,
         }
-        self._monitor = threading.Thread(
-            target=self._monitor_loop, name="faas-pool-monitor", daemon=True
-        )
+        self._monitor = threading.Thread(target=self._monitor_loop, name="faas-pool-monitor", daemon=True)
 
     # -- lifecycle -----------------------------------------------------------
     def start(self, models: list[ModelSpec] | None = None) -> Pool:
@@ -168,9 +166,7 @@ class Pool:
         for work in leftovers:
             self._finish(
                 work,
-                self._failure(
-                    work, PoolClosedError("The pool shut down before it finished."), "cancelled"
-                ),
+                self._failure(work, PoolClosedError("The pool shut down before it finished."), "cancelled"),
             )
         for w in workers:
             with contextlib.suppress(OSError, ValueError), w.send_lock:
@@ -205,9 +201,7 @@ class Pool:
         work = Work(invocation, spec, model, on_done, submitted=self._clock())
         with self._lock:
             if self._closed:
-                raise PoolClosedError(
-                    "The pool has been shut down; no new invocations are accepted."
-                )
+                raise PoolClosedError("The pool has been shut down; no new invocations are accepted.")
             if not self._started:
                 self.start()
             self.metrics["submitted"] += 1
@@ -285,9 +279,7 @@ class Pool:
                 work,
                 self._failure(
                     work,
-                    EngineError(
-                        f"The engine of {work.model.ref} is not available: {replica.error}"
-                    ),
+                    EngineError(f"The engine of {work.model.ref} is not available: {replica.error}"),
                     "engine_lost",
                 ),
             )
@@ -428,7 +420,8 @@ class Pool:
             self._lost(
                 work,
                 WorkerLost(
-                    f"The worker process running this invocation (pid {worker.process.pid}) died (exit code {worker.process.exitcode})."
+                    f"The worker process running this invocation (pid {worker.process.pid}) "
+                    f"died (exit code {worker.process.exitcode})."
                 ),
                 "worker_lost",
             )
@@ -444,9 +437,7 @@ class Pool:
         if work.invocation.attempt < work.invocation.retries:
             with self._lock:
                 self.metrics["retried"] += 1
-            work.invocation = work.invocation.model_copy(
-                update={"attempt": work.invocation.attempt + 1}
-            )
+            work.invocation = work.invocation.model_copy(update={"attempt": work.invocation.attempt + 1})
             work.worker = None
             work.replica = None
             self._route(work)

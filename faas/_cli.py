@@ -1,0 +1,67 @@
+"""The ``faas`` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="tpm-faas: serverless functions for calls to huge models.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="Models: build the tiny offline model, list known models.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+
+
+@app.command()
+def quickstart(
+    prompt: Annotated[str, typer.Option(help="Prompt for the example function.")] = "The quick brown",
+    futures: Annotated[int, typer.Option(help="How many concurrent futures to run.")] = 64,
+    store: Annotated[str | None, typer.Option(help="Store URL (default: $FAAS_STORE or the cache).")] = None,
+) -> None:
+    """Build the tiny model if needed, start the embedded pool, run one call and many futures."""
+    from faas._quickstart import run_quickstart
+
+    numbers = run_quickstart(prompt=prompt, futures=futures, store=store)
+    if numbers["processes_left"] or numbers["futures_correct"] != futures:
+        raise typer.Exit(1)
+
+
+@models_app.command("build-tiny")
+def build_tiny(
+    directory: Annotated[Path | None, typer.Argument(help="Output directory (default: the cache).")] = None,
+) -> None:
+    """Build the tiny offline Llama (tokenizer + weights), with no network access."""
+    import time
+
+    from warmpool._tiny_model import build_tiny_model, ensure_tiny_model
+
+    t0 = time.perf_counter()
+    path = build_tiny_model(directory) if directory is not None else ensure_tiny_model()
+    typer.echo(f"tiny-llama ready at {path} ({time.perf_counter() - t0:.1f} s)")
+
+
+@models_app.command("ls")
+def models_ls(
+    store: Annotated[str | None, typer.Option(help="Store URL (default: $FAAS_STORE or the cache).")] = None,
+) -> None:
+    """List the models the registry knows."""
+    from registry import Registry
+    from runtime import default_store_url, store_from_url
+
+    for spec in Registry(store_from_url(store or default_store_url())).list_models():
+        typer.echo(f"{spec.ref}\t{spec.engine}\t{spec.model_path or '(built-in, built on first use)'}")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    from faas import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:
+    """Entry point of the ``faas`` console script."""
+    app()

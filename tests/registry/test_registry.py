@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from registry import FunctionSpec, ModelSpec, Registry, UnknownFunctionError
+from runtime import IntegrityError, LocalStore, UnknownModelError, dumps
+from runtime._serde import digest_of
+
+
+def _spec(blob: bytes, name: str = "f", **kw: object) -> FunctionSpec:
+    return FunctionSpec(name=name, digest=digest_of(blob), **kw)  # type: ignore[arg-type]
+
+
+def test_register_resolve_versions(tmp_path: Path) -> None:
+    reg = Registry(LocalStore(tmp_path))
+    b1 = dumps(lambda x: x + 1)
+    b2 = dumps(lambda x: x + 2)
+    s1 = reg.register_function(b1, _spec(b1))
+    assert s1.version == 1
+    assert reg.register_function(b1, _spec(b1)).version == 1  # same artifact, same options
+    s2 = reg.register_function(b2, _spec(b2))
+    assert s2.version == 2
+    assert reg.get_function("f").digest == s2.digest
+    assert reg.get_function("f@latest").version == 2
+    assert reg.get_function("f@1").digest == s1.digest
+    assert reg.get_function(s1.digest).version == 1
+    assert reg.load_function(s1.digest)(1) == 2
+    # Another registry on the same store sees the same functions.
+    other = Registry(LocalStore(tmp_path))
+    assert [s.ref for s in other.list_functions()] == ["f@2"]
+    with pytest.raises(UnknownFunctionError):
+        reg.get_function("f@9")
+    with pytest.raises(UnknownFunctionError):
+        reg.get_function("nope")
+
+
+def test_tampered_artifact_is_not_unpickled(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    reg = Registry(store)
+    blob = dumps(lambda: "ran")
+    spec = reg.register_function(blob, _spec(blob))
+    key = f"registry/artifacts/{spec.digest}"
+    data = bytearray(store.get(key))
+    data[-1] ^= 1
+    store.put(key, bytes(data))
+    with pytest.raises(IntegrityError):
+        Registry(store).load_function(spec.digest)
+
+
+def test_models_builtin_registered_and_aliases(tmp_path: Path) -> None:
+    reg = Registry(LocalStore(tmp_path))
+    assert reg.get_model("tiny-llama").ref == "tiny-llama@1"
+    reg.register_model(ModelSpec(name="m", version="1", model_path="/w1"))
+    reg.register_model(ModelSpec(name="m", version="2", model_path="/w2"), alias=None)
+    assert reg.get_model("m").version == "1"
+    assert reg.get_model("m@2").model_path == "/w2"
+    reg.set_model_alias("m", "latest", "2")
+    assert reg.get_model("m").version == "2"
+    with pytest.raises(UnknownModelError, match="m@7"):
+        reg.get_model("m@7")
+    with pytest.raises(UnknownModelError, match="tiny-llama"):
+        reg.get_model("gpt-17")
