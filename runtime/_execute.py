@@ -27,7 +27,9 @@ def error_info(exc: BaseException, kind: ErrorKind, *, with_traceback: bool = Tr
     cls = type(exc)
     return ErrorInfo(
         kind=kind,
-        type_name=f"{cls.__module__}.{cls.__qualname__}" if cls.__module__ != "builtins" else cls.__qualname__,
+        type_name=f"{cls.__module__}.{cls.__qualname__}"
+        if cls.__module__ != "builtins"
+        else cls.__qualname__,
         message=str(exc),
         traceback=tb,
         exception=blob,
@@ -63,7 +65,9 @@ def execute(
         args, kwargs = _serde.loads(invocation.args, what=f"arguments of invocation {invocation.id}")
         if model_param is not None:
             if model is None:
-                raise FaasError(f"Function {invocation.function_name!r} needs a model handle but none was given.")
+                raise FaasError(
+                    f"Function {invocation.function_name!r} needs a model handle but none was given."
+                )
             bound = model.bind(f"inv-{invocation.id}-{invocation.attempt}")
             if model_param_index == 0:
                 args = (bound, *args)
@@ -77,7 +81,9 @@ def execute(
         value = fn(*args, **kwargs)
     except Exception as exc:
         # Drop this frame from the traceback: the user wants their own frames.
-        result.error = error_info(exc.with_traceback(exc.__traceback__.tb_next if exc.__traceback__ else None), "user")
+        result.error = error_info(
+            exc.with_traceback(exc.__traceback__.tb_next if exc.__traceback__ else None), "user"
+        )
         result.finished_at = time.time()
         return result
     try:
