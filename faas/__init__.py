@@ -38,10 +38,12 @@ from runtime import (
     UnknownModelError,
     WorkerLost,
 )
+from warmpool import BackPressureError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackPressureError",
     "Client",
     "EngineError",
     "EngineLost",

@@ -14,6 +14,7 @@ from runtime import _serde
 from runtime._errors import PoolClosedError
 from runtime._model import Model
 from runtime._paths import default_store_url
+from runtime._source import bundle_function
 from runtime._store import ObjectStore, new_id, store_from_url
 from runtime._wire import Invocation
 from warmpool._pool import Pool
@@ -79,7 +80,8 @@ class Client:
             if self._closed:
                 raise PoolClosedError("This faas client has been shut down.")
             if self._pool is None:
-                self._pool = Pool(self.store, **self._pool_args).start()
+                warm = [m for m in self.registry.list_models() if m.min_replicas >= 1]
+                self._pool = Pool(self.store, **self._pool_args).start(models=warm)
             return self._pool
 
     def register(self, function: Function[Any]) -> FunctionSpec:
@@ -88,7 +90,7 @@ class Client:
             cached = self._specs.get(id(function))
             if cached is not None and cached[0] is function:
                 return cached[1]
-        artifact = _serde.dumps(function.fn, what=f"function {function.name!r}")
+        artifact = _serde.dumps(bundle_function(function.fn), what=f"function {function.name!r}")
         spec = FunctionSpec(
             name=function.name,
             digest=_serde.digest_of(artifact),
@@ -129,9 +131,13 @@ class Client:
             timeout=spec.timeout,
             retries=spec.retries,
         )
-        future: Future[Any] = Future(invocation.id, self.cancel)
+        future: Future[Any] = Future(invocation.id, self.cancel, self._phase)
         self.pool.submit(invocation, spec, model, future._resolve)
         return future
+
+    def _phase(self, invocation_id: str) -> str | None:
+        pool = self._pool
+        return pool.state(invocation_id) if pool is not None else None
 
     def cancel(self, invocation_id: str) -> bool:
         """Cancel an invocation by id."""
@@ -149,10 +155,9 @@ class Client:
             return handle
 
     def status(self) -> dict[str, Any]:
-        """The pool's metrics, replicas and workers."""
-        return (
-            self._pool.status() if self._pool is not None else {"metrics": {}, "replicas": [], "workers": []}
-        )
+        """The pool's models (queues, replicas, metrics), workers and counters."""
+        pool = self._pool
+        return pool.status() if pool is not None else {"counters": {}, "models": {}, "workers": []}
 
     def shutdown(self) -> None:
         """Stop the pool and every process it started."""

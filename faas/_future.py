@@ -41,10 +41,30 @@ class Future(concurrent.futures.Future[T], Generic[T]):
         invocation_id: The invocation's id, stable across retries.
     """
 
-    def __init__(self, invocation_id: str, canceller: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        invocation_id: str,
+        canceller: Callable[[str], bool] | None = None,
+        phase: Callable[[str], str | None] | None = None,
+    ) -> None:
         super().__init__()
         self.invocation_id = invocation_id
         self._canceller = canceller
+        self._phase = phase
+
+    def status(self) -> str:
+        """Where the invocation is now.
+
+        Returns:
+            ``"waiting_for_engine"`` (its model's engine is cold-starting),
+            ``"queued"``, ``"running"``, ``"cancelled"`` or ``"finished"``.
+        """
+        if self.cancelled():
+            return "cancelled"
+        if self.done():
+            return "finished"
+        phase = self._phase(self.invocation_id) if self._phase is not None else None
+        return phase or "queued"
 
     def __repr__(self) -> str:
         return f"<faas.Future {self.invocation_id} state={self._state.lower()}>"  # type: ignore[attr-defined]

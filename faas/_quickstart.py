@@ -69,8 +69,7 @@ def run_quickstart(
             t1 = time.perf_counter()
             text = fn.remote(prompt)
             first_call = time.perf_counter() - t1
-        status = client.status()
-        replica = status["replicas"][0]
+        [replica] = client.pool.replicas()
         warm = []
         for _ in range(20):
             t = time.perf_counter()
@@ -79,14 +78,14 @@ def run_quickstart(
         t2 = time.perf_counter()
         results = [f.result(timeout=120) for f in [fn.submit(prompt) for _ in range(futures)]]
         burst = time.perf_counter() - t2
-        info = client.pool.replicas()[0].host.server_info()
+        info = replica.host.server_info()
         stats = info.get("stats", {})
         correct = sum(r == text for r in results)
     finally:
         client.shutdown()
     leftovers = child_pids()
     numbers = {
-        "engine_cold_start_s": replica["cold_start_s"],
+        "engine_cold_start_s": replica.cold_start_s,
         "first_call_s": first_call,
         "warm_call_p50_ms": statistics.median(warm) * 1000,
         "invocations_per_s": futures / burst,

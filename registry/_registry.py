@@ -23,6 +23,7 @@ from typing import Any, cast
 from registry._specs import BUILTIN_MODELS, FunctionSpec, ModelSpec
 from runtime import _serde
 from runtime._errors import ObjectExists, ObjectNotFound, SubmitError, UnknownModelError
+from runtime._source import restore_function
 from runtime._store import ObjectStore
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
@@ -168,10 +169,8 @@ class Registry:
             raise UnknownFunctionError(
                 f"No function artifact with digest {digest[:12]}... is stored."
             ) from None
-        fn = cast(
-            "Callable[..., Any]",
-            _serde.loads(blob, expected_digest=digest, what=f"function artifact {digest[:12]}"),
-        )
+        loaded = _serde.loads(blob, expected_digest=digest, what=f"function artifact {digest[:12]}")
+        fn = cast("Callable[..., Any]", restore_function(loaded))
         with self._lock:
             self._functions[digest] = fn
             while len(self._functions) > self._cache_size:

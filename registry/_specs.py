@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class FunctionSpec(BaseModel):
@@ -60,7 +60,12 @@ class ModelSpec(BaseModel):
         engine_args: Extra engine arguments (e.g. SGLang's ``tp_size``).
         min_replicas: Replicas kept warm even when idle.
         max_replicas: Upper bound on replicas.
-        max_inflight: Invocations dispatched to one replica at once.
+        max_inflight: Invocations dispatched to one replica at once: enough for
+            the engine to batch, few enough not to overload it.
+        max_queue: Invocations waiting for a replica slot before submit refuses
+            more with a back-pressure error.
+        idle_timeout: Seconds a replica may sit idle before it is stopped
+            (down to ``min_replicas``); None never stops idle replicas.
         startup_timeout: Seconds a replica may take to become ready.
     """
 
@@ -74,7 +79,17 @@ class ModelSpec(BaseModel):
     min_replicas: int = Field(0, ge=0)
     max_replicas: int = Field(1, ge=1)
     max_inflight: int = Field(64, ge=1)
+    max_queue: int = Field(10_000, ge=0)
+    idle_timeout: float | None = Field(600.0, gt=0)
     startup_timeout: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_replicas(self) -> ModelSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})."
+            )
+        return self
 
     @property
     def ref(self) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from runtime import _serde
-from runtime._errors import FaasError
+from runtime._errors import EngineLost, FaasError
 from runtime._model import Model
 from runtime._wire import ErrorInfo, ErrorKind, Invocation, Result
 
@@ -79,6 +79,11 @@ def execute(
         return result
     try:
         value = fn(*args, **kwargs)
+    except EngineLost as exc:
+        # The engine died under the function: not the function's fault, so the pool may retry.
+        result.error = error_info(exc, "engine_lost")
+        result.finished_at = time.time()
+        return result
     except Exception as exc:
         # Drop this frame from the traceback: the user wants their own frames.
         result.error = error_info(

@@ -86,6 +86,7 @@ class SubprocessEngineHost:
         env: dict[str, str] | None = None,
         health_path: str = "/health_generate",
         name: str = "engine",
+        port: int | None = None,
     ) -> None:
         self._command = command
         self._dir = Path(log_dir or tempfile.mkdtemp(prefix="faas-engine-"))
@@ -94,6 +95,7 @@ class SubprocessEngineHost:
         self._health_path = health_path
         self._name = name
         self._proc: subprocess.Popen[bytes] | None = None
+        self._port = port  # known up front (SGLang); else read from the port file
         self._url: str | None = None
         self.log_path = self._dir / f"{name}.log"
         self.port_file = self._dir / f"{name}.port"
@@ -120,6 +122,8 @@ class SubprocessEngineHost:
             self.port_file.unlink()
         self.argv = self._command(self.port_file)
         env = {**os.environ, **self._env}
+        if self._port is not None:
+            self._url = f"http://127.0.0.1:{self._port}"
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 self.argv,

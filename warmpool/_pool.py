@@ -1,41 +1,55 @@
 """The in-process warm pool: resident engine replicas and long-lived workers.
 
-The pool owns three kinds of child processes: engine replicas (one process
-group each), worker processes (spawned, each running many invocations in
-threads), and nothing else. It dispatches an invocation to the worker with the
-fewest in-flight invocations once the invocation's model has a ready replica,
-enforces timeouts from the outside, retries invocations lost with a dead
-worker, and on shutdown leaves no child process behind.
+The pool owns two kinds of child processes: engine replicas (one process group
+each) and worker processes (each running many invocations in threads). An
+invocation with a model waits in that model's bounded queue until a ready
+replica has a free slot (``max_inflight``), then goes to the worker with the
+fewest invocations in flight. The pool enforces timeouts from outside the
+worker, retries invocations lost with a dead worker or engine within their
+retry budget, scales replicas between ``min_replicas`` and ``max_replicas``,
+and on shutdown leaves no child process behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
+import json
 import logging
-import multiprocessing
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from registry._specs import FunctionSpec, ModelSpec
-from runtime._errors import EngineError, InvocationTimeout, PoolClosedError, WorkerLost
+from runtime._errors import (
+    EngineError,
+    EngineLost,
+    InvocationCancelled,
+    InvocationTimeout,
+    PoolClosedError,
+    WorkerLost,
+)
 from runtime._execute import error_info
 from runtime._store import ObjectStore
-from runtime._wire import Invocation, Result
+from runtime._wire import ErrorKind, Invocation, Result
 from warmpool._replica import (
     EngineFactory,
+    ModelPool,
     Replica,
     ReplicaState,
     default_engine_factory,
     new_log_dir,
 )
-from warmpool._worker import Abort, Dispatch, worker_main
+from warmpool._worker import Dispatch
+from warmpool._workers import WorkerProc, WorkerSet
 
 log = logging.getLogger("faas.pool")
 
@@ -51,6 +65,7 @@ class Work:
         spec: The function spec it runs.
         model: The resolved model version, if the function has one.
         on_done: Called exactly once with the final Result.
+        submitted: Arrival time (pool clock).
     """
 
     invocation: Invocation
@@ -59,21 +74,9 @@ class Work:
     on_done: Callable[[Result], None]
     submitted: float = 0.0
     deadline: float | None = None
-    worker: _Worker | None = None
+    worker: WorkerProc | None = None
     replica: Replica | None = None
     finished: bool = False
-
-
-@dataclass(eq=False)
-class _Worker:
-    index: int
-    process: Any  # multiprocessing.Process (spawn context)
-    conn: Connection
-    inflight: dict[str, Work] = field(default_factory=dict)
-    send_lock: threading.Lock = field(default_factory=threading.Lock)
-    abandoned: int = 0
-    retiring: bool = False
-    reader: threading.Thread | None = None
 
 
 class Pool:
@@ -84,8 +87,14 @@ class Pool:
         workers: Number of worker processes.
         threads_per_worker: Invocations one worker runs at once.
         engine_factory: Builds the engine host for a model spec.
-        clock: Monotonic clock (injectable for tests).
+        clock: Monotonic clock (injectable: tests drive scaling with a fake one
+            and call :meth:`tick`).
         log_dir: Where engine logs go (a temp dir per replica by default).
+        tick_interval: Seconds between background :meth:`tick` calls; None
+            disables the background thread (tests call ``tick`` themselves).
+        health_interval: Seconds between HTTP health probes of ready replicas.
+        status_interval: Seconds between status snapshots written to the store
+            (read by ``faas pool status``); None disables them.
     """
 
     def __init__(
@@ -97,55 +106,54 @@ class Pool:
         engine_factory: EngineFactory = default_engine_factory,
         clock: Clock = time.monotonic,
         log_dir: Path | None = None,
+        tick_interval: float | None = 0.1,
+        health_interval: float = 2.0,
+        status_interval: float | None = 2.0,
     ) -> None:
         if workers < 1 or threads_per_worker < 1:
             raise ValueError("A pool needs at least one worker with at least one thread.")
         self.store = store
-        self._n_workers = workers
-        self._threads = threads_per_worker
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{id(self) & 0xFFFF:04x}"
         self._engine_factory = engine_factory
         self._clock = clock
         self._log_dir = log_dir
-        self._ctx = multiprocessing.get_context("spawn")
+        self._tick_interval = tick_interval
+        self._health_interval = health_interval
+        self._status_interval = status_interval
         self._lock = threading.RLock()
-        self._workers: list[_Worker] = []
-        self._next_worker_index = 0
-        self._replicas: dict[str, Replica] = {}
-        self._pending: dict[str, list[Work]] = {}
+        self._wake = threading.Condition(self._lock)
+        self._workers = WorkerSet(
+            store.config(), workers, threads_per_worker, self._lock, self._on_result, self._on_worker_exit
+        )
+        self._models: dict[str, ModelPool] = {}
         self._works: dict[str, Work] = {}
         self._deadlines: list[tuple[float, str]] = []
-        self._wake = threading.Condition(self._lock)
         self._closed = False
         self._started = False
-        self.metrics: dict[str, float] = {
-            "submitted": 0,
-            "completed": 0,
-            "failed": 0,
-            "retried": 0,
-            "timeouts": 0,
-            "workers_lost": 0,
-            "cold_starts": 0,
-            "cold_start_seconds": 0.0,
-            "warm_hits": 0,
-        }
-        self._monitor = threading.Thread(target=self._monitor_loop, name="faas-pool-monitor", daemon=True)
+        self.counters: dict[str, int] = {"submitted": 0, "completed": 0, "failed": 0, "workers_lost": 0}
+        self._threads: list[threading.Thread] = []
 
     # -- lifecycle -----------------------------------------------------------
     def start(self, models: list[ModelSpec] | None = None) -> Pool:
-        """Spawn the workers and the engines of models with ``min_replicas >= 1``."""
+        """Spawn the workers, and the engines of models with ``min_replicas >= 1``."""
         with self._lock:
             if self._closed:
                 raise PoolClosedError("The pool has been shut down.")
-            if self._started:
-                return self
-            self._started = True
-            for _ in range(self._n_workers):
-                self._spawn_worker()
-            self._monitor.start()
-        for spec in models or []:
-            if spec.min_replicas >= 1:
-                self._replica_for(spec)
+            if not self._started:
+                self._started = True
+                self._workers.start()
+                if self._tick_interval is not None:
+                    self._background(self._monitor_loop, "faas-pool-monitor")
+                    self._background(self._probe_loop, "faas-pool-probe")
+            pools = [self._model_pool(spec) for spec in models or []]
+        for mp in pools:
+            self._apply_plan(mp)
         return self
+
+    def _background(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def __enter__(self) -> Pool:
         return self.start()
@@ -160,30 +168,20 @@ class Pool:
                 return
             self._closed = True
             leftovers = [w for w in self._works.values() if not w.finished]
-            workers = list(self._workers)
-            replicas = list(self._replicas.values())
+            replicas = [r for mp in self._models.values() for r in mp.replicas]
             self._wake.notify_all()
         for work in leftovers:
-            self._finish(
-                work,
-                self._failure(work, PoolClosedError("The pool shut down before it finished."), "cancelled"),
-            )
-        for w in workers:
-            with contextlib.suppress(OSError, ValueError), w.send_lock:
-                w.conn.send(None)
-        deadline = time.monotonic() + timeout
-        for w in workers:
-            w.process.join(max(0.0, deadline - time.monotonic()))
-            if w.process.is_alive():
-                w.process.kill()
-                w.process.join(5)
-            with contextlib.suppress(OSError):
-                w.conn.close()
+            self._finish(work, _failure(work, PoolClosedError("The pool shut down first."), "cancelled"))
+        self._workers.shutdown(timeout)
         for r in replicas:
             r.host.stop()
             r.state = ReplicaState.STOPPED
-        if self._monitor.is_alive():
-            self._monitor.join(timeout)
+            r.ready_event.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        if self._status_interval is not None:
+            with contextlib.suppress(Exception):
+                self.store.delete(f"pools/{self.id}/status.json")
 
     # -- public API ------------------------------------------------------------
     def submit(
@@ -197,6 +195,7 @@ class Pool:
 
         Raises:
             PoolClosedError: The pool is shut down.
+            BackPressureError: The model's queue is full; nothing was queued.
         """
         work = Work(invocation, spec, model, on_done, submitted=self._clock())
         with self._lock:
@@ -204,254 +203,360 @@ class Pool:
                 raise PoolClosedError("The pool has been shut down; no new invocations are accepted.")
             if not self._started:
                 self.start()
-            self.metrics["submitted"] += 1
+            mp = self._model_pool(model) if model is not None else None
+            if mp is not None:
+                mp.admit(work)  # raises BackPressureError before anything is recorded
+            self.counters["submitted"] += 1
             self._works[invocation.id] = work
             if invocation.timeout is not None:
                 work.deadline = work.submitted + invocation.timeout
                 heapq.heappush(self._deadlines, (work.deadline, invocation.id))
                 self._wake.notify()
-        self._route(work)
+        if mp is None:
+            self._dispatch(work, None)
+        else:
+            self._apply_plan(mp)
+            self._pump(mp)
 
     def cancel(self, invocation_id: str) -> bool:
-        """Stop an invocation: it finishes as cancelled and its engine requests are aborted."""
-        from runtime._errors import InvocationCancelled
-
+        """Cancel an invocation: it finishes as cancelled and its engine requests are aborted."""
         with self._lock:
             work = self._works.get(invocation_id)
             if work is None or work.finished:
                 return False
-        self._finish(
-            work,
-            self._failure(work, InvocationCancelled("The invocation was cancelled."), "cancelled"),
-        )
+            worker = work.worker
+            attempt = work.invocation.attempt
+        self._finish(work, _failure(work, InvocationCancelled("The invocation was cancelled."), "cancelled"))
+        if worker is not None:
+            self._workers.abandon(worker, invocation_id, attempt)
         return True
+
+    def state(self, invocation_id: str) -> str | None:
+        """``waiting_for_engine``, ``queued`` or ``running``; None once finished or unknown."""
+        with self._lock:
+            work = self._works.get(invocation_id)
+            if work is None or work.finished:
+                return None
+            if work.worker is not None:
+                return "running"
+            mp = self._models.get(work.model.ref) if work.model else None
+            if mp is not None and not any(r.state is ReplicaState.READY for r in mp.replicas):
+                return "waiting_for_engine"
+            return "queued"
 
     def engine_url(self, model: ModelSpec, timeout: float | None = None) -> str:
         """Ensure a ready replica of ``model`` and return its URL (blocks during a cold start)."""
-        replica = self._replica_for(model)
-        if not replica.ready_event.wait(timeout or model.startup_timeout + 5):
+        with self._lock:
+            if not self._started:
+                self.start()
+            mp = self._model_pool(model)
+            ready = [r for r in mp.replicas if r.state is ReplicaState.READY]
+            if ready:
+                return str(ready[0].url)
+            live = [r for r in mp.replicas if r.live]
+        replica = live[0] if live else self._launch(mp)
+        if replica is None or not replica.ready_event.wait(timeout or model.startup_timeout + 5):
             raise EngineError(f"No replica of {model.ref} became ready in time.")
         if replica.state is not ReplicaState.READY or replica.url is None:
             raise EngineError(f"The engine of {model.ref} failed to start: {replica.error}")
         return replica.url
 
-    def replicas(self) -> list[Replica]:
-        """The current replicas."""
+    def replicas(self, model: str | None = None) -> list[Replica]:
+        """Replicas (of one model ref, or all), including stopped and failed ones."""
         with self._lock:
-            return list(self._replicas.values())
+            return [r for ref, mp in self._models.items() if model in (None, ref) for r in mp.replicas]
 
     def worker_pids(self) -> list[int]:
         """Process ids of the live workers."""
         with self._lock:
-            return [w.process.pid for w in self._workers if w.process.pid]
+            return [w.pid for w in self._workers.workers if w.pid]
 
     def status(self) -> dict[str, Any]:
-        """Metrics, replicas and workers as a JSON-able dict."""
+        """Models (queue, replicas, metrics), workers and counters as a JSON-able dict."""
         with self._lock:
             return {
-                "metrics": dict(self.metrics),
-                "inflight": sum(len(w.inflight) for w in self._workers),
-                "queued": sum(len(v) for v in self._pending.values()),
-                "replicas": [r.describe() for r in self._replicas.values()],
+                "pool": self.id,
+                "time": time.time(),
+                "counters": dict(self.counters),
+                "models": {ref: mp.describe() for ref, mp in self._models.items()},
                 "workers": [
-                    {"pid": w.process.pid, "inflight": len(w.inflight), "abandoned": w.abandoned}
-                    for w in self._workers
+                    {
+                        "pid": w.pid,
+                        "inflight": len(w.inflight),
+                        "abandoned": w.abandoned,
+                        "retiring": w.retiring,
+                    }
+                    for w in self._workers.workers
                 ],
             }
 
-    # -- routing -----------------------------------------------------------------
-    def _route(self, work: Work) -> None:
-        if work.model is None:
-            self._dispatch(work)
-            return
-        replica = self._replica_for(work.model)
+    def tick(self) -> None:
+        """One pass of housekeeping: expire deadlines, notice dead engines, scale."""
+        expired: list[Work] = []
         with self._lock:
-            if replica.state is ReplicaState.STARTING:
-                self._pending.setdefault(work.model.ref, []).append(work)
+            if self._closed:
                 return
-            if replica.state is ReplicaState.READY:
-                self.metrics["warm_hits"] += 1
-        if replica.state is ReplicaState.READY:
-            work.replica = replica
-            self._dispatch(work)
-        else:
-            self._finish(
-                work,
-                self._failure(
-                    work,
-                    EngineError(f"The engine of {work.model.ref} is not available: {replica.error}"),
-                    "engine_lost",
-                ),
-            )
+            now = self._clock()
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, inv_id = heapq.heappop(self._deadlines)
+                work = self._works.get(inv_id)
+                if work is not None and not work.finished and work.deadline is not None:
+                    expired.append(work)
+            dead = [
+                (mp, r)
+                for mp in self._models.values()
+                for r in mp.replicas
+                if r.state is ReplicaState.READY and not r.host.alive()
+            ]
+            pools = list(self._models.values())
+        for work in expired:
+            self._expire(work)
+        for mp, replica in dead:
+            self._fail_replica(mp, replica, f"engine process {replica.host.pid} exited")
+        for mp in pools:
+            self._apply_plan(mp)
+            self._pump(mp)
 
-    def _replica_for(self, spec: ModelSpec) -> Replica:
+    # -- routing -----------------------------------------------------------------
+    def _model_pool(self, spec: ModelSpec) -> ModelPool:
+        mp = self._models.get(spec.ref)
+        if mp is None:
+            mp = self._models[spec.ref] = ModelPool(spec, self._clock)
+        return mp
+
+    def _pump(self, mp: ModelPool) -> None:
+        """Dispatch queued invocations while a ready replica has a free slot."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                nxt = mp.next_dispatch()
+                if nxt is None:
+                    return
+                work, replica = nxt
+                work.replica = replica
+            self._dispatch(work, replica)
+
+    def _dispatch(self, work: Work, replica: Replica | None) -> None:
         with self._lock:
-            replica = self._replicas.get(spec.ref)
-            if replica is not None and replica.state in (ReplicaState.STARTING, ReplicaState.READY):
-                return replica
-            host = self._engine_factory(spec, self._log_dir or new_log_dir())
-            replica = Replica(spec=spec, host=host, created_at=self._clock())
-            self._replicas[spec.ref] = replica
-        threading.Thread(
-            target=self._start_replica, args=(replica,), name=f"faas-start-{spec.ref}", daemon=True
-        ).start()
+            if work.finished:
+                return
+            worker = self._workers.pick()
+            worker.inflight[work.invocation.id] = work
+            work.worker = worker
+        worker.send(
+            Dispatch(
+                invocation=work.invocation,
+                engine_url=replica.url if replica else None,
+                model_name=work.model.ref if work.model else None,
+                model_param=work.spec.model_param,
+                model_param_index=work.spec.model_param_index,
+            )
+        )  # a dead worker's reader thread retries or fails this work
+
+    # -- replicas --------------------------------------------------------------
+    def _apply_plan(self, mp: ModelPool) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            want, stop = mp.plan()
+            for r in stop:
+                r.state = ReplicaState.DRAINING
+        for _ in range(want):
+            self._launch(mp)
+        for r in stop:
+            self._background(functools.partial(self._stop_replica, r), f"faas-stop-{r.id}")
+
+    def _launch(self, mp: ModelPool) -> Replica | None:
+        try:
+            host = self._engine_factory(mp.spec, self._log_dir or new_log_dir())
+        except Exception as exc:
+            self._fail_queue(mp, EngineError(f"No engine can be built for {mp.spec.ref}: {exc}"))
+            return None
+        with self._lock:
+            replica = Replica(spec=mp.spec, host=host, created_at=self._clock())
+            replica.last_active = replica.created_at
+            mp.replicas.append(replica)
+        self._background(lambda: self._boot(mp, replica), f"faas-boot-{replica.id}")
         return replica
 
-    def _start_replica(self, replica: Replica) -> None:
+    def _boot(self, mp: ModelPool, replica: Replica) -> None:
         try:
             replica.host.start()
-            replica.host.wait_ready(replica.spec.startup_timeout)
+            replica.host.wait_ready(mp.spec.startup_timeout)
         except Exception as exc:
-            log.error("Engine for %s failed to start: %s", replica.spec.ref, exc)
+            log.error("Engine replica %s of %s failed to start: %s", replica.id, mp.spec.ref, exc)
             replica.host.stop()
             with self._lock:
                 replica.state = ReplicaState.FAILED
                 replica.error = str(exc)
-                waiting = self._pending.pop(replica.spec.ref, [])
+                replica.stopped_at = self._clock()
+                mp.metrics.engine_failures += 1
+                others = any(r.live for r in mp.replicas)
             replica.ready_event.set()
-            for work in waiting:
-                self._finish(
-                    work,
-                    self._failure(
-                        work,
-                        EngineError(f"The engine of {replica.spec.ref} failed to start: {exc}"),
-                        "engine_lost",
-                    ),
-                )
+            if not others:  # nothing else will serve the queue: fail it rather than hang
+                self._fail_queue(mp, EngineError(f"The engine of {mp.spec.ref} failed to start: {exc}"))
             return
         with self._lock:
             now = self._clock()
             replica.ready_at = now
+            replica.last_active = now
             replica.cold_start_s = now - replica.created_at
-            self.metrics["cold_starts"] += 1
-            self.metrics["cold_start_seconds"] += replica.cold_start_s
-            if self._closed:
-                replica.host.stop()
-                replica.state = ReplicaState.STOPPED
-                replica.ready_event.set()
-                return
-            replica.state = ReplicaState.READY
-            waiting = self._pending.pop(replica.spec.ref, [])
+            mp.metrics.cold_starts += 1
+            mp.metrics.cold_start_seconds.add(replica.cold_start_s)
+            closed = self._closed
+            if not closed:
+                replica.state = ReplicaState.READY
+        if closed:
+            replica.host.stop()
+            replica.state = ReplicaState.STOPPED
         replica.ready_event.set()
+        self._pump(mp)
+
+    def _stop_replica(self, replica: Replica) -> None:
+        replica.host.stop()
+        with self._lock:
+            replica.state = ReplicaState.STOPPED
+            replica.stopped_at = self._clock()
+
+    def _fail_replica(self, mp: ModelPool, replica: Replica, reason: str) -> None:
+        """Mark a replica failed, retry its invocations elsewhere, and replace it."""
+        with self._lock:
+            if replica.state in (ReplicaState.FAILED, ReplicaState.STOPPED):
+                return
+            replica.state = ReplicaState.FAILED
+            replica.stopped_at = self._clock()
+            replica.error = f"{reason}. Log tail:\n{replica.host.log_tail(20)}"
+            mp.metrics.engine_failures += 1
+            victims = [w for w in self._works.values() if w.replica is replica and not w.finished]
+        log.error("Engine replica %s of %s failed: %s", replica.id, mp.spec.ref, reason)
+        self._background(replica.host.stop, f"faas-reap-{replica.id}")
+        for work in victims:
+            if work.worker is not None:
+                self._workers.abandon(work.worker, work.invocation.id, work.invocation.attempt)
+            self._lost(work, EngineLost(f"The engine of {mp.spec.ref} was lost: {reason}."), "engine_lost")
+        self._apply_plan(mp)
+
+    def _fail_queue(self, mp: ModelPool, exc: Exception) -> None:
+        with self._lock:
+            waiting = [w for w in mp.queue if not w.finished]
+            mp.queue.clear()
         for work in waiting:
-            work.replica = replica
-            self._dispatch(work)
+            self._finish(work, _failure(work, exc, "engine_lost"))
 
-    def _dispatch(self, work: Work) -> None:
-        with self._lock:
-            if work.finished:
-                return
-            candidates = [w for w in self._workers if not w.retiring and w.process.is_alive()]
-            if not candidates:
-                candidates = [self._spawn_worker()]
-            worker = min(candidates, key=lambda w: len(w.inflight))
-            worker.inflight[work.invocation.id] = work
-            work.worker = worker
-            if work.replica is not None:
-                work.replica.inflight += 1
-        msg = Dispatch(
-            invocation=work.invocation,
-            engine_url=work.replica.url if work.replica else None,
-            model_name=work.model.ref if work.model else None,
-            model_param=work.spec.model_param,
-            model_param_index=work.spec.model_param_index,
-        )
-        try:
-            with worker.send_lock:
-                worker.conn.send(msg)
-        except (OSError, ValueError):
-            pass  # the worker died; its reader thread retries or fails this work
+    def _probe_loop(self) -> None:
+        """Probe ready replicas over HTTP; three failed probes in a row fail a replica."""
+        with httpx.Client(timeout=5.0) as client:
+            while not self._closed:
+                with self._lock:
+                    targets = [
+                        (mp, r)
+                        for mp in self._models.values()
+                        for r in mp.replicas
+                        if r.state is ReplicaState.READY
+                    ]
+                for mp, r in targets:
+                    try:
+                        info = client.get(f"{r.url}/server_info")
+                        info.raise_for_status()
+                        r.engine_stats = dict(info.json().get("stats") or {})
+                        r.health_failures = 0
+                    except (httpx.HTTPError, ValueError):
+                        r.health_failures += 1
+                        if r.health_failures >= 3:
+                            self._fail_replica(mp, r, "engine failed 3 health probes in a row")
+                if self._status_interval is not None:
+                    with contextlib.suppress(Exception):
+                        self.store.put(
+                            f"pools/{self.id}/status.json", json.dumps(self.status(), default=str).encode()
+                        )
+                with self._lock:
+                    if not self._closed:
+                        self._wake.wait(self._health_interval)
 
-    # -- workers -----------------------------------------------------------------
-    def _spawn_worker(self) -> _Worker:
-        parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(
-            target=worker_main,
-            args=(child, self.store.config(), self._threads),
-            name=f"faas-worker-{self._next_worker_index}",
-            daemon=True,
-        )
-        proc.start()
-        child.close()
-        worker = _Worker(index=self._next_worker_index, process=proc, conn=parent)
-        self._next_worker_index += 1
-        self._workers.append(worker)
-        worker.reader = threading.Thread(
-            target=self._reader_loop,
-            args=(worker,),
-            name=f"faas-reader-{worker.index}",
-            daemon=True,
-        )
-        worker.reader.start()
-        return worker
-
-    def _reader_loop(self, worker: _Worker) -> None:
+    def _monitor_loop(self) -> None:
+        assert self._tick_interval is not None
         while True:
-            try:
-                result: Result = worker.conn.recv()
-            except (EOFError, OSError):
-                break
+            self.tick()
             with self._lock:
-                work = worker.inflight.pop(result.invocation_id, None)
-            if work is not None:
-                self._finish(work, result)
-        self._worker_gone(worker)
+                if self._closed:
+                    return
+                self._wake.wait(self._tick_interval)
 
-    def _worker_gone(self, worker: _Worker) -> None:
-        worker.process.join(5)
+    # -- completion ------------------------------------------------------------
+    def _on_result(self, worker: WorkerProc, result: Result) -> None:
         with self._lock:
-            if worker in self._workers:
-                self._workers.remove(worker)
-            lost = list(worker.inflight.values())
-            worker.inflight.clear()
-            if self._closed:
-                return
-            if not worker.retiring:
-                self.metrics["workers_lost"] += 1
-                log.warning(
-                    "Worker %s (pid %s) died with %d invocations",
-                    worker.index,
-                    worker.process.pid,
-                    len(lost),
-                )
-            if len([w for w in self._workers if not w.retiring]) < self._n_workers:
-                self._spawn_worker()
+            work = worker.inflight.get(result.invocation_id)
+            if work is None or work.invocation.attempt != result.attempt:
+                return  # a late answer for an attempt that was timed out, cancelled or retried
+            del worker.inflight[result.invocation_id]
+            work.worker = None
+        if result.error is not None and result.error.kind == "engine_lost" and work.replica is not None:
+            mp = self._models[work.replica.spec.ref]
+            if not work.replica.host.alive():
+                self._fail_replica(mp, work.replica, f"engine process {work.replica.host.pid} exited")
+                if work.finished or work.replica is None:
+                    return
+            self._lost(work, EngineLost(result.error.message), "engine_lost")
+            return
+        self._finish(work, result)
+
+    def _on_worker_exit(self, worker: WorkerProc, lost: list[Work]) -> None:
+        if self._closed:
+            return
+        if not worker.retiring:
+            with self._lock:
+                self.counters["workers_lost"] += 1
         for work in lost:
             self._lost(
                 work,
                 WorkerLost(
-                    f"The worker process running this invocation (pid {worker.process.pid}) "
+                    f"The worker process running this invocation (pid {worker.pid}) "
                     f"died (exit code {worker.process.exitcode})."
                 ),
                 "worker_lost",
             )
 
-    def _lost(self, work: Work, exc: Exception, kind: str) -> None:
+    def _lost(self, work: Work, exc: Exception, kind: ErrorKind) -> None:
         """Retry an invocation lost through no fault of its own, or fail it."""
         with self._lock:
-            if work.replica is not None:
-                work.replica.inflight -= 1
-                work.replica = None
-        if work.finished:
-            return
-        if work.invocation.attempt < work.invocation.retries:
-            with self._lock:
-                self.metrics["retried"] += 1
-            work.invocation = work.invocation.model_copy(update={"attempt": work.invocation.attempt + 1})
-            work.worker = None
-            work.replica = None
-            self._route(work)
+            if work.finished:
+                return
+            self._detach(work)
+            retry = work.invocation.attempt < work.invocation.retries
+            if retry:
+                work.invocation = work.invocation.model_copy(update={"attempt": work.invocation.attempt + 1})
+                if work.model is not None:
+                    mp = self._models[work.model.ref]
+                    mp.metrics.retried += 1
+                    mp.queue.appendleft(work)  # retries go first and are never refused
+        if not retry:
+            self._finish(work, _failure(work, exc, kind))
+        elif work.model is None:
+            self._dispatch(work, None)
         else:
-            self._finish(work, self._failure(work, exc, kind))
+            mp = self._models[work.model.ref]
+            self._apply_plan(mp)
+            self._pump(mp)
 
-    # -- completion ------------------------------------------------------------
-    def _failure(self, work: Work, exc: Exception, kind: str) -> Result:
-        return Result(
-            invocation_id=work.invocation.id,
-            error=error_info(exc, kind, with_traceback=False),  # type: ignore[arg-type]
-            attempt=work.invocation.attempt,
-            finished_at=time.time(),
-        )
+    def _detach(self, work: Work) -> None:
+        """Release a work's worker and replica slots (caller holds the lock)."""
+        if work.worker is not None and work.worker.inflight.get(work.invocation.id) is work:
+            del work.worker.inflight[work.invocation.id]
+        work.worker = None
+        if work.replica is not None:
+            self._models[work.replica.spec.ref].release(work.replica)
+            work.replica = None
+
+    def _expire(self, work: Work) -> None:
+        with self._lock:
+            worker = work.worker
+            attempt = work.invocation.attempt
+        timeout = work.invocation.timeout
+        exc = InvocationTimeout(f"The invocation of {work.spec.name!r} ran past its timeout of {timeout} s.")
+        self._finish(work, _failure(work, exc, "timeout"))
+        if worker is not None:
+            self._workers.abandon(worker, work.invocation.id, attempt)
 
     def _finish(self, work: Work, result: Result) -> None:
         with self._lock:
@@ -459,78 +564,45 @@ class Pool:
                 return
             work.finished = True
             self._works.pop(work.invocation.id, None)
-            if work.worker is not None:
-                work.worker.inflight.pop(work.invocation.id, None)
-            if work.replica is not None:
-                work.replica.inflight -= 1
-            self.metrics["completed" if result.ok else "failed"] += 1
+            mp = self._models.get(work.model.ref) if work.model else None
+            self._detach(work)
+            self.counters["completed" if result.ok else "failed"] += 1
+            if mp is not None:
+                _count(mp, result)
         try:
             work.on_done(result)
         except Exception:
             log.exception("on_done callback for %s raised", work.invocation.id)
+        if mp is not None:
+            self._pump(mp)
 
-    def _monitor_loop(self) -> None:
-        """Fail invocations past their deadline and recycle workers full of stuck threads."""
-        while True:
-            expired: list[Work] = []
-            with self._lock:
-                if self._closed:
-                    return
-                now = self._clock()
-                while self._deadlines and self._deadlines[0][0] <= now:
-                    _, inv_id = heapq.heappop(self._deadlines)
-                    work = self._works.get(inv_id)
-                    if work is not None and not work.finished:
-                        expired.append(work)
-                wait = min(self._deadlines[0][0] - now, 0.5) if self._deadlines else 0.5
-            for work in expired:
-                self._expire(work)
-            with self._lock:
-                if self._closed:
-                    return
-                self._wake.wait(max(wait, 0.005))
 
-    def _expire(self, work: Work) -> None:
-        worker = work.worker
-        timeout = work.invocation.timeout
-        self._finish(
-            work,
-            self._failure(
-                work,
-                InvocationTimeout(
-                    f"The invocation of {work.spec.name!r} ran past its timeout of {timeout} s."
-                ),
-                "timeout",
-            ),
-        )
-        with self._lock:
-            self.metrics["timeouts"] += 1
-        if worker is None:
-            return
-        with contextlib.suppress(OSError, ValueError), worker.send_lock:
-            worker.conn.send(Abort(work.invocation.id))
-        with self._lock:
-            worker.abandoned += 1
-            # A thread stuck in user code cannot be killed; once half a worker's
-            # threads are stuck, replace the worker after its live work drains.
-            if worker.abandoned * 2 >= self._threads and not worker.retiring:
-                worker.retiring = True
-                self._spawn_worker()
-                threading.Thread(target=self._retire, args=(worker,), daemon=True).start()
+def _count(mp: ModelPool, result: Result) -> None:
+    m = mp.metrics
+    if result.ok:
+        m.completed += 1
+    else:
+        m.failed += 1
+        kind = result.error.kind if result.error else ""
+        if kind == "timeout":
+            m.timeouts += 1
+        elif kind == "cancelled":
+            m.cancelled += 1
+    if result.started_at and result.finished_at:
+        m.execution_seconds.add(result.finished_at - result.started_at)
 
-    def _retire(self, worker: _Worker) -> None:
-        deadline = time.monotonic() + 600
-        while worker.inflight and time.monotonic() < deadline and not self._closed:
-            time.sleep(0.1)  # polling a drain, not synchronisation
-        with contextlib.suppress(OSError, ValueError), worker.send_lock:
-            worker.conn.send(None)
-        worker.process.join(5)
-        if worker.process.is_alive():
-            worker.process.kill()
+
+def _failure(work: Work, exc: Exception, kind: ErrorKind) -> Result:
+    return Result(
+        invocation_id=work.invocation.id,
+        error=error_info(exc, kind, with_traceback=False),
+        attempt=work.invocation.attempt,
+        finished_at=time.time(),
+    )
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with ``pid`` exists (and is not a zombie we own)."""
+    """Whether a process with ``pid`` exists (and is not a zombie)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -539,6 +611,6 @@ def pid_alive(pid: int) -> bool:
         return True
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
     except OSError:
         return True

@@ -1,19 +1,33 @@
-"""Engine replicas: one engine host plus its lifecycle state and timestamps."""
+"""Engine replicas and the per-model pool that admits, routes and scales.
+
+:class:`ModelPool` holds pure decisions (which replica gets the next
+invocation, when to start or stop one) over state the caller locks; the clock
+is passed in so scaling is testable without sleeping.
+"""
 
 from __future__ import annotations
 
 import enum
+import itertools
 import tempfile
 import threading
-import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from registry._specs import ModelSpec
-from runtime._errors import EngineError
+from runtime._errors import EngineError, SubmitError
 from warmpool._engine_host import CpuEngineHost, EngineHost
+from warmpool._metrics import ModelMetrics
+
+if TYPE_CHECKING:
+    from warmpool._pool import Work
+
+
+class BackPressureError(SubmitError):
+    """The model's queue is full; the invocation was not accepted (retry later)."""
 
 
 class ReplicaState(enum.Enum):
@@ -27,17 +41,18 @@ class ReplicaState(enum.Enum):
 
 
 EngineFactory = Callable[[ModelSpec, Path], EngineHost]
+_replica_ids = itertools.count(1)
 
 
 def default_engine_factory(spec: ModelSpec, log_dir: Path) -> EngineHost:
     """Build the engine host a model spec asks for."""
+    args = dict(spec.engine_args)
     if spec.engine == "cpu":
         path = spec.model_path
         if path is None:
             from warmpool._tiny_model import ensure_tiny_model  # torch is imported only here
 
             path = str(ensure_tiny_model())
-        args = spec.engine_args
         return CpuEngineHost(
             path,
             served_model_name=spec.ref,
@@ -46,10 +61,14 @@ def default_engine_factory(spec: ModelSpec, log_dir: Path) -> EngineHost:
             device=str(args.get("device", "cpu")),
             log_dir=log_dir,
         )
+    if spec.engine == "sglang":
+        from warmpool._sglang import SGLangEngineHost
+
+        return SGLangEngineHost.from_spec(spec, log_dir=log_dir)
     raise EngineError(f"Engine kind {spec.engine!r} of model {spec.ref!r} is not available in this pool.")
 
 
-@dataclass
+@dataclass(eq=False)
 class Replica:
     """One engine replica of a model version.
 
@@ -57,21 +76,29 @@ class Replica:
         spec: The model version it serves.
         host: The engine host process.
         state: Current lifecycle state.
-        created_at: When it was asked for (monotonic clock).
+        created_at: When it was asked for (pool clock).
         ready_at: When it became ready.
+        stopped_at: When it stopped or failed.
+        last_active: Last dispatch or completion (pool clock), for idle scale-in.
         cold_start_s: Seconds from launch to ready.
         inflight: Invocations dispatched to it and not yet finished.
         error: Why it failed, if it did.
+        engine_stats: The engine's last reported ``/server_info`` stats.
     """
 
     spec: ModelSpec
     host: EngineHost
+    created_at: float
+    id: int = field(default_factory=lambda: next(_replica_ids))
     state: ReplicaState = ReplicaState.STARTING
-    created_at: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
+    stopped_at: float | None = None
+    last_active: float = 0.0
     cold_start_s: float | None = None
     inflight: int = 0
     error: str | None = None
+    health_failures: int = 0
+    engine_stats: dict[str, Any] = field(default_factory=dict)
     ready_event: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -79,9 +106,15 @@ class Replica:
         """The engine's base URL."""
         return self.host.url
 
+    @property
+    def live(self) -> bool:
+        """Starting or ready."""
+        return self.state in (ReplicaState.STARTING, ReplicaState.READY)
+
     def describe(self) -> dict[str, Any]:
         """A JSON-able view for status displays."""
         return {
+            "id": self.id,
             "model": self.spec.ref,
             "state": self.state.value,
             "url": self.url,
@@ -89,6 +122,124 @@ class Replica:
             "inflight": self.inflight,
             "cold_start_s": self.cold_start_s,
             "error": self.error,
+            "engine": {
+                k: self.engine_stats.get(k)
+                for k in ("mean_batch_size", "max_batch_size_seen", "requests_running", "steps")
+            },
+        }
+
+
+class ModelPool:
+    """Queue, replicas and scaling of one model version; the caller holds the lock.
+
+    Args:
+        spec: The model version and its pool settings.
+        clock: Monotonic clock.
+    """
+
+    def __init__(self, spec: ModelSpec, clock: Callable[[], float]) -> None:
+        self.spec = spec
+        self._clock = clock
+        self.queue: deque[Work] = deque()
+        self.replicas: list[Replica] = []
+        self.metrics = ModelMetrics()
+
+    def admit(self, work: Work) -> bool:
+        """Queue ``work``; return whether a ready replica existed on arrival.
+
+        Raises:
+            BackPressureError: The queue already holds ``max_queue`` invocations.
+        """
+        if len(self.queue) >= self.spec.max_queue:
+            self.metrics.rejected += 1
+            raise BackPressureError(
+                f"The queue of model {self.spec.ref} is full ({self.spec.max_queue} invocations waiting); "
+                "nothing was submitted. Retry later or raise max_queue/max_replicas."
+            )
+        self.metrics.submitted += 1
+        warm = any(r.state is ReplicaState.READY for r in self.replicas)
+        if warm:
+            self.metrics.warm_hits += 1
+        self.queue.append(work)
+        return warm
+
+    def next_dispatch(self) -> tuple[Work, Replica] | None:
+        """Pop the next queued invocation and the ready replica with the fewest in flight."""
+        while self.queue and self.queue[0].finished:
+            self.queue.popleft()
+        if not self.queue:
+            return None
+        ready = [
+            r for r in self.replicas if r.state is ReplicaState.READY and r.inflight < self.spec.max_inflight
+        ]
+        if not ready:
+            return None
+        replica = min(ready, key=lambda r: r.inflight)
+        work = self.queue.popleft()
+        now = self._clock()
+        replica.inflight += 1
+        replica.last_active = now
+        self.metrics.queue_wait_seconds.add(max(0.0, now - work.submitted))
+        return work, replica
+
+    def release(self, replica: Replica) -> None:
+        """An invocation on ``replica`` finished or left it."""
+        replica.inflight = max(0, replica.inflight - 1)
+        replica.last_active = self._clock()
+
+    def plan(self) -> tuple[int, list[Replica]]:
+        """Decide scaling now: how many replicas to start, which idle ones to stop.
+
+        - Never fewer live replicas than ``min_replicas``.
+        - Scale from zero when work is queued.
+        - Scale out by one when work is queued, every ready replica is at
+          ``max_inflight`` and none is already starting, up to ``max_replicas``.
+        - Stop a ready replica idle for ``idle_timeout`` while more than
+          ``min_replicas`` are live and nothing is queued.
+        """
+        spec = self.spec
+        live = [r for r in self.replicas if r.live]
+        starting = [r for r in live if r.state is ReplicaState.STARTING]
+        ready = [r for r in live if r.state is ReplicaState.READY]
+        queued = any(not w.finished for w in self.queue)
+        want = max(spec.min_replicas - len(live), 0)
+        if (queued and not live) or (
+            queued
+            and not starting
+            and ready
+            and all(r.inflight >= spec.max_inflight for r in ready)
+            and len(live) < spec.max_replicas
+        ):
+            want = max(want, 1)
+        want = min(want, spec.max_replicas - len(live))
+        stop: list[Replica] = []
+        if spec.idle_timeout is not None and not queued:
+            now = self._clock()
+            spare = len(live) - spec.min_replicas
+            for r in sorted(ready, key=lambda r: r.last_active):
+                if spare <= 0:
+                    break
+                if r.inflight == 0 and now - r.last_active >= spec.idle_timeout:
+                    stop.append(r)
+                    spare -= 1
+        return want, stop
+
+    def has_capacity_soon(self) -> bool:
+        """Whether a live replica exists (ready or starting)."""
+        return any(r.live for r in self.replicas)
+
+    def describe(self) -> dict[str, Any]:
+        """Queue depth, in-flight, replicas and metrics."""
+        return {
+            "model": self.spec.ref,
+            "queue_depth": sum(1 for w in self.queue if not w.finished),
+            "inflight": sum(r.inflight for r in self.replicas if r.live),
+            "replicas": [r.describe() for r in self.replicas],
+            "metrics": self.metrics.describe(),
+            "settings": {
+                k: getattr(self.spec, k)
+                for k in ("min_replicas", "max_replicas", "max_inflight", "max_queue", "idle_timeout")
+            },
         }
 
 

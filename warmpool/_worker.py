@@ -45,9 +45,10 @@ class Dispatch:
 
 @dataclass(frozen=True)
 class Abort:
-    """Stop caring about an invocation and abort its engine requests (best effort)."""
+    """Stop caring about an invocation attempt and abort its engine requests (best effort)."""
 
     invocation_id: str
+    attempt: int = 0
 
 
 def worker_main(conn: Connection, store_config: dict[str, Any], threads: int) -> None:
@@ -57,7 +58,7 @@ def worker_main(conn: Connection, store_config: dict[str, Any], threads: int) ->
     handles: dict[tuple[str, str], Model] = {}
     handles_lock = threading.Lock()
     send_lock = threading.Lock()
-    running: dict[str, tuple[Model, str]] = {}
+    running: dict[tuple[str, int], tuple[Model, str]] = {}
 
     def handle_for(url: str, name: str) -> Model:
         with handles_lock:
@@ -72,14 +73,14 @@ def worker_main(conn: Connection, store_config: dict[str, Any], threads: int) ->
             fn = registry.load_function(inv.function_digest)
             model = handle_for(msg.engine_url, msg.model_name or "") if msg.engine_url else None
             if model is not None:
-                running[inv.id] = (model, f"inv-{inv.id}-{inv.attempt}-")
+                running[(inv.id, inv.attempt)] = (model, f"inv-{inv.id}-{inv.attempt}-")
             result = execute(
                 inv, fn, model=model, model_param=msg.model_param, model_param_index=msg.model_param_index
             )
         except Exception as exc:  # loading failed: integrity, unpickling, store
             result = Result(invocation_id=inv.id, error=error_info(exc, "system"), worker_pid=os.getpid())
         finally:
-            running.pop(inv.id, None)
+            running.pop((inv.id, inv.attempt), None)
         with send_lock:
             try:
                 conn.send(result)
@@ -96,7 +97,7 @@ def worker_main(conn: Connection, store_config: dict[str, Any], threads: int) ->
             if msg is None:
                 break
             if isinstance(msg, Abort):
-                entry = running.get(msg.invocation_id)
+                entry = running.get((msg.invocation_id, msg.attempt))
                 if entry is not None:
                     entry[0].abort_prefix(entry[1])
                 continue
