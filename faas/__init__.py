@@ -14,6 +14,7 @@ complete.remote("The quick brown")
 from faas._client import Client, configure, get_client, shutdown
 from faas._function import Function, function
 from faas._future import Future
+from faas._progress import gather
 from registry import FunctionSpec, ModelSpec
 from runtime import (
     EngineError,
@@ -73,6 +74,7 @@ __all__ = [
     "__version__",
     "configure",
     "function",
+    "gather",
     "get_client",
     "shutdown",
 ]

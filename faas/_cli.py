@@ -54,6 +54,32 @@ def models_ls(
         typer.echo(f"{spec.ref}\t{spec.engine}\t{spec.model_path or '(built-in, built on first use)'}")
 
 
+pool_app = typer.Typer(help="Pools: what is running and how it is doing.", no_args_is_help=True)
+app.add_typer(pool_app, name="pool")
+
+
+@pool_app.command("status")
+def pool_status(
+    store: Annotated[str | None, typer.Option(help="Store URL (default: $FAAS_STORE or the cache).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw status JSON.")] = False,
+    max_age: Annotated[float, typer.Option(help="Ignore pools silent for this many seconds.")] = 30.0,
+) -> None:
+    """Show every live pool on the store: models, queues, replicas, metrics."""
+    from faas._status import load_statuses, render_status
+
+    statuses = load_statuses(store, max_age=max_age)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(statuses, indent=2, default=str))
+        return
+    if not statuses:
+        typer.echo("No live pool reports to this store.")
+        raise typer.Exit(1)
+    for status in statuses:
+        render_status(status)
+
+
 @app.command()
 def version() -> None:
     """Print the version."""

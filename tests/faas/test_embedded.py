@@ -198,3 +198,34 @@ def test_shutdown_leaves_no_child_process(tiny_model_path: Any, tmp_path: Any) -
     with pytest.raises(faas.PoolClosedError):
         fn.submit(PROMPT)
     assert os.getpid() not in pids
+
+
+def test_gather_with_progress_and_status(fn: faas.Function[str]) -> None:
+    futures = [fn.submit(p) for p in KNOWN_COMPLETIONS]
+    assert {f.status() for f in futures} <= {"queued", "running", "finished", "waiting_for_engine"}
+    assert faas.gather(futures, progress=True, timeout=60) == list(KNOWN_COMPLETIONS.values())
+    assert {f.status() for f in futures} == {"finished"}
+
+
+def test_pool_status_cli_reads_the_store(client: faas.Client) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from faas._cli import app
+
+    def report() -> dict[str, Any] | None:
+        out = CliRunner().invoke(app, ["pool", "status", "--json", "--store", client.store.url()])
+        statuses = json.loads(out.stdout) if out.exit_code == 0 else []
+        mine = [s for s in statuses if s["pool"] == client.pool.id and "tiny-llama@1" in s["models"]]
+        return mine[0] if mine else None
+
+    deadline = time.monotonic() + 15
+    status = report()
+    while status is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # polling the store for the next snapshot
+        status = report()
+    assert status is not None
+    model = status["models"]["tiny-llama@1"]
+    assert model["metrics"]["cold_starts"] == 1
+    assert model["replicas"][0]["state"] == "ready"
