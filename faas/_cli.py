@@ -91,3 +91,7 @@ def version() -> None:
 def main() -> None:
     """Entry point of the ``faas`` console script."""
     app()
+
+
+if __name__ == "__main__":
+    main()
