@@ -123,9 +123,8 @@ def run_quickstart(
     table.add_row("warm call p50", f"{numbers['warm_call_p50_ms']:.1f} ms")
     table.add_row(f"{futures} futures", f"{numbers['invocations_per_s']:.0f} invocations/s")
     mean_batch = numbers["mean_engine_batch_size"]
-    table.add_row(
-        f"mean engine batch size ({futures} futures)", f"{mean_batch:.1f}" if mean_batch is not None else "n/a"
-    )
+    batch_text = f"{mean_batch:.1f}" if mean_batch is not None else "n/a"
+    table.add_row(f"mean engine batch size ({futures} futures)", batch_text)
     table.add_row("futures with the same text", f"{correct}/{futures}")
     console.print(table)
     console.print(f"{prompt!r} -> {text!r}")
