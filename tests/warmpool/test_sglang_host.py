@@ -1,0 +1,123 @@
+"""The SGLang engine host: command line, and its lifecycle against a stand-in server.
+
+SGLang cannot be installed here (it needs CUDA). The lifecycle test puts a
+stand-in ``sglang.launch_server`` module on PYTHONPATH that accepts SGLang's
+flags and runs this project's CPU engine on the given port: the host's process
+group, readiness wait, log capture and shutdown are exercised for real; only
+the engine behind the flags is a double.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import httpx
+import pytest
+
+from registry import ModelSpec
+from runtime import EngineError
+from warmpool._pool import pid_alive
+from warmpool._sglang import SGLangEngineHost, free_port, sglang_argv
+
+
+def spec(**engine_args: object) -> ModelSpec:
+    return ModelSpec(
+        name="big", version="3", engine="sglang", model_path="/models/big", engine_args=engine_args
+    )
+
+
+def test_argv_maps_parallelism_and_multinode() -> None:
+    model = spec(tp=8, pp=4, dp=1, ep=8, mem_fraction_static=0.85, enable_metrics=True,
+                 extra_args=["--trust-remote-code"])  # fmt: skip
+    argv = sglang_argv(model, port=30001, nnodes=4, node_rank=2, dist_init_addr="head:5000")
+    assert argv[1:3] == ["-m", "sglang.launch_server"]
+    flags = dict(zip(argv[3::2], argv[4::2], strict=False))
+    assert flags["--model-path"] == "/models/big"
+    assert flags["--port"] == "30001" and flags["--host"] == "127.0.0.1"
+    assert flags["--served-model-name"] == "big@3"
+    assert argv[argv.index("--tp-size") + 1] == "8"
+    assert argv[argv.index("--pp-size") + 1] == "4"
+    assert argv[argv.index("--ep-size") + 1] == "8"
+    assert argv[argv.index("--nnodes") + 1] == "4"
+    assert argv[argv.index("--node-rank") + 1] == "2"
+    assert argv[argv.index("--dist-init-addr") + 1] == "head:5000"
+    assert argv[argv.index("--mem-fraction-static") + 1] == "0.85"
+    assert "--enable-metrics" in argv
+    assert argv[-1] == "--trust-remote-code"
+
+
+def test_argv_rejects_bad_values() -> None:
+    with pytest.raises(EngineError, match=r"tp.*must be int"):
+        sglang_argv(spec(tp="eight"), port=1)
+    with pytest.raises(EngineError, match="no dist_init_addr"):
+        sglang_argv(spec(nnodes=2), port=1)
+    with pytest.raises(EngineError, match="no model_path"):
+        sglang_argv(ModelSpec(name="x", engine="sglang"), port=1)
+    with pytest.raises(EngineError, match="extra_args"):
+        sglang_argv(spec(extra_args="--oops"), port=1)
+
+
+def test_argv_parses_with_sglangs_own_parser() -> None:
+    server_args = pytest.importorskip(
+        "sglang.srt.server_args", reason="SGLang is only installed on GPU machines"
+    )
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    server_args.ServerArgs.add_cli_args(parser)
+    argv = sglang_argv(spec(tp=2, pp=1, dp=1, mem_fraction_static=0.8), port=30002)
+    ns = parser.parse_args(argv[3:])
+    assert ns.model_path == "/models/big" and ns.tp_size == 2 and ns.port == 30002
+
+
+STANDIN = textwrap.dedent(
+    """
+    import argparse, os, sys
+    p = argparse.ArgumentParser()
+    p.add_argument("--model-path"); p.add_argument("--host"); p.add_argument("--port")
+    p.add_argument("--served-model-name"); p.add_argument("--tp-size")
+    args, _ = p.parse_known_args()
+    print("stand-in sglang: tp", args.tp_size, flush=True)
+    os.execv(sys.executable, [sys.executable, "-m", "warmpool._cpu_engine", "--model-path", args.model_path,
+             "--host", args.host, "--port", args.port, "--served-model-name", args.served_model_name])
+    """
+)
+
+
+def test_host_lifecycle_with_standin_server(tiny_model_path: Path, tmp_path: Path) -> None:
+    pkg = tmp_path / "standin" / "sglang"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "launch_server.py").write_text(STANDIN)
+    root = str(Path(__file__).resolve().parents[2])
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "standin"), root, os.environ.get("PYTHONPATH", "")])}
+    port = free_port()
+    model = ModelSpec(name="tiny", engine="sglang", model_path=str(tiny_model_path), engine_args={"tp": 1})
+    host = SGLangEngineHost(sglang_argv(model, port=port, python=sys.executable), port=port, env=env,
+                            log_dir=tmp_path / "logs")  # fmt: skip
+    host.start()
+    try:
+        seconds = host.wait_ready(60)
+        assert seconds > 0 and host.alive()
+        assert host.url == f"http://127.0.0.1:{port}"
+        assert host.server_info()["served_model_name"] == "tiny@1"
+        out = httpx.post(f"{host.url}/generate", json={"text": "Two plus two", "sampling_params": {
+            "max_new_tokens": 8, "temperature": 0}}, timeout=30).json()  # fmt: skip
+        assert out["text"] == " equals four."
+        assert "stand-in sglang: tp 1" in host.log_tail()
+    finally:
+        host.stop()
+    assert host.pid is not None and not pid_alive(host.pid)
+
+
+def test_host_start_failure_reports_log_tail(tmp_path: Path) -> None:
+    port = free_port()
+    argv = [sys.executable, "-c", "import sys; print('CUDA error: out of memory', flush=True); sys.exit(3)"]
+    host = SGLangEngineHost(argv, port=port, log_dir=tmp_path)
+    host.start()
+    with pytest.raises(EngineError, match=r"exited with code 3(.|\n)*CUDA error: out of memory"):
+        host.wait_ready(30)
+    host.stop()
