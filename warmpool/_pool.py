@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import heapq
-import json
 import logging
 import os
 import socket
@@ -26,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from registry._specs import FunctionSpec, ModelSpec
 from runtime._errors import (
     EngineError,
@@ -37,16 +34,16 @@ from runtime._errors import (
     PoolClosedError,
     WorkerLost,
 )
-from runtime._execute import error_info
 from runtime._store import ObjectStore
 from runtime._wire import ErrorKind, Invocation, Result
+from warmpool import _lifecycle
+from warmpool._lifecycle import failure
 from warmpool._replica import (
     EngineFactory,
     ModelPool,
     Replica,
     ReplicaState,
     default_engine_factory,
-    new_log_dir,
 )
 from warmpool._worker import Dispatch
 from warmpool._workers import WorkerProc, WorkerSet
@@ -129,6 +126,7 @@ class Pool:
         self._works: dict[str, Work] = {}
         self._deadlines: list[tuple[float, str]] = []
         self._closed = False
+        self._stopping = threading.Event()
         self._started = False
         self.counters: dict[str, int] = {"submitted": 0, "completed": 0, "failed": 0, "workers_lost": 0}
         self._threads: list[threading.Thread] = []
@@ -144,10 +142,10 @@ class Pool:
                 self._workers.start()
                 if self._tick_interval is not None:
                     self._background(self._monitor_loop, "faas-pool-monitor")
-                    self._background(self._probe_loop, "faas-pool-probe")
+                    self._background(functools.partial(_lifecycle.probe_loop, self), "faas-pool-probe")
             pools = [self._model_pool(spec) for spec in models or []]
         for mp in pools:
-            self._apply_plan(mp)
+            _lifecycle.apply_plan(self, mp)
         return self
 
     def _background(self, target: Callable[[], None], name: str) -> None:
@@ -167,11 +165,12 @@ class Pool:
             if self._closed:
                 return
             self._closed = True
+            self._stopping.set()
             leftovers = [w for w in self._works.values() if not w.finished]
             replicas = [r for mp in self._models.values() for r in mp.replicas]
             self._wake.notify_all()
         for work in leftovers:
-            self._finish(work, _failure(work, PoolClosedError("The pool shut down first."), "cancelled"))
+            self._finish(work, failure(work, PoolClosedError("The pool shut down first."), "cancelled"))
         self._workers.shutdown(timeout)
         for r in replicas:
             r.host.stop()
@@ -215,7 +214,7 @@ class Pool:
         if mp is None:
             self._dispatch(work, None)
         else:
-            self._apply_plan(mp)
+            _lifecycle.apply_plan(self, mp)
             self._pump(mp)
 
     def cancel(self, invocation_id: str) -> bool:
@@ -226,7 +225,7 @@ class Pool:
                 return False
             worker = work.worker
             attempt = work.invocation.attempt
-        self._finish(work, _failure(work, InvocationCancelled("The invocation was cancelled."), "cancelled"))
+        self._finish(work, failure(work, InvocationCancelled("The invocation was cancelled."), "cancelled"))
         if worker is not None:
             self._workers.abandon(worker, invocation_id, attempt)
         return True
@@ -244,6 +243,34 @@ class Pool:
                 return "waiting_for_engine"
             return "queued"
 
+    def prefer_warm(self, spec: ModelSpec) -> ModelSpec:
+        """Choose the version an alias-resolved invocation runs on during a version move.
+
+        When ``spec`` (the version an alias now names) has no ready replica
+        here but another version of the same model does, start ``spec``'s
+        replica and keep sending traffic to the warm version until it is ready:
+        the new replica comes up before traffic moves. Pinned references
+        (``name@version``) never come through here.
+        """
+        with self._lock:
+            if not self._started:
+                self.start()
+            target = self._model_pool(spec)
+            if any(r.state is ReplicaState.READY for r in target.replicas):
+                return spec
+            warm = [
+                mp.spec
+                for ref, mp in self._models.items()
+                if mp.spec.name == spec.name and ref != spec.ref
+                and any(r.state is ReplicaState.READY for r in mp.replicas)
+            ]  # fmt: skip
+            if not warm:
+                return spec
+            launch = not any(r.live for r in target.replicas)
+        if launch:
+            _lifecycle.launch(self, target)
+        return warm[0]
+
     def engine_url(self, model: ModelSpec, timeout: float | None = None) -> str:
         """Ensure a ready replica of ``model`` and return its URL (blocks during a cold start)."""
         with self._lock:
@@ -254,7 +281,7 @@ class Pool:
             if ready:
                 return str(ready[0].url)
             live = [r for r in mp.replicas if r.live]
-        replica = live[0] if live else self._launch(mp)
+        replica = live[0] if live else _lifecycle.launch(self, mp)
         if replica is None or not replica.ready_event.wait(timeout or model.startup_timeout + 5):
             raise EngineError(f"No replica of {model.ref} became ready in time.")
         if replica.state is not ReplicaState.READY or replica.url is None:
@@ -312,9 +339,9 @@ class Pool:
         for work in expired:
             self._expire(work)
         for mp, replica in dead:
-            self._fail_replica(mp, replica, f"engine process {replica.host.pid} exited")
+            _lifecycle.fail_replica(self, mp, replica, f"engine process {replica.host.pid} exited")
         for mp in pools:
-            self._apply_plan(mp)
+            _lifecycle.apply_plan(self, mp)
             self._pump(mp)
 
     # -- routing -----------------------------------------------------------------
@@ -354,126 +381,6 @@ class Pool:
             )
         )  # a dead worker's reader thread retries or fails this work
 
-    # -- replicas --------------------------------------------------------------
-    def _apply_plan(self, mp: ModelPool) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            want, stop = mp.plan()
-            for r in stop:
-                r.state = ReplicaState.DRAINING
-        for _ in range(want):
-            self._launch(mp)
-        for r in stop:
-            self._background(functools.partial(self._stop_replica, r), f"faas-stop-{r.id}")
-
-    def _launch(self, mp: ModelPool) -> Replica | None:
-        try:
-            host = self._engine_factory(mp.spec, self._log_dir or new_log_dir())
-        except Exception as exc:
-            self._fail_queue(mp, EngineError(f"No engine can be built for {mp.spec.ref}: {exc}"))
-            return None
-        with self._lock:
-            replica = Replica(spec=mp.spec, host=host, created_at=self._clock())
-            replica.last_active = replica.created_at
-            mp.replicas.append(replica)
-        self._background(lambda: self._boot(mp, replica), f"faas-boot-{replica.id}")
-        return replica
-
-    def _boot(self, mp: ModelPool, replica: Replica) -> None:
-        try:
-            replica.host.start()
-            replica.host.wait_ready(mp.spec.startup_timeout)
-        except Exception as exc:
-            log.error("Engine replica %s of %s failed to start: %s", replica.id, mp.spec.ref, exc)
-            replica.host.stop()
-            with self._lock:
-                replica.state = ReplicaState.FAILED
-                replica.error = str(exc)
-                replica.stopped_at = self._clock()
-                mp.metrics.engine_failures += 1
-                others = any(r.live for r in mp.replicas)
-            replica.ready_event.set()
-            if not others:  # nothing else will serve the queue: fail it rather than hang
-                self._fail_queue(mp, EngineError(f"The engine of {mp.spec.ref} failed to start: {exc}"))
-            return
-        with self._lock:
-            now = self._clock()
-            replica.ready_at = now
-            replica.last_active = now
-            replica.cold_start_s = now - replica.created_at
-            mp.metrics.cold_starts += 1
-            mp.metrics.cold_start_seconds.add(replica.cold_start_s)
-            closed = self._closed
-            if not closed:
-                replica.state = ReplicaState.READY
-        if closed:
-            replica.host.stop()
-            replica.state = ReplicaState.STOPPED
-        replica.ready_event.set()
-        self._pump(mp)
-
-    def _stop_replica(self, replica: Replica) -> None:
-        replica.host.stop()
-        with self._lock:
-            replica.state = ReplicaState.STOPPED
-            replica.stopped_at = self._clock()
-
-    def _fail_replica(self, mp: ModelPool, replica: Replica, reason: str) -> None:
-        """Mark a replica failed, retry its invocations elsewhere, and replace it."""
-        with self._lock:
-            if replica.state in (ReplicaState.FAILED, ReplicaState.STOPPED):
-                return
-            replica.state = ReplicaState.FAILED
-            replica.stopped_at = self._clock()
-            replica.error = f"{reason}. Log tail:\n{replica.host.log_tail(20)}"
-            mp.metrics.engine_failures += 1
-            victims = [w for w in self._works.values() if w.replica is replica and not w.finished]
-        log.error("Engine replica %s of %s failed: %s", replica.id, mp.spec.ref, reason)
-        self._background(replica.host.stop, f"faas-reap-{replica.id}")
-        for work in victims:
-            if work.worker is not None:
-                self._workers.abandon(work.worker, work.invocation.id, work.invocation.attempt)
-            self._lost(work, EngineLost(f"The engine of {mp.spec.ref} was lost: {reason}."), "engine_lost")
-        self._apply_plan(mp)
-
-    def _fail_queue(self, mp: ModelPool, exc: Exception) -> None:
-        with self._lock:
-            waiting = [w for w in mp.queue if not w.finished]
-            mp.queue.clear()
-        for work in waiting:
-            self._finish(work, _failure(work, exc, "engine_lost"))
-
-    def _probe_loop(self) -> None:
-        """Probe ready replicas over HTTP; three failed probes in a row fail a replica."""
-        with httpx.Client(timeout=5.0) as client:
-            while not self._closed:
-                with self._lock:
-                    targets = [
-                        (mp, r)
-                        for mp in self._models.values()
-                        for r in mp.replicas
-                        if r.state is ReplicaState.READY
-                    ]
-                for mp, r in targets:
-                    try:
-                        info = client.get(f"{r.url}/server_info")
-                        info.raise_for_status()
-                        r.engine_stats = dict(info.json().get("stats") or {})
-                        r.health_failures = 0
-                    except (httpx.HTTPError, ValueError):
-                        r.health_failures += 1
-                        if r.health_failures >= 3:
-                            self._fail_replica(mp, r, "engine failed 3 health probes in a row")
-                if self._status_interval is not None:
-                    with contextlib.suppress(Exception):
-                        self.store.put(
-                            f"pools/{self.id}/status.json", json.dumps(self.status(), default=str).encode()
-                        )
-                with self._lock:
-                    if not self._closed:
-                        self._wake.wait(self._health_interval)
-
     def _monitor_loop(self) -> None:
         assert self._tick_interval is not None
         while True:
@@ -494,7 +401,9 @@ class Pool:
         if result.error is not None and result.error.kind == "engine_lost" and work.replica is not None:
             mp = self._models[work.replica.spec.ref]
             if not work.replica.host.alive():
-                self._fail_replica(mp, work.replica, f"engine process {work.replica.host.pid} exited")
+                _lifecycle.fail_replica(
+                    self, mp, work.replica, f"engine process {work.replica.host.pid} exited"
+                )
                 if work.finished or work.replica is None:
                     return
             self._lost(work, EngineLost(result.error.message), "engine_lost")
@@ -531,12 +440,12 @@ class Pool:
                     mp.metrics.retried += 1
                     mp.queue.appendleft(work)  # retries go first and are never refused
         if not retry:
-            self._finish(work, _failure(work, exc, kind))
+            self._finish(work, failure(work, exc, kind))
         elif work.model is None:
             self._dispatch(work, None)
         else:
             mp = self._models[work.model.ref]
-            self._apply_plan(mp)
+            _lifecycle.apply_plan(self, mp)
             self._pump(mp)
 
     def _detach(self, work: Work) -> None:
@@ -554,7 +463,7 @@ class Pool:
             attempt = work.invocation.attempt
         timeout = work.invocation.timeout
         exc = InvocationTimeout(f"The invocation of {work.spec.name!r} ran past its timeout of {timeout} s.")
-        self._finish(work, _failure(work, exc, "timeout"))
+        self._finish(work, failure(work, exc, "timeout"))
         if worker is not None:
             self._workers.abandon(worker, work.invocation.id, attempt)
 
@@ -590,15 +499,6 @@ def _count(mp: ModelPool, result: Result) -> None:
             m.cancelled += 1
     if result.started_at and result.finished_at:
         m.execution_seconds.add(result.finished_at - result.started_at)
-
-
-def _failure(work: Work, exc: Exception, kind: ErrorKind) -> Result:
-    return Result(
-        invocation_id=work.invocation.id,
-        error=error_info(exc, kind, with_traceback=False),
-        attempt=work.invocation.attempt,
-        finished_at=time.time(),
-    )
 
 
 def pid_alive(pid: int) -> bool:

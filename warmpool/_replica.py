@@ -98,6 +98,7 @@ class Replica:
     inflight: int = 0
     error: str | None = None
     health_failures: int = 0
+    last_healthy: float | None = None
     engine_stats: dict[str, Any] = field(default_factory=dict)
     ready_event: threading.Event = field(default_factory=threading.Event)
 
