@@ -31,6 +31,7 @@ def apply_plan(pool: Pool, mp: ModelPool) -> None:
         if pool._closed:
             return
         want, stop = mp.plan()
+        mp.launching += want  # counted as live at once, so a concurrent plan cannot launch them again
         for r in stop:
             r.state = ReplicaState.DRAINING
     for _ in range(want):
@@ -40,12 +41,16 @@ def apply_plan(pool: Pool, mp: ModelPool) -> None:
 
 
 def launch(pool: Pool, mp: ModelPool) -> Replica | None:
+    """Build and boot one replica; the caller has already added it to ``mp.launching``."""
     try:
         host = pool._engine_factory(mp.spec, pool._log_dir or new_log_dir())
     except Exception as exc:
+        with pool._lock:
+            mp.launching -= 1
         fail_queue(pool, mp, EngineError(f"No engine can be built for {mp.spec.ref}: {exc}"))
         return None
     with pool._lock:
+        mp.launching -= 1
         replica = Replica(spec=mp.spec, host=host, created_at=pool._clock())
         replica.last_active = replica.created_at
         mp.replicas.append(replica)

@@ -266,23 +266,36 @@ class Pool:
             ]  # fmt: skip
             if not warm:
                 return spec
-            launch = not any(r.live for r in target.replicas)
+            launch = not target.has_capacity_soon()
+            if launch:
+                target.launching += 1
         if launch:
             _lifecycle.launch(self, target)
         return warm[0]
 
     def engine_url(self, model: ModelSpec, timeout: float | None = None) -> str:
         """Ensure a ready replica of ``model`` and return its URL (blocks during a cold start)."""
-        with self._lock:
-            if not self._started:
-                self.start()
-            mp = self._model_pool(model)
-            ready = [r for r in mp.replicas if r.state is ReplicaState.READY]
-            if ready:
-                return str(ready[0].url)
-            live = [r for r in mp.replicas if r.live]
+        wait = timeout or model.startup_timeout + 5
+        deadline = time.monotonic() + wait
+        while True:
+            with self._lock:
+                if not self._started:
+                    self.start()
+                mp = self._model_pool(model)
+                ready = [r for r in mp.replicas if r.state is ReplicaState.READY]
+                if ready:
+                    return str(ready[0].url)
+                live = [r for r in mp.replicas if r.live]
+                mine = not live and not mp.launching
+                if mine:
+                    mp.launching += 1
+            if live or mine:
+                break
+            if time.monotonic() > deadline:
+                raise EngineError(f"No replica of {model.ref} was launched in time.")
+            time.sleep(0.02)  # another thread is building this model's engine host
         replica = live[0] if live else _lifecycle.launch(self, mp)
-        if replica is None or not replica.ready_event.wait(timeout or model.startup_timeout + 5):
+        if replica is None or not replica.ready_event.wait(max(0.0, deadline - time.monotonic())):
             raise EngineError(f"No replica of {model.ref} became ready in time.")
         if replica.state is not ReplicaState.READY or replica.url is None:
             raise EngineError(f"The engine of {model.ref} failed to start: {replica.error}")

@@ -144,6 +144,7 @@ class ModelPool:
         self.queue: deque[Work] = deque()
         self.replicas: list[Replica] = []
         self.metrics = ModelMetrics()
+        self.launching = 0  # replicas decided on but not yet in ``replicas``
 
     def admit(self, work: Work) -> bool:
         """Queue ``work``; return whether a ready replica existed on arrival.
@@ -200,19 +201,20 @@ class ModelPool:
         """
         spec = self.spec
         live = [r for r in self.replicas if r.live]
-        starting = [r for r in live if r.state is ReplicaState.STARTING]
+        n_live = len(live) + self.launching
+        starting = self.launching > 0 or any(r.state is ReplicaState.STARTING for r in live)
         ready = [r for r in live if r.state is ReplicaState.READY]
         queued = any(not w.finished for w in self.queue)
-        want = max(spec.min_replicas - len(live), 0)
-        if (queued and not live) or (
+        want = max(spec.min_replicas - n_live, 0)
+        if (queued and not n_live) or (
             queued
             and not starting
             and ready
             and all(r.inflight >= spec.max_inflight for r in ready)
-            and len(live) < spec.max_replicas
+            and n_live < spec.max_replicas
         ):
             want = max(want, 1)
-        want = min(want, spec.max_replicas - len(live))
+        want = max(0, min(want, spec.max_replicas - n_live))
         stop: list[Replica] = []
         if spec.idle_timeout is not None and not queued:
             now = self._clock()
@@ -226,8 +228,8 @@ class ModelPool:
         return want, stop
 
     def has_capacity_soon(self) -> bool:
-        """Whether a live replica exists (ready or starting)."""
-        return any(r.live for r in self.replicas)
+        """Whether a live replica exists (ready or starting) or is being launched."""
+        return self.launching > 0 or any(r.live for r in self.replicas)
 
     def describe(self) -> dict[str, Any]:
         """Queue depth, in-flight, replicas and metrics."""
