@@ -40,6 +40,7 @@ class WorkerProc:
     inflight: dict[str, Work] = field(default_factory=dict)
     abandoned: int = 0
     retiring: bool = False
+    exited: bool = False  # set by the reader thread when the pipe closes (no waitpid per dispatch)
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -121,7 +122,7 @@ class WorkerSet:
 
     def pick(self) -> WorkerProc:
         """The accepting worker with the fewest invocations in flight (caller holds the lock)."""
-        candidates = [w for w in self.active() if w.process.is_alive()]
+        candidates = [w for w in self.active() if not w.exited]
         if not candidates:
             candidates = [self.spawn()]
         return min(candidates, key=lambda w: len(w.inflight))
@@ -133,6 +134,7 @@ class WorkerSet:
             except (EOFError, OSError):
                 break
             self._on_result(worker, result)
+        worker.exited = True
         worker.process.join(5)
         with self._lock:
             if worker in self.workers:
