@@ -11,12 +11,14 @@ complete.remote("The quick brown")
 ```
 """
 
-from faas._client import Client, configure, get_client, shutdown
+from faas._client import Client, configure, get_client, put, shutdown
 from faas._function import Function, function
 from faas._future import Future
 from faas._progress import gather
-from registry import FunctionSpec, ModelSpec
+from faas._triggers import Outputs
+from registry import BindingError, FunctionSpec, ModelSpec, TriggerBinding
 from runtime import (
+    ChatResult,
     EngineError,
     EngineLost,
     FaasError,
@@ -25,18 +27,24 @@ from runtime import (
     IntegrityError,
     InvocationCancelled,
     InvocationError,
+    InvocationRecord,
     InvocationTimeout,
     Model,
+    ModeNotAllowedError,
     ObjectExists,
     ObjectNotFound,
+    ObjectRef,
     PoolClosedError,
+    Ref,
     RemoteError,
     SamplingParams,
     SerializationError,
     StoreAuthError,
     StoreError,
     SubmitError,
+    TextStream,
     UnknownModelError,
+    UnsupportedFeatureError,
     WorkerLost,
 )
 from warmpool import BackPressureError
@@ -45,6 +53,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackPressureError",
+    "BindingError",
+    "ChatResult",
     "Client",
     "EngineError",
     "EngineLost",
@@ -57,24 +67,33 @@ __all__ = [
     "IntegrityError",
     "InvocationCancelled",
     "InvocationError",
+    "InvocationRecord",
     "InvocationTimeout",
+    "ModeNotAllowedError",
     "Model",
     "ModelSpec",
     "ObjectExists",
     "ObjectNotFound",
+    "ObjectRef",
+    "Outputs",
     "PoolClosedError",
+    "Ref",
     "RemoteError",
     "SamplingParams",
     "SerializationError",
     "StoreAuthError",
     "StoreError",
     "SubmitError",
+    "TextStream",
+    "TriggerBinding",
     "UnknownModelError",
+    "UnsupportedFeatureError",
     "WorkerLost",
     "__version__",
     "configure",
     "function",
     "gather",
     "get_client",
+    "put",
     "shutdown",
 ]

@@ -80,6 +80,53 @@ def pool_status(
         render_status(status)
 
 
+# -- triggers (faas/_trigger_cli.py) ------------------------------------------------------
+from faas._trigger_cli import triggers_app  # noqa: E402
+
+app.add_typer(triggers_app, name="triggers")
+# -- end triggers -------------------------------------------------------------------------
+
+
+@app.command()
+def provenance(
+    invocation_id: Annotated[str, typer.Argument(help="The invocation id.")],
+    store: Annotated[str | None, typer.Option(help="Store URL (default: $FAAS_STORE or the cache).")] = None,
+) -> None:
+    """Print an invocation's provenance record (JSON)."""
+    from faas._provenance import read_provenance
+    from runtime import FaasError, default_store_url, store_from_url
+
+    try:
+        record = read_provenance(store_from_url(store or default_store_url()), invocation_id)
+    except FaasError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(record.model_dump_json(indent=2))
+
+
+@app.command()
+def replay(
+    invocation_id: Annotated[str, typer.Argument(help="The invocation id.")],
+    store: Annotated[str | None, typer.Option(help="Store URL (default: $FAAS_STORE or the cache).")] = None,
+) -> None:
+    """Re-run an invocation (same function, model version, inputs); exit 1 if the output differs."""
+    import json
+
+    from faas._client import Client
+    from faas._provenance import replay as run_replay
+    from runtime import FaasError
+
+    with Client(store=store) as client:
+        try:
+            report = run_replay(client, invocation_id)
+        except FaasError as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(2) from None
+    typer.echo(json.dumps(report.describe(), indent=2))
+    if not report.matches:
+        raise typer.Exit(1)
+
+
 @app.command()
 def version() -> None:
     """Print the version."""

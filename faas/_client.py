@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from faas._future import Future
+from faas._provenance import build_provenance
 from registry._registry import Registry
 from registry._specs import FunctionSpec, ModelSpec
 from runtime import _serde
 from runtime._errors import PoolClosedError
+from runtime._execute import error_info
 from runtime._model import Model
 from runtime._paths import default_store_url
+from runtime._records import InvocationRecord, RecordStore, RecordWriter
 from runtime._source import bundle_function
+from runtime._staging import Ref, StagedRef, stage_args, stage_object, staging_threshold, unstage_value
 from runtime._store import ObjectStore, new_id, store_from_url
-from runtime._wire import Invocation
+from runtime._wire import Invocation, Result
 from warmpool._pool import Pool
 from warmpool._replica import EngineFactory, default_engine_factory
 
 if TYPE_CHECKING:
     from faas._function import Function
+
+log = logging.getLogger("faas.client")
+
+RecordsMode = Literal["async", "sync", "off"]
 
 
 class Client:
@@ -37,6 +47,13 @@ class Client:
         threads_per_worker: Invocations each worker runs at once.
         engine_factory: Builds engine hosts (tests inject failing ones).
         log_dir: Where engine logs go.
+        staging_threshold: Arguments and results above this many bytes travel
+            through the store by reference (default ``$FAAS_STAGING_THRESHOLD``
+            or 1 MiB; ints or strings such as ``"4MiB"``).
+        records: How invocation records are written to the store: ``"async"``
+            (default: on a background thread, in order, flushed at shutdown),
+            ``"sync"`` (before ``submit`` returns and before the future
+            resolves) or ``"off"``.
     """
 
     def __init__(
@@ -47,11 +64,20 @@ class Client:
         threads_per_worker: int = 64,
         engine_factory: EngineFactory = default_engine_factory,
         log_dir: Path | None = None,
+        staging_threshold: int | str | None = None,
+        records: RecordsMode = "async",
     ) -> None:
+        if records not in ("async", "sync", "off"):
+            raise ValueError(f"records must be 'async', 'sync' or 'off', not {records!r}.")
         if store is None:
             store = default_store_url()
         self.store: ObjectStore = store_from_url(store) if isinstance(store, str) else store
         self.registry = Registry(self.store)
+        self.staging_threshold = _threshold(staging_threshold)
+        self.records = RecordStore(self.store)
+        self._records_mode: RecordsMode = records
+        self._recorder = RecordWriter(self.records) if records == "async" else None
+        self._store_config = self.store.config()
         self._pool_args: dict[str, Any] = {
             "workers": workers,
             "threads_per_worker": threads_per_worker,
@@ -120,8 +146,20 @@ class Client:
         """
         function.check_arguments(args, kwargs)
         model = self.resolve_model(function.model) if function.model else None
-        blob = _serde.dumps((args, kwargs), what=f"arguments of {function.name!r}")
+        if model is not None and "@" not in (function.model or ""):
+            model = self.pool.prefer_warm(model)  # an alias moved: warm the new version first
+        blob, refs = stage_args(self.store, args, kwargs, self.staging_threshold, what=repr(function.name))
         spec = self.register(function)
+        return self.submit_spec(spec, model, blob, refs)
+
+    def submit_spec(
+        self, spec: FunctionSpec, model: ModelSpec | None, blob: bytes, refs: tuple[StagedRef, ...] = ()
+    ) -> Future[Any]:
+        """Submit a registered function version with already serialised (or staged) arguments.
+
+        This is what ``submit`` does after validation, and what ``faas replay``
+        uses to run an invocation again with its stored inputs.
+        """
         invocation = Invocation(
             id=new_id(),
             function_name=spec.name,
@@ -130,10 +168,79 @@ class Client:
             args=blob,
             timeout=spec.timeout,
             retries=spec.retries,
+            store=self._store_config,
+            stage_threshold=self.staging_threshold,
+            refs=refs,
         )
-        future: Future[Any] = Future(invocation.id, self.cancel, self._phase)
-        self.pool.submit(invocation, spec, model, future._resolve)
+        future: Future[Any] = Future(invocation.id, self.cancel, self._phase, self._load_value)
+        pool = self.pool
+        self._record(invocation)
+
+        def done(result: Result) -> None:
+            try:
+                prov = build_provenance(invocation, spec, model, result)
+                result.provenance = prov.model_dump(mode="json")
+            except Exception:  # provenance must never cost the result
+                log.exception("Could not build the provenance of invocation %s", result.invocation_id)
+            try:
+                self._record(result)
+            except Exception:  # a record that cannot be queued must not lose the result
+                log.exception("Could not record the result of invocation %s", result.invocation_id)
+            future._resolve(result)
+
+        try:
+            pool.submit(invocation, spec, model, done)
+        except Exception as exc:
+            failed = error_info(exc, "cancelled", with_traceback=False)
+            done(Result(invocation_id=invocation.id, error=failed, finished_at=time.time()))
+            raise
         return future
+
+    def _record(self, item: Invocation | Result) -> None:
+        if self._recorder is not None and isinstance(item, Invocation):
+            self._recorder.request(item)
+        elif self._recorder is not None and isinstance(item, Result):
+            self._recorder.result(item)
+        elif self._records_mode == "sync" and isinstance(item, Invocation):
+            self.records.write_request(item)
+        elif self._records_mode == "sync" and isinstance(item, Result):
+            self.records.write_result(item)
+
+    def _load_value(self, data: bytes) -> Any:
+        return unstage_value(self.store, data, what="result")
+
+    def put(self, obj: Any) -> Ref:
+        """Upload ``obj`` to the store once and return a reference to pass to invocations.
+
+        The object is content-addressed: putting the same value again uploads
+        nothing. A function receiving the reference (anywhere in its
+        arguments) receives the value itself.
+
+        Raises:
+            SerializationError: ``obj`` cannot be pickled.
+            StoreError: The upload failed.
+        """
+        return Ref(stage_object(self.store, obj, what="value passed to faas.put"))
+
+    def record(self, invocation_id: str, *, timeout: float | None = 30.0) -> InvocationRecord:
+        """The invocation's record from the store (request merged with result, if any).
+
+        Records queued by this client are written first.
+
+        Raises:
+            ObjectNotFound: Nothing is recorded under that id.
+        """
+        self.flush_records(timeout)
+        return self.records.get(invocation_id)
+
+    def flush_records(self, timeout: float | None = None) -> None:
+        """Wait until every invocation record this client queued is in the store.
+
+        Raises:
+            StoreError: Records are still unwritten when ``timeout`` runs out.
+        """
+        if self._recorder is not None:
+            self._recorder.flush(timeout)
 
     def _phase(self, invocation_id: str) -> str | None:
         pool = self._pool
@@ -151,7 +258,9 @@ class Client:
         with self._lock:
             handle = self._handles.get(url)
             if handle is None:
-                handle = self._handles[url] = Model(url, spec.ref, request_prefix="local")
+                handle = self._handles[url] = Model(
+                    url, spec.ref, request_prefix="local", allowed_modes=frozenset(spec.modes)
+                )
             return handle
 
     def status(self) -> dict[str, Any]:
@@ -170,6 +279,30 @@ class Client:
             handle.close()
         if pool is not None:
             pool.shutdown()
+        if self._recorder is not None:
+            try:
+                self._recorder.close()
+            except Exception as exc:
+                log.error("Some invocation records could not be written: %s", exc)
+
+
+def _threshold(value: int | str | None) -> int:
+    try:
+        return staging_threshold(value)
+    except ValueError as exc:
+        from runtime._errors import SubmitError
+
+        raise SubmitError(str(exc)) from None
+
+
+def put(obj: Any, *, client: Client | None = None) -> Ref:
+    """Upload ``obj`` once and return a :class:`faas.Ref` to pass to many invocations.
+
+    Args:
+        obj: Any picklable value (``bytes`` are stored as they are).
+        client: The client whose store to use (default: the default client's).
+    """
+    return (client or get_client()).put(obj)
 
 
 _default: Client | None = None

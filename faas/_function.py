@@ -16,6 +16,7 @@ from runtime._model import Model
 if TYPE_CHECKING:
     from faas._client import Client
     from faas._future import Future
+    from registry._bindings import TriggerBinding
 
 R = TypeVar("R")
 
@@ -189,6 +190,32 @@ class Function(Generic[R]):
     def __call__(self, *args: Any, **kwargs: Any) -> R:
         """Same as :meth:`local`."""
         return self.local(*args, **kwargs)
+
+    # -- triggers (see faas/_triggers.py) ------------------------------------------------
+    def on_object(self, **options: Any) -> TriggerBinding:
+        """Bind this function to new objects in a bucket; it runs once per new object version.
+
+        The function receives a ``faas.ObjectRef``; its return value is written to
+        ``output_prefix + <key below the prefix's directory> + output_suffix``.
+        Run the bindings with ``faas.triggers.TriggerRunner`` or ``faas triggers run``.
+
+        Args:
+            options: ``bucket`` and ``output_prefix`` (required), ``prefix``,
+                ``suffix``, ``output_suffix``, ``output_bucket``, ``name``,
+                ``queue_url``, ``poll_interval``, ``max_concurrency``,
+                ``max_attempts``, ``lease_seconds``, ``process_existing``,
+                ``reprocess``, ``storage``, ``endpoint_url``, ``region``,
+                ``path_style`` (see ``faas.triggers.TriggerBinding``).
+
+        Returns:
+            The stored binding.
+
+        Raises:
+            BindingError: The binding is malformed (nothing is registered or stored).
+        """
+        from faas._triggers import bind_function
+
+        return bind_function(self, **options)
 
 
 def _in_order(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import threading
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from runtime import _serde
 from runtime._errors import (
@@ -18,9 +19,12 @@ from runtime._errors import (
     RemoteError,
     WorkerLost,
 )
+from runtime._staging import is_marker
 from runtime._wire import ErrorInfo, Result
 
 T = TypeVar("T")
+
+Loader = Callable[[bytes], Any]
 
 _KIND_ERRORS: dict[str, type[InvocationError]] = {
     "timeout": InvocationTimeout,
@@ -37,6 +41,12 @@ class Future(concurrent.futures.Future[T], Generic[T]):
     ``add_done_callback()``, ``concurrent.futures.wait/as_completed`` and
     ``asyncio.wrap_future`` all work.
 
+    A result above the staging threshold arrives as a reference; ``result()``
+    downloads and verifies it (once) in the calling thread, so a large result
+    never holds up the pool. If that read fails, ``result()`` raises the
+    StoreError or IntegrityError (``exception()`` still reports None: the
+    invocation itself succeeded).
+
     Attributes:
         invocation_id: The invocation's id, stable across retries.
     """
@@ -46,11 +56,25 @@ class Future(concurrent.futures.Future[T], Generic[T]):
         invocation_id: str,
         canceller: Callable[[str], bool] | None = None,
         phase: Callable[[str], str | None] | None = None,
+        loader: Loader | None = None,
     ) -> None:
         super().__init__()
         self.invocation_id = invocation_id
         self._canceller = canceller
         self._phase = phase
+        self._loader = loader
+
+    def result(self, timeout: float | None = None) -> T:
+        """Wait for the invocation and return its value (fetching a staged one).
+
+        Raises:
+            TimeoutError: Not done within ``timeout`` seconds.
+            Exception: The invocation's error, or why a staged result could not be read.
+        """
+        value = super().result(timeout)
+        if isinstance(value, _Staged):
+            return value.get()  # type: ignore[no-any-return]
+        return value
 
     def status(self) -> str:
         """Where the invocation is now.
@@ -87,8 +111,13 @@ class Future(concurrent.futures.Future[T], Generic[T]):
             return
         try:
             if result.ok:
-                value = _serde.loads(result.value or b"", what=f"result of invocation {self.invocation_id}")
-                self.set_result(value)
+                data = result.value or b""
+                if self._loader is not None and is_marker(data):
+                    self.set_result(_Staged(data, self._loader))  # type: ignore[arg-type]
+                elif self._loader is not None:
+                    self.set_result(self._loader(data))
+                else:
+                    self.set_result(_serde.loads(data, what=f"result of invocation {self.invocation_id}"))
             else:
                 assert result.error is not None
                 self.set_exception(rebuild_error(result.error))
@@ -97,6 +126,29 @@ class Future(concurrent.futures.Future[T], Generic[T]):
                 self.set_exception(exc)
         except concurrent.futures.InvalidStateError:
             pass  # cancelled concurrently
+
+
+class _Staged:
+    """A staged result, fetched on the first ``result()`` call (thread-safe, once)."""
+
+    def __init__(self, data: bytes, loader: Loader) -> None:
+        self._data, self._loader = data, loader
+        self._lock = threading.Lock()
+        self._done = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def get(self) -> Any:
+        with self._lock:
+            if not self._done:
+                try:
+                    self._value = self._loader(self._data)
+                except FaasError as exc:
+                    self._error = exc
+                self._done = True
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def rebuild_error(info: ErrorInfo) -> BaseException:

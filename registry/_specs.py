@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from runtime._policy import MODES, check_modes
 
 
 class FunctionSpec(BaseModel):
@@ -67,6 +69,10 @@ class ModelSpec(BaseModel):
         idle_timeout: Seconds a replica may sit idle before it is stopped
             (down to ``min_replicas``); None never stops idle replicas.
         startup_timeout: Seconds a replica may take to become ready.
+        modes: What functions may do with the model: ``generate`` (text and
+            chat), ``encode`` (embeddings), ``logprobs``, ``hidden_states``.
+            The handle refuses any other request before it reaches the engine.
+        weights_digest: Digest of the weights (recorded in provenance).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -82,6 +88,13 @@ class ModelSpec(BaseModel):
     max_queue: int = Field(10_000, ge=0)
     idle_timeout: float | None = Field(600.0, gt=0)
     startup_timeout: float = Field(300.0, gt=0)
+    modes: list[str] = Field(default_factory=lambda: sorted(MODES))
+    weights_digest: str | None = None
+
+    @field_validator("modes")
+    @classmethod
+    def _check_modes(cls, value: list[str]) -> list[str]:
+        return sorted(check_modes(value))
 
     @model_validator(mode="after")
     def _check_replicas(self) -> ModelSpec:

@@ -14,6 +14,7 @@ FaasError
 │   ├── WorkerLost              the worker process running it died
 │   ├── EngineLost              the model engine died and retries ran out
 │   └── InvocationCancelled     the caller cancelled it
+├── ModeNotAllowedError         the model's access policy forbids that mode (no request sent)
 ├── EngineError                 the engine refused a request or failed to start
 ├── PoolClosedError             the pool is shut down
 ├── IntegrityError              bytes do not match their recorded digest
@@ -80,6 +81,10 @@ class EngineLost(InvocationError):
 
 class InvocationCancelled(InvocationError):
     """The invocation was cancelled."""
+
+
+class ModeNotAllowedError(FaasError, PermissionError):
+    """The model's access policy does not allow this mode; nothing reached the engine."""
 
 
 class EngineError(FaasError):

@@ -1,4 +1,10 @@
-"""``execute()``: run one invocation inside a worker and capture its outcome."""
+"""``execute()``: run one invocation inside a worker and capture its outcome.
+
+Staged arguments (and the :class:`runtime.Ref` values inside them) are fetched
+and verified before the function is called; if any check fails, the function
+does not run. A return value above the staging threshold is written back to the
+store and travels as a reference.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 from runtime import _serde
-from runtime._errors import EngineLost, FaasError
+from runtime._errors import EngineLost, FaasError, StoreError
 from runtime._model import Model
+from runtime._objectref import cached_store, using_store
+from runtime._staging import stage_value, staging_threshold, unstage_value
+from runtime._store import ObjectStore
 from runtime._wire import ErrorInfo, ErrorKind, Invocation, Result
 
 _HOST = socket.gethostname()
@@ -43,6 +52,7 @@ def execute(
     model: Model | None = None,
     model_param: str | None = None,
     model_param_index: int = 0,
+    store: ObjectStore | None = None,
 ) -> Result:
     """Run one invocation of ``fn`` and return its Result; never raises.
 
@@ -52,6 +62,8 @@ def execute(
         model: The handle on the engine of the function's model, if it has one.
         model_param: Name of the parameter that receives ``model``.
         model_param_index: Position of that parameter; 0 means it is passed first.
+        store: Where staged values live; default: the store named by
+            ``invocation.store`` (one instance per process).
     """
     started = time.time()
     result = Result(
@@ -61,8 +73,11 @@ def execute(
         started_at=started,
         attempt=invocation.attempt,
     )
+    bound: Model | None = None
     try:
-        args, kwargs = _serde.loads(invocation.args, what=f"arguments of invocation {invocation.id}")
+        if store is None and invocation.store is not None:
+            store = cached_store(invocation.store)
+        args, kwargs = unstage_value(store, invocation.args, what=f"arguments of invocation {invocation.id}")
         if model_param is not None:
             if model is None:
                 raise FaasError(
@@ -78,7 +93,8 @@ def execute(
         result.finished_at = time.time()
         return result
     try:
-        value = fn(*args, **kwargs)
+        with using_store(store):  # what ObjectRef.open() reads through
+            value = fn(*args, **kwargs)
     except EngineLost as exc:
         # The engine died under the function: not the function's fault, so the pool may retry.
         result.error = error_info(exc, "engine_lost")
@@ -91,8 +107,15 @@ def execute(
         )
         result.finished_at = time.time()
         return result
+    finally:
+        if bound is not None:
+            result.engine_calls = list(bound.calls)  # for the invocation's provenance
     try:
-        result.value = _serde.dumps(value, what=f"return value of {invocation.function_name!r}")
+        threshold = staging_threshold(invocation.stage_threshold)
+        what = f"return value of {invocation.function_name!r}"
+        result.value = stage_value(store, value, threshold, what=what)
+    except StoreError as exc:
+        result.error = error_info(exc, "system", with_traceback=False)
     except FaasError as exc:
         result.error = error_info(exc, "user", with_traceback=False)
     result.finished_at = time.time()

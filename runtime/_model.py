@@ -1,7 +1,16 @@
 """The ``Model`` handle: a keep-alive HTTP client for an engine's native API.
 
-The handle speaks SGLang's native API (``/generate``), which the CPU engine
-serves too, so a function cannot tell the two apart.
+The handle speaks SGLang's HTTP API, which the CPU engine serves too, so a function cannot
+tell the two apart:
+
+- ``generate``: ``POST /generate`` (text or token ids, one or a batch; logprobs, hidden
+  states, SSE streaming), SGLang's native field names throughout.
+- ``chat``: ``POST /v1/chat/completions``. SGLang's native API has no messages field and no
+  endpoint that returns the chat template, so chat goes through the OpenAI-compatible
+  endpoint, where the engine renders its own tokenizer's template.
+- ``encode``: ``POST /encode`` (on SGLang, only for a model launched with ``--is-embedding``).
+
+Everything the caller passes is validated here, before a request leaves the worker.
 """
 
 from __future__ import annotations
@@ -10,118 +19,124 @@ import contextlib
 import copy
 import itertools
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, overload
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal, overload
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import numpy as np
 
 from runtime._errors import EngineError, EngineLost, SubmitError
+from runtime._model_results import (
+    ChatDecoder,
+    ChatResult,
+    GenerateResult,
+    NativeDecoder,
+    TextStream,
+    hidden_states_array,
+)
+from runtime._policy import call_record, guard
+from runtime._sampling import (
+    SamplingParams,
+    SamplingParamsInput,
+    chat_fields,
+    validate_params_for,
+    validate_sampling_params,
+)
+
+__all__ = [
+    "ChatResult",
+    "GenerateResult",
+    "Model",
+    "SamplingParams",
+    "TextStream",
+    "UnsupportedFeatureError",
+    "hidden_states_array",
+    "validate_sampling_params",
+]
+
+Prompt = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
+HiddenStates = bool | Literal["last"]
+UNSUPPORTED_TYPE = "unsupported_feature"
 
 
-class SamplingParams(BaseModel):
-    """SGLang's sampling parameters, validated before a request leaves the worker.
+class UnsupportedFeatureError(EngineError, NotImplementedError):
+    """The engine does not implement a feature the request asked for; nothing was generated.
 
-    Field names and meanings follow SGLang's native ``sampling_params``; unknown
-    keys are an error so a typo never silently falls back to a default.
+    The CPU engine raises it for SGLang features it lacks (constrained decoding, penalties,
+    input logprobs, ...); SGLang implements them.
     """
 
-    model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = Field(128, ge=0)
-    min_new_tokens: int = Field(0, ge=0)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-    no_stop_trim: bool = False
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
-    regex: str | None = None
-    json_schema: str | None = None
-    ebnf: str | None = None
-    n: int = Field(1, ge=1)
-    sampling_seed: int | None = None
-
-
-def validate_sampling_params(params: Mapping[str, Any] | SamplingParams | None) -> dict[str, Any]:
-    """Validate sampling params and return only the keys the caller set.
-
-    Raises:
-        SubmitError: A key is unknown or a value is out of range.
-    """
-    if params is None:
-        return {}
-    if isinstance(params, SamplingParams):
-        return params.model_dump(exclude_unset=True)
-    try:
-        return SamplingParams.model_validate(dict(params)).model_dump(exclude_unset=True)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'sampling_params'}: {e['msg']}" for e in exc.errors()
-        )
-        raise SubmitError(f"Invalid sampling_params: {problems}.") from None
+def _prompt_fields(prompt: Prompt | None, input_ids: Prompt | None) -> tuple[dict[str, Any], int, bool]:
+    """The ``text``/``input_ids`` fields for a prompt; returns ``(fields, n, single)``."""
+    if (prompt is None) == (input_ids is None):
+        raise SubmitError("Pass exactly one of prompt (text or token ids) and input_ids.")
+    value = prompt if prompt is not None else input_ids
+    if isinstance(value, str):
+        if input_ids is not None:
+            raise SubmitError("input_ids must be token ids, not a string.")
+        return {"text": value}, 1, True
+    if isinstance(value, Sequence) and value:
+        if all(isinstance(p, str) for p in value) and input_ids is None:
+            return {"text": list(value)}, len(value), False
+        if all(_is_id(t) for t in value):
+            return {"input_ids": [int(t) for t in value]}, 1, True  # type: ignore[arg-type]
+        if all(isinstance(p, Sequence) and p and all(_is_id(t) for t in p) for p in value):
+            return {"input_ids": [[int(t) for t in p] for p in value]}, len(value), False  # type: ignore[union-attr]
+    raise SubmitError(
+        "prompt must be a string, a non-empty list of strings, a non-empty list of token ids, "
+        f"or a list of non-empty token-id lists; got {type(value).__name__}."
+    )
 
 
-@dataclass(frozen=True)
-class GenerateResult:
-    """One completion, as returned by ``Model.generate``.
+def _is_id(t: object) -> bool:
+    return isinstance(t, int | np.integer) and not isinstance(t, bool) and int(t) >= 0
 
-    Attributes:
-        text: The generated text (the prompt is not included).
-        output_ids: Generated token ids.
-        finish_reason: ``"stop"``, ``"length"`` or ``"abort"``.
-        prompt_tokens: Number of prompt tokens.
-        completion_tokens: Number of generated tokens.
-        meta_info: The engine's full ``meta_info`` object.
-    """
 
-    text: str
-    output_ids: list[int]
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    meta_info: dict[str, Any] = field(repr=False)
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise SubmitError(f"{name} must be True or False, got {value!r}.")
+    return value
 
-    @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> GenerateResult:
-        """Parse one element of SGLang's ``/generate`` response."""
-        meta = dict(obj.get("meta_info") or {})
-        finish = meta.get("finish_reason")
-        reason = finish.get("type") if isinstance(finish, Mapping) else finish
-        return cls(
-            text=str(obj.get("text", "")),
-            output_ids=list(obj.get("output_ids") or []),
-            finish_reason=reason,
-            prompt_tokens=int(meta.get("prompt_tokens", 0)),
-            completion_tokens=int(meta.get("completion_tokens", 0)),
-            meta_info=meta,
-        )
+
+def _logprob_fields(return_logprob: bool, top_logprobs_num: int) -> tuple[bool, int]:
+    _check_flag("return_logprob", return_logprob)
+    if isinstance(top_logprobs_num, bool) or not isinstance(top_logprobs_num, int) or top_logprobs_num < 0:
+        raise SubmitError(f"top_logprobs_num must be an integer >= 0, got {top_logprobs_num!r}.")
+    return return_logprob or top_logprobs_num > 0, top_logprobs_num
 
 
 class Model:
     """A handle on a resident engine serving one model.
 
-    Thread-safe: many invocations in one worker share a handle and its
-    keep-alive connections, so their requests reach the engine concurrently and
-    are batched there.
+    Thread-safe: many invocations in one worker share a handle and its keep-alive
+    connections, so their requests reach the engine concurrently and are batched there.
 
     Args:
         url: Base URL of the engine (``http://host:port``).
         name: The model's registered name (``name@version`` once resolved).
         timeout: Per-request timeout in seconds.
-        request_prefix: Prefix for request ids (``rid``), so the pool can abort
-            an invocation's requests.
+        request_prefix: Prefix for request ids (``rid``), so the pool can abort an
+            invocation's requests.
+        transport: An ``httpx`` transport to use instead of the network (tests).
+        allowed_modes: Modes the model's policy allows (None: all); a request
+            using another mode raises ``ModeNotAllowedError`` before it is sent.
     """
 
-    def __init__(self, url: str, name: str, *, timeout: float = 600.0, request_prefix: str = "faas") -> None:
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        *,
+        timeout: float = 600.0,
+        request_prefix: str = "faas",
+        transport: httpx.BaseTransport | None = None,
+        allowed_modes: frozenset[str] | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
+        self.allowed_modes = allowed_modes
+        self.calls: list[dict[str, Any]] = []  # engine calls made through this handle (see bind)
         self.name = name
         self._prefix = request_prefix
         self._counter = itertools.count()
@@ -129,6 +144,7 @@ class Model:
             base_url=self.url,
             timeout=httpx.Timeout(timeout, connect=10.0),
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=512),
+            transport=transport,
         )
         self._lock = threading.Lock()
         self._active: set[str] = set()  # shared with bind() clones, for abort_prefix()
@@ -144,6 +160,7 @@ class Model:
         """A handle sharing this one's connections whose request ids start with ``request_prefix``."""
         clone = copy.copy(self)
         clone._prefix = request_prefix
+        clone.calls = []  # each bound handle records its own invocation's engine calls
         return clone
 
     @property
@@ -151,82 +168,278 @@ class Model:
         """The prefix of the request ids (``rid``) this handle sends."""
         return self._prefix
 
-    def _rid(self, prefix: str | None = None) -> str:
+    def _rids(self, n: int, prefix: str | None) -> list[str]:
         with self._lock:
-            n = next(self._counter)
-        return f"{prefix or self._prefix}-{n}"
+            rids = [f"{prefix or self._prefix}-{next(self._counter)}" for _ in range(n)]
+            self._active.update(rids)
+        return rids
+
+    def _release(self, rids: Iterable[str]) -> None:
+        with self._lock:
+            self._active.difference_update(rids)
+
+    # ---- generate --------------------------------------------------------------------------
 
     @overload
     def generate(
-        self, prompt: str, sampling_params: Mapping[str, Any] | None = ..., *, rid_prefix: str | None = ...
+        self,
+        prompt: str,
+        sampling_params: SamplingParamsInput = ...,
+        *,
+        stream: Literal[False] = ...,
+        return_logprob: bool = ...,
+        top_logprobs_num: int = ...,
+        return_text_in_logprobs: bool = ...,
+        return_hidden_states: HiddenStates = ...,
+        rid_prefix: str | None = ...,
     ) -> GenerateResult: ...
     @overload
     def generate(
         self,
-        prompt: Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
-        sampling_params: Mapping[str, Any] | None = ...,
+        prompt: Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | None = ...,
+        sampling_params: SamplingParamsInput = ...,
         *,
+        input_ids: Sequence[int] | Sequence[Sequence[int]] | None = ...,
+        stream: Literal[False] = ...,
+        return_logprob: bool = ...,
+        top_logprobs_num: int = ...,
+        return_text_in_logprobs: bool = ...,
+        return_hidden_states: HiddenStates = ...,
         rid_prefix: str | None = ...,
     ) -> GenerateResult | list[GenerateResult]: ...
+    @overload
+    def generate(
+        self,
+        prompt: str | Sequence[int] | None = ...,
+        sampling_params: SamplingParamsInput = ...,
+        *,
+        input_ids: Sequence[int] | None = ...,
+        stream: Literal[True],
+        return_logprob: bool = ...,
+        top_logprobs_num: int = ...,
+        return_text_in_logprobs: bool = ...,
+        rid_prefix: str | None = ...,
+    ) -> TextStream: ...
 
     def generate(
         self,
-        prompt: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
-        sampling_params: Mapping[str, Any] | None = None,
+        prompt: Prompt | None = None,
+        sampling_params: SamplingParamsInput = None,
         *,
+        input_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        stream: bool = False,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        return_text_in_logprobs: bool = False,
+        return_hidden_states: HiddenStates = False,
         rid_prefix: str | None = None,
-    ) -> GenerateResult | list[GenerateResult]:
-        """Generate a completion for one prompt, or one per prompt in a list.
+    ) -> GenerateResult | list[GenerateResult] | TextStream:
+        """Generate a completion for one prompt, or one per prompt of a batch (SGLang ``/generate``).
 
         Args:
-            prompt: A string, a list of strings, a list of token ids, or a list
-                of token-id lists.
-            sampling_params: SGLang sampling parameters (validated here).
+            prompt: A string, a list of strings, a list of token ids, or a list of
+                token-id lists.
+            sampling_params: SGLang sampling parameters (validated here): one mapping or
+                ``SamplingParams`` for all prompts, or a list with one per prompt.
+            input_ids: Token ids instead of ``prompt`` (SGLang's field name).
+            stream: Return a ``TextStream`` of text deltas (one prompt only).
+            return_logprob: Fill ``logprobs`` (``(completion_tokens,)``, values <= 0).
+            top_logprobs_num: Also fill ``top_logprobs``/``top_logprob_ids``
+                (``(completion_tokens, k)``); implies ``return_logprob``.
+            return_text_in_logprobs: Ask the engine to add token texts to the logprob
+                entries in ``meta_info``.
+            return_hidden_states: ``True`` fills ``hidden_states`` with the final layer's
+                states, ``(prompt_tokens + completion_tokens - 1, hidden_size)``;
+                ``"last"`` keeps only the last row, ``(hidden_size,)``.
             rid_prefix: Overrides the request-id prefix.
 
         Returns:
-            A ``GenerateResult`` for a single prompt (a string or one id list),
-            else a list of them in prompt order.
+            A ``GenerateResult`` for a single prompt (a string or one id list), else a list
+            of them in prompt order; a ``TextStream`` when ``stream`` is set.
 
         Raises:
-            SubmitError: The prompt or sampling params are malformed.
+            SubmitError: The prompt, sampling params or options are malformed.
+            UnsupportedFeatureError: The engine does not implement a requested feature.
             EngineError: The engine rejected the request.
             EngineLost: The engine could not be reached.
         """
-        body: dict[str, Any] = {"sampling_params": validate_sampling_params(sampling_params)}
-        single = True
-        if isinstance(prompt, str):
-            body["text"] = prompt
-        elif isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
-            body["text"] = list(prompt)
-            single = False
-        elif isinstance(prompt, Sequence) and prompt and all(isinstance(p, int) for p in prompt):
-            body["input_ids"] = list(prompt)  # type: ignore[arg-type]
-        elif (
-            isinstance(prompt, Sequence)
-            and prompt
-            and all(isinstance(p, Sequence) and all(isinstance(t, int) for t in p) for p in prompt)
-        ):
-            body["input_ids"] = [list(p) for p in prompt]  # type: ignore[arg-type]
-            single = False
-        else:
+        fields, n, single = _prompt_fields(prompt, input_ids)
+        body: dict[str, Any] = {**fields, "sampling_params": validate_params_for(sampling_params, n)}
+        all_params = (
+            body["sampling_params"]
+            if isinstance(body["sampling_params"], list)
+            else [body["sampling_params"]]
+        )
+        if any(p.get("n", 1) != 1 for p in all_params):
             raise SubmitError(
-                "prompt must be a string, a non-empty list of strings, a list of token ids, "
-                f"or a list of token-id lists; got {type(prompt).__name__}."
+                "sampling_params.n > 1 is not supported by the handle: repeat the prompt instead."
             )
-        n = 1 if single else len(body.get("text") or body.get("input_ids") or [])
-        rids = [self._rid(rid_prefix) for _ in range(n)]
+        want_logprob, top_n = _logprob_fields(return_logprob, top_logprobs_num)
+        if want_logprob:
+            body["return_logprob"] = True
+            if top_n:
+                body["top_logprobs_num"] = top_n
+            if _check_flag("return_text_in_logprobs", return_text_in_logprobs):
+                body["return_text_in_logprobs"] = True
+        if return_hidden_states not in (False, True, "last"):
+            raise SubmitError(
+                f"return_hidden_states must be True, False or 'last', got {return_hidden_states!r}."
+            )
+        if return_hidden_states:
+            body["return_hidden_states"] = True  # SGLang's field is a bool; "last" is sliced here
+        if _check_flag("stream", stream):
+            if not single:
+                raise SubmitError("stream=True takes one prompt, not a batch.")
+            if return_hidden_states:
+                raise SubmitError("return_hidden_states cannot be combined with stream=True.")
+            body["stream"] = True
+        rids = self._rids(n, rid_prefix)
         body["rid"] = rids[0] if single else rids
-        with self._lock:
-            self._active.update(rids)
+        if stream:
+            return self._stream("/generate", body, rids, NativeDecoder())
         try:
             data = self._post("/generate", body)
         finally:
-            with self._lock:
-                self._active.difference_update(rids)
+            self._release(rids)
+        last = return_hidden_states == "last"
         if single:
-            return GenerateResult.from_json(data[0] if isinstance(data, list) else data)
-        return [GenerateResult.from_json(item) for item in data]
+            return GenerateResult.from_json(
+                data[0] if isinstance(data, list) else data, last_hidden_state=last
+            )
+        return [GenerateResult.from_json(item, last_hidden_state=last) for item in data]
+
+    # ---- chat ------------------------------------------------------------------------------
+
+    @overload
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        sampling_params: Mapping[str, Any] | SamplingParams | None = ...,
+        *,
+        stream: Literal[False] = ...,
+        return_logprob: bool = ...,
+        top_logprobs_num: int = ...,
+        rid_prefix: str | None = ...,
+    ) -> ChatResult: ...
+    @overload
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        sampling_params: Mapping[str, Any] | SamplingParams | None = ...,
+        *,
+        stream: Literal[True],
+        return_logprob: bool = ...,
+        top_logprobs_num: int = ...,
+        rid_prefix: str | None = ...,
+    ) -> TextStream: ...
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        sampling_params: Mapping[str, Any] | SamplingParams | None = None,
+        *,
+        stream: bool = False,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        rid_prefix: str | None = None,
+    ) -> ChatResult | TextStream:
+        """Reply to a conversation using the model's own chat template.
+
+        Sends SGLang's OpenAI-compatible ``/v1/chat/completions``: the engine renders the
+        messages with its tokenizer's chat template (generation prompt added) and generates.
+        ``sampling_params`` take SGLang's native names, as for ``generate``; they are sent
+        under the chat endpoint's names (``max_new_tokens`` as ``max_tokens``,
+        ``min_new_tokens`` as ``min_tokens``, ``sampling_seed`` as ``seed``), which SGLang
+        maps back to the same sampling parameters.
+
+        Args:
+            messages: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``.
+            sampling_params: SGLang sampling parameters (validated here).
+            stream: Return a ``TextStream`` of the reply's text deltas.
+            return_logprob: Fill ``logprobs`` and ``tokens`` of the result.
+            top_logprobs_num: Also fill ``top_logprobs``; implies ``return_logprob``.
+            rid_prefix: Overrides the request-id prefix.
+
+        Returns:
+            A ``ChatResult``, or a ``TextStream`` when ``stream`` is set.
+
+        Raises:
+            SubmitError: The messages, sampling params or options are malformed.
+            UnsupportedFeatureError: The engine does not implement a requested feature.
+            EngineError: The engine rejected the request (e.g. a role the template refuses).
+            EngineLost: The engine could not be reached.
+        """
+        if isinstance(messages, str | bytes) or not isinstance(messages, Sequence) or not messages:
+            raise SubmitError("messages must be a non-empty list of {'role': ..., 'content': ...} mappings.")
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or "content" not in m:
+                raise SubmitError(f"messages[{i}] must be a mapping with a string 'role' and a 'content'.")
+        body: dict[str, Any] = {"messages": [dict(m) for m in messages]}
+        params = validate_sampling_params(sampling_params)
+        if params.get("n", 1) != 1:
+            raise SubmitError(
+                "sampling_params.n > 1 is not supported by the handle: call chat() again instead."
+            )
+        body.update(chat_fields(params))
+        want_logprob, top_n = _logprob_fields(return_logprob, top_logprobs_num)
+        if want_logprob:
+            body["logprobs"] = True
+            if top_n:
+                body["top_logprobs"] = top_n
+        if _check_flag("stream", stream):
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        rids = self._rids(1, rid_prefix)
+        body["rid"] = rids[0]
+        if stream:
+            return self._stream("/v1/chat/completions", body, rids, ChatDecoder())
+        try:
+            return ChatResult.from_json(self._post("/v1/chat/completions", body))
+        finally:
+            self._release(rids)
+
+    # ---- encode ----------------------------------------------------------------------------
+
+    def encode(
+        self,
+        texts: str | Sequence[str] | None = None,
+        *,
+        input_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        rid_prefix: str | None = None,
+    ) -> np.ndarray:
+        """Embed one text or a batch (SGLang ``/encode``).
+
+        Args:
+            texts: A string or a non-empty list of strings.
+            input_ids: Token ids (one list, or one list per input) instead of ``texts``.
+            rid_prefix: Overrides the request-id prefix.
+
+        Returns:
+            A float32 array: ``(hidden_size,)`` for one input, ``(n, hidden_size)`` for a
+            batch. The CPU engine returns the mean of the final hidden states, L2-normalised;
+            an SGLang embedding model returns its own pooling (normalised by default).
+
+        Raises:
+            SubmitError: The input is malformed.
+            UnsupportedFeatureError: The engine does not implement a requested feature.
+            EngineError: The engine rejected the request (SGLang serves ``/encode`` only
+                for a model launched with ``--is-embedding``).
+            EngineLost: The engine could not be reached.
+        """
+        fields, n, single = _prompt_fields(texts, input_ids)
+        rids = self._rids(n, rid_prefix)
+        body = {**fields, "rid": rids[0] if single else rids}
+        try:
+            data = self._post("/encode", body)
+        finally:
+            self._release(rids)
+        items = [data] if single and isinstance(data, Mapping) else list(data)
+        if len(items) != n or not all(isinstance(i, Mapping) and "embedding" in i for i in items):
+            raise EngineError(f"The engine for model {self.name!r} answered /encode without embeddings.")
+        matrix = np.asarray([i["embedding"] for i in items], dtype=np.float32)
+        return matrix[0] if single else matrix
+
+    # ---- abort and transport ---------------------------------------------------------------
 
     def abort(self, rid: str) -> None:
         """Ask the engine to abort the request ``rid`` (best effort)."""
@@ -241,22 +454,62 @@ class Model:
             self.abort(rid)
         return len(rids)
 
+    def _unreachable(self, exc: Exception) -> EngineLost:
+        return EngineLost(f"The engine for model {self.name!r} at {self.url} is unreachable: {exc}")
+
     def _post(self, path: str, body: dict[str, Any]) -> Any:
+        guard(self.name, self.allowed_modes, path, body)
+        started = time.time()
         try:
             response = self._client.post(path, json=body)
         except httpx.TransportError as exc:
-            raise EngineLost(
-                f"The engine for model {self.name!r} at {self.url} is unreachable: {exc}"
-            ) from exc
+            raise self._unreachable(exc) from exc
+        self._raise_for_status(path, response)
+        data = response.json()
+        self.calls.append(call_record(path, body, data, started))
+        return data
+
+    def _stream(self, path: str, body: dict[str, Any], rids: list[str], decoder: Any) -> TextStream:
+        try:
+            guard(self.name, self.allowed_modes, path, body)
+        except Exception:
+            self._release(rids)
+            raise
+        self.calls.append(call_record(path, body, {}, time.time()))
+        try:
+            response = self._client.send(self._client.build_request("POST", path, json=body), stream=True)
+        except httpx.TransportError as exc:
+            self._release(rids)
+            raise self._unreachable(exc) from exc
         if response.status_code >= 400:
             try:
-                detail = response.json()
-                message = detail.get("error", {}).get("message") if isinstance(detail, dict) else None
-                message = message or (detail.get("detail") if isinstance(detail, dict) else None) or detail
-            except ValueError:
-                message = response.text[:500]
-            raise EngineError(
-                f"The engine for model {self.name!r} rejected {path} "
-                f"with HTTP {response.status_code}: {message}"
+                response.read()
+            finally:
+                response.close()
+                self._release(rids)
+            self._raise_for_status(path, response)
+        what = f"The engine for model {self.name!r} ({path})"
+        return TextStream(response, decoder, what=what, on_close=lambda: self._release(rids))
+
+    def _raise_for_status(self, path: str, response: httpx.Response) -> None:
+        """Raise the typed error for an error response (SGLang's native or OpenAI error body)."""
+        if response.status_code < 400:
+            return
+        kind: object = None
+        try:
+            detail = response.json()
+        except ValueError:
+            message: object = response.text[:500]
+        else:
+            err = detail.get("error") if isinstance(detail, dict) else None
+            err = err if isinstance(err, dict) else detail if isinstance(detail, dict) else {}
+            message = (
+                err.get("message") or (detail.get("detail") if isinstance(detail, dict) else None) or detail
             )
-        return response.json()
+            kind = err.get("type")
+        text = (
+            f"The engine for model {self.name!r} rejected {path} with HTTP {response.status_code}: {message}"
+        )
+        if kind == UNSUPPORTED_TYPE:
+            raise UnsupportedFeatureError(text)
+        raise EngineError(text)

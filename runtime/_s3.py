@@ -27,9 +27,11 @@ import contextlib
 import functools
 import hashlib
 import io
+import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlparse
 
@@ -40,31 +42,21 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from runtime._errors import IntegrityError, ObjectExists, ObjectNotFound, StoreAuthError, StoreError
+from runtime._s3_download import VerifyingBody, fetch_buffer, fetch_bytes
+from runtime._s3_errors import (
+    _AUTH_CODES,
+    _CREDENTIAL_ERRORS,
+    _NOT_FOUND_CODES,
+    _PRECONDITION_CODES,
+    _code,
+    _status,
+    is_transient,
+)
 from runtime._store import _check_key
 
 T = TypeVar("T")
 MiB = 1 << 20
 SHA256_META = "sha256"  # travels as the x-amz-meta-sha256 header
-
-_AUTH_CODES = frozenset(
-    {"AccessDenied", "AllAccessDisabled", "AuthorizationHeaderMalformed", "ExpiredToken"}
-    | {"InvalidAccessKeyId", "InvalidClientTokenId", "InvalidToken", "SignatureDoesNotMatch"}
-    | {"TokenRefreshRequired"}
-)
-_TRANSIENT_CODES = frozenset(
-    {"InternalError", "RequestTimeout", "ServiceUnavailable", "SlowDown", "Throttling"}
-    | {"ThrottlingException", "TooManyRequests", "RequestLimitExceeded"}
-)
-_PRECONDITION_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
-_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
-_CREDENTIAL_ERRORS = (bce.NoCredentialsError, bce.PartialCredentialsError, bce.CredentialRetrievalError)
-_TRANSIENT_ERRORS = (
-    bce.HTTPClientError,  # read timeouts, closed connections, broken response streams
-    bce.ConnectionError,  # connection refused, connect timeouts
-    bce.IncompleteReadError,
-    bce.ChecksumError,  # a body corrupted in transit
-    bce.FlexibleChecksumError,
-)
 
 # The constructor's keyword options and their types, for config() and URL queries.
 _OPTIONS: dict[str, type] = {
@@ -74,36 +66,11 @@ _OPTIONS: dict[str, type] = {
     "multipart_threshold": int,
     "multipart_chunksize": int,
     "max_concurrency": int,
+    "range_size": int,
     "retries": int,
     "retry_deadline": float,
     "page_size": int,
 }
-
-
-def _code(exc: bce.ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _status(exc: bce.ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Tell whether a boto3/botocore failure is worth retrying.
-
-    Args:
-        exc: The exception a client call raised.
-
-    Returns:
-        True for 5xx answers (but not 501 Not Implemented), 429 and throttling
-        codes, connection failures, timeouts and bodies broken in transit.
-    """
-    if isinstance(exc, bce.ClientError):
-        code, status = _code(exc), _status(exc)
-        if code in _AUTH_CODES or code in _PRECONDITION_CODES or code == "NotImplemented":
-            return False
-        return code in _TRANSIENT_CODES or status == 429 or (status >= 500 and status != 501)
-    return isinstance(exc, _TRANSIENT_ERRORS) and not isinstance(exc, bce.SSLError)
 
 
 def _require_absent(params: dict[str, Any], **_: Any) -> None:
@@ -135,7 +102,8 @@ class S3Store:
         path_style: Use path-style addressing (``endpoint/bucket/key``).
         multipart_threshold: Size in bytes from which uploads are multipart.
         multipart_chunksize: Part size in bytes (at least 5 MiB).
-        max_concurrency: Threads per multipart upload.
+        max_concurrency: Threads per multipart upload or ranged read.
+        range_size: Bytes per ranged GET when reading (8 MiB, as s3transfer).
         retries: Retries after the first attempt, on transient failures only.
         retry_deadline: Seconds after the first attempt past which no retry starts.
         page_size: Keys per ListObjectsV2 request (1 to 1000).
@@ -155,6 +123,7 @@ class S3Store:
         multipart_threshold: int = 64 * MiB,
         multipart_chunksize: int = 32 * MiB,
         max_concurrency: int = 8,
+        range_size: int = 8 * MiB,
         retries: int = 5,
         retry_deadline: float = 60.0,
         page_size: int = 1000,
@@ -167,8 +136,8 @@ class S3Store:
             _check_key(prefix)
         if multipart_chunksize < 5 * MiB or multipart_threshold < 1:
             raise ValueError("multipart_chunksize must be at least 5 MiB (an S3 limit).")
-        if max_concurrency < 1 or retries < 0 or retry_deadline < 0:
-            raise ValueError("max_concurrency must be >= 1; retries and retry_deadline >= 0.")
+        if max_concurrency < 1 or retries < 0 or retry_deadline < 0 or range_size < 1:
+            raise ValueError("max_concurrency and range_size must be >= 1; retries and retry_deadline >= 0.")
         if not 1 <= page_size <= 1000:
             raise ValueError(f"page_size must be between 1 and 1000, not {page_size}.")
         self.bucket, self.prefix = bucket, prefix
@@ -180,6 +149,7 @@ class S3Store:
         self._lock = threading.Lock()
         self._client = self._new_client()
         self._conditional: Any = None
+        self._pool: ThreadPoolExecutor | None = None
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
@@ -210,6 +180,15 @@ class S3Store:
                     client.meta.events.register(f"before-parameter-build.s3.{op}", _require_absent)
                 self._conditional = client
             return self._conditional
+
+    def _executor(self) -> ThreadPoolExecutor:
+        """Threads for the parallel ranges of large reads (started on first use)."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    self._options["max_concurrency"], thread_name_prefix="faas-s3-read"
+                )
+            return self._pool
 
     @property
     def client(self) -> Any:
@@ -280,11 +259,13 @@ class S3Store:
             tries = int(retrying.statistics.get("attempt_number", 1))
             raise self._translate(exc, action, key, tries) from exc
 
-    def _check_digest(self, key: str, actual: str, expected: str | None) -> None:
+    def _check_digest(
+        self, key: str, actual: str, expected: str | None, what: str = "its x-amz-meta-sha256 records"
+    ) -> None:
         if expected and expected.lower() != actual:
             raise IntegrityError(
-                f"The object under {self._where(key)} has sha256 {actual}, but its "
-                f"x-amz-meta-sha256 records {expected}; it changed after it was written."
+                f"The object under {self._where(key)} has sha256 {actual}, but {what} "
+                f"{expected.lower()}; it changed after it was written."
             )
 
     # -- writes -------------------------------------------------------------------
@@ -328,20 +309,22 @@ class S3Store:
         extra = {"Metadata": {SHA256_META: digest}}
         client.upload_fileobj(src, self.bucket, full, ExtraArgs=extra, Config=self._transfer)
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+    def put(self, key: str, data: bytes, *, if_absent: bool = False, sha256: str | None = None) -> None:
         """Write ``data`` under ``key``; readers see the old or the new object, never a mix.
 
         Args:
             key: Object key, relative to the store prefix.
             data: The bytes; sent as a multipart upload from ``multipart_threshold`` up.
             if_absent: Refuse to replace an existing object.
+            sha256: The hex sha256 of ``data`` if the caller has it (recorded as
+                ``x-amz-meta-sha256`` without hashing again; it must be right).
 
         Raises:
             ObjectExists: ``if_absent`` is set and the key already holds an object.
             StoreError: The write failed.
         """
         full = self._full(key)
-        digest = hashlib.sha256(data).hexdigest()
+        digest = sha256.lower() if sha256 else hashlib.sha256(data).hexdigest()
         if len(data) >= self._options["multipart_threshold"]:
             buf = io.BytesIO(data)
             send = functools.partial(self._upload, full, buf, 0, digest, if_absent)
@@ -353,16 +336,20 @@ class S3Store:
             args["IfNoneMatch"] = "*"
         self._write(key, lambda: self._client.put_object(**args), digest, if_absent, big=False)
 
-    def put_file(self, key: str, fileobj: BinaryIO, *, if_absent: bool = False) -> None:
+    def put_file(
+        self, key: str, fileobj: BinaryIO, *, if_absent: bool = False, sha256: str | None = None
+    ) -> None:
         """Stream a file object's remaining bytes to ``key``.
 
         A first pass hashes the bytes (a non-seekable stream is spooled to a
         temporary file on the way), then they are uploaded, multipart if large.
+        Given ``sha256``, a seekable stream is uploaded without the first pass.
 
         Args:
             key: Object key, relative to the store prefix.
             fileobj: Binary file object, read from its current position to EOF.
             if_absent: Refuse to replace an existing object.
+            sha256: The hex sha256 of the remaining bytes, if the caller has it.
 
         Raises:
             ObjectExists: ``if_absent`` is set and the key already holds an object.
@@ -375,51 +362,73 @@ class S3Store:
                 seekable = fileobj.seekable()
             src: BinaryIO = fileobj if seekable else stack.enter_context(tempfile.TemporaryFile())
             start = fileobj.tell() if seekable else 0
-            while block := fileobj.read(MiB):
-                hasher.update(block)
-                size += len(block)
-                if not seekable:
-                    src.write(block)
-            digest = hasher.hexdigest()
+            if sha256 and seekable:
+                size = fileobj.seek(0, os.SEEK_END) - start
+            else:
+                while block := fileobj.read(MiB):
+                    hasher.update(block)
+                    size += len(block)
+                    if not seekable:
+                        src.write(block)
+            digest = sha256.lower() if sha256 else hasher.hexdigest()
             big = size >= self._options["multipart_threshold"]
             send = functools.partial(self._upload, full, src, start, digest, if_absent)
             self._write(key, send, digest, if_absent, big=big)
 
     # -- reads ------------------------------------------------------------------
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, sha256: str | None = None) -> bytes:
         """Return the bytes under ``key``, verified against their recorded sha256.
+
+        Objects larger than ``range_size`` are read as parallel ranges
+        (see :mod:`runtime._s3_download`).
+
+        Args:
+            key: Object key, relative to the store prefix.
+            sha256: A digest the bytes must also match (e.g. from a reference).
 
         Raises:
             ObjectNotFound: No object under ``key``.
-            IntegrityError: The bytes do not match ``x-amz-meta-sha256``.
+            IntegrityError: The bytes do not match ``x-amz-meta-sha256`` or ``sha256``.
             StoreError: The read failed.
         """
-        full = self._full(key)
+        return fetch_bytes(self, key, sha256)
 
-        def attempt() -> tuple[bytes, str | None]:
-            resp = self._client.get_object(Bucket=self.bucket, Key=full)
-            with contextlib.closing(resp["Body"]) as body:
-                return body.read(), resp.get("Metadata", {}).get(SHA256_META)
+    def get_buffer(self, key: str, *, sha256: str | None = None) -> memoryview:
+        """Like :meth:`get`, as a writable view of a buffer the caller owns."""
+        return fetch_buffer(self, key, sha256)
 
-        data, expected = self._run("read", key, attempt)
-        self._check_digest(key, hashlib.sha256(data).hexdigest(), expected)
-        return data
-
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str, *, etag: str | None = None) -> BinaryIO:
         """Open ``key`` for streaming reads over the response body.
 
         The file object hashes what is read; a read that reaches end of file
         raises IntegrityError if the digest does not match. Failures while
         streaming raise StoreError and are not retried.
 
+        Args:
+            key: Object key, relative to the store prefix.
+            etag: If given, the object must still have this ETag (``If-Match``).
+
         Raises:
             ObjectNotFound: No object under ``key``.
-            StoreError: The request failed.
+            StoreError: The request failed, or the object no longer has ``etag``.
         """
         full = self._full(key)
-        resp = self._run("open", key, lambda: self._client.get_object(Bucket=self.bucket, Key=full))
-        raw = _VerifyingBody(self, key, resp["Body"], resp.get("Metadata", {}).get(SHA256_META))
+        extra = {"IfMatch": etag} if etag else {}
+
+        def attempt() -> Any:
+            return self._client.get_object(Bucket=self.bucket, Key=full, **extra)
+
+        try:
+            resp = self._run("open", key, attempt)
+        except StoreError as exc:
+            if etag and isinstance(exc.__cause__, bce.ClientError) and _status(exc.__cause__) == 412:
+                raise StoreError(
+                    f"The object under {self._where(key)} no longer has ETag {etag}: it was "
+                    "replaced after the reference to it was made."
+                ) from exc
+            raise
+        raw = VerifyingBody(self, key, resp["Body"], resp.get("Metadata", {}).get(SHA256_META))
         return io.BufferedReader(raw, buffer_size=MiB)
 
     def exists(self, key: str) -> bool:
@@ -505,35 +514,3 @@ class S3Store:
                 raise ValueError(f"Unknown option {name!r} in S3 store URL {url!r}.")
             options[name] = _parse_bool(text) if kind is bool else kind(text)
         return cls(parsed.netloc, unquote(parsed.path), **options)
-
-
-class _VerifyingBody(io.RawIOBase):
-    """A raw reader over a GetObject body that checks the sha256 at end of file."""
-
-    def __init__(self, store: S3Store, key: str, body: Any, expected: str | None) -> None:
-        super().__init__()
-        self._store, self._key, self._body, self._expected = store, key, body, expected
-        self._hasher = hashlib.sha256()
-        self._verified = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        try:
-            data = self._body.read(len(view))
-        except (bce.BotoCoreError, bce.ClientError) as exc:
-            raise self._store._translate(exc, "read", self._key, 1) from exc
-        view[: len(data)] = data
-        if data:
-            self._hasher.update(data)
-        elif len(view) and not self._verified:
-            self._store._check_digest(self._key, self._hasher.hexdigest(), self._expected)
-            self._verified = True  # on a mismatch every read at EOF raises again
-        return len(data)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._body.close()
-        super().close()

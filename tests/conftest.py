@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# The local S3 servers are session fixtures for every module (one instance each per session).
+from tests._s3_servers import aws_env, moto_server, seaweedfs_server  # noqa: F401
 
 # Every process the tests start (engines, workers) inherits this cache, so the
 # tiny model is built once per session and never read from the user's cache.
@@ -35,11 +39,24 @@ def local_store_url(tmp_path: Path) -> str:
     return (tmp_path / "store").as_uri()
 
 
-@pytest.fixture(scope="module")
-def module_client(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """A faas Client with a warm pool, shared by one test module."""
+@pytest.fixture(scope="module", params=["file", "seaweedfs"])
+def module_client(
+    request: pytest.FixtureRequest, tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[object]:
+    """A faas Client with a warm pool, shared by one test module; once per store kind.
+
+    ``file``: a local store. ``seaweedfs``: a bucket on the session's SeaweedFS,
+    with its credentials in the environment for the module (workers inherit it).
+    """
     import faas
 
-    client = faas.Client(store=(tmp_path_factory.mktemp("store")).as_uri(), workers=2)
-    yield client
-    client.shutdown()
+    with contextlib.ExitStack() as stack:
+        if request.param == "file":
+            store = tmp_path_factory.mktemp("store").as_uri()
+        else:
+            server = request.getfixturevalue("seaweedfs_server")
+            stack.enter_context(aws_env(server, tmp_path_factory.mktemp("aws")))
+            store = server.store_url(server.new_bucket("e2e"), "e2e")
+        client = faas.Client(store=store, workers=2)
+        yield client
+        client.shutdown()

@@ -7,6 +7,9 @@ their cached keys/values and newly admitted rows take one prefill forward; the t
 are then merged (left-padded) into one. With it off, every iteration recomputes the whole
 left-padded batch in a single forward. Both paths sample each row with its own parameters
 and, when seeded, its own ``torch.Generator``, so results do not depend on batch make-up.
+
+Embedding requests (``/encode``) queue separately and run between generation steps, as one
+padded forward per group: the mean of the final hidden states, L2-normalised.
 """
 
 from __future__ import annotations
@@ -20,7 +23,19 @@ from typing import Any
 
 import torch
 
-from warmpool._cpu_requests import GenOutput, GenRequest, SamplingParams
+from warmpool._cpu_requests import EmbedOutput, EmbedRequest, GenOutput, GenRequest
+from warmpool._cpu_tensors import (
+    cache_kwarg,
+    draw,
+    embed_forward,
+    eos_ids,
+    left_pad,
+    pad_id,
+    pad_seq,
+    positions,
+    probe_kv_cache,
+    stop_prefix_len,
+)
 
 log = logging.getLogger("warmpool.cpu_engine")
 
@@ -36,6 +51,8 @@ class _Row:
         self.stop_pos = -1  # where a matched stop string starts in the decoded text
         self.token_logprobs: list[list[Any]] = []
         self.top_logprobs: list[list[list[Any]]] = []
+        # SGLang's layout: the prompt's [T, H] states first, then one [H] vector per step.
+        self.hidden: list[torch.Tensor] = []
         self.gen: torch.Generator | None = None
         if not req.params.greedy:
             # Per-request generator: the draw sequence depends on this request alone.
@@ -71,6 +88,8 @@ class Batcher:
         context_len: int,
         use_kv_cache: bool = True,
         threads: int | None = None,
+        batch_window: float = 0.002,
+        max_batch_wait: float = 0.02,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -78,24 +97,32 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.threads = threads
         self.context_len = context_len
-        self.eos_ids = _eos_ids(model, tokenizer)
-        self.pad_id = _pad_id(tokenizer, self.eos_ids)
+        self.eos_ids = eos_ids(model, tokenizer)
+        self.pad_id = pad_id(tokenizer, self.eos_ids)
         # HF fast tokenizers raise "Already borrowed" when used from two threads at once.
         self.tok_lock = threading.Lock()
         self._cond = threading.Condition()
         self._waiting: collections.deque[GenRequest] = collections.deque()
+        self._embeds: collections.deque[EmbedRequest] = collections.deque()
         self._inflight: set[str] = set()
         self._abort: set[str] = set()
         self._rows: list[_Row] = []
         self._cache: Any = None
         self._mask: torch.Tensor | None = None  # [rows, cached len]; 0 = left padding
         self._stopping = False
+        # Forming a batch from idle: wait while requests keep arriving (each within
+        # batch_window of the last, at most max_batch_wait in all), so a burst of
+        # concurrent requests starts as one batch instead of trickling in one prefill
+        # at a time. A running batch never waits: newcomers join it at the next step.
+        self.batch_window = batch_window
+        self.max_batch_wait = max_batch_wait
+        self._last_arrival = 0.0
         self._thread: threading.Thread | None = None
-        self._cache_kw = _cache_kwarg(model)
+        self._cache_kw = cache_kwarg(model)
         self._keep_kw = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.use_kv_cache = use_kv_cache
         if use_kv_cache:
-            self.use_kv_cache = self._probe_kv_cache()
+            self.use_kv_cache = probe_kv_cache(self._run, self.pad_id, device)
         self._stats = {"requests_total": 0, "steps": 0, "rows_stepped": 0, "max_seen": 0}
         self._stats["tokens_generated"] = 0
 
@@ -135,15 +162,29 @@ class Batcher:
                 raise ValueError(f"rid {taken[0]!r} is already in flight")
             now_done = []
             for req in reqs:
-                self._stats["requests_total"] += 1
+                self._stats["requests_total"] += req.counted
                 if req.params.max_new_tokens == 0:
                     now_done.append(req)  # nothing to generate: never takes a batch slot
                     continue
                 self._inflight.add(req.rid)
                 self._waiting.append(req)
+            self._last_arrival = time.monotonic()
             self._cond.notify_all()
         for req in now_done:
             req.on_finish(self._output(_Row(req, torch.device("cpu")), {"type": "length", "length": 0}))
+
+    def submit_embeds(self, reqs: list[EmbedRequest]) -> None:
+        """Queue inputs to embed; each ``on_finish`` is called from the scheduler thread.
+
+        Raises:
+            ValueError: The batcher is stopped.
+        """
+        with self._cond:
+            if self._stopping:
+                raise ValueError("the engine is shutting down")
+            self._stats["requests_total"] += len(reqs)
+            self._embeds.extend(reqs)
+            self._cond.notify_all()
 
     def abort(self, rid: str) -> bool:
         """Abort a queued or running request; returns whether it was found."""
@@ -195,16 +236,24 @@ class Batcher:
             torch.set_num_threads(self.threads)  # OpenMP thread counts can be per-thread state
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not self._rows:
+                while not self._stopping and not self._waiting and not self._rows and not self._embeds:
                     self._cond.wait()
+                if not self._rows and self._waiting and self.batch_window > 0:
+                    self._gather()
                 if self._stopping:
                     left = list(self._waiting)
+                    embeds = list(self._embeds)
                     self._waiting.clear()
+                    self._embeds.clear()
                     break
                 aborted = [r for r in self._rows if r.req.rid in self._abort]
                 self._abort.clear()  # rids not running any more were finished already
                 room = self.max_batch_size - (len(self._rows) - len(aborted))
                 admit = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                n_embeds = min(self.max_batch_size, len(self._embeds))
+                embeds = [self._embeds.popleft() for _ in range(n_embeds)]
+            if embeds:
+                self._embed(embeds)
             for row in aborted:
                 row.finish = dict(_ABORT)
             if aborted:
@@ -219,6 +268,33 @@ class Batcher:
                 self._finish_all(admit, {"type": "abort", "message": message}, error=message)
         # Shutting down: whatever is still queued or running ends as aborted.
         self._finish_all(left, {"type": "abort", "message": "The engine is shutting down."})
+        for req in embeds:
+            req.on_finish(EmbedOutput(req.rid, [], len(req.input_ids), 0.0, "the engine is shutting down"))
+
+    def _gather(self) -> None:
+        """Wait (holding the condition) while a burst of requests is still arriving."""
+        give_up = time.monotonic() + self.max_batch_wait
+        while not self._stopping and len(self._waiting) < self.max_batch_size:
+            now = time.monotonic()
+            quiet_at = self._last_arrival + self.batch_window
+            if now >= quiet_at or now >= give_up:
+                return
+            self._cond.wait(min(quiet_at, give_up) - now)
+
+    def _embed(self, reqs: list[EmbedRequest]) -> None:
+        """Embed a group of inputs in one padded forward; failures fail the group, not the engine."""
+        try:
+            seqs = [r.input_ids for r in reqs]
+            vectors = embed_forward(self.model, seqs, self.pad_id, self.device, keep_kw=self._keep_kw)
+        except Exception as exc:
+            log.exception("embedding forward failed")
+            message = f"engine error: {type(exc).__name__}: {exc}"
+            for req in reqs:
+                req.on_finish(EmbedOutput(req.rid, [], len(req.input_ids), 0.0, message))
+            return
+        now = time.perf_counter()
+        for req, vec in zip(reqs, vectors, strict=True):
+            req.on_finish(EmbedOutput(req.rid, vec, len(req.input_ids), now - req.created))
 
     def _step(self, new: list[_Row]) -> None:
         with torch.inference_mode():
@@ -247,49 +323,51 @@ class Batcher:
 
     def _forward_full(self) -> torch.Tensor:
         """One forward over every row's full sequence (no cache); last-position logits."""
-        ids, mask = self._left_pad([r.tokens for r in self._rows])
-        return self._run(ids, mask, _positions(mask), None)[0]
+        rows = self._rows
+        ids, mask = left_pad([r.tokens for r in rows], self.pad_id, self.device)
+        logits, _, hidden = self._run(ids, mask, positions(mask), None, _wants_hidden(rows))
+        _keep_hidden(rows, hidden, prefill=None)  # a row's first step fed its whole prompt
+        return logits
 
     def _forward_cached(self, new: list[_Row]) -> torch.Tensor:
         """Decode running rows over the cache, prefill new ones, merge their caches."""
         parts: list[torch.Tensor] = []
         if self._rows:
             assert self._mask is not None
-            last = torch.tensor([[r.tokens[-1]] for r in self._rows], device=self.device)
-            mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
-            pos = torch.tensor([[len(r.tokens) - 1] for r in self._rows], device=self.device)
-            logits, self._cache = self._run(last, mask, pos, self._cache)
+            rows = self._rows
+            last = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
+            mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+            pos = torch.tensor([[len(r.tokens) - 1] for r in rows], device=self.device)
+            logits, self._cache, hidden = self._run(last, mask, pos, self._cache, _wants_hidden(rows))
             self._mask = mask
             parts.append(logits)
+            _keep_hidden(rows, hidden, prefill=False)
         if new:
-            ids, mask = self._left_pad([r.tokens for r in new])
-            logits, cache = self._run(ids, mask, _positions(mask), None)
+            ids, mask = left_pad([r.tokens for r in new], self.pad_id, self.device)
+            logits, cache, hidden = self._run(ids, mask, positions(mask), None, _wants_hidden(new))
             parts.append(logits)
+            _keep_hidden(new, hidden, prefill=True)
             self._merge(cache, mask)
             self._rows.extend(new)
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _run(
-        self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any
-    ) -> tuple[torch.Tensor, Any]:
+        self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, hidden: bool = False
+    ) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+        """One forward: last-position logits, the new cache, and (if asked) final hidden states."""
         kwargs: dict[str, Any] = {"use_cache": self.use_kv_cache}
         if cache is not None:
             kwargs[self._cache_kw] = cache
         if self._keep_kw:
             kwargs["logits_to_keep"] = 1  # only the last position is sampled from
+        if hidden:
+            kwargs["output_hidden_states"] = True
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **kwargs)
         # Read only the field this transformers version has: the other is a deprecated alias.
         new_cache = getattr(out, self._cache_kw, None)
-        return out.logits[:, -1, :].float(), new_cache
-
-    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s) :] = 1
-        return ids.to(self.device), mask.to(self.device)
+        # The last entry is the final layer's output after the final norm: the lm_head input.
+        states = out.hidden_states[-1].float() if hidden else None
+        return out.logits[:, -1, :].float(), new_cache, states
 
     def _merge(self, cache: Any, mask: torch.Tensor) -> None:
         """Append a freshly prefilled cache's rows below the running rows' cache."""
@@ -299,9 +377,9 @@ class Batcher:
         width = max(self._mask.shape[1], mask.shape[1])
         old_layers, new_layers = self._cache.layers, cache.layers
         for old, new in zip(old_layers, new_layers, strict=True):
-            old.keys = torch.cat([_pad_seq(old.keys, width), _pad_seq(new.keys, width)])
-            old.values = torch.cat([_pad_seq(old.values, width), _pad_seq(new.values, width)])
-        self._mask = torch.cat([_pad_seq(self._mask, width), _pad_seq(mask, width)])
+            old.keys = torch.cat([pad_seq(old.keys, width), pad_seq(new.keys, width)])
+            old.values = torch.cat([pad_seq(old.values, width), pad_seq(new.values, width)])
+        self._mask = torch.cat([pad_seq(self._mask, width), pad_seq(mask, width)])
 
     def _retire(self) -> None:
         """Drop finished rows (and their cache rows), then report them."""
@@ -357,7 +435,7 @@ class Batcher:
         toks: list[int] = logits.argmax(dim=-1).tolist()
         for i, row in enumerate(rows):
             if row.gen is not None:
-                toks[i] = _draw(logits[i], row.req.params, row.gen)
+                toks[i] = draw(logits[i], row.req.params, row.gen)
         return toks, logprobs
 
     def _check_finished(self, row: _Row) -> None:
@@ -402,6 +480,8 @@ class Batcher:
             text = text[: row.stop_pos]
         elif finish is None:
             text = text.rstrip("\ufffd")  # hold back a partly generated UTF-8 character
+            # Hold back a tail that may yet become a stop string, so streamed texts only grow.
+            text = text[: len(text) - stop_prefix_len(text, p.stop)]
         return GenOutput(
             rid=row.req.rid,
             output_ids=list(row.out),
@@ -411,81 +491,28 @@ class Batcher:
             e2e_latency=time.perf_counter() - row.req.created,
             output_token_logprobs=list(row.token_logprobs) if row.req.return_logprob else None,
             output_top_logprobs=list(row.top_logprobs) if row.req.top_logprobs_num else None,
+            hidden_states=[h.tolist() for h in row.hidden]
+            if row.req.return_hidden_states and finish
+            else None,
         )
-
-    # ---- setup -------------------------------------------------------------------------
-
-    def _probe_kv_cache(self) -> bool:
-        """Whether the model's cache is the plain per-layer ``keys``/``values`` layout we edit."""
-        try:
-            with torch.inference_mode():
-                ids = torch.tensor([[self.pad_id, self.pad_id]], device=self.device)
-                mask = torch.tensor([[0, 1]], device=self.device)
-                _, cache = self._run(ids, mask, _positions(mask), None)
-            layers: list[Any] = getattr(cache, "layers", None) or []
-            return bool(layers) and all(
-                type(layer).__name__ == "DynamicLayer" and layer.keys.dim() == 4 for layer in layers
-            )
-        except Exception:  # an unusual model: recompute every step instead
-            log.warning("KV cache probe failed; recomputing the batch each step", exc_info=True)
-            return False
 
 
 _ABORT: dict[str, Any] = {"type": "abort", "message": "Aborted by request."}
 
 
-def _draw(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-    """Sample one token from a row's logits: temperature, then top-k, top-p and min-p."""
-    x = logits / p.temperature
-    if 0 < p.top_k < x.shape[-1]:
-        kth = torch.topk(x, p.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, dim=-1)
-    if p.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        sorted_p[(sorted_p.cumsum(dim=-1) - sorted_p) > p.top_p] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    if p.min_p > 0.0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+def _wants_hidden(rows: list[_Row]) -> bool:
+    return any(r.req.return_hidden_states for r in rows)
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids for a left-padded batch: 0 at each row's first real token."""
-    return (mask.cumsum(dim=-1) - 1).clamp(min=0)
+def _keep_hidden(rows: list[_Row], hidden: torch.Tensor | None, *, prefill: bool | None) -> None:
+    """Append each asking row's states: its whole (left-padded) prompt, or the one new position.
 
-
-def _pad_seq(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Left-pad dim 2 (KV: [B, H, T, D]) or dim 1 (mask: [B, T]) with zeros up to ``width``."""
-    dim = 2 if t.dim() == 4 else 1
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _cache_kwarg(model: Any) -> str:
-    """Transformers 5.x names the forward's cache argument ``cache``; older ones did not."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(v for v in value if isinstance(v, int))
-    return frozenset(ids)
-
-
-def _pad_id(tokenizer: Any, eos_ids: frozenset[int]) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if isinstance(pad, int):
-        return pad
-    return min(eos_ids) if eos_ids else 0
+    ``prefill=None`` decides per row: a row that has generated nothing yet was fed its prompt.
+    """
+    if hidden is None:
+        return
+    for i, row in enumerate(rows):
+        if row.req.return_hidden_states:
+            whole = (not row.out) if prefill is None else prefill
+            # clone: a view would keep the whole batch's [B, T, H] tensor alive
+            row.hidden.append((hidden[i, -len(row.tokens) :] if whole else hidden[i, -1]).clone())

@@ -7,19 +7,19 @@ code against a tiny HF model. Run it as::
         [--served-model-name NAME] [--max-batch-size 64] [--threads N]
         [--device cpu|cuda] [--port-file PATH] [--no-kv-cache]
 
-Endpoints: ``POST /generate``, ``POST /abort_request``, ``GET /health``,
-``GET /health_generate``, ``GET /model_info`` and ``GET /server_info`` (also under
-SGLang's older ``/get_model_info`` and ``/get_server_info``). The socket is bound before
-the model loads, so ``/health`` answers 503 until the model is ready. The model runs in
-one scheduler thread (``_cpu_batcher``); handlers await futures that it completes through
-``loop.call_soon_threadsafe``.
+Endpoints: ``POST /generate``, ``POST /encode``, ``POST /v1/chat/completions``,
+``POST /abort_request``, ``GET /health``, ``GET /health_generate``, ``GET /model_info`` and
+``GET /server_info`` (also under SGLang's older ``/get_model_info`` and ``/get_server_info``).
+Unlike SGLang, which serves ``/encode`` only for a model launched with ``--is-embedding``,
+this engine answers both ``/generate`` and ``/encode`` from its one causal LM. The socket is
+bound before the model loads, so ``/health`` answers 503 until the model is ready. The model
+runs in one scheduler thread (``_cpu_batcher``); the work endpoints live in ``_cpu_http``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -35,16 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from warmpool._cpu_requests import (
-    GenerateSpec,
-    GenOutput,
-    GenRequest,
-    RequestError,
-    SamplingParams,
-    parse_generate,
-)
+from warmpool import _cpu_http
+from warmpool._cpu_http import error as _error
+from warmpool._cpu_requests import GenerateSpec, GenOutput, GenRequest, SamplingParams
 
 if TYPE_CHECKING:
     from warmpool._cpu_batcher import Batcher
@@ -54,6 +49,7 @@ _CallbackFor = Callable[[int], Callable[[GenOutput], None]]
 
 ENGINE_VERSION = "0.1.0"
 HEALTH_GENERATE_TIMEOUT_S = 20.0
+HEALTH_CHECK_PREFIX = "HEALTH_CHECK_"
 log = logging.getLogger("warmpool.cpu_engine")
 
 
@@ -85,7 +81,8 @@ class Engine:
         self.batcher: Batcher | None = None
         self.load_error: str | None = None
         self.startup: dict[str, float] = {}
-        self.generate_requests = 0
+        # Requests that reached a work endpoint, whatever became of them.
+        self.counts = {"generate_requests": 0, "encode_requests": 0, "chat_requests": 0}
         self.vocab_size = 0
         self.context_len = 0
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -127,6 +124,7 @@ class Engine:
                 context_len=self.context_len,
                 use_kv_cache=not self.args.no_kv_cache,
                 threads=self.args.threads,
+                batch_window=self.args.batch_window_ms / 1000.0,
             )
             batcher.start()
             t_done = time.time()
@@ -148,7 +146,10 @@ class Engine:
     def server_info(self) -> dict[str, Any]:
         """The ``/server_info`` body."""
         stats: dict[str, Any] = self.batcher.stats() if self.batcher else {}
-        stats["generate_requests"] = self.generate_requests
+        # generate_requests counts every request that reached /generate, /encode or chat.
+        stats["generate_requests"] = sum(self.counts.values())
+        stats["encode_requests"] = self.counts["encode_requests"]
+        stats["chat_requests"] = self.counts["chat_requests"]
         return {
             "model_path": str(self.args.model_path),
             "tokenizer_path": str(self.args.model_path),
@@ -158,6 +159,7 @@ class Engine:
             "kv_cache": bool(self.batcher and self.batcher.use_kv_cache),
             "context_length": self.context_len,
             "threads": self.args.threads,
+            "batch_window_ms": self.args.batch_window_ms,
             "startup": self.startup,
             "stats": stats,
             "ready": self.ready,
@@ -171,18 +173,6 @@ class Engine:
     def served_model_name(self) -> str:
         """The name given on the command line, else the model path (as SGLang does)."""
         return str(self.args.served_model_name or self.args.model_path)
-
-    def deliver(self, fut: asyncio.Future[GenOutput]) -> Callable[[GenOutput], None]:
-        """A thread-safe callback that completes ``fut`` on the event loop."""
-        loop = self.loop
-        assert loop is not None
-
-        def done(out: GenOutput) -> None:
-            # RuntimeError: the loop closed during shutdown, and nobody is waiting any more.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_set_result, fut, out)
-
-        return done
 
     def requests(
         self, spec: GenerateSpec, on_finish: _CallbackFor, on_update: _CallbackFor | None = None
@@ -206,51 +196,11 @@ class Engine:
                 on_update=on_update(i) if on_update is not None else None,
                 return_logprob=spec.return_logprob,
                 top_logprobs_num=spec.top_logprobs_num if spec.return_logprob else 0,
+                return_hidden_states=bool(spec.return_hidden_states and spec.return_hidden_states[i]),
+                counted=not spec.rids[i].startswith(HEALTH_CHECK_PREFIX),
             )
             for i in range(len(spec.rids))
         ]
-
-    def to_json(self, out: GenOutput, spec: GenerateSpec) -> dict[str, Any]:
-        """One output in SGLang's ``/generate`` response shape."""
-        meta: dict[str, Any] = {
-            "id": out.rid,
-            "finish_reason": out.finish_reason,
-            "prompt_tokens": out.prompt_tokens,
-            "completion_tokens": len(out.output_ids),
-            "cached_tokens": 0,
-            "e2e_latency": round(out.e2e_latency, 6),
-        }
-        if spec.return_logprob:
-            meta["input_token_logprobs"] = []  # input logprobs are not computed here
-            meta["output_token_logprobs"] = self._with_text(out.output_token_logprobs, spec)
-            if spec.top_logprobs_num:
-                meta["input_top_logprobs"] = []
-                tops = out.output_top_logprobs or []
-                meta["output_top_logprobs"] = [self._with_text(t, spec) for t in tops]
-        return {"text": out.text, "output_ids": out.output_ids, "meta_info": meta}
-
-    def _with_text(self, entries: list[list[Any]] | None, spec: GenerateSpec) -> list[list[Any]]:
-        if not entries or not spec.return_text_in_logprobs or self.batcher is None:
-            return list(entries or [])
-        b = self.batcher
-        with b.tok_lock:
-            return [[lp, tid, b.tokenizer.decode([tid])] for lp, tid, _ in entries]
-
-
-def _set_result(fut: asyncio.Future[GenOutput], out: GenOutput) -> None:
-    if not fut.done():
-        fut.set_result(out)
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    """SGLang's error body for ``/generate``."""
-    return JSONResponse({"error": {"message": message, "code": status}}, status_code=status)
-
-
-async def _wait_disconnect(request: Request) -> None:
-    """Return once the client has gone away (its body is already read)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 # ---- the HTTP app --------------------------------------------------------------------------
@@ -293,11 +243,11 @@ def create_app(engine: Engine) -> FastAPI:
         batcher = engine.batcher
         if batcher is None:
             return _error(503, engine.load_error or "the model is loading")
-        spec = GenerateSpec(prompts=[[0]], rids=[f"HEALTH_CHECK_{uuid.uuid4().hex}"])
+        spec = GenerateSpec(prompts=[[0]], rids=[f"{HEALTH_CHECK_PREFIX}{uuid.uuid4().hex}"])
         spec.params = [SamplingParams(max_new_tokens=1, temperature=0.0)]
         fut: asyncio.Future[GenOutput] = asyncio.get_running_loop().create_future()
         try:
-            batcher.submit(engine.requests(spec, on_finish=lambda i: engine.deliver(fut)))
+            batcher.submit(engine.requests(spec, on_finish=lambda i: _cpu_http.deliver(engine, fut)))
             out = await asyncio.wait_for(fut, HEALTH_GENERATE_TIMEOUT_S)
         except (TimeoutError, ValueError) as exc:
             batcher.abort(spec.rids[0])
@@ -336,85 +286,22 @@ def create_app(engine: Engine) -> FastAPI:
                 engine.batcher.abort(body["rid"])
         return Response(status_code=200)
 
-    @app.post("/generate")
-    async def generate(request: Request) -> Response:
-        engine.generate_requests += 1
-        batcher = engine.batcher
-        if batcher is None:
-            return _error(503, engine.load_error or "the model is loading")
-        try:
-            body = json.loads(await request.body())
-        except ValueError as exc:  # bad JSON or bad UTF-8
-            return _error(400, f"the request body is not valid JSON: {exc}")
-        try:
-            spec = parse_generate(
-                body, batcher.encode, vocab_size=engine.vocab_size, context_len=engine.context_len
-            )
-        except RequestError as exc:
-            return _error(400, str(exc))
-        if spec.stream:
-            return await _stream(engine, batcher, spec)
-        loop = asyncio.get_running_loop()
-        futs: list[asyncio.Future[GenOutput]] = [loop.create_future() for _ in spec.rids]
-        try:
-            batcher.submit(engine.requests(spec, on_finish=lambda i: engine.deliver(futs[i])))
-        except ValueError as exc:
-            return _error(400, str(exc))
-        gathered = asyncio.gather(*futs)
-        gone = asyncio.ensure_future(_wait_disconnect(request))
-        waits: set[asyncio.Future[Any]] = {gathered, gone}
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        gone.cancel()
-        if not gathered.done():  # the client left: free its slots (SGLang does the same)
-            for rid in spec.rids:
-                batcher.abort(rid)
-            return Response(status_code=499)
-        outs: list[GenOutput] = gathered.result()
-        errors = [o.error for o in outs if o.error is not None]
-        if errors:
-            return _error(500, errors[0])
-        results = [engine.to_json(o, spec) for o in outs]
-        return JSONResponse(results if spec.is_batch else results[0])
+    def work(name: str, handler: Callable[..., Any]) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            engine.counts[name] += 1
+            batcher = engine.batcher
+            if batcher is None:
+                return _error(503, engine.load_error or "the model is loading")
+            response: Response = await handler(engine, batcher, request)
+            return response
 
+        return endpoint
+
+    app.add_api_route("/generate", work("generate_requests", _cpu_http.generate), methods=["POST"])
+    app.add_api_route("/encode", work("encode_requests", _cpu_http.encode), methods=["POST", "PUT"])
+    chat = work("chat_requests", _cpu_http.chat_completions)
+    app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
     return app
-
-
-async def _stream(engine: Engine, batcher: Batcher, spec: GenerateSpec) -> Response:
-    """Answer a ``stream: true`` request as SSE: cumulative outputs, then ``[DONE]``."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[int, GenOutput]] = asyncio.Queue()
-
-    def push(i: int) -> Callable[[GenOutput], None]:
-        def cb(out: GenOutput) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
-                loop.call_soon_threadsafe(queue.put_nowait, (i, out))
-
-        return cb
-
-    try:
-        batcher.submit(engine.requests(spec, on_finish=push, on_update=push))
-    except ValueError as exc:
-        return _error(400, str(exc))
-
-    async def events() -> AsyncIterator[bytes]:
-        remaining = len(spec.rids)
-        try:
-            while remaining:
-                i, out = await queue.get()
-                remaining -= out.finish_reason is not None
-                chunk: dict[str, Any] = engine.to_json(out, spec)
-                if out.error is not None:
-                    chunk = {"error": {"message": out.error}}
-                elif spec.is_batch:
-                    chunk["index"] = i
-                yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
-            yield b"data: [DONE]\n\n"
-        finally:
-            if remaining:  # the client went away mid-stream
-                for rid in spec.rids:
-                    batcher.abort(rid)
-
-    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 # ---- the server and CLI --------------------------------------------------------------------
@@ -455,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--port-file", type=Path, default=None, help="write the bound port here")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the batch each step")
+    p.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=2.0,
+        help="from idle, wait while requests keep arriving this close together (0: never wait)",
+    )
     return p
 
 

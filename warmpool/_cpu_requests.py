@@ -19,6 +19,14 @@ class RequestError(ValueError):
     """A request the engine refuses; the message names the offending field (HTTP 400)."""
 
 
+class UnsupportedError(RequestError):
+    """A known SGLang feature that this engine does not implement (HTTP 400, type ``unsupported_feature``).
+
+    The error body carries ``"type": "unsupported_feature"`` so clients can tell it from a
+    malformed request.
+    """
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """The subset of SGLang's ``sampling_params`` that this engine implements."""
@@ -60,7 +68,6 @@ _UNSUPPORTED_PARAMS: dict[str, object] = {
 }
 # Top-level GenerateReqInput fields, likewise; "falsy" means None/False/empty is neutral.
 _UNSUPPORTED_FIELDS = (
-    "return_hidden_states",
     "input_embeds",
     "image_data",
     "video_data",
@@ -74,6 +81,7 @@ _UNSUPPORTED_FIELDS = (
     "data_parallel_rank",
     "token_ids_logprob",
     "return_entropy",
+    "return_routed_experts",
 )
 # Top-level fields that only affect logging or scheduling priority: accepted and ignored.
 _IGNORED_FIELDS = {"log_metrics", "no_logs", "priority", "custom_labels", "extra_key", "modalities"}
@@ -91,10 +99,20 @@ class GenerateSpec:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
+    return_hidden_states: list[bool] = field(default_factory=list)
 
 
-def _unsupported(what: str) -> RequestError:
-    return RequestError(f"{what} is unsupported by the CPU engine")
+@dataclass
+class EncodeSpec:
+    """A parsed ``/encode`` body: one prompt and rid per input."""
+
+    prompts: list[list[int]] = field(default_factory=list)
+    rids: list[str] = field(default_factory=list)
+    is_batch: bool = False
+
+
+def _unsupported(what: str) -> UnsupportedError:
+    return UnsupportedError(f"{what} is unsupported by the CPU engine")
 
 
 def _get_int(d: dict[str, Any], key: str, lo: int, hi: int | None, where: str) -> int | None:
@@ -125,12 +143,15 @@ def _get_bool(d: dict[str, Any], key: str, where: str) -> bool | None:
     return v
 
 
-def parse_sampling_params(raw: object, *, max_new_tokens_limit: int) -> SamplingParams:
+def parse_sampling_params(
+    raw: object, *, max_new_tokens_limit: int, where: str = "sampling_params."
+) -> SamplingParams:
     """Validate one ``sampling_params`` object.
 
     Args:
         raw: The JSON value (a dict, or None for defaults).
         max_new_tokens_limit: The largest ``max_new_tokens`` the server accepts.
+        where: Prefix of field names in error messages.
 
     Returns:
         The parameters, defaults filled in.
@@ -143,7 +164,7 @@ def parse_sampling_params(raw: object, *, max_new_tokens_limit: int) -> Sampling
         return SamplingParams()
     if not isinstance(raw, dict):
         raise RequestError(f"sampling_params must be an object, got {type(raw).__name__}")
-    w = "sampling_params."
+    w = where
     for key, neutral in _UNSUPPORTED_PARAMS.items():
         if raw.get(key, neutral) not in (neutral, None):
             raise _unsupported(f"{w}{key}")
@@ -199,6 +220,55 @@ def _as_list(v: object, n: int, name: str) -> list[Any]:
     return [v] * n
 
 
+def _parse_prompts(
+    body: dict[str, Any], encode: Callable[[str], list[int]], vocab_size: int
+) -> tuple[list[list[int]], bool]:
+    """Tokenize ``text`` or check ``input_ids``; returns the prompts and whether it is a batch."""
+    text, input_ids = body.get("text"), body.get("input_ids")
+    if (text is None) == (input_ids is None):
+        raise RequestError("exactly one of text or input_ids is required")
+    if text is not None:
+        texts = [text] if isinstance(text, str) else text
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise RequestError("text must be a string or a non-empty list of strings")
+        prompts = [encode(t) for t in texts]
+        is_batch = not isinstance(text, str)
+    else:
+        if not isinstance(input_ids, list) or not input_ids:
+            raise RequestError("input_ids must be a non-empty list of token ids (or of lists)")
+        is_batch = isinstance(input_ids[0], list)
+        seqs: list[Any] = input_ids if is_batch else [input_ids]
+        for seq in seqs:
+            if not isinstance(seq, list) or not all(_is_int(i) and 0 <= i < vocab_size for i in seq):
+                raise RequestError(f"input_ids must be lists of token ids in [0, {vocab_size})")
+        prompts = [list(s) for s in seqs]
+    if any(not p for p in prompts):
+        raise RequestError("text/input_ids: a prompt is empty")
+    return prompts, is_batch
+
+
+def _parse_rids(body: dict[str, Any], n: int, is_batch: bool) -> list[str]:
+    rids = _as_list(body.get("rid"), n, "rid") if is_batch else [body.get("rid")]
+    if not all(r is None or isinstance(r, str) for r in rids):
+        raise RequestError("rid must be a string (or, for a batch, a list of strings)")
+    out = [r if r is not None else uuid.uuid4().hex for r in rids]
+    if len(set(out)) != n:
+        raise RequestError("rid values must be unique within a batch")
+    return out
+
+
+def _check_fields(body: object, known: set[str], unsupported: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    for key in unsupported:
+        if body.get(key):
+            raise _unsupported(key)
+    unknown = sorted(set(body) - known - set(unsupported) - _IGNORED_FIELDS)
+    if unknown:
+        raise RequestError(f"unknown field {unknown[0]!r}")
+    return body
+
+
 def parse_generate(
     body: object, encode: Callable[[str], list[int]], *, vocab_size: int, context_len: int
 ) -> GenerateSpec:
@@ -216,41 +286,14 @@ def parse_generate(
     Raises:
         RequestError: Anything wrong with the body, naming the field.
     """
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    for key in _UNSUPPORTED_FIELDS:
-        if body.get(key):
-            raise _unsupported(key)
+    known = {"text", "input_ids", "sampling_params", "rid", "stream", "return_logprob"}
+    known |= {"top_logprobs_num", "return_text_in_logprobs", "logprob_start_len", "return_hidden_states"}
+    body = _check_fields(body, known, _UNSUPPORTED_FIELDS)
     if body.get("logprob_start_len", -1) not in (-1, None):
         raise _unsupported("logprob_start_len (input logprobs)")
-    known = {"text", "input_ids", "sampling_params", "rid", "stream", "return_logprob"}
-    known |= {"top_logprobs_num", "return_text_in_logprobs", "logprob_start_len"}
-    known |= set(_UNSUPPORTED_FIELDS) | _IGNORED_FIELDS
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise RequestError(f"unknown field {unknown[0]!r}")
     spec = GenerateSpec()
-    text, input_ids = body.get("text"), body.get("input_ids")
-    if (text is None) == (input_ids is None):
-        raise RequestError("exactly one of text or input_ids is required")
-    if text is not None:
-        texts = [text] if isinstance(text, str) else text
-        spec.is_batch = not isinstance(text, str)
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise RequestError("text must be a string or a non-empty list of strings")
-        spec.prompts = [encode(t) for t in texts]
-    else:
-        if not isinstance(input_ids, list) or not input_ids:
-            raise RequestError("input_ids must be a non-empty list of token ids (or of lists)")
-        spec.is_batch = isinstance(input_ids[0], list)
-        seqs: list[Any] = input_ids if spec.is_batch else [input_ids]
-        for seq in seqs:
-            if not isinstance(seq, list) or not all(_is_int(i) and 0 <= i < vocab_size for i in seq):
-                raise RequestError(f"input_ids must be lists of token ids in [0, {vocab_size})")
-        spec.prompts = [list(s) for s in seqs]
+    spec.prompts, spec.is_batch = _parse_prompts(body, encode, vocab_size)
     n = len(spec.prompts)
-    if any(not p for p in spec.prompts):
-        raise RequestError("text/input_ids: a prompt is empty")
     limit = max(context_len - min(len(p) for p in spec.prompts), 0)
     raw_params = _as_list(body.get("sampling_params"), n, "sampling_params")
     spec.params = [parse_sampling_params(p, max_new_tokens_limit=limit) for p in raw_params]
@@ -262,15 +305,45 @@ def parse_generate(
                 f"prompt ({len(p)} tokens) + sampling_params.max_new_tokens "
                 f"({params.max_new_tokens}) exceeds the context length {context_len}"
             )
-    rids = _as_list(body.get("rid"), n, "rid") if spec.is_batch else [body.get("rid")]
-    if not all(r is None or isinstance(r, str) for r in rids):
-        raise RequestError("rid must be a string (or, for a batch, a list of strings)")
-    spec.rids = [r if r is not None else uuid.uuid4().hex for r in rids]
-    if len(set(spec.rids)) != n:
-        raise RequestError("rid values must be unique within a batch")
+    spec.rids = _parse_rids(body, n, spec.is_batch)
     for key in ("stream", "return_logprob", "return_text_in_logprobs"):
         setattr(spec, key, bool(_get_bool(body, key, "")))
     spec.top_logprobs_num = _get_int(body, "top_logprobs_num", 0, 20, "") or 0
+    hidden = _as_list(body.get("return_hidden_states", False), n, "return_hidden_states")
+    if not all(isinstance(h, bool) for h in hidden):
+        raise RequestError("return_hidden_states must be a boolean (or, for a batch, a list of them)")
+    spec.return_hidden_states = hidden
+    if spec.stream and any(hidden):
+        raise _unsupported("return_hidden_states with stream")
+    return spec
+
+
+def parse_encode(
+    body: object, encode: Callable[[str], list[int]], *, vocab_size: int, context_len: int
+) -> EncodeSpec:
+    """Validate an ``/encode`` body (SGLang's ``EmbeddingReqInput``) and tokenize its inputs.
+
+    Args:
+        body: The decoded JSON body.
+        encode: Tokenizes one prompt string.
+        vocab_size: Token ids must be below this.
+        context_len: Each input must fit in this many tokens.
+
+    Returns:
+        The parsed request.
+
+    Raises:
+        RequestError: Anything wrong with the body, naming the field.
+    """
+    unsupported = ("image_data", "video_data", "audio_data", "input_embeds", "dimensions", "lora_path")
+    known = {"text", "input_ids", "rid", "sampling_params", "model"}
+    body = _check_fields(body, known, unsupported)
+    spec = EncodeSpec()
+    spec.prompts, spec.is_batch = _parse_prompts(body, encode, vocab_size)
+    longest = max(len(p) for p in spec.prompts)
+    if longest > context_len:
+        raise RequestError(f"an input has {longest} tokens, more than the context length {context_len}")
+    spec.rids = _parse_rids(body, len(spec.prompts), spec.is_batch)
     return spec
 
 
@@ -287,6 +360,8 @@ class GenOutput:
         e2e_latency: Seconds from submission to this report.
         output_token_logprobs: ``[logprob, token_id, None]`` per output token, if asked.
         output_top_logprobs: Per output token, the top-N ``[logprob, token_id, None]``.
+        hidden_states: If asked, SGLang's layout: the prompt's final-layer states
+            (``[prompt_tokens][hidden]``) then one ``[hidden]`` vector per later step.
         error: Set when the engine itself failed (not the request's fault).
     """
 
@@ -298,6 +373,7 @@ class GenOutput:
     e2e_latency: float
     output_token_logprobs: list[list[Any]] | None = None
     output_top_logprobs: list[list[list[Any]]] | None = None
+    hidden_states: list[Any] | None = None
     error: str | None = None
 
 
@@ -313,6 +389,8 @@ class GenRequest:
         on_update: If set, receives a partial output after every generated token.
         return_logprob: Collect ``output_token_logprobs``.
         top_logprobs_num: Collect this many top logprobs per output token.
+        return_hidden_states: Collect the final-layer hidden state of every position.
+        counted: Counts towards ``requests_total`` (health checks do not).
     """
 
     rid: str
@@ -322,4 +400,27 @@ class GenRequest:
     on_update: Callable[[GenOutput], None] | None = None
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    return_hidden_states: bool = False
+    counted: bool = True
+    created: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class EmbedOutput:
+    """One embedding: the mean of the final hidden states over the input, L2-normalised."""
+
+    rid: str
+    embedding: list[float]
+    prompt_tokens: int
+    e2e_latency: float
+    error: str | None = None
+
+
+@dataclass
+class EmbedRequest:
+    """One input to embed; ``on_finish`` is called exactly once, from the scheduler thread."""
+
+    rid: str
+    input_ids: list[int]
+    on_finish: Callable[[EmbedOutput], None]
     created: float = field(default_factory=time.perf_counter)

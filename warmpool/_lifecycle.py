@@ -75,10 +75,13 @@ def boot(pool: Pool, mp: ModelPool, replica: Replica) -> None:
         if not others:  # nothing else will serve the queue: fail it rather than hang
             fail_queue(pool, mp, EngineError(f"The engine of {mp.spec.ref} failed to start: {exc}"))
         return
+    info = replica.host.server_info()  # engine version and weights path, for provenance
     with pool._lock:
         now = pool._clock()
         replica.ready_at = now
         replica.last_healthy = time.monotonic()
+        replica.engine_version = str(info.get("version")) if info.get("version") else None
+        replica.engine_model_path = info.get("model_path")
         replica.last_active = now
         replica.cold_start_s = now - replica.created_at
         mp.metrics.cold_starts += 1

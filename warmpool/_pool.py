@@ -74,6 +74,9 @@ class Work:
     worker: WorkerProc | None = None
     replica: Replica | None = None
     finished: bool = False
+    cold: bool = False  # arrived when its model had no ready replica
+    queue_seconds: float | None = None
+    engine: dict[str, Any] | None = None
 
 
 class Pool:
@@ -204,7 +207,7 @@ class Pool:
                 self.start()
             mp = self._model_pool(model) if model is not None else None
             if mp is not None:
-                mp.admit(work)  # raises BackPressureError before anything is recorded
+                work.cold = not mp.admit(work)  # raises BackPressureError before anything is recorded
             self.counters["submitted"] += 1
             self._works[invocation.id] = work
             if invocation.timeout is not None:
@@ -375,6 +378,8 @@ class Pool:
                     return
                 work, replica = nxt
                 work.replica = replica
+                work.queue_seconds = self._clock() - work.submitted
+                work.engine = replica.engine_info()
             self._dispatch(work, replica)
 
     def _dispatch(self, work: Work, replica: Replica | None) -> None:
@@ -391,6 +396,7 @@ class Pool:
                 model_name=work.model.ref if work.model else None,
                 model_param=work.spec.model_param,
                 model_param_index=work.spec.model_param_index,
+                model_modes=frozenset(work.model.modes) if work.model else None,
             )
         )  # a dead worker's reader thread retries or fails this work
 
@@ -487,7 +493,13 @@ class Pool:
             work.finished = True
             self._works.pop(work.invocation.id, None)
             mp = self._models.get(work.model.ref) if work.model else None
+            if work.replica is not None and work.cold:
+                result.cold_start_seconds = work.replica.cold_start_s
             self._detach(work)
+            if result.queue_seconds is None:
+                result.queue_seconds = work.queue_seconds
+            if result.engine is None:
+                result.engine = work.engine
             self.counters["completed" if result.ok else "failed"] += 1
             if mp is not None:
                 _count(mp, result)

@@ -99,6 +99,8 @@ class Replica:
     error: str | None = None
     health_failures: int = 0
     last_healthy: float | None = None
+    engine_version: str | None = None  # from /server_info once ready
+    engine_model_path: str | None = None
     engine_stats: dict[str, Any] = field(default_factory=dict)
     ready_event: threading.Event = field(default_factory=threading.Event)
 
@@ -106,6 +108,16 @@ class Replica:
     def url(self) -> str | None:
         """The engine's base URL."""
         return self.host.url
+
+    def engine_info(self) -> dict[str, Any]:
+        """The engine for provenance: kind, version, arguments, URL and weights."""
+        return {
+            "kind": self.spec.engine,
+            "version": self.engine_version,
+            "args": dict(self.spec.engine_args),
+            "url": self.url,
+            "model_path": self.engine_model_path or self.spec.model_path,
+        }
 
     @property
     def live(self) -> bool:

@@ -41,6 +41,7 @@ class Dispatch:
     model_name: str | None = None
     model_param: str | None = None
     model_param_index: int = 0
+    model_modes: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -55,23 +56,25 @@ def worker_main(conn: Connection, store_config: dict[str, Any], threads: int) ->
     """Entry point of a worker process (spawned by the pool)."""
     store = store_from_config(store_config)
     registry = Registry(store)
-    handles: dict[tuple[str, str], Model] = {}
+    handles: dict[tuple[str, str, frozenset[str] | None], Model] = {}
     handles_lock = threading.Lock()
     send_lock = threading.Lock()
     running: dict[tuple[str, int], tuple[Model, str]] = {}
 
-    def handle_for(url: str, name: str) -> Model:
+    def handle_for(url: str, name: str, modes: frozenset[str] | None) -> Model:
         with handles_lock:
-            model = handles.get((url, name))
+            model = handles.get((url, name, modes))
             if model is None:
-                model = handles[(url, name)] = Model(url, name)
+                model = handles[(url, name, modes)] = Model(url, name, allowed_modes=modes)
             return model
 
     def run(msg: Dispatch) -> None:
         inv = msg.invocation
         try:
             fn = registry.load_function(inv.function_digest)
-            model = handle_for(msg.engine_url, msg.model_name or "") if msg.engine_url else None
+            model = (
+                handle_for(msg.engine_url, msg.model_name or "", msg.model_modes) if msg.engine_url else None
+            )
             if model is not None:
                 running[(inv.id, inv.attempt)] = (model, f"inv-{inv.id}-{inv.attempt}-")
             result = execute(

@@ -88,7 +88,7 @@ def test_aio(fn: faas.Function[str]) -> None:
 
 def test_local_uses_the_pool_engine(fn: faas.Function[str], client: faas.Client) -> None:
     assert fn.local(PROMPT) == EXPECTED
-    assert cold_starts(client) == 1
+    assert cold_starts(client) == 1, [r.describe() for r in client.pool.replicas()]
 
 
 def test_200_concurrent_submits_share_one_engine(fn: faas.Function[str], client: faas.Client) -> None:

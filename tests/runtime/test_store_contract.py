@@ -21,12 +21,9 @@ from botocore.awsrequest import AWSResponse
 from runtime._errors import IntegrityError, ObjectExists, ObjectNotFound, StoreAuthError, StoreError
 from runtime._s3 import S3Store
 from runtime._store import LocalStore, ObjectStore, store_from_config, store_from_url
-from tests import _s3_servers
 from tests._s3_servers import S3Server
 
-# The session fixtures, made visible here (the tests' parameters of the same names use them).
-moto_server = _s3_servers.moto_server
-seaweedfs_server = _s3_servers.seaweedfs_server
+# moto_server and seaweedfs_server are session fixtures from tests/conftest.py (one instance each).
 
 MiB = 1 << 20
 BACKENDS = ["local", "moto", "seaweedfs"]
@@ -488,6 +485,59 @@ def test_no_credentials_is_an_auth_error(monkeypatch: pytest.MonkeyPatch, tmp_pa
     store = s3_store(server, "bkt", "p")
     with pytest.raises(StoreAuthError, match="credentials"):
         store.get("k")
+
+
+# -- digests given and checked by the caller (staging uses them) ----------------------------
+
+
+def test_get_checks_an_expected_digest(store: ObjectStore) -> None:
+    store.put("dg/k", b"content", sha256=sha(b"content"))
+    assert store.get("dg/k", sha256=sha(b"content")) == b"content"
+    with pytest.raises(IntegrityError, match="dg/k"):
+        store.get("dg/k", sha256=sha(b"something else"))
+    with pytest.raises(IntegrityError):
+        store.get_buffer("dg/k", sha256=sha(b"something else"))
+    view = store.get_buffer("dg/k", sha256=sha(b"content"))
+    view[:1] = b"C"  # the caller's own writable copy
+    assert bytes(view) == b"Content" and store.get("dg/k") == b"content"
+    store.put("dg/empty", b"")
+    assert store.get("dg/empty", sha256=sha(b"")) == b"" and bytes(store.get_buffer("dg/empty")) == b""
+
+
+def test_put_file_with_known_digest_skips_the_hashing_pass(store: ObjectStore) -> None:
+    data = os.urandom(3 * MiB)
+    store.put_file("dg/file", io.BytesIO(data), sha256=sha(data))
+    assert store.get("dg/file", sha256=sha(data)) == data
+    if isinstance(store, S3Store):
+        raw = store.client.head_object(Bucket=store.bucket, Key=f"{store.prefix}/dg/file")
+        assert raw["Metadata"]["sha256"] == sha(data)
+
+
+def test_large_reads_use_parallel_ranges(s3: S3Store, server: S3Server) -> None:
+    store = S3Store.from_config({**s3.config()["options"], "range_size": 5 * MiB})
+    data = os.urandom(12 * MiB + 7)
+    store.put("ranged", data)
+    gets = count_requests(store, "GetObject")
+    assert store.get("ranged") == data
+    assert len(gets) == 3  # 5 + 5 + 2 MiB, no HEAD first
+    assert bytes(store.get_buffer("ranged", sha256=sha(data))) == data
+    forged = bytearray(data)
+    forged[11 * MiB] ^= 1  # a byte in the last range
+    server.client().put_object(
+        Bucket=store.bucket, Key=f"{store.prefix}/ranged", Body=bytes(forged), Metadata={"sha256": sha(data)}
+    )
+    with pytest.raises(IntegrityError, match="ranged"):
+        store.get("ranged")
+
+
+def test_open_pins_an_etag(s3: S3Store) -> None:
+    s3.put("etag/k", b"v1")
+    etag = s3.client.head_object(Bucket=s3.bucket, Key=f"{s3.prefix}/etag/k")["ETag"]
+    with s3.open("etag/k", etag=etag) as f:
+        assert f.read() == b"v1"
+    s3.put("etag/k", b"v2, replaced")
+    with pytest.raises(StoreError, match="no longer has ETag"):
+        s3.open("etag/k", etag=etag)
 
 
 # Last: it restarts the shared SeaweedFS server.

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import signal
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,17 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
+from tests.warmpool._cpu_engine_proc import START_TIMEOUT_S, running_engine, start, stop, wait_until
 from warmpool._tiny_model import KNOWN_COMPLETIONS
-
-ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 90.0
 
 
 @dataclass
 class Engine:
-    proc: subprocess.Popen[bytes]
+    proc: Any
     url: str
     client: httpx.Client
     port_file: Path
@@ -45,67 +40,18 @@ class Engine:
         return stats
 
 
-def _wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``cond`` with a deadline (short waits between polls, never a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def _start(model: Path, tmp: Path, *extra: str) -> subprocess.Popen[bytes]:
-    log = (tmp / "engine.log").open("wb")
-    argv = [sys.executable, "-m", "warmpool._cpu_engine", "--model-path", str(model)]
-    argv += ["--port", "0", "--port-file", str(tmp / "port"), *extra]
-    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-        raise
+_wait_until = wait_until
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     tmp = tmp_path_factory.mktemp("cpu-engine")
-    proc = _start(
-        tiny_model_path, tmp, "--threads", "1", "--max-batch-size", "64",
-        "--served-model-name", "tiny",
-    )  # fmt: skip
-    port_file = tmp / "port"
-    client: httpx.Client | None = None
-    try:
-
-        def ready() -> bool:
-            assert proc.poll() is None, (tmp / "engine.log").read_text()
-            if client is None:
-                return False
-            try:
-                return client.get("/health").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        _wait_until(port_file.exists, START_TIMEOUT_S, "the port file")
-        url = f"http://127.0.0.1:{int(port_file.read_text())}"
-        client = httpx.Client(base_url=url, timeout=60)
-        _wait_until(ready, START_TIMEOUT_S, "/health")
-        yield Engine(proc, url, client, port_file, tmp / "engine.log")
-    finally:
-        if client is not None:
-            client.close()
-        code = _stop(proc)
-        assert proc.poll() is not None
-        log = (tmp / "engine.log").read_text()
-        # Uvicorn shuts down gracefully, then re-raises SIGTERM: -15 is the clean exit here.
-        assert code in (0, -signal.SIGTERM), log
-        assert "cpu engine stopped" in log and "Traceback" not in log, log
+    extra = ("--threads", "1", "--max-batch-size", "64", "--served-model-name", "tiny")
+    with (
+        running_engine(tiny_model_path, tmp, *extra) as proc,
+        httpx.Client(base_url=proc.url, timeout=60) as c,
+    ):
+        yield Engine(proc.proc, proc.url, c, proc.port_file, proc.log)
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +230,7 @@ def test_invalid_json_is_400(engine: Engine) -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        {"return_hidden_states": True},
+        {"lora_path": "adapter-1"},
         {"sampling_params": {"regex": "[a-z]+"}},
         {"sampling_params": {"json_schema": "{}"}},
         {"sampling_params": {"ebnf": "root ::= 'a'"}},
@@ -298,6 +244,7 @@ def test_unsupported_feature_is_400(engine: Engine, body: dict[str, Any]) -> Non
     r = engine.generate(text="The quick brown", **body)
     assert r.status_code == 400, r.text
     assert "unsupported by the CPU engine" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "unsupported_feature"
 
 
 # ---- abort ---------------------------------------------------------------------------------
@@ -359,6 +306,110 @@ def test_stream(engine: Engine) -> None:
     assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "stop"
 
 
+def test_stream_holds_back_a_partial_stop_string(engine: Engine) -> None:
+    # " lazy" could start the stop string " lazy cat": it is held back until " dog" rules it out.
+    body = {
+        "text": "The quick brown",
+        "stream": True,
+        "sampling_params": {"temperature": 0, "stop": [" lazy cat"]},
+    }
+    with engine.client.stream("POST", "/generate", json=body) as r:
+        events = [json.loads(x.removeprefix("data: ")) for x in r.iter_lines() if x and x != "data: [DONE]"]
+    texts = [e["text"] for e in events]
+    assert texts[-1] == KNOWN_COMPLETIONS["The quick brown"]
+    assert all(texts[-1].startswith(t) for t in texts)  # streamed text only ever grows
+    assert not any(t.endswith(" lazy") for t in texts[:-1])
+
+
+# ---- hidden states, /encode, chat ------------------------------------------------------------
+
+
+def test_hidden_states_match_transformers(engine: Engine, tiny_model_path: Path) -> None:
+    import torch
+    import transformers
+
+    prompts = ["The quick brown", "Hello", "Stars shine by fusing hydrogen"]
+    body = {"text": prompts, "return_hidden_states": True, "sampling_params": {"temperature": 0}}
+    outs = engine.generate(**body, rid=[f"hs-{i}" for i in range(3)]).json()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_path)).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_model_path))
+    for prompt, out in zip(prompts, outs, strict=True):
+        meta, ids = out["meta_info"], tok(prompt)["input_ids"]
+        hs = meta["hidden_states"]
+        # SGLang's layout: the prompt's block, then one vector per later step.
+        assert len(hs) == meta["completion_tokens"] and len(hs[0]) == meta["prompt_tokens"] == len(ids)
+        assert all(len(v) == 64 and isinstance(v[0], float) for v in hs[1:])
+        rows = torch.tensor([*hs[0], *hs[1:]])
+        with torch.no_grad():
+            want = model(torch.tensor([ids + out["output_ids"][:-1]]), output_hidden_states=True)
+        assert torch.allclose(rows, want.hidden_states[-1][0], atol=1e-4)
+    plain = engine.greedy("Hello")
+    assert "hidden_states" not in plain["meta_info"]
+    streamed = engine.generate(text="x", stream=True, return_hidden_states=True)
+    assert streamed.status_code == 400 and streamed.json()["error"]["type"] == "unsupported_feature"
+
+
+def test_encode_endpoint(engine: Engine) -> None:
+    single = engine.client.post("/encode", json={"text": "The quick brown fox", "rid": "enc-1"})
+    assert single.status_code == 200, single.text
+    out = single.json()
+    assert set(out) == {"embedding", "meta_info"} and len(out["embedding"]) == 64
+    assert out["meta_info"]["id"] == "enc-1" and out["meta_info"]["prompt_tokens"] == 5
+    assert abs(sum(x * x for x in out["embedding"]) - 1.0) < 1e-5  # L2-normalised
+    batch = engine.client.post("/encode", json={"input_ids": [[1, 5, 9], [1, 7]]}).json()
+    assert [len(b["embedding"]) for b in batch] == [64, 64]
+    bad = engine.client.post("/encode", json={"text": "x", "dimensions": 8})
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "unsupported_feature"
+    assert engine.client.post("/encode", json={"txt": "x"}).status_code == 400
+
+
+def test_chat_endpoint(engine: Engine) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 4,
+        "temperature": 0,
+        "rid": "chat-1",
+    }
+    out = engine.client.post("/v1/chat/completions", json=body).json()
+    assert out["object"] == "chat.completion" and out["id"] == "chat-1" and out["model"] == "tiny"
+    choice = out["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+    assert out["usage"]["completion_tokens"] <= 4 and out["usage"]["prompt_tokens"] > 3
+    with engine.client.stream(
+        "POST", "/v1/chat/completions", json={**body, "stream": True, "rid": "c2"}
+    ) as r:
+        lines = [x for x in r.iter_lines() if x]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(x.removeprefix("data: ")) for x in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    deltas = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert deltas == choice["message"]["content"]
+    role = engine.client.post("/v1/chat/completions", json={"messages": [{"role": "tool", "content": "x"}]})
+    assert role.status_code == 400 and "Roles must be" in role.json()["message"]
+    tools = engine.client.post("/v1/chat/completions", json={**body, "tools": [{"type": "function"}]})
+    assert tools.status_code == 400 and tools.json()["type"] == "unsupported_feature"
+    long = engine.client.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi " * 600}]}
+    )
+    assert long.status_code == 400 and "context length" in long.json()["message"]
+
+
+def test_every_work_request_is_counted(engine: Engine) -> None:
+    before = engine.stats()
+    engine.client.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 1}})
+    engine.client.post("/generate", json={"text": "x", "sampling_params": {"bogus": 1}})  # refused: counted
+    engine.client.post("/encode", json={"text": "x"})
+    engine.client.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    )
+    assert engine.client.get("/health_generate").status_code == 200
+    after = engine.stats()
+    assert after["generate_requests"] - before["generate_requests"] == 4
+    assert after["encode_requests"] - before["encode_requests"] == 1
+    assert after["chat_requests"] - before["chat_requests"] == 1
+    assert after["requests_total"] - before["requests_total"] == 3  # health checks do not count
+
+
 # ---- info endpoints ------------------------------------------------------------------------
 
 
@@ -396,9 +447,10 @@ def test_no_kv_cache_mode_gives_the_same_tokens(
 ) -> None:
     prompts = [*KNOWN_COMPLETIONS, "Hello"]
     params = [{"temperature": 0, "max_new_tokens": 6 + 5 * i, "ignore_eos": True} for i in range(7)]
-    body = {"text": prompts, "sampling_params": params}
-    expected = [o["output_ids"] for o in engine.generate(**body).json()]
-    proc = _start(tiny_model_path, tmp_path, "--threads", "1", "--no-kv-cache")
+    body = {"text": prompts, "sampling_params": params, "return_hidden_states": True}
+    first = engine.generate(**body).json()
+    expected = [o["output_ids"] for o in first]
+    proc = start(tiny_model_path, tmp_path, "--threads", "1", "--no-kv-cache")
     try:
         port_file = tmp_path / "port"
         _wait_until(port_file.exists, START_TIMEOUT_S, "the port file")
@@ -414,14 +466,20 @@ def test_no_kv_cache_mode_gives_the_same_tokens(
             assert client.get("/server_info").json()["kv_cache"] is False
             got = client.post("/generate", json=body, timeout=60).json()
     finally:
-        _stop(proc)
+        stop(proc)
     assert [o["output_ids"] for o in got] == expected
+    for a, b in zip(first, got, strict=True):
+        flat = [np.atleast_2d(np.asarray(x["meta_info"]["hidden_states"][0])) for x in (a, b)]
+        assert np.allclose(flat[0], flat[1], atol=1e-4)  # the prompt block, from both paths
+        assert np.allclose(
+            a["meta_info"]["hidden_states"][1:], b["meta_info"]["hidden_states"][1:], atol=1e-4
+        )
 
 
 def test_bad_model_path_exits_nonzero(tmp_path: Path) -> None:
-    proc = _start(tmp_path / "missing-model", tmp_path)
+    proc = start(tmp_path / "missing-model", tmp_path)
     try:
         assert proc.wait(timeout=START_TIMEOUT_S) == 1
     finally:
-        _stop(proc)
+        stop(proc)
     assert "loading the model failed" in (tmp_path / "engine.log").read_text()

@@ -1,0 +1,1 @@
+"""Benchmarks: dispatch overhead (``dispatch``) and engine multiplexing (``multiplex``)."""

@@ -1,0 +1,178 @@
+"""Build provenance records, and replay an invocation from its records.
+
+The client builds a :class:`runtime._provenance.ProvenanceRecord` when a
+result arrives and records it with the result, in the same commit-once object
+(``invocations/<id>/result.json``, field ``provenance``), so it costs no
+extra write. ``faas provenance ID``
+prints it; ``faas replay ID`` runs the same function version on the same
+pinned model version with the same stored inputs and compares the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from registry._specs import FunctionSpec, ModelSpec
+from runtime._errors import ObjectNotFound
+from runtime._provenance import (
+    Determinism,
+    EngineCall,
+    FunctionProvenance,
+    ModelProvenance,
+    ProvenanceRecord,
+    Timings,
+    determinism_of,
+)
+from runtime._staging import is_marker, parse_marker
+from runtime._store import ObjectStore
+from runtime._wire import Invocation, Result
+
+
+def wire_digest(data: bytes | None) -> str | None:
+    """sha256 of a value as stored: the staged object's digest, or the inline bytes'."""
+    if data is None:
+        return None
+    if is_marker(data):
+        return parse_marker(data).sha256
+    return hashlib.sha256(data).hexdigest()
+
+
+_NO_ENGINE = Determinism(greedy=True, seeded=True, reproducible=True, notes="No engine call was made.")
+
+
+def provenance_key(invocation_id: str) -> str:
+    """Store key of the result record that carries an invocation's provenance."""
+    return f"invocations/{invocation_id}/result.json"
+
+
+def build_provenance(
+    invocation: Invocation, spec: FunctionSpec, model: ModelSpec | None, result: Result
+) -> ProvenanceRecord:
+    """The provenance of one finished invocation."""
+    calls = [EngineCall.model_validate(c) for c in result.engine_calls]
+    engine = result.engine or {}
+    model_prov = None
+    if model is not None:
+        model_prov = ModelProvenance(
+            name=model.name,
+            version=model.version,
+            weights_path=engine.get("model_path") or model.model_path,
+            weights_digest=model.weights_digest,
+            engine_kind=model.engine,
+            engine_version=engine.get("version"),
+            engine_args=dict(engine.get("args") or model.engine_args),
+            engine_url=engine.get("url"),
+        )
+    if result.error is None:
+        status = "succeeded"
+    else:
+        status = "cancelled" if result.error.kind == "cancelled" else "failed"
+    execution = result.finished_at - result.started_at if result.started_at and result.finished_at else None
+    return ProvenanceRecord(
+        invocation_id=invocation.id,
+        status=status,
+        attempt=result.attempt,
+        function=FunctionProvenance(
+            name=spec.name, version=spec.version, digest=spec.digest,
+            module=spec.module, qualname=spec.qualname,
+        ),
+        model=model_prov,
+        engine_calls=calls,
+        input_digest=wire_digest(invocation.args) or "",
+        output_digest=wire_digest(result.value),
+        timings=Timings(
+            submitted_at=invocation.submitted_at,
+            queued_s=result.queue_seconds,
+            cold_start_s=result.cold_start_seconds,
+            execution_s=execution,
+            engine_s=sum(c.engine_seconds for c in calls),
+        ),
+        prompt_tokens=sum(c.prompt_tokens for c in calls),
+        completion_tokens=sum(c.completion_tokens for c in calls),
+        worker_host=result.worker_host,
+        worker_pid=result.worker_pid,
+        determinism=determinism_of(calls) if calls else _NO_ENGINE,
+    )  # fmt: skip
+
+
+def read_provenance(store: ObjectStore, invocation_id: str) -> ProvenanceRecord:
+    """Load and validate an invocation's provenance record.
+
+    Raises:
+        ObjectNotFound: No provenance is recorded for that id (yet).
+    """
+    try:
+        data = json.loads(store.get(provenance_key(invocation_id)))
+    except ObjectNotFound:
+        data = {}
+    if not data.get("provenance"):
+        raise ObjectNotFound(f"No provenance is recorded for invocation {invocation_id!r} (yet).")
+    return ProvenanceRecord.model_validate(data["provenance"])
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    """The outcome of ``faas replay``.
+
+    Attributes:
+        original_id: The replayed invocation.
+        replay_id: The new invocation.
+        matches: Whether the output digests are equal.
+        original_digest: Output digest of the original.
+        replay_digest: Output digest of the replay.
+        value: The replay's return value.
+    """
+
+    original_id: str
+    replay_id: str
+    matches: bool
+    original_digest: str | None
+    replay_digest: str | None
+    value: Any
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary."""
+        return {
+            "original": self.original_id,
+            "replay": self.replay_id,
+            "matches": self.matches,
+            "original_output_digest": self.original_digest,
+            "replay_output_digest": self.replay_digest,
+            "value": json.loads(json.dumps(self.value, default=repr)),
+        }
+
+
+def replay(client: Any, invocation_id: str, *, timeout: float | None = 600.0) -> ReplayReport:
+    """Run an invocation again: same function version, pinned model version, same stored inputs.
+
+    Args:
+        client: A ``faas.Client`` on the store that holds the invocation's records.
+        invocation_id: The invocation to replay.
+        timeout: Seconds to wait for the replay's result.
+
+    Raises:
+        ObjectNotFound: The invocation or its provenance is not recorded.
+    """
+    original = read_provenance(client.store, invocation_id)
+    request = client.record(invocation_id)
+    if request.args is None:
+        raise ObjectNotFound(f"Invocation {invocation_id!r} has no recorded arguments to replay.")
+    spec = client.registry.get_function(original.function.digest)
+    model = None
+    if original.model is not None:
+        model = client.resolve_model(f"{original.model.name}@{original.model.version}")
+    future = client.submit_spec(spec, model, request.args.to_wire(), request.args.refs)
+    value = future.result(timeout)
+    client.flush_records(timeout)
+    again = read_provenance(client.store, future.invocation_id)
+    return ReplayReport(
+        original_id=invocation_id,
+        replay_id=future.invocation_id,
+        matches=again.output_digest == original.output_digest,
+        original_digest=original.output_digest,
+        replay_digest=again.output_digest,
+        value=value,
+    )

@@ -1,0 +1,522 @@
+"""The trigger runner: turns object events into invocations, each object version once.
+
+One pass (:meth:`TriggerRunner.run_once`) polls the event sources, claims new
+object versions durably (commit-once claims in the faas store), submits claimed
+ones through the client up to each binding's ``max_concurrency``, and commits
+finished ones: output first (commit-once), then the done marker (commit-once).
+A failed attempt is retried up to ``max_attempts``, then dead-lettered. A
+runner that dies leaves claims whose holder stops heartbeating; another runner
+takes them over after the binding's lease. ``start()``/``stop()`` run passes on
+a thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from faas._trigger_buckets import ObjectEvent, buckets_for
+from faas._trigger_sources import EventSource, PollingSource, default_sources
+from faas._trigger_state import Claim, TriggerState, event_from, read_heartbeat, write_heartbeat
+from faas._trigger_work import (
+    Committer,
+    Item,
+    Listing,
+    Run,
+    function_from_registry,
+    location,
+    warn_if_unreadable,
+)
+from faas._triggers import Outputs, outputs_parameter
+from registry._bindings import Bindings, TriggerBinding
+from runtime._errors import StoreError, SubmitError
+from warmpool._replica import BackPressureError
+
+if TYPE_CHECKING:
+    from faas._client import Client
+    from faas._function import Function
+
+log = logging.getLogger("faas.triggers")
+Clock = Callable[[], float]
+
+
+class TriggerRunner:
+    """Runs trigger bindings through a faas client.
+
+    Args:
+        client: Submits the invocations; its store holds bindings and trigger records.
+        bindings: Names of the bindings to run (default: every stored binding).
+        functions: Function objects to run bindings with, matched by digest
+            (others are loaded from the registry).
+        sources: Event sources per binding name, replacing the defaults
+            (:func:`default_sources`); tests wrap them to drop or duplicate events.
+        clock: Wall clock (injectable; event and heartbeat times use it).
+        runner_id: This runner's id in claims and heartbeats (default: host-pid-random).
+        wait_seconds: Long-poll wait of notification sources when nothing is in flight.
+        reload_interval: Seconds between re-reads of the stored bindings (pause, resume, rebind).
+        status_interval: Seconds between metrics snapshots written to the store.
+        retry_backoff: Base of the exponential delay before a failed object is retried.
+        io_threads: Threads for store writes (claims, outputs, done markers).
+        max_pending: Claimed objects waiting for a slot, per binding, at most; a
+            listing that finds more claims the rest once the queue drains.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        bindings: Iterable[str] | None = None,
+        functions: Iterable[Function[Any]] = (),
+        sources: Mapping[str, Sequence[EventSource]] | None = None,
+        clock: Clock = time.time,
+        runner_id: str | None = None,
+        wait_seconds: float = 1.0,
+        reload_interval: float = 5.0,
+        status_interval: float = 2.0,
+        retry_backoff: float = 1.0,
+        io_threads: int = 8,
+        max_pending: int = 2000,
+    ) -> None:
+        self.client, self.store = client, client.store
+        self._names = None if bindings is None else list(bindings)
+        self._functions = {client.register(f).digest: f.with_client(client) for f in functions}
+        self._source_overrides = dict(sources or {})
+        self._clock = clock
+        self.id = runner_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._committer = Committer(self.id, clock)
+        self.wait_seconds, self.reload_interval = wait_seconds, reload_interval
+        self.status_interval, self.retry_backoff = status_interval, retry_backoff
+        self.max_pending = max_pending
+        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="faas-trigger-io")
+        self._runs: dict[str, Run] = {}
+        self._next_reload = self._next_beat = self._next_status = float("-inf")
+        self._alive: dict[str, bool] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._beater: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.reload()
+
+    def __repr__(self) -> str:
+        return f"<TriggerRunner {self.id} bindings={sorted(self._runs)}>"
+
+    # -- bindings --------------------------------------------------------------------------
+    def reload(self) -> None:
+        """Re-read the stored bindings now (new, changed, paused, removed)."""
+        stored = {b.name: b for b in Bindings(self.store).list()}
+        wanted = set(stored) if self._names is None else set(self._names)
+        missing = wanted - set(stored)
+        if missing and self._names is not None and not self._runs:
+            from registry._bindings import UnknownBindingError
+
+            raise UnknownBindingError(f"No trigger binding named {sorted(missing)} is stored.")
+        for name in list(self._runs):
+            if (name not in wanted or name not in stored) and not self._runs[name].inflight:
+                self._runs.pop(name).close()
+        for name in sorted(wanted & set(stored)):
+            binding = stored[name]
+            run: Run | None = self._runs.get(name)
+            if run is not None and location(binding) != location(run.binding) and not run.inflight:
+                self._runs.pop(name).close()  # moved: new buckets and sources
+                run = None
+            if run is None:
+                self._runs[name] = self._new_run(binding)
+            elif binding.function_digest != run.binding.function_digest:
+                run.function = self._function(binding)
+                run.outputs_param = outputs_parameter(run.function.fn)
+                run.binding = binding
+            else:
+                run.binding = binding
+        self._next_reload = self._clock() + self.reload_interval
+
+    def _new_run(self, binding: TriggerBinding) -> Run:
+        config = self.store.config()
+        root = config["options"].get("root") if config["kind"] == "file" else None
+        src, out = buckets_for(binding, root)
+        function = self._function(binding)
+        override = self._source_overrides.get(binding.name)
+        sources = list(override) if override is not None else default_sources(binding, src, clock=self._clock)
+        warn_if_unreadable(binding, self.store)
+        state = TriggerState(self.store, binding.name)
+        return Run(binding, function, outputs_parameter(function.fn), src, out, state, sources)
+
+    def _function(self, binding: TriggerBinding) -> Function[Any]:
+        if binding.function_digest not in self._functions:
+            self._functions[binding.function_digest] = function_from_registry(
+                self.client, binding.function_digest
+            )
+        return self._functions[binding.function_digest]
+
+    # -- one pass --------------------------------------------------------------------------
+    def run_once(self, *, wait_for_listings: bool = True) -> int:
+        """Do one pass: poll, claim, submit, commit. Returns how many things changed state.
+
+        Args:
+            wait_for_listings: Finish a due listing within this pass. The runner's
+                thread passes False: listings then run on the I/O threads while
+                passes go on, and are applied by the pass after they finish.
+        """
+        now = self._clock()
+        if now >= self._next_reload:
+            self.reload()
+        if now >= self._next_beat and self._beater is None:
+            self._heartbeat(now)
+        self._alive.clear()
+        busy = any(r.inflight or r.pending for r in self._runs.values())
+        changed, waited = 0, busy
+        for run in list(self._runs.values()):
+            for source in run.sources:
+                if isinstance(source, PollingSource):
+                    changed += self._listing(run, source, wait_for_listings)
+                    continue
+                events = source.poll(0.0 if waited else self.wait_seconds)
+                waited = True
+                changed += self._offer(run, source, events)
+        for run in self._runs.values():
+            changed += self._collect(run) + self._dispatch(run)
+            poller = run.poller()
+            if run.more and poller is not None and len(run.pending) < self.max_pending // 2:
+                poller.trigger()
+        if self._clock() >= self._next_status:
+            self.write_status()
+        return changed
+
+    def _heartbeat(self, now: float) -> None:
+        doc = {"runner": self.id, "pid": os.getpid(), "host": socket.gethostname(), "beat_at": now}
+        write_heartbeat(self.store, self.id, {**doc, "bindings": sorted(self._runs)})
+        lease = min((r.binding.lease_seconds for r in self._runs.values()), default=60.0)
+        self._next_beat = now + lease / 4
+
+    def _holder_alive(self, run: Run, runner: str, now: float) -> bool:
+        if runner == self.id:
+            return True
+        if runner not in self._alive:
+            beat = read_heartbeat(self.store, runner)
+            fresh = beat is not None and not beat.get("stopped")
+            self._alive[runner] = fresh and now - float(beat["beat_at"]) <= run.binding.lease_seconds  # type: ignore[index]
+        return self._alive[runner]
+
+    # -- intake ---------------------------------------------------------------------------
+    def _offer(self, run: Run, source: EventSource, events: list[ObjectEvent]) -> int:
+        """Claim notified objects; acknowledge the messages whose events are recorded."""
+        b, fresh, bad = run.binding, [], set()
+        for ev in events:
+            if ev.bucket != run.src.name or not b.matches(ev.key) or b.paused:
+                continue  # not ours, or paused: the reconciler finds it after resume
+            ids = [b.dedup_id(ev.bucket, ev.key, ev.etag, d) for d in b.digests]
+            if any(i in run.settled or run.mine(i) or i in run.foreign for i in ids):
+                run.counters["duplicates"] += 1
+                continue
+            if len(ids) > 1 and any(run.state.is_settled(i) for i in ids[1:]):
+                run.settled.add(ids[0])
+                continue
+            fresh.append(Item(ids[0], ev))
+        for item, outcome in self._claim_all(run, fresh):
+            if isinstance(outcome, Exception):
+                bad.add(item.event.receipt)
+                log.warning("Could not claim %s/%s: %s", item.event.bucket, item.event.key, outcome)
+            elif outcome:
+                run.pending[item.id] = item
+                run.counters["claimed_" + item.event.origin] += 1
+            else:
+                run.foreign[item.id] = 0.0
+                run.counters["duplicates"] += 1
+        acked = [e for e in events if e.receipt not in bad]
+        if acked:
+            self._io.submit(source.ack, acked).add_done_callback(_log_failure)
+        return len(fresh)
+
+    def _claim_all(self, run: Run, items: list[Item]) -> Iterable[tuple[Item, bool | Exception]]:
+        """Claim ``items`` in parallel; pairs of item and outcome, in order."""
+        return zip(items, self._io.map(lambda i: self._committer.claim(run, i), items), strict=True)
+
+    def _listing(self, run: Run, source: PollingSource, wait: bool) -> int:
+        """Start a due listing on the I/O threads; apply it once it is finished."""
+        if run.fetching is None:
+            if run.binding.paused or not source.due():
+                return 0
+            known = frozenset(run.settled) | run.pending.keys() | run.inflight.keys() | run.foreign.keys()
+            now = self._clock()
+            full = now >= run.next_full or any(t <= now for t in run.foreign.values())
+            run.fetching = self._io.submit(self._fetch, run, source, known, full)
+        if wait:
+            concurrent.futures.wait([run.fetching])
+        if not run.fetching.done():
+            return 0
+        fetched, run.fetching = run.fetching, None
+        try:
+            return self._reconcile(run, fetched.result())
+        except StoreError as exc:
+            log.warning("Listing %s for binding %s failed: %s", source.name, run.binding.name, exc)
+            return 0
+
+    def _fetch(self, run: Run, source: PollingSource, known: frozenset[str], full: bool) -> Listing:
+        """List the prefix, and the binding's records when needed (store I/O only; any thread).
+
+        The records (done markers, dead letters, claims) are listed on the first
+        listing, then every ``max(60 s, 10 x poll_interval)``, when retries are
+        waiting, and when objects claimed elsewhere are due for a look (their
+        holder may have died). Otherwise unknown objects are simply claimed.
+        Next to a notification source, the listing leaves objects younger than
+        ``min(10 s, poll_interval)`` to their notifications: it is there for lost ones.
+        """
+        b, listed = run.binding, []
+        notified = any(not isinstance(s, PollingSource) for s in run.sources)
+        newest = self._clock() - (min(10.0, b.poll_interval) if notified else 0.0)
+        for ev in source.poll(0.0):
+            if not b.matches(ev.key) or (not b.process_existing and ev.event_time < b.created_at):
+                continue
+            if ev.event_time > newest:
+                continue
+            ids = [b.dedup_id(ev.bucket, ev.key, ev.etag, d) for d in b.digests]
+            if not any(i in known for i in ids):
+                listed.append((ids[0], ev))
+        retries = run.state.retries()
+        if not (full or retries):
+            return Listing(listed, retries, None)
+        records = (run.state.done_ids(), run.state.dead_ids(), run.state.attempts())
+        return Listing(listed, retries, records)
+
+    def _reconcile(self, run: Run, listing: Listing) -> int:
+        """Resume retries and orphans; claim listed objects that nobody has claimed."""
+        b, now = run.binding, self._clock()
+        run.listings += 1
+        run.unclaimed = {}
+        listed, retries, changed = listing.listed, listing.retries, 0
+        attempts: dict[str, int] = {}
+        if listing.records is not None:
+            run.next_full = now + max(60.0, 10 * b.poll_interval)
+            done, dead, attempts = listing.records
+            run.settled |= done | dead
+            for id in [i for i in run.foreign if i in run.settled]:
+                del run.foreign[id]
+            for doc in retries:
+                changed += self._retry(run, doc, done, attempts)
+            orphans = [
+                (i, n) for i, n in attempts.items()
+                if i not in run.settled and not run.mine(i) and run.foreign.get(i, 0.0) <= now
+            ]  # fmt: skip
+            claims = self._io.map(lambda o: run.state.read_claim(*o), orphans)
+            for (id, n), claim in zip(orphans, claims, strict=True):
+                changed += self._recover(run, id, n, claim, now)
+        fresh: list[Item] = []
+        for id, ev in listed:
+            older = (b.dedup_id(ev.bucket, ev.key, ev.etag, d) for d in b.digests[1:])
+            if id in run.settled or run.mine(id) or id in run.foreign or any(i in run.settled for i in older):
+                continue
+            if id in attempts:
+                run.unclaimed[id] = ev.event_time
+                continue
+            fresh.append(Item(id, ev))
+        room = max(0, self.max_pending - len(run.pending))
+        for item in fresh[room:]:  # claimed by a later listing, triggered once the queue drains
+            run.unclaimed[item.id] = item.event.event_time
+        run.more = len(fresh) > room
+        fresh = fresh[:room]
+        for item, won in self._claim_all(run, fresh):
+            if won is True:
+                run.pending[item.id] = item
+                run.counters["claimed_listing"] += 1
+            else:  # claimed elsewhere (or the store failed): look again later
+                run.unclaimed[item.id] = item.event.event_time
+                run.foreign[item.id] = now + (b.lease_seconds / 2 if won is False else 0.0)
+        return changed + len(fresh)
+
+    def _retry(self, run: Run, doc: dict[str, Any], done: set[str], attempts: dict[str, int]) -> int:
+        old = str(doc["id"])
+        if old in done:
+            run.state.delete_retry(old)
+            return 0
+        ev = event_from(doc["event"])
+        new = run.binding.dedup_id(ev.bucket, ev.key, ev.etag)
+        if run.mine(old) or run.mine(new):
+            return 0  # queued already; the request is deleted once the new attempt is claimed
+        run.settled.discard(new)
+        run.pending[new] = Item(new, ev, attempt=attempts.get(new, 0) + 1, retry_of=old)
+        return 1
+
+    def _recover(self, run: Run, id: str, n: int, claim: Claim | None, now: float) -> int:
+        """Take over an object claimed elsewhere if its holder is dead or its attempt failed."""
+        if claim is None:
+            return 0
+        b = run.binding
+        if claim.state == "claimed" and self._holder_alive(run, claim.runner, now):
+            run.foreign[id] = now + b.lease_seconds / 2
+            return 0
+        item = Item(id, claim.event(), attempt=n + 1, failures=claim.failures)
+        if claim.state == "failed":
+            if claim.failures >= b.max_attempts:
+                self._committer.dead_letter(run, item, claim.error or {}, now)
+                run.settled.add(id)
+                return 1
+            item.not_before = claim.updated_at + self._backoff(claim.failures)
+        run.pending[id] = item
+        run.foreign.pop(id, None)
+        run.counters["recovered"] += 1
+        return 1
+
+    def _backoff(self, failures: int) -> float:
+        return float(min(self.retry_backoff * 2.0 ** max(0, failures - 1), 300.0))
+
+    # -- dispatch --------------------------------------------------------------------------
+    def _dispatch(self, run: Run) -> int:
+        b, now = run.binding, self._clock()
+        room = b.max_concurrency - len(run.inflight)
+        if b.paused or room <= 0:
+            return 0
+        ready = [i for i in run.pending.values() if i.not_before <= now][:room]
+        to_claim = [i for i in ready if not i.claimed]
+        for item, won in self._claim_all(run, to_claim):
+            if won is not True:
+                del run.pending[item.id]
+                run.foreign[item.id] = now if isinstance(won, Exception) else now + b.lease_seconds / 2
+            elif item.retry_of:
+                with contextlib.suppress(StoreError):
+                    run.state.delete_dead(item.retry_of)
+                    run.state.delete_retry(item.retry_of)
+        started = 0
+        for item in ready:
+            if not item.claimed:
+                continue
+            ref = run.src.ref(item.event)
+            kwargs: dict[str, Any] = {}
+            if run.outputs_param:
+                base = b.output_prefix + b.relative_name(item.event.key)
+                kwargs[run.outputs_param] = Outputs(run.out.store_config(), run.out.name, base)
+            try:
+                future = run.function.submit(ref, **kwargs)
+            except BackPressureError:
+                run.counters["back_pressure"] += 1
+                break
+            except SubmitError as exc:
+                del run.pending[item.id]
+                run.apply(item, self._committer.failed(run, item, exc), self._clock(), self._backoff)
+                continue
+            future.add_done_callback(lambda _f: self._wake.set())
+            item.future, item.started = future, now
+            run.inflight[item.id] = run.pending.pop(item.id)
+            started += 1
+        run.max_inflight_seen = max(run.max_inflight_seen, len(run.inflight))
+        return started
+
+    # -- completion ------------------------------------------------------------------------
+    def _collect(self, run: Run) -> int:
+        finished = [i for i in run.inflight.values() if i.future is not None and i.future.done()]
+        for item, outcome in zip(
+            finished, self._io.map(lambda i: self._committer.finish(run, i), finished), strict=True
+        ):
+            del run.inflight[item.id]
+            run.apply(item, outcome, self._clock(), self._backoff)
+        return len(finished)
+
+    # -- metrics ---------------------------------------------------------------------------
+    def metrics(self, name: str) -> dict[str, Any]:
+        """Binding ``name``'s numbers as this runner sees them (backlog, lag, counters)."""
+        return self._runs[name].metrics(self.id, self._clock())
+
+    def metrics_all(self) -> dict[str, dict[str, Any]]:
+        """:meth:`metrics` of every binding this runner runs."""
+        return {name: self.metrics(name) for name in sorted(self._runs)}
+
+    def write_status(self) -> None:
+        """Write every binding's metrics snapshot to the store now (``faas triggers ls`` reads them)."""
+        self._next_status = self._clock() + self.status_interval
+        for name, run in self._runs.items():
+            try:
+                run.state.write_status(self.id, self.metrics(name))
+            except StoreError as exc:
+                log.warning("Could not write the trigger status of %s: %s", name, exc)
+
+    def reconcile_now(self) -> None:
+        """Make the next pass list every binding's prefix (and pick up retries) at once."""
+        for run in self._runs.values():
+            poller = run.poller()
+            if poller is not None:
+                poller.trigger()
+
+    def binding_names(self) -> list[str]:
+        """The bindings this runner runs."""
+        return sorted(self._runs)
+
+    def idle(self) -> bool:
+        """Whether nothing is pending or in flight in this runner."""
+        return not any(r.pending or r.inflight for r in self._runs.values())
+
+    # -- thread ----------------------------------------------------------------------------
+    def start(self) -> TriggerRunner:
+        """Run passes on a background thread until :meth:`stop`."""
+        with self._lock:
+            if self._thread is None:
+                self._stop.clear()
+                self._heartbeat(self._clock())
+                self._thread = threading.Thread(target=self._loop, name="faas-trigger-runner", daemon=True)
+                self._beater = threading.Thread(target=self._beat_loop, name="faas-trigger-beat", daemon=True)
+                self._thread.start()
+                self._beater.start()
+        return self
+
+    def _beat_loop(self) -> None:
+        """Heartbeats on their own thread, so a long pass never makes this runner look dead."""
+        while not self._stop.wait(max(0.05, self._next_beat - self._clock())):
+            try:
+                self._heartbeat(self._clock())
+            except Exception as exc:
+                log.warning("Could not write the heartbeat of runner %s: %s", self.id, exc)
+                self._next_beat = self._clock() + 1.0
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                changed = self.run_once(wait_for_listings=False)
+            except Exception:
+                log.exception("A trigger pass failed; the next pass starts in 1 s")
+                self._stop.wait(1.0)
+                continue
+            if not changed:
+                self._wake.wait(0.05 if not self.idle() else 0.2)  # pacing, woken by finished futures
+                self._wake.clear()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the thread; work in flight is committed if it finishes within ``timeout``."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+            beater, self._beater = self._beater, None
+        self._stop.set()
+        self._wake.set()
+        for t in (thread, beater):
+            if t is not None:
+                t.join(timeout)
+        deadline = time.monotonic() + timeout
+        while any(r.inflight for r in self._runs.values()) and time.monotonic() < deadline:
+            for run in self._runs.values():
+                self._collect(run)
+            self._wake.wait(0.05)
+            self._wake.clear()
+        with contextlib.suppress(StoreError):
+            self.write_status()
+            beat = {"runner": self.id, "beat_at": self._clock(), "stopped": True}
+            write_heartbeat(self.store, self.id, beat)  # others may take its claims over at once
+        self._io.shutdown(wait=True)  # pending acknowledgements and listings first
+        for run in self._runs.values():
+            run.close()
+
+    def __enter__(self) -> TriggerRunner:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _log_failure(future: concurrent.futures.Future[Any]) -> None:
+    if future.exception() is not None:
+        log.warning("Acknowledging events failed (they will be delivered again): %s", future.exception())

@@ -1,0 +1,251 @@
+"""Object-store triggers: bind a function to new objects under a bucket prefix.
+
+```python
+@faas.function()
+def summarise(ref: faas.ObjectRef) -> dict:
+    return {"lines": sum(1 for _ in ref.lines())}
+
+summarise.on_object(bucket="beamline", prefix="raw/", suffix=".csv", output_prefix="summaries/")
+```
+
+The function receives a :class:`faas.ObjectRef` for each new object version and
+its return value is written to ``output_prefix + <name> + output_suffix``
+(bytes as they are, str as UTF-8, anything else as JSON; None writes nothing).
+A parameter annotated :class:`Outputs` receives a handle for writing further
+outputs. A :class:`faas.triggers.TriggerRunner` runs the bindings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import re
+import typing
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from faas._trigger_state import TriggerState
+from registry._bindings import BindingError, Bindings, TriggerBinding, make_binding
+from registry._specs import FunctionSpec
+from runtime._errors import ObjectExists
+from runtime._objectref import ObjectRef, cached_store
+from runtime._store import ObjectStore
+
+if TYPE_CHECKING:
+    from faas._function import Function
+
+_PLACEHOLDER_DIGEST = "0" * 64
+
+
+class Outputs:
+    """The handle a trigger function uses to write outputs of its own.
+
+    Declare a parameter annotated ``faas.Outputs`` to receive it. Every name is
+    written below ``base`` (``output_prefix + <name of the input>``), commit-once:
+    a retried attempt that writes the same bytes again changes nothing.
+
+    Attributes:
+        bucket: The output bucket (or directory).
+        base: Key prefix of this object's outputs.
+    """
+
+    def __init__(self, store_config: dict[str, Any], bucket: str, base: str) -> None:
+        self.store_config, self.bucket, self.base = store_config, bucket, base
+
+    def __repr__(self) -> str:
+        return f"<faas.Outputs {self.bucket}/{self.base}/*>"
+
+    def key(self, name: str) -> str:
+        """The key that output ``name`` is written to.
+
+        Raises:
+            ValueError: ``name`` is absolute or has ``.``/``..`` parts.
+        """
+        if not name or name.startswith("/") or any(p in ("", ".", "..") for p in name.split("/")):
+            raise ValueError(f"Output name {name!r} must be a relative path without '.' or '..' parts.")
+        return f"{self.base}/{name}"
+
+    def _store(self) -> ObjectStore:
+        return cached_store(self.store_config)
+
+    def put(self, name: str, data: bytes | str) -> str:
+        """Write output ``name`` and return its key (a retry with other bytes replaces it)."""
+        blob = data.encode() if isinstance(data, str) else bytes(data)
+        key, digest = self.key(name), hashlib.sha256(blob).hexdigest()
+        store = self._store()
+        try:
+            store.put(key, blob, if_absent=True, sha256=digest)
+        except ObjectExists:
+            if stored_digest(store, key) != digest:
+                store.put(key, blob, sha256=digest)
+        return key
+
+    def put_file(self, name: str, fileobj: BinaryIO) -> str:
+        """Stream a file object to output ``name`` and return its key."""
+        key = self.key(name)
+        self._store().put_file(key, fileobj)
+        return key
+
+
+def stored_digest(store: ObjectStore, key: str) -> str | None:
+    """The sha256 of an object: recorded metadata where the store keeps it, else its hash."""
+    client = getattr(store, "client", None)
+    if client is not None and hasattr(store, "bucket"):
+        try:
+            prefix = str(getattr(store, "prefix", "") or "")
+            full = f"{prefix}/{key}" if prefix else key
+            head = client.head_object(Bucket=store.bucket, Key=full)  # type: ignore[attr-defined]
+            recorded = head.get("Metadata", {}).get("sha256")
+            if recorded:
+                return str(recorded)
+        except Exception:
+            return None
+    try:
+        return hashlib.sha256(store.get(key)).hexdigest()
+    except Exception:
+        return None
+
+
+def encode_output(value: Any) -> bytes | None:
+    """The bytes written for a trigger function's return value (None: write nothing).
+
+    Raises:
+        TypeError: The value is not bytes, str, None or JSON-able.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode()
+    try:
+        return json.dumps(value, sort_keys=True).encode()
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"A trigger function returns bytes, str, a JSON-able value or None; it returned a "
+            f"{type(value).__name__} ({exc})."
+        ) from None
+
+
+def outputs_parameter(fn: Any) -> str | None:
+    """The name of the parameter annotated ``faas.Outputs``, if any."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        hints = {}
+    for pname, param in sig.parameters.items():
+        ann = hints.get(pname, param.annotation)
+        if ann is Outputs or (isinstance(ann, str) and ann.rsplit(".", 1)[-1] == "Outputs"):
+            return pname
+    return None
+
+
+def check_trigger_function(function: Function[Any]) -> str | None:
+    """Check that ``function`` can be called with one ObjectRef; return its Outputs parameter.
+
+    Raises:
+        BindingError: It cannot.
+    """
+    param = outputs_parameter(function.fn)
+    probe = ObjectRef("bucket", "key")
+    try:
+        function.check_arguments((probe,), {param: None} if param else {})
+    except Exception as exc:
+        raise BindingError(
+            f"{function.name} cannot be a trigger function: it must take the ObjectRef as its one "
+            f"positional argument (plus an optional parameter annotated faas.Outputs) ({exc})"
+        ) from None
+    return param
+
+
+def create_binding(
+    store: ObjectStore,
+    spec: FunctionSpec,
+    *,
+    name: str | None = None,
+    reprocess: bool = False,
+    **options: Any,
+) -> TriggerBinding:
+    """Store a binding of the registered function ``spec`` (a new one, or a new revision).
+
+    Args:
+        store: The faas store.
+        spec: The function version to run.
+        name: Binding name (default: the function's name).
+        reprocess: When the binding exists with another function digest, process
+            every object again instead of only the ones not yet done.
+        options: :class:`TriggerBinding` fields (bucket, prefix, suffix, output_prefix, ...).
+
+    Raises:
+        BindingError: The binding is malformed.
+    """
+    fields = _fields(store, name or spec.name, options)
+    bindings = Bindings(store)
+    current = next((b for b in bindings.list() if b.name == fields["name"]), None)
+    previous: list[str] = []
+    if current is not None and not reprocess:
+        previous = current.previous_digests if current.function_digest == spec.digest else current.digests
+    binding = make_binding(
+        **fields,
+        function=spec.name,
+        function_version=spec.version,
+        function_digest=spec.digest,
+        previous_digests=previous,
+        paused=current.paused if current else False,
+    )
+    return bindings.put(binding)
+
+
+def _fields(store: ObjectStore, name: str, options: dict[str, Any]) -> dict[str, Any]:
+    known = set(TriggerBinding.model_fields) - {"function", "function_version", "function_digest"}
+    known -= {"previous_digests", "paused", "created_at", "updated_at", "revision", "name"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise BindingError(f"Unknown trigger binding options {unknown}; the options are {sorted(known)}.")
+    fields = {k: v for k, v in options.items() if v is not None}
+    config = store.config()
+    fields.setdefault("storage", "file" if config["kind"] == "file" else "s3")
+    if fields["storage"] == "s3" and config["kind"] == "s3":
+        store_options = config["options"]
+        for opt in ("endpoint_url", "region", "path_style"):
+            if store_options.get(opt) is not None:
+                fields.setdefault(opt, store_options[opt])
+    fields.setdefault("poll_interval", 60.0 if fields.get("queue_url") else 5.0)
+    if isinstance(fields.get("bucket"), str):
+        fields["bucket"] = re.sub(r"^s3://", "", fields["bucket"]).rstrip("/")
+    return {"name": name, **fields}
+
+
+def bind_function(
+    function: Function[Any], *, name: str | None = None, reprocess: bool = False, **options: Any
+) -> TriggerBinding:
+    """Implementation of :meth:`faas.Function.on_object` (validates, then registers)."""
+    client = function.client
+    fields = _fields(client.store, name or function.name, options)
+    make_binding(**fields, function=function.name, function_version=0, function_digest=_PLACEHOLDER_DIGEST)
+    check_trigger_function(function)
+    spec = client.register(function)
+    return create_binding(client.store, spec, name=name or function.name, reprocess=reprocess, **options)
+
+
+def failed(store: ObjectStore, binding: str) -> list[dict[str, Any]]:
+    """The dead letters of ``binding``, oldest first."""
+    Bindings(store).get(binding)
+    return TriggerState(store, binding).dead_letters()
+
+
+def retry(store: ObjectStore, binding: str, keys: list[str] | None = None) -> list[dict[str, Any]]:
+    """Queue dead letters of ``binding`` for another try (all of them, or those of ``keys``).
+
+    Returns:
+        The dead letters that were queued.
+    """
+    state = TriggerState(store, binding)
+    chosen = [d for d in failed(store, binding) if keys is None or d["event"]["key"] in keys]
+    for doc in chosen:
+        state.request_retry(doc)
+    return chosen

@@ -1,0 +1,70 @@
+"""Access policy and call records for the ``Model`` handle.
+
+A model spec lists the modes it allows (``generate``, ``encode``, ``logprobs``,
+``hidden_states``); the handle checks every request against them before it
+leaves the worker. The handle also records what it asked of the engine, for
+the invocation's provenance.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from runtime._errors import ModeNotAllowedError
+
+MODES = frozenset({"generate", "encode", "logprobs", "hidden_states"})
+
+
+def check_modes(modes: Iterable[str]) -> frozenset[str]:
+    """Validate a list of mode names."""
+    chosen = frozenset(modes)
+    unknown = chosen - MODES
+    if unknown:
+        raise ValueError(f"Unknown model modes {sorted(unknown)}; the modes are {sorted(MODES)}.")
+    return chosen
+
+
+def modes_of(path: str, body: dict[str, Any]) -> set[str]:
+    """The modes one engine request uses."""
+    if path == "/encode":
+        return {"encode"}
+    modes = {"generate"}
+    if body.get("return_logprob") or body.get("logprobs"):
+        modes.add("logprobs")
+    if body.get("return_hidden_states"):
+        modes.add("hidden_states")
+    return modes
+
+
+def guard(model_name: str, allowed: frozenset[str] | None, path: str, body: dict[str, Any]) -> None:
+    """Raise ModeNotAllowedError if the request uses a mode the model does not allow."""
+    if allowed is None:
+        return
+    denied = modes_of(path, body) - allowed
+    if denied:
+        raise ModeNotAllowedError(
+            f"Model {model_name!r} does not allow {', '.join(sorted(denied))} "
+            f"(it allows {', '.join(sorted(allowed)) or 'nothing'}); no request was sent to the engine."
+        )
+
+
+def call_record(path: str, body: dict[str, Any], response: Any, started: float) -> dict[str, Any]:
+    """What one engine call asked for and got back, for provenance (no prompt or output text)."""
+    items = response if isinstance(response, list) else [response]
+    metas = [i.get("meta_info", {}) for i in items if isinstance(i, dict)]
+    usage = response.get("usage", {}) if isinstance(response, dict) else {}
+    return {
+        "path": path,
+        "sampling_params": body.get("sampling_params"),
+        "options": {
+            k: body[k] for k in ("return_logprob", "top_logprobs_num", "return_hidden_states") if k in body
+        },
+        "rid": body.get("rid"),
+        "prompt_tokens": sum(int(m.get("prompt_tokens", 0)) for m in metas) or usage.get("prompt_tokens", 0),
+        "completion_tokens": sum(int(m.get("completion_tokens", 0)) for m in metas)
+        or usage.get("completion_tokens", 0),
+        "engine_seconds": max((float(m.get("e2e_latency", 0.0)) for m in metas), default=0.0),
+        "wall_seconds": time.time() - started,
+    }

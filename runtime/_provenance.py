@@ -1,0 +1,122 @@
+"""Provenance: which model, code and settings produced a result.
+
+A :class:`ProvenanceRecord` is written beside every invocation's result
+(``invocations/<id>/provenance.json``). It names the function (name, version,
+digest), the model version (weights path and digest, engine kind, version and
+arguments), every engine call's sampling parameters and seed, digests of the
+stored input and output, timings, token counts, where it ran, and which
+determinism guarantees held.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FunctionProvenance(BaseModel):
+    """The code that ran."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    version: int
+    digest: str
+    module: str = ""
+    qualname: str = ""
+
+
+class ModelProvenance(BaseModel):
+    """The model version and engine that served it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    version: str
+    weights_path: str | None = None
+    weights_digest: str | None = None
+    engine_kind: str
+    engine_version: str | None = None
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    engine_url: str | None = None
+
+
+class EngineCall(BaseModel):
+    """One request the function sent to the engine (no prompt or output text)."""
+
+    path: str
+    sampling_params: Any = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    rid: Any = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    engine_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+
+class Timings(BaseModel):
+    """Seconds spent where."""
+
+    submitted_at: float
+    queued_s: float | None = None
+    cold_start_s: float | None = None
+    execution_s: float | None = None
+    engine_s: float = 0.0
+
+
+class Determinism(BaseModel):
+    """Which guarantees held for this invocation.
+
+    Attributes:
+        greedy: Every engine call used temperature 0 (output depends only on
+            model, engine build and inputs).
+        seeded: Every sampled call carried a ``sampling_seed``.
+        reproducible: ``greedy`` or ``seeded``: a replay on the same model
+            version and engine build is expected to give the same output.
+        notes: What may still differ (batching, hardware).
+    """
+
+    greedy: bool
+    seeded: bool
+    reproducible: bool
+    notes: str = ""
+
+
+class ProvenanceRecord(BaseModel):
+    """Everything needed to say how a result was produced, and to replay it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = 1
+    invocation_id: str
+    status: str
+    attempt: int = 0
+    function: FunctionProvenance
+    model: ModelProvenance | None = None
+    engine_calls: list[EngineCall] = Field(default_factory=list)
+    input_digest: str
+    output_digest: str | None = None
+    timings: Timings
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    worker_host: str = ""
+    worker_pid: int = 0
+    determinism: Determinism
+
+
+def determinism_of(calls: list[EngineCall]) -> Determinism:
+    """Judge reproducibility from the engine calls' sampling parameters."""
+    params: list[dict[str, Any]] = []
+    for call in calls:
+        sp = call.sampling_params
+        params.extend(sp if isinstance(sp, list) else [sp or {}])
+    greedy = all(float(p.get("temperature", 1.0)) == 0.0 for p in params)
+    seeded = all(
+        float(p.get("temperature", 1.0)) == 0.0 or p.get("sampling_seed") is not None for p in params
+    )
+    notes = (
+        "Same model version and engine build assumed; GPU kernels and batch composition can change "
+        "floating-point results, which greedy decoding tolerates only while no two tokens tie."
+    )
+    return Determinism(greedy=greedy, seeded=seeded, reproducible=greedy or seeded, notes=notes)

@@ -1,0 +1,370 @@
+"""Invocation records: every request and result, as JSON in the object store.
+
+Layout under the store::
+
+    invocations/<id>/request.json   RequestRecord, written commit-once at submit
+    invocations/<id>/result.json    ResultRecord, written commit-once when the result arrives
+
+Both are commit-once, so a retried or duplicated invocation cannot produce two
+results: the second write is refused and reported (``write_result`` returns
+False). Large values never appear inline: a value above the staging threshold
+is recorded as the :class:`StagedRef` of its object, and arguments list every
+staged object they refer to.
+
+:class:`RecordWriter` writes records on a background thread, in order, so the
+store's latency (an fsync, an S3 round trip) stays off the invocation's path.
+It never drops a record: a failed write is retried until it succeeds or the
+writer is closed, and ``flush()`` reports what could not be written.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from runtime._errors import ObjectExists, ObjectNotFound, StoreError
+from runtime._staging import StagedRef, is_marker, parse_marker
+from runtime._store import ObjectStore
+from runtime._wire import ErrorInfo, Invocation, Result
+
+log = logging.getLogger("faas.records")
+
+Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+_B64 = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+
+class ValueRecord(BaseModel):
+    """A value as recorded: inline when small, else the reference to its staged object.
+
+    Attributes:
+        size: Bytes on the wire (the inline bytes, or the marker).
+        inline: The serialised value, when it traveled inline (base64 in JSON).
+        ref: The staged object holding the whole value, when it was staged.
+        refs: Staged objects the value refers to (large arguments staged on
+            their own, and ``faas.put`` references passed in).
+    """
+
+    model_config = _B64
+
+    size: int
+    inline: bytes | None = None
+    ref: StagedRef | None = None
+    refs: tuple[StagedRef, ...] = ()
+
+    @classmethod
+    def from_wire(cls, data: bytes, refs: tuple[StagedRef, ...] = ()) -> ValueRecord:
+        """Describe wire bytes (inline value or marker)."""
+        if is_marker(data):
+            return cls(size=len(data), ref=parse_marker(data), refs=refs)
+        return cls(size=len(data), inline=data, refs=refs)
+
+    def to_wire(self) -> bytes:
+        """The wire bytes again (what ``runtime.unstage_value`` reads)."""
+        if self.ref is not None:
+            from runtime._staging import marker
+
+            return marker(self.ref)
+        return self.inline or b""
+
+    @property
+    def staged_bytes(self) -> int:
+        """Total size of the staged objects this value refers to."""
+        return (self.ref.size if self.ref else 0) + sum(r.size for r in self.refs)
+
+
+class RequestRecord(BaseModel):
+    """What was asked: ``invocations/<id>/request.json``."""
+
+    model_config = _B64
+
+    id: str
+    function_name: str
+    function_digest: str
+    model: str | None = None
+    timeout: float | None = None
+    retries: int = 0
+    submitted_at: float
+    args: ValueRecord
+
+    @classmethod
+    def of(cls, invocation: Invocation) -> RequestRecord:
+        """The record of an invocation as submitted."""
+        return cls(
+            id=invocation.id,
+            function_name=invocation.function_name,
+            function_digest=invocation.function_digest,
+            model=invocation.model,
+            timeout=invocation.timeout,
+            retries=invocation.retries,
+            submitted_at=invocation.submitted_at,
+            args=ValueRecord.from_wire(invocation.args, invocation.refs),
+        )
+
+
+class ResultRecord(BaseModel):
+    """What came back: ``invocations/<id>/result.json``."""
+
+    model_config = _B64
+
+    invocation_id: str
+    status: Status
+    value: ValueRecord | None = None
+    error: ErrorInfo | None = None
+    attempt: int = 0
+    worker_pid: int = 0
+    worker_host: str = ""
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    recorded_at: float = 0.0
+    provenance: dict[str, Any] | None = None  # a runtime._provenance.ProvenanceRecord
+
+    @classmethod
+    def of(cls, result: Result) -> ResultRecord:
+        """The record of a final Result."""
+        if result.error is None:
+            status: Status = "succeeded"
+        else:
+            status = "cancelled" if result.error.kind == "cancelled" else "failed"
+        return cls(
+            invocation_id=result.invocation_id,
+            status=status,
+            value=None if result.value is None else ValueRecord.from_wire(result.value),
+            error=result.error,
+            attempt=result.attempt,
+            worker_pid=result.worker_pid,
+            worker_host=result.worker_host,
+            started_at=result.started_at,
+            finished_at=result.finished_at,
+            recorded_at=time.time(),
+            provenance=result.provenance,
+        )
+
+
+class InvocationRecord(BaseModel):
+    """Everything known about one invocation: its request merged with its result, if any.
+
+    Attributes:
+        status: ``queued`` until a result is recorded, then ``succeeded``,
+            ``failed`` or ``cancelled``.
+    """
+
+    model_config = _B64
+
+    id: str
+    status: Status
+    function_name: str = ""
+    function_digest: str = ""
+    model: str | None = None
+    submitted_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    attempt: int = 0
+    args: ValueRecord | None = None
+    result: ValueRecord | None = None
+    error: ErrorInfo | None = None
+    worker_pid: int = 0
+    worker_host: str = ""
+
+
+class RecordStore:
+    """Reads and writes invocation records in an ObjectStore.
+
+    Args:
+        store: The store (the same one that holds functions and staged values).
+    """
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    @staticmethod
+    def key(invocation_id: str, part: Literal["request", "result"]) -> str:
+        """The store key of one part of an invocation's record."""
+        return f"invocations/{invocation_id}/{part}.json"
+
+    def write_request(self, invocation: Invocation) -> bool:
+        """Record a submitted invocation; False if its id was recorded before."""
+        return self._commit(self.key(invocation.id, "request"), RequestRecord.of(invocation))
+
+    def write_result(self, result: Result) -> bool:
+        """Record an invocation's final result; False (and nothing written) if one exists."""
+        return self._commit(self.key(result.invocation_id, "result"), ResultRecord.of(result))
+
+    def _commit(self, key: str, record: BaseModel) -> bool:
+        try:
+            self.store.put(key, record.model_dump_json(exclude_none=True).encode(), if_absent=True)
+        except ObjectExists:
+            return False
+        return True
+
+    def request(self, invocation_id: str) -> RequestRecord | None:
+        """The request record, or None."""
+        try:
+            return RequestRecord.model_validate_json(self.store.get(self.key(invocation_id, "request")))
+        except ObjectNotFound:
+            return None
+
+    def result(self, invocation_id: str) -> ResultRecord | None:
+        """The result record, or None while there is none."""
+        try:
+            return ResultRecord.model_validate_json(self.store.get(self.key(invocation_id, "result")))
+        except ObjectNotFound:
+            return None
+
+    def get(self, invocation_id: str) -> InvocationRecord:
+        """The merged record of an invocation.
+
+        Raises:
+            ObjectNotFound: Nothing is recorded under that id.
+        """
+        request, result = self.request(invocation_id), self.result(invocation_id)
+        if request is None and result is None:
+            raise ObjectNotFound(f"No invocation {invocation_id!r} is recorded in {self.store.url()}.")
+        record = InvocationRecord(id=invocation_id, status="queued")
+        if request is not None:
+            record = record.model_copy(
+                update={
+                    "function_name": request.function_name,
+                    "function_digest": request.function_digest,
+                    "model": request.model,
+                    "submitted_at": request.submitted_at,
+                    "args": request.args,
+                }
+            )
+        if result is not None:
+            record = record.model_copy(
+                update={
+                    "status": result.status,
+                    "result": result.value,
+                    "error": result.error,
+                    "attempt": result.attempt,
+                    "started_at": result.started_at,
+                    "finished_at": result.finished_at,
+                    "worker_pid": result.worker_pid,
+                    "worker_host": result.worker_host,
+                }
+            )
+        return record
+
+
+class RecordWriter:
+    """Writes records on background threads, never dropping one.
+
+    Records of one invocation go to the same thread, so its request is written
+    before its result; different invocations are written in parallel (an fsync
+    or an S3 round trip mostly waits). At most ``max_pending`` records wait:
+    beyond that, queuing one blocks until the store catches up.
+
+    Args:
+        records: Where to write.
+        threads: Writer threads.
+        max_pending: Records queued before producers wait.
+        retry_delay: First pause after a failed write; doubles up to 10 s.
+    """
+
+    def __init__(
+        self, records: RecordStore, *, threads: int = 2, max_pending: int = 10_000, retry_delay: float = 0.2
+    ) -> None:
+        self.records = records
+        self._retry_delay = retry_delay
+        self._max_pending = max_pending
+        self._queues: list[collections.deque[Invocation | Result]] = [
+            collections.deque() for _ in range(threads)
+        ]
+        self._cond = threading.Condition()
+        self._pending = 0  # queued or being written
+        self._failure: StoreError | None = None
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._run, args=(q,), name=f"faas-records-{i}", daemon=True)
+            for i, q in enumerate(self._queues)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def request(self, invocation: Invocation) -> None:
+        """Queue the request record of ``invocation``."""
+        self._put(invocation.id, invocation)
+
+    def result(self, result: Result) -> None:
+        """Queue the result record of ``result``."""
+        self._put(result.invocation_id, result)
+
+    def _put(self, invocation_id: str, item: Invocation | Result) -> None:
+        with self._cond:
+            while self._pending >= self._max_pending and not self._closed:
+                self._cond.wait()  # back-pressure: the store is slower than the submitters
+            if self._closed:
+                raise StoreError("The record writer is closed; the record was not queued.")
+            self._queues[hash(invocation_id) % len(self._queues)].append(item)
+            self._pending += 1
+            self._cond.notify_all()
+
+    def _write(self, item: Invocation | Result) -> None:
+        if isinstance(item, Invocation):
+            if not self.records.write_request(item):
+                log.warning("Invocation %s was already recorded; kept the first request record.", item.id)
+        elif not self.records.write_result(item):
+            log.warning("Invocation %s already has a result record; kept the first.", item.invocation_id)
+
+    def _run(self, queue: collections.deque[Invocation | Result]) -> None:
+        delay = self._retry_delay
+        while True:
+            with self._cond:
+                while not queue and not self._closed:
+                    self._cond.wait()
+                if not queue:
+                    return
+                item = queue[0]
+            try:
+                self._write(item)
+            except Exception as exc:
+                failure = exc if isinstance(exc, StoreError) else StoreError(f"{type(exc).__name__}: {exc}")
+                with self._cond:
+                    self._failure = failure
+                    if not self._closed:
+                        self._cond.wait(delay)  # then retry; close() wakes us to give up sooner
+                        delay = min(delay * 2, 10.0)
+                        continue
+                    log.error("Could not write an invocation record while closing: %s", failure)
+            delay = self._retry_delay
+            with self._cond:
+                queue.popleft()
+                self._pending -= 1
+                self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every queued record is written.
+
+        Raises:
+            StoreError: The time ran out with records unwritten (naming the store's last error).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._pending:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise StoreError(
+                        f"{self._pending} invocation records are not written yet to "
+                        f"{self.records.store.url()}; last error: {self._failure or 'none'}."
+                    )
+                self._cond.wait(remaining)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write what is queued (retrying for up to ``timeout`` s), then stop the threads.
+
+        Raises:
+            StoreError: Some records could not be written.
+        """
+        try:
+            self.flush(timeout)
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            for thread in self._threads:
+                thread.join(timeout)

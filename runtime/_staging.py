@@ -1,0 +1,420 @@
+"""Staging: large values travel through the object store by reference, never inline.
+
+A value on the wire (an invocation's arguments, a result) is either
+
+- the serialised value itself (:func:`runtime.dumps` bytes) when it is at most
+  the staging threshold (default 1 MiB, ``$FAAS_STAGING_THRESHOLD``), or
+- a *marker*: ``b"TPMR"`` followed by the JSON of a :class:`StagedRef`, after the
+  value was written to ``staging/<sha256>`` in the store.
+
+Staged objects are content-addressed and written commit-once: the same value
+is uploaded once however often it is staged, and an object that exists is
+never replaced. Every read checks the bytes against the digest in the
+reference before anything is unpickled, so tampered or truncated bytes raise
+:class:`IntegrityError` and never reach ``pickle.loads``.
+
+Encodings of a staged object:
+
+- ``bytes``: a ``bytes`` value, stored as is (no pickling, no copy either way);
+- ``pickle``: a pickle (protocol 5) stream, preceded by its out-of-band buffers
+  (each at an offset that is a multiple of 64, zero-padded), whose sizes the
+  reference lists. NumPy arrays (and anything else that hands pickle a
+  ``PickleBuffer``) are uploaded from their own memory and rebuilt on an
+  aligned, writable view of the downloaded buffer, without copies.
+
+A :class:`Ref` stands for a staged value inside other values. Pickled, it is
+only its reference; unpickled inside :func:`resolving` (as a worker does with
+arguments and a client with results) it becomes the value again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import os
+import pickle
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from runtime import _serde
+from runtime._errors import FaasError, IntegrityError, ObjectExists, SerializationError, StoreError
+from runtime._pieces import PiecesReader, pad, pickle_pieces
+from runtime._store import ObjectStore
+
+MiB = 1 << 20
+DEFAULT_THRESHOLD = MiB
+MARKER = b"TPMR"
+STAGING_PREFIX = "staging/"
+_PY = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+class StagedRef(BaseModel):
+    """Where a staged value lives and how to check and decode it.
+
+    Attributes:
+        key: Store key of the object (``staging/<sha256>``).
+        size: Size of the object in bytes.
+        sha256: Hex sha256 of the object's bytes (its content address).
+        encoding: ``bytes`` (the object is the value) or ``pickle`` (out-of-band
+            buffers, then a pickle stream).
+        buffers: Sizes of the out-of-band buffers at the start of a ``pickle``
+            object; each starts at the next multiple of 64 bytes.
+        python: ``major.minor`` of the Python that pickled it.
+        what: What the value was, for error messages (e.g. ``argument 0 of 'f'``).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    encoding: Literal["bytes", "pickle"] = "pickle"
+    buffers: tuple[int, ...] = ()
+    python: str = _PY
+    what: str = "value"
+
+
+def staging_threshold(value: int | str | None = None) -> int:
+    """The staging threshold in bytes: ``value``, else ``$FAAS_STAGING_THRESHOLD``, else 1 MiB.
+
+    Accepts an int or a string such as ``"1048576"``, ``"512KiB"``, ``"4MiB"``, ``"1GiB"``.
+
+    Raises:
+        ValueError: The value is not a non-negative size.
+    """
+    raw: int | str | None = value if value is not None else os.environ.get("FAAS_STAGING_THRESHOLD")
+    if raw is None or raw == "":
+        return DEFAULT_THRESHOLD
+    if isinstance(raw, int):
+        size = raw
+    else:
+        text = raw.strip()
+        units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        scale = next((m for u, m in units.items() if text.endswith(u)), 1)
+        number = text.rstrip("KMGiB").strip() if scale != 1 else text
+        try:
+            size = int(number) * scale
+        except ValueError:
+            size = -1
+    if size < 0:
+        raise ValueError(
+            f"Invalid staging threshold {raw!r} (from FAAS_STAGING_THRESHOLD or staging_threshold=): "
+            "give a number of bytes such as 1048576 or 4MiB."
+        )
+    return size
+
+
+# -- writing ------------------------------------------------------------------------
+
+
+_SMALL = 8 * MiB  # up to this size the pieces are joined and sent in one request
+
+
+def _commit(store: ObjectStore, pieces: list[memoryview], digest: str) -> None:
+    """Write the pieces under ``staging/<digest>`` unless an object is there already."""
+    key = STAGING_PREFIX + digest
+    size = sum(p.nbytes for p in pieces)
+    if store.exists(key):
+        return  # content-addressed: the same bytes are there already; a HEAD beats sending them again
+    whole = pieces[0].obj if len(pieces) == 1 else None
+    try:
+        if isinstance(whole, bytes) and len(whole) == size:
+            store.put(key, whole, if_absent=True, sha256=digest)
+        elif size <= _SMALL:
+            store.put(key, b"".join(pieces), if_absent=True, sha256=digest)
+        else:
+            store.put_file(key, PiecesReader(pieces), if_absent=True, sha256=digest)  # type: ignore[arg-type]
+    except ObjectExists:
+        pass  # another writer committed the same content first
+
+
+def stage_object(store: ObjectStore, obj: Any, *, what: str = "value") -> StagedRef:
+    """Write ``obj`` to the store (once per distinct content) and return its reference.
+
+    Args:
+        store: Where to write it.
+        obj: Any cloudpickle-able value; ``bytes`` are stored as they are.
+        what: Describes the value in error messages.
+
+    Raises:
+        SerializationError: The value cannot be pickled.
+        StoreError: The write failed (StoreAuthError for rejected credentials).
+    """
+    sizes: tuple[int, ...] = ()
+    if type(obj) is bytes:
+        pieces, encoding = [memoryview(obj)], "bytes"
+    else:
+        pieces, sizes = pickle_pieces(obj, what)
+        encoding = "pickle"
+    hasher = hashlib.sha256()
+    for piece in pieces:
+        hasher.update(piece)
+    digest = hasher.hexdigest()
+    _commit(store, pieces, digest)
+    return StagedRef(
+        key=STAGING_PREFIX + digest,
+        size=sum(p.nbytes for p in pieces),
+        sha256=digest,
+        encoding=encoding,  # type: ignore[arg-type]
+        buffers=sizes,
+        what=what,
+    )
+
+
+def buffer_nbytes(obj: Any) -> int | None:
+    """Size of ``obj``'s buffer if it exposes one (bytes, bytearray, NumPy arrays, ...), else None."""
+    if isinstance(obj, (bytes, bytearray)):
+        return len(obj)
+    if isinstance(obj, (str, int, float, bool, type(None), tuple, list, dict)):
+        return None
+    try:
+        with memoryview(obj) as view:
+            return view.nbytes
+    except (TypeError, ValueError, BufferError):
+        return None
+
+
+def marker(ref: StagedRef) -> bytes:
+    """The wire form of a staged value: ``b"TPMR"`` and the reference's JSON."""
+    return MARKER + ref.model_dump_json().encode()
+
+
+def is_marker(data: bytes | None) -> bool:
+    """Whether wire bytes are a staged-value marker rather than an inline value."""
+    return data is not None and data[: len(MARKER)] == MARKER
+
+
+def parse_marker(data: bytes) -> StagedRef:
+    """The reference inside a marker.
+
+    Raises:
+        SerializationError: The bytes are not a valid marker.
+    """
+    if not is_marker(data):
+        raise SerializationError("The bytes are not a staged-value marker (no TPMR prefix).")
+    try:
+        return StagedRef.model_validate_json(data[len(MARKER) :])
+    except ValidationError as exc:
+        raise SerializationError(f"A staged-value marker is malformed: {exc}") from None
+
+
+def stage_value(store: ObjectStore | None, obj: Any, threshold: int, *, what: str = "value") -> bytes:
+    """Serialise ``obj`` for the wire, staging it in the store if it is above ``threshold`` bytes.
+
+    Args:
+        store: Where to stage; None allows only inline values.
+        obj: The value.
+        threshold: Largest size, in bytes, that travels inline.
+        what: Describes the value in error messages.
+
+    Returns:
+        Inline serialised bytes, or a marker naming the staged object.
+
+    Raises:
+        SerializationError: The value cannot be pickled.
+        StoreError: Staging failed, or the value is too large and there is no store.
+    """
+    nbytes = buffer_nbytes(obj)
+    if nbytes is not None and nbytes > threshold:
+        return marker(stage_object(_need(store, what), obj, what=what))
+    blob = _serde.dumps(obj, what=what)
+    if len(blob) <= threshold:
+        return blob
+    # The serde header already holds the payload's sha256: stage the payload under it.
+    payload = memoryview(blob)[_serde.HEADER_LEN :]
+    digest = _serde.digest_of(blob)
+    _commit(_need(store, what), [payload], digest)
+    return marker(StagedRef(key=STAGING_PREFIX + digest, size=payload.nbytes, sha256=digest, what=what))
+
+
+def _need(store: ObjectStore | None, what: str) -> ObjectStore:
+    if store is None:
+        raise StoreError(f"The {what} is above the staging threshold, but no object store is configured.")
+    return store
+
+
+# -- reading ------------------------------------------------------------------------
+
+
+def load_staged(store: ObjectStore, ref: StagedRef) -> Any:
+    """Fetch, verify and decode a staged value.
+
+    Raises:
+        ObjectNotFound: The staged object is gone.
+        IntegrityError: Its bytes do not match the reference's sha256 (nothing is unpickled).
+        SerializationError: It cannot be unpickled.
+    """
+    if ref.encoding == "bytes":
+        data = store.get(ref.key, sha256=ref.sha256)
+        _check_size(ref, len(data))
+        return data
+    view = store.get_buffer(ref.key, sha256=ref.sha256)
+    _check_size(ref, view.nbytes)
+    buffers, start = [], 0
+    for size in ref.buffers:
+        buffers.append(view[start : start + size])
+        start += size + pad(start + size)
+    if start > ref.size:
+        raise IntegrityError(f"The staged {ref.what} under {ref.key!r} is shorter than its buffers.")
+    try:
+        return pickle.loads(view[start:], buffers=buffers)
+    except FaasError:
+        raise
+    except Exception as exc:
+        hint = f" (it was pickled by Python {ref.python}, this is {_PY})" if ref.python != _PY else ""
+        raise SerializationError(
+            f"The staged {ref.what} cannot be deserialised{hint}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _check_size(ref: StagedRef, size: int) -> None:
+    if size != ref.size:
+        raise IntegrityError(f"The staged {ref.what} under {ref.key!r} has {size} bytes, not {ref.size}.")
+
+
+def unstage_value(store: ObjectStore | None, data: bytes, *, what: str = "value") -> Any:
+    """Turn wire bytes back into the value, fetching it if it was staged.
+
+    :class:`Ref` objects inside are resolved to their values (see :func:`resolving`).
+
+    Raises:
+        IntegrityError: Inline or staged bytes do not match their digest.
+        SerializationError: The bytes cannot be deserialised.
+        StoreError: The staged object cannot be read, or there is no store to read it from.
+    """
+    with resolving(store):
+        if is_marker(data):
+            ref = parse_marker(data)
+            if store is None:
+                raise StoreError(f"The {what} was staged in an object store, but none is configured.")
+            return load_staged(store, ref)
+        return _serde.loads(data, what=what)
+
+
+# -- references inside values ---------------------------------------------------------
+
+_RESOLVER: contextvars.ContextVar[Callable[[StagedRef], Any] | None] = contextvars.ContextVar(
+    "faas_ref_resolver", default=None
+)
+_COLLECTOR: contextvars.ContextVar[list[StagedRef] | None] = contextvars.ContextVar(
+    "faas_ref_collector", default=None
+)
+
+
+class Ref:
+    """A value staged in the object store, passed by reference.
+
+    ``faas.put(obj)`` returns one. Pass it as an argument (anywhere inside the
+    arguments) to as many invocations as you like: only the reference travels,
+    the value is uploaded once, and the function receives the value itself.
+
+    Attributes:
+        staged: The :class:`StagedRef` (key, size, sha256, encoding).
+    """
+
+    __slots__ = ("staged",)
+
+    def __init__(self, staged: StagedRef) -> None:
+        self.staged = staged
+
+    @property
+    def key(self) -> str:
+        """Store key of the staged object."""
+        return self.staged.key
+
+    @property
+    def size(self) -> int:
+        """Size of the staged object in bytes."""
+        return self.staged.size
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the staged object (its content address)."""
+        return self.staged.sha256
+
+    def load(self, store: ObjectStore) -> Any:
+        """Fetch, verify and decode the value from ``store``."""
+        return load_staged(store, self.staged)
+
+    def __repr__(self) -> str:
+        return f"<faas.Ref {self.staged.key} {self.staged.size} bytes>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Ref) and other.staged == self.staged
+
+    def __hash__(self) -> int:
+        return hash((self.staged.sha256, self.staged.encoding))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        collector = _COLLECTOR.get()
+        if collector is not None:
+            collector.append(self.staged)
+        return (_ref_from_json, (self.staged.model_dump_json(),))
+
+
+def _ref_from_json(text: str) -> Any:
+    staged = StagedRef.model_validate_json(text)
+    resolver = _RESOLVER.get()
+    return Ref(staged) if resolver is None else resolver(staged)
+
+
+@contextlib.contextmanager
+def resolving(store: ObjectStore | None) -> Iterator[None]:
+    """Within the block, unpickled :class:`Ref` objects become their values (each fetched once)."""
+    if store is None:
+        yield
+        return
+    loaded: dict[tuple[str, str], Any] = {}
+
+    def resolve(staged: StagedRef) -> Any:
+        key = (staged.sha256, staged.encoding)
+        if key not in loaded:
+            loaded[key] = load_staged(store, staged)
+        return loaded[key]
+
+    token = _RESOLVER.set(resolve)
+    try:
+        yield
+    finally:
+        _RESOLVER.reset(token)
+
+
+def stage_args(
+    store: ObjectStore | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    threshold: int,
+    *,
+    what: str = "arguments",
+) -> tuple[bytes, tuple[StagedRef, ...]]:
+    """Serialise ``(args, kwargs)`` for the wire, staging what is large.
+
+    Each argument whose buffer (bytes, bytearray, NumPy array, ...) is above
+    ``threshold`` is staged as an object of its own and replaced by a
+    :class:`Ref`; then the whole ``(args, kwargs)`` is staged too if it is
+    still above ``threshold``.
+
+    Returns:
+        The wire bytes and every staged object the arguments refer to (those
+        staged here and the Refs the caller passed), for the invocation record.
+    """
+
+    def spill(value: Any, name: str) -> Any:
+        nbytes = buffer_nbytes(value)
+        if nbytes is None or nbytes <= threshold:
+            return value
+        return Ref(stage_object(_need(store, name), value, what=name))
+
+    args = tuple(spill(a, f"argument {i} of {what}") for i, a in enumerate(args))
+    kwargs = {k: spill(v, f"argument {k!r} of {what}") for k, v in kwargs.items()}
+    refs: list[StagedRef] = []
+    token = _COLLECTOR.set(refs)
+    try:
+        data = stage_value(store, (args, kwargs), threshold, what=f"arguments of {what}")
+    finally:
+        _COLLECTOR.reset(token)
+    return data, tuple(dict.fromkeys(refs))

@@ -1,0 +1,29 @@
+"""A trigger runner in its own process, until it is killed: the "pool" of the kill test.
+
+Usage: ``python -m tests.faas._trigger_child STORE_URL BINDING``. Prints ``ready``
+once the runner's first pass is done.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import faas
+from faas.triggers import TriggerRunner
+from tests.faas._trigger_helpers import shout
+
+
+def main() -> None:
+    store_url, binding = sys.argv[1], sys.argv[2]
+    client = faas.Client(store=store_url, workers=2, records="off")
+    runner = TriggerRunner(client, bindings=[binding], functions=[shout], status_interval=0.5)
+    runner.run_once()
+    print("ready", flush=True)
+    runner.start()
+    while True:
+        time.sleep(1.0)  # the runner works on its thread until this process is killed
+
+
+if __name__ == "__main__":
+    main()

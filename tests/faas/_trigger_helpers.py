@@ -1,0 +1,104 @@
+"""Shared pieces of the trigger tests: functions, a drop/duplicate source, polling with a deadline."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import faas
+from faas.triggers import ObjectEvent, SqsSource, TriggerRunner
+
+EXEC_LOG_ENV = "FAAS_TRIGGER_EXEC_LOG"
+
+
+def log_execution(path: str | None, line: str) -> None:
+    """Append one line with O_APPEND (atomic for short lines, across processes)."""
+    if not path:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+@faas.function(timeout=60)
+def shout(ref: faas.ObjectRef) -> bytes:
+    """Upper-case the object; count the execution in $FAAS_TRIGGER_EXEC_LOG."""
+    data = ref.read_bytes()
+    log_execution(os.environ.get(EXEC_LOG_ENV), f"{ref.bucket}/{ref.key}")
+    return data.upper()
+
+
+def executions(path: Path) -> list[str]:
+    """The keys logged by executions, one per execution."""
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def drive(runner: TriggerRunner, done: Callable[[], bool], timeout: float, what: str) -> None:
+    """Run passes until ``done()`` or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:.0f} s: {runner.metrics_all()}")
+        runner.run_once()
+
+
+def wait_for(done: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll ``done()`` until it holds, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
+        time.sleep(interval)  # polling interval, not synchronisation: done() decides
+
+
+class DropAndDuplicate:
+    """Wraps an SqsSource: loses the notifications of chosen keys, delivers every other one twice.
+
+    A lost notification is deleted from the queue unprocessed. Every other one
+    is delivered again at least ``redeliver_after`` seconds later (by then the
+    first copy has usually been processed), without its receipt, as SQS does
+    after a redrive. Redelivering from memory rather than through the queue
+    keeps moto's queue, which slows down with its length, short.
+    """
+
+    def __init__(self, inner: SqsSource, drop: Callable[[str], bool], redeliver_after: float = 0.5) -> None:
+        self.inner, self.drop, self.name = inner, drop, f"flaky:{inner.name}"
+        self.redeliver_after = redeliver_after
+        self._later: list[tuple[float, ObjectEvent]] = []
+        self.dropped: set[str] = set()
+        self.delivered: list[str] = []
+
+    def poll(self, wait: float) -> list[ObjectEvent]:
+        now = time.monotonic()
+        due = [ev for t, ev in self._later if t <= now]
+        self._later = [(t, ev) for t, ev in self._later if t > now]
+        out = list(due)
+        for ev in self.inner.poll(0.0 if due else wait):
+            if self.drop(ev.key):
+                self.dropped.add(ev.key)
+                self.inner.ack([ev])
+                continue
+            self._later.append((now + self.redeliver_after, dataclasses.replace(ev, receipt=None)))
+            out.append(ev)
+        self.delivered += [ev.key for ev in out]
+        return out
+
+    def pending(self) -> int:
+        return len(self._later)
+
+    def ack(self, events: Sequence[ObjectEvent]) -> None:
+        self.inner.ack(events)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def count_keys(store: Any, prefix: str) -> int:
+    """How many keys a store holds under ``prefix``."""
+    return sum(1 for _ in store.list(prefix))
