@@ -89,6 +89,7 @@ class Client:
         self._specs: dict[int, tuple[Function[Any], FunctionSpec]] = {}
         self._handles: dict[str, Model] = {}
         self._closed = False
+        self._model_cache: dict[str, tuple[ModelSpec, float]] = {}
 
     def __repr__(self) -> str:
         return f"<faas.Client store={self.store.url()!r}>"
@@ -133,9 +134,27 @@ class Client:
             self._specs[id(function)] = (function, spec)
         return spec
 
+    MODEL_CACHE_SECONDS = 0.5
+    """How long a resolved model reference is reused: an alias move is seen within this."""
+
     def resolve_model(self, ref: str) -> ModelSpec:
-        """Resolve a model reference; raises UnknownModelError for unknown names."""
-        return self.registry.get_model(ref)
+        """Resolve a model reference; raises UnknownModelError for unknown names.
+
+        Resolutions are cached for ``MODEL_CACHE_SECONDS`` so a burst of
+        submits does not read the registry twice per invocation.
+        """
+        now = time.monotonic()
+        hit = self._model_cache.get(ref)
+        if hit is not None and now - hit[1] < self.MODEL_CACHE_SECONDS:
+            return hit[0]
+        spec = self.registry.get_model(ref)
+        self._model_cache[ref] = (spec, now)
+        return spec
+
+    def set_model_alias(self, name: str, alias: str, version: str) -> None:
+        """Point ``name@alias`` at ``version``; this client sees it at once, others within a cache period."""
+        self.registry.set_model_alias(name, alias, version)
+        self._model_cache.clear()
 
     def submit(self, function: Function[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
         """Validate, register and submit one invocation; return its future.

@@ -62,7 +62,7 @@ def test_alias_move_warms_new_version_before_traffic_moves(client: faas.Client) 
     assert fn.remote("warm", 1) == "sci@1"
     running = [fn.submit("The quick brown", 200) for _ in range(20)]
     wait_for(lambda: client.pool.replicas("sci@1")[0].inflight == 20, 30, "20 invocations on v1")
-    client.registry.set_model_alias("sci", "latest", "2")
+    client.set_model_alias("sci", "latest", "2")
     # v2 is cold: this call still runs on warm v1 and starts v2's replica.
     assert fn.remote("Two plus two", 1) == "sci@1"
     wait_for(
