@@ -82,7 +82,11 @@ class _Read:
         # A server that ignored the Range header is sending everything: take it all from this answer.
         first_end = min(chunk, self.total) if resp.get("ContentRange") else self.total
         self.ranges = [_Range(0, first_end, 0, resp["Body"])]
-        self.ranges += [_Range(s, min(s + chunk, self.total), s) for s in range(first_end, self.total, chunk)]
+        starts = list(range(first_end, self.total, chunk))
+        if len(starts) > 1 and self.total - starts[-1] < chunk // 4:
+            starts.pop()  # a short tail (a pickle stream after an array) joins the range before it
+        ends = [*starts[1:], self.total] if starts else []
+        self.ranges += [_Range(s, e, s) for s, e in zip(starts, ends, strict=True)]
 
     def _request(self, rng: _Range) -> Any:
         extra = {"IfMatch": self.etag} if self.etag else {}

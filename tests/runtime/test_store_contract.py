@@ -521,6 +521,10 @@ def test_large_reads_use_parallel_ranges(s3: S3Store, server: S3Server) -> None:
     assert store.get("ranged") == data
     assert len(gets) == 3  # 5 + 5 + 2 MiB, no HEAD first
     assert bytes(store.get_buffer("ranged", sha256=sha(data))) == data
+    store.put("tail", data[: 10 * MiB + 100])
+    gets.clear()
+    assert store.get("tail") == data[: 10 * MiB + 100]
+    assert len(gets) == 2  # 5 MiB, then 5 MiB + the 100-byte tail in one range
     forged = bytearray(data)
     forged[11 * MiB] ^= 1  # a byte in the last range
     server.client().put_object(
