@@ -61,14 +61,19 @@ from tests._s3_servers import (  # noqa: E402
 )
 
 MODES = ("notifications", "polling-seaweedfs", "polling-moto")
+# Where the lag goes: created -> claimed and submitted -> function started -> object read
+# -> generated -> output and done marker committed.
+PHASES = ("to_submit", "to_function", "read", "generate", "to_commit")
 
 
 @faas.function(model="tiny-llama", timeout=60, retries=1)
 def caption(model: faas.Model, ref: faas.ObjectRef) -> dict[str, Any]:
     """Complete the object's text with 8 greedy tokens."""
+    started = time.time()
     text = ref.read_text()
+    read = time.time()
     out = model.generate(text, sampling_params={"max_new_tokens": 8, "temperature": 0})
-    return {"key": ref.key, "prompt": text, "completion": out.text}
+    return {"key": ref.key, "prompt": text, "completion": out.text, "t": [started, read, time.time()]}
 
 
 def start_moto(scratch: Path) -> S3Server:
@@ -142,15 +147,22 @@ def run_mode(mode: str, rate: float, seconds: float, poll_interval: float, scrat
             runner.stop()
             client.shutdown()
         state = TriggerState(store, binding.name)
-        lags, to_start, running, timeline = [], [], [], []
+        lags, timeline = [], []
+        phases: dict[str, list[float]] = {p: [] for p in PHASES}
         for id in state.done_ids():
             marker = state.read_done(id)
-            if marker and marker["event"]["key"] in created:
-                lags.append(float(marker["committed_at"]) - created[marker["event"]["key"]])
-                to_start.append(float(marker["started_at"]) - created[marker["event"]["key"]])
-                running.append(float(marker["committed_at"]) - float(marker["started_at"]))
-                timeline.append([round(created[marker["event"]["key"]] - t0, 3), round(lags[-1], 3)])
-        out = json.loads(s3.get_object(Bucket=bucket, Key="out/obj-00000.txt.out")["Body"].read())
+            if not marker or marker["event"]["key"] not in created:
+                continue
+            key = marker["event"]["key"]
+            out = json.loads(s3.get_object(Bucket=bucket, Key=marker["output_key"])["Body"].read())
+            fn_start, fn_read, fn_end = out["t"]
+            committed = float(marker["committed_at"])
+            lags.append(committed - created[key])
+            timeline.append([round(created[key] - t0, 3), round(lags[-1], 3)])
+            marks = [created[key], float(marker["started_at"]), fn_start, fn_read, fn_end, committed]
+            for name, a, b in zip(PHASES, marks, marks[1:], strict=False):
+                phases[name].append(b - a)
+        sample = json.loads(s3.get_object(Bucket=bucket, Key="out/obj-00000.txt.out")["Body"].read())
         return {
             "mode": mode,
             "objects": total,
@@ -158,11 +170,10 @@ def run_mode(mode: str, rate: float, seconds: float, poll_interval: float, scrat
             "produced_in_s": produced_in,
             "poll_interval_s": options["poll_interval"],
             "lag": latency_summary(lags),
-            "created_to_submitted": latency_summary(to_start),
-            "submitted_to_committed": latency_summary(running),
+            "phases": {name: latency_summary(values) for name, values in phases.items()},
             "runner_counters": metrics["counters"],
             "max_inflight_seen": metrics["max_inflight_seen"],
-            "sample_output": out,
+            "sample_output": sample,
             "timeline": sorted(timeline),  # [seconds since the stream started, lag] per object
         }
 

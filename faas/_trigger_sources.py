@@ -69,6 +69,10 @@ class PollingSource:
         """Whether the next listing is due."""
         return self._clock() >= self._next
 
+    def seconds_to_next(self) -> float:
+        """Seconds until the next listing is due (0 if it is)."""
+        return max(0.0, self._next - self._clock())
+
     def trigger(self) -> None:
         """Make the next ``poll`` list at once."""
         self._next = float("-inf")
