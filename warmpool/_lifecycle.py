@@ -103,6 +103,16 @@ def stop_replica(pool: Pool, replica: Replica) -> None:
         replica.stopped_at = pool._clock()
 
 
+def responds(replica: Replica, timeout: float = 2.0) -> bool:
+    """Whether the replica's process is alive and its ``/health`` answers 200 within ``timeout``."""
+    if not replica.host.alive() or replica.url is None:
+        return False
+    try:
+        return httpx.get(f"{replica.url}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def fail_replica(pool: Pool, mp: ModelPool, replica: Replica, reason: str) -> None:
     """Mark a replica failed, retry its invocations elsewhere, and replace it."""
     with pool._lock:

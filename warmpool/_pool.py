@@ -419,9 +419,12 @@ class Pool:
             work.worker = None
         if result.error is not None and result.error.kind == "engine_lost" and work.replica is not None:
             mp = self._models[work.replica.spec.ref]
-            if not work.replica.host.alive():
+            replica = work.replica
+            # A killed engine can still look alive for a moment; a retry sent to it
+            # would be lost again, so check that it answers before retrying anywhere.
+            if replica.state is ReplicaState.READY and not _lifecycle.responds(replica):
                 _lifecycle.fail_replica(
-                    self, mp, work.replica, f"engine process {work.replica.host.pid} exited"
+                    self, mp, replica, f"engine process {replica.host.pid} stopped answering"
                 )
                 if work.finished or work.replica is None:
                     return

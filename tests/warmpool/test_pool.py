@@ -135,7 +135,8 @@ def test_engine_killed_during_50_inflight(registry: Registry, make_pool: object,
     assert after.ok
     live = [r for r in pool.replicas() if r.state is ReplicaState.READY]
     assert len(live) == 1 and live[0].host.pid != old_pid
-    assert replica.state is ReplicaState.FAILED and "exited" in (replica.error or "")
+    assert replica.state is ReplicaState.FAILED
+    assert "exited" in (replica.error or "") or "stopped answering" in (replica.error or "")
     assert pool.status()["models"][spec.ref]["metrics"]["engine_failures"] == 1
 
 
