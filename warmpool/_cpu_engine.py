@@ -342,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--port-file", type=Path, default=None, help="write the bound port here")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the batch each step")
+    p.add_argument("--parent-pid", type=int, default=None, help="exit when this parent process is gone")
     p.add_argument(
         "--batch-window-ms",
         type=float,
@@ -349,6 +350,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="from idle, wait while requests keep arriving this close together (0: never wait)",
     )
     return p
+
+
+def _exit_with_parent(pid: int, server: Any) -> None:
+    """Shut down when process ``pid`` (the pool that started us) is gone.
+
+    The engine runs in its own process group so a pool can kill it as a whole;
+    the flip side is that a pool killed with SIGKILL cannot. This watch keeps a
+    dead pool from leaving its engine behind.
+    """
+
+    def watch() -> None:
+        while not server.should_exit:
+            if os.getppid() != pid:
+                log.warning("parent process %d is gone; shutting down", pid)
+                server.should_exit = True
+                return
+            time.sleep(0.5)  # a liveness poll, not synchronisation
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         server.should_exit = True
 
     engine.on_load_failure = fail
+    if args.parent_pid:
+        _exit_with_parent(args.parent_pid, server)
     server.run(sockets=[sock])
     return 1 if engine.load_error else 0
 

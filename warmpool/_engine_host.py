@@ -243,6 +243,8 @@ class CpuEngineHost(SubprocessEngineHost):
                 str(max_batch_size),
                 "--device",
                 device,
+                "--parent-pid",  # the engine exits if this pool dies without stopping it
+                str(os.getpid()),
             ]
             if threads:
                 argv += ["--threads", str(threads)]
