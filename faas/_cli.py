@@ -128,6 +128,48 @@ def replay(
 
 
 @app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind (not loopback: needs tokens).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 8470,
+    store: Annotated[str | None, typer.Option(help="Store URL (default: $FAAS_STORE or the cache).")] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Invocation index directory (default: $FAAS_STATE_DIR or cache).")
+    ] = None,
+    tokens: Annotated[
+        str | None, typer.Option(help="Token file (TOML/JSON) mapping tokens to tenants; else $FAAS_TOKENS.")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 2,
+    threads_per_worker: Annotated[int, typer.Option(help="Invocations each worker runs at once.")] = 64,
+    staging_threshold: Annotated[
+        str | None, typer.Option(help="Values above this size travel by reference (e.g. 1MiB).")
+    ] = None,
+    port_file: Annotated[Path | None, typer.Option(help="Write the bound port here once listening.")] = None,
+    access_log: Annotated[bool, typer.Option(help="Log request lines (never headers or tokens).")] = False,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Run the warm pool as a long-lived HTTP service (see docs/service.md)."""
+    import logging
+
+    from faas._serve import serve as run_serve
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine probe is noise
+    run_serve(
+        host=host,
+        port=port,
+        store=store,
+        state_dir=state_dir,
+        tokens=tokens,
+        workers=workers,
+        threads_per_worker=threads_per_worker,
+        staging_threshold=staging_threshold,
+        port_file=port_file,
+        access_log=access_log,
+        log_level=log_level,
+    )
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     from faas import __version__

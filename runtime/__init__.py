@@ -4,6 +4,7 @@
 """
 
 from runtime._errors import (
+    AuthError,
     EngineError,
     EngineLost,
     FaasError,
@@ -13,11 +14,14 @@ from runtime._errors import (
     InvocationError,
     InvocationTimeout,
     ModeNotAllowedError,
+    NotFoundError,
     ObjectExists,
     ObjectNotFound,
     PoolClosedError,
+    QuotaExceededError,
     RemoteError,
     SerializationError,
+    ServiceError,
     StoreAuthError,
     StoreError,
     SubmitError,
@@ -53,6 +57,7 @@ from runtime._store import LocalStore, ObjectStore, new_id, store_from_config, s
 from runtime._wire import ErrorInfo, Invocation, Result
 
 __all__ = [
+    "AuthError",
     "ChatResult",
     "EngineError",
     "EngineLost",
@@ -69,12 +74,14 @@ __all__ = [
     "LocalStore",
     "ModeNotAllowedError",
     "Model",
+    "NotFoundError",
     "ObjectExists",
     "ObjectNotFound",
     "ObjectRef",
     "ObjectStore",
     "PoolClosedError",
     "ProvenanceRecord",
+    "QuotaExceededError",
     "RecordStore",
     "RecordWriter",
     "Ref",
@@ -82,6 +89,7 @@ __all__ = [
     "Result",
     "SamplingParams",
     "SerializationError",
+    "ServiceError",
     "StagedRef",
     "StoreAuthError",
     "StoreError",

@@ -7,7 +7,8 @@ FaasError
 ├── SubmitError                 bad input, raised before any work is done
 │   ├── UnknownModelError       the model name or version is not registered
 │   ├── SerializationError      an argument or function cannot be pickled
-│   └── FunctionDefinitionError the decorated object is not a usable function
+│   ├── FunctionDefinitionError the decorated object is not a usable function
+│   └── QuotaExceededError      the tenant's in-flight or queue quota is full
 ├── InvocationError             an invocation ran (or tried to) and failed
 │   ├── RemoteError             the user's function raised; carries its traceback
 │   ├── InvocationTimeout       the invocation ran past its timeout
@@ -18,6 +19,9 @@ FaasError
 ├── EngineError                 the engine refused a request or failed to start
 ├── PoolClosedError             the pool is shut down
 ├── IntegrityError              bytes do not match their recorded digest
+├── ServiceError                the pool service answered with an error
+│   ├── AuthError               missing or wrong bearer token (HTTP 401)
+│   └── NotFoundError           no such function or invocation for this tenant (HTTP 404)
 └── StoreError                  the object store failed
     ├── ObjectNotFound          no object under that key
     ├── ObjectExists            a commit-once write found the key taken
@@ -46,6 +50,10 @@ class SerializationError(SubmitError):
 
 class FunctionDefinitionError(SubmitError, TypeError):
     """The decorated object cannot be used as a faas function."""
+
+
+class QuotaExceededError(SubmitError):
+    """The tenant has as many invocations in flight or queued as its quota allows."""
 
 
 class InvocationError(FaasError):
@@ -119,3 +127,23 @@ class StoreAuthError(StoreError):
 
     Raised at once, without retries: bad keys do not get better by asking again.
     """
+
+
+class ServiceError(FaasError):
+    """The pool service answered with an error.
+
+    Attributes:
+        status_code: The HTTP status (0 when the service could not be reached).
+    """
+
+    def __init__(self, message: str, status_code: int = 0) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class AuthError(ServiceError, PermissionError):
+    """The service rejected the request's bearer token (or there was none)."""
+
+
+class NotFoundError(ServiceError, LookupError):
+    """The service has no such function or invocation for this tenant."""

@@ -252,6 +252,28 @@ def store_from_config(config: dict[str, Any]) -> ObjectStore:
     raise ValueError(f"Unknown object store kind {kind!r}; expected 'file' or 's3'.")
 
 
+def scoped_config(config: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The config of the same store with every key under ``prefix`` (e.g. ``tenants/alice``).
+
+    Raises:
+        ValueError: ``prefix`` is not a relative key path, or the kind has no prefixes.
+    """
+    _check_key(prefix)
+    options = dict(config.get("options") or {})
+    if config.get("kind") == "file":
+        options["root"] = str(Path(options["root"]) / prefix)
+    elif config.get("kind") == "s3":
+        options["prefix"] = "/".join(p for p in (str(options.get("prefix") or "").strip("/"), prefix) if p)
+    else:
+        raise ValueError(f"Object store kind {config.get('kind')!r} cannot be scoped to a prefix.")
+    return {"kind": config["kind"], "options": options}
+
+
+def scoped_store(store: ObjectStore, prefix: str) -> ObjectStore:
+    """The same store seen from ``prefix``: its keys are relative to it, nothing above is reachable."""
+    return store_from_config(scoped_config(store.config(), prefix))
+
+
 def store_from_url(url: str) -> ObjectStore:
     """Open the store named by a URL: ``file:///path`` or ``s3://bucket/prefix?...``.
 

@@ -1,0 +1,159 @@
+"""A real ``faas serve`` subprocess for tests: start, kill, restart on the same state."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from runtime import _serde
+from runtime._source import bundle_function
+
+TOKENS = {"alice": "alice-token-0123456789abcdef", "bob": "bob-token-0123456789abcdef"}
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Timed out after {timeout} s waiting for {what}.")
+        time.sleep(interval)
+
+
+class ServiceProc:
+    """``python -m faas._cli serve`` on 127.0.0.1 with a free port, its own store and state.
+
+    Args:
+        root: Directory for the store, state, token file and logs.
+        limits: Per-tenant ``max_inflight``/``max_queued`` for the token file.
+        extra_env: Added to the service's environment.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        limits: dict[str, dict[str, int]] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.root = root
+        self.store = root / "store"
+        self.state = root / "state"
+        self.tokens = root / "tokens.toml"
+        lines = []
+        for tenant, token in TOKENS.items():
+            lines += ["[[tenants]]", f'name = "{tenant}"', f'tokens = ["{token}"]']
+            lines += [f"{k} = {v}" for k, v in (limits or {}).get(tenant, {}).items()]
+        self.tokens.write_text("\n".join(lines) + "\n")
+        self.extra_env = extra_env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.starts = 0
+        self.log = root / "service.log"
+
+    def start(self, timeout: float = 60.0) -> ServiceProc:
+        """Start the service and wait until it answers /health."""
+        port_file = self.root / f"port-{self.starts}"
+        env = {**os.environ, **self.extra_env}
+        env.pop("FAAS_URL", None)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "faas._cli",
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--port-file",
+                    str(port_file),
+                    "--store",
+                    str(self.store),
+                    "--state-dir",
+                    str(self.state),
+                    "--tokens",
+                    str(self.tokens),
+                    "--access-log",
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.starts += 1
+        proc = self.proc
+
+        def up() -> bool:
+            assert proc.poll() is None, (
+                f"faas serve exited with {proc.returncode}: {self.log.read_text()[-2000:]}"
+            )
+            return port_file.exists()
+
+        wait_for(up, timeout, "faas serve to listen")
+        self.url = f"http://127.0.0.1:{port_file.read_text().strip()}"
+        wait_for(lambda: httpx.get(self.url + "/health", timeout=5).status_code == 200, timeout, "/health")
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the service (its workers exit when their pipe closes)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it does not stop within 30 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def client(self, tenant: str | None = "alice") -> httpx.Client:
+        """An HTTP client carrying ``tenant``'s token (None: no token)."""
+        headers = {"Authorization": f"Bearer {TOKENS[tenant]}"} if tenant else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+
+def b64(data: bytes) -> str:
+    """Standard base64 text, as JSON bodies carry bytes."""
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str) -> bytes:
+    """Decode base64 in either alphabet (pydantic writes the URL-safe one)."""
+    return base64.urlsafe_b64decode(text.replace("+", "-").replace("/", "_"))
+
+
+def register(http: httpx.Client, fn: Callable[..., Any], name: str, **options: Any) -> dict[str, Any]:
+    """Register ``fn`` over HTTP (as the remote client does) and return its spec."""
+    artifact = _serde.dumps(bundle_function(fn), what=name)
+    response = http.post("/v1/functions", json={"name": name, "artifact": b64(artifact), **options})
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def args(*a: Any, **kw: Any) -> str:
+    """Serialised ``(args, kwargs)`` as base64."""
+    return b64(_serde.dumps((a, kw), what="arguments"))
+
+
+def value(view: dict[str, Any]) -> Any:
+    """The value of a succeeded ResultView."""
+    assert view["status"] == "succeeded", view
+    return _serde.loads(unb64(view["value"]), what="result")
