@@ -27,7 +27,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from faas._service_api import (
 )
 from faas._service_auth import Authenticator, Tenant
 from faas._service_index import Index, Row
+from faas._service_state import Pending, TenantState, digest, plausible_id, stub_spec, view_of
 from registry._registry import Registry
 from registry._specs import FunctionSpec, ModelSpec
 from runtime._errors import (
@@ -66,25 +66,6 @@ from warmpool._replica import BackPressureError
 log = logging.getLogger("faas.service")
 
 Listener = Callable[[ResultView], None]
-
-
-@dataclass(eq=False)
-class _Pending:
-    invocation: Invocation
-    spec: FunctionSpec
-    model: ModelSpec | None
-
-
-@dataclass(eq=False)
-class _TenantState:
-    tenant: Tenant
-    store: ObjectStore
-    registry: Registry
-    records: RecordStore
-    writer: RecordWriter
-    queue: collections.deque[_Pending] = field(default_factory=collections.deque)
-    running: int = 0
-    specs: dict[str, tuple[FunctionSpec, float]] = field(default_factory=dict)
 
 
 class ServiceCore:
@@ -122,8 +103,8 @@ class ServiceCore:
         self.index = Index(Path(state_dir) / "index.sqlite")
         self.pool = pool if pool is not None else Pool(store, **pool_options)
         self._lock = threading.RLock()
-        self._tenants: dict[str, _TenantState] = {}
-        self._where: dict[str, tuple[_TenantState, _Pending]] = {}  # accepted and not finished
+        self._tenants: dict[str, TenantState] = {}
+        self._where: dict[str, tuple[TenantState, Pending]] = {}  # accepted and not finished
         self._listeners: dict[str, list[Listener]] = {}
         self._done: collections.OrderedDict[str, ResultView] = collections.OrderedDict()
         self._models: dict[str, tuple[ModelSpec, float]] = {}
@@ -152,7 +133,7 @@ class ServiceCore:
                 inv = row.invocation()
                 result = Result(invocation_id=row.id, error=error_info(exc, "system", with_traceback=False))
                 ts = self._tenant_state(self._tenant_named(row.tenant))
-                self._finish(ts, _Pending(inv, _stub_spec(inv), None), result)
+                self._finish(ts, Pending(inv, stub_spec(inv), None), result)
         if requeued:
             log.info("Requeued %d invocations accepted before the last stop.", requeued)
         return requeued
@@ -167,7 +148,7 @@ class ServiceCore:
         inv = inv.model_copy(update={"attempt": inv.attempt + 1})
         spec = ts.registry.get_function(inv.function_digest)
         model = self.models.get_model(inv.model) if inv.model else None
-        pending = _Pending(inv, spec, model)
+        pending = Pending(inv, spec, model)
         with self._lock:
             self._where[inv.id] = (ts, pending)
             ts.queue.append(pending)
@@ -199,13 +180,13 @@ class ServiceCore:
                 return tenant
         return Tenant(name)  # removed from the token file: its accepted work still finishes
 
-    def _tenant_state(self, tenant: Tenant) -> _TenantState:
+    def _tenant_state(self, tenant: Tenant) -> TenantState:
         with self._lock:
             ts = self._tenants.get(tenant.name)
             if ts is None:
                 store = scoped_store(self.store, tenant.prefix)
                 records = RecordStore(store)
-                ts = _TenantState(tenant, store, Registry(store), records, RecordWriter(records))
+                ts = TenantState(tenant, store, Registry(store), records, RecordWriter(records))
                 self._tenants[tenant.name] = ts
             return ts
 
@@ -233,7 +214,7 @@ class ServiceCore:
             self.resolve_model(req.model)  # refuse a function whose model does not exist
         spec = FunctionSpec(
             name=req.name,
-            digest=_digest(req.artifact),
+            digest=digest(req.artifact),
             model=req.model,
             model_param=req.model_param,
             model_param_index=req.model_param_index,
@@ -329,7 +310,7 @@ class ServiceCore:
                 )
             self.index.add(tenant.name, invocations, batch_id)  # durable before we answer
             for inv in invocations:
-                pending = _Pending(inv, spec, model)
+                pending = Pending(inv, spec, model)
                 self._where[inv.id] = (ts, pending)
                 ts.queue.append(pending)
             self.counters["submitted"] += len(invocations)
@@ -338,7 +319,7 @@ class ServiceCore:
         self._pump(ts)
         return BatchView(batch_id=batch_id or "", ids=[inv.id for inv in invocations])
 
-    def _check_refs(self, ts: _TenantState, item: Item) -> None:
+    def _check_refs(self, ts: TenantState, item: Item) -> None:
         refs: list[StagedRef] = list(item.refs)
         if is_marker(item.args):
             try:
@@ -357,7 +338,7 @@ class ServiceCore:
                     404,
                 )
 
-    def _pump(self, ts: _TenantState) -> None:
+    def _pump(self, ts: TenantState) -> None:
         """Move the tenant's queued invocations into the pool while its in-flight quota allows."""
         while True:
             with self._lock:
@@ -386,7 +367,7 @@ class ServiceCore:
                 )
                 self._on_done(ts, pending, result)
 
-    def _on_done(self, ts: _TenantState, pending: _Pending, result: Result) -> None:
+    def _on_done(self, ts: TenantState, pending: Pending, result: Result) -> None:
         with self._lock:
             ts.running -= 1
             closing = self._closed
@@ -398,7 +379,7 @@ class ServiceCore:
             self._finish(ts, pending, result)
         self._pump(ts)
 
-    def _finish(self, ts: _TenantState, pending: _Pending, result: Result) -> None:
+    def _finish(self, ts: TenantState, pending: Pending, result: Result) -> None:
         """Commit the result record, then the index, then tell the listeners."""
         inv = pending.invocation
         try:
@@ -422,16 +403,16 @@ class ServiceCore:
             except Exception:
                 log.exception("A result listener failed for invocation %s", inv.id)
 
-    def _commit(self, ts: _TenantState, result: Result) -> ResultView:
+    def _commit(self, ts: TenantState, result: Result) -> ResultView:
         delay = 0.1
         while True:
             try:
                 if ts.records.write_result(result):
-                    return _view(ResultRecord.of(result))
+                    return view_of(ResultRecord.of(result))
                 first = ts.records.result(result.invocation_id)  # a previous life committed it
                 if first is not None:
                     self.counters["duplicate_results"] += 1
-                    return _view(first)
+                    return view_of(first)
             except StoreError as exc:
                 log.warning(
                     "Result record of %s not committed yet (%s); retrying.", result.invocation_id, exc
@@ -441,7 +422,7 @@ class ServiceCore:
 
     # -- queries --------------------------------------------------------------------------
     def _row(self, tenant: Tenant, invocation_id: str) -> Row:
-        row = self.index.get(invocation_id) if _plausible_id(invocation_id) else None
+        row = self.index.get(invocation_id) if plausible_id(invocation_id) else None
         if row is None or row.tenant != tenant.name:  # another tenant's id looks exactly like a missing one
             raise NotFoundError(f"No invocation {invocation_id!r} is known to this service.", 404)
         return row
@@ -491,7 +472,7 @@ class ServiceCore:
                     f"The result record of invocation {invocation_id} is missing from the store."
                 )
             return None
-        return _view(record)
+        return view_of(record)
 
     def logs(self, tenant: Tenant, invocation_id: str) -> str:
         """Captured stdout and stderr of a finished invocation ('' while it runs).
@@ -541,7 +522,7 @@ class ServiceCore:
         Raises:
             NotFoundError: Unknown batch, or another tenant's.
         """
-        rows = self.index.batch(batch_id) if _plausible_id(batch_id) else []
+        rows = self.index.batch(batch_id) if plausible_id(batch_id) else []
         if not rows or rows[0].tenant != tenant.name:
             raise NotFoundError(f"No batch {batch_id!r} is known to this service.", 404)
         return [r.id for r in rows]
@@ -605,22 +586,3 @@ class ServiceCore:
             return {
                 name: {"running": ts.running, "queued": len(ts.queue)} for name, ts in self._tenants.items()
             }
-
-
-def _view(record: ResultRecord) -> ResultView:
-    value = record.value.to_wire() if record.value is not None and record.status == "succeeded" else None
-    return ResultView(id=record.invocation_id, status=record.status, value=value, error=record.error)
-
-
-def _digest(artifact: bytes) -> str:
-    from runtime._serde import digest_of
-
-    return digest_of(artifact)
-
-
-def _plausible_id(value: str) -> bool:
-    return 0 < len(value) <= 64 and value.isalnum()
-
-
-def _stub_spec(inv: Invocation) -> FunctionSpec:
-    return FunctionSpec(name=inv.function_name, digest=inv.function_digest)

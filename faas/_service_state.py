@@ -1,0 +1,56 @@
+"""The pool service's in-memory state: tenants' queues and helpers shared by the core."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+from faas._service_api import ResultView
+from faas._service_auth import Tenant
+from registry._registry import Registry
+from registry._specs import FunctionSpec, ModelSpec
+from runtime._records import RecordStore, RecordWriter, ResultRecord
+from runtime._store import ObjectStore
+from runtime._wire import Invocation
+
+
+@dataclass(eq=False)
+class Pending:
+    """An accepted invocation with what the pool needs to run it."""
+
+    invocation: Invocation
+    spec: FunctionSpec
+    model: ModelSpec | None
+
+
+@dataclass(eq=False)
+class TenantState:
+    """One tenant: its store view, registry, records, queue and in-flight count."""
+
+    tenant: Tenant
+    store: ObjectStore
+    registry: Registry
+    records: RecordStore
+    writer: RecordWriter
+    queue: collections.deque[Pending] = field(default_factory=collections.deque)
+    running: int = 0
+    specs: dict[str, tuple[FunctionSpec, float]] = field(default_factory=dict)
+
+
+def view_of(record: ResultRecord) -> ResultView:
+    value = record.value.to_wire() if record.value is not None and record.status == "succeeded" else None
+    return ResultView(id=record.invocation_id, status=record.status, value=value, error=record.error)
+
+
+def digest(artifact: bytes) -> str:
+    from runtime._serde import digest_of
+
+    return digest_of(artifact)
+
+
+def plausible_id(value: str) -> bool:
+    return 0 < len(value) <= 64 and value.isalnum()
+
+
+def stub_spec(inv: Invocation) -> FunctionSpec:
+    return FunctionSpec(name=inv.function_name, digest=inv.function_digest)
