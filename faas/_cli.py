@@ -86,6 +86,11 @@ from faas._trigger_cli import triggers_app  # noqa: E402
 app.add_typer(triggers_app, name="triggers")
 # -- end triggers -------------------------------------------------------------------------
 
+# -- endpoint configs (faas/_cli_endpoint.py) ---------------------------------------------
+from faas._cli_endpoint import endpoint_app  # noqa: E402
+
+app.add_typer(endpoint_app, name="endpoint")
+
 
 @app.command()
 def provenance(

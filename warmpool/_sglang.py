@@ -15,6 +15,7 @@ from typing import Any
 from registry._specs import ModelSpec
 from runtime._errors import EngineError
 from warmpool._engine_host import SubprocessEngineHost
+from warmpool._multinode import NodePlacement
 
 # engine_args key -> SGLang flag. Values are validated; unknown keys go
 # through as --key-with-dashes, so any SGLang flag can be set from a spec.
@@ -53,6 +54,7 @@ def sglang_argv(
     node_rank: int | None = None,
     nnodes: int | None = None,
     dist_init_addr: str | None = None,
+    placement: NodePlacement | None = None,
     python: str = sys.executable,
 ) -> list[str]:
     """The ``sglang.launch_server`` command line for a model spec.
@@ -66,6 +68,10 @@ def sglang_argv(
         node_rank: Overrides ``engine_args["node_rank"]`` (multi-node blocks).
         nnodes: Overrides ``engine_args["nnodes"]``.
         dist_init_addr: Overrides ``engine_args["dist_init_addr"]`` (``head:port``).
+        placement: This node's place in a multi-node block (see
+            :func:`warmpool._multinode.placement_from_env`); for more than one
+            node it sets ``--nnodes``, ``--node-rank`` and ``--dist-init-addr``,
+            unless the explicit arguments above are given.
         python: Interpreter to run.
 
     Raises:
@@ -75,6 +81,11 @@ def sglang_argv(
         raise EngineError(f"Model {spec.ref} has no model_path; SGLang needs weights to load.")
     args = dict(spec.engine_args)
     extra = args.pop("extra_args", [])
+    if placement is not None and placement.nnodes > 1:
+        # Routed through the overrides so a flag never appears twice on the command line.
+        nnodes = placement.nnodes if nnodes is None else nnodes
+        node_rank = placement.node_rank if node_rank is None else node_rank
+        dist_init_addr = placement.dist_init_addr if dist_init_addr is None else dist_init_addr
     for key, value in (("node_rank", node_rank), ("nnodes", nnodes), ("dist_init_addr", dist_init_addr)):
         if value is not None:
             args[key] = value
