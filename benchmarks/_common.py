@@ -272,3 +272,62 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return repr(obj)
+
+
+# -- the pool service -----------------------------------------------------------------------
+
+
+class ServiceProcess:
+    """``faas serve`` as a subprocess on 127.0.0.1 (open access, a fresh store and state).
+
+    Args:
+        root: Directory for the store, state and log.
+        workers: Worker processes of its pool.
+        threads_per_worker: Invocations per worker at once.
+    """
+
+    def __init__(self, root: Path, workers: int, threads_per_worker: int) -> None:
+        self.root = root
+        self.workers = workers
+        self.threads = threads_per_worker
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 120.0) -> str:
+        """Start it and return its URL once ``/health`` answers."""
+        import httpx
+
+        port_file = self.root / "port"
+        command = [sys.executable, "-m", "faas._cli", "serve", "--port", "0", "--port-file", str(port_file)]
+        command += ["--store", str(self.root / "store"), "--state-dir", str(self.root / "state")]
+        command += ["--workers", str(self.workers), "--threads-per-worker", str(self.threads)]
+        command += ["--log-level", "warning"]
+        env = {k: v for k, v in os.environ.items() if k not in ("FAAS_URL", "FAAS_TOKENS")}
+        with open(self.root / "service.log", "ab") as log:
+            self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not port_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"faas serve did not start; see {self.root / 'service.log'}")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{port_file.read_text().strip()}"
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return self.url
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("faas serve does not answer /health")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 30 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)

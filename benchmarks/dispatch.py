@@ -28,7 +28,11 @@ Rows (``--substrate``, repeatable; default: every available one):
 
 Planned rows (registered in ``PLANNED``; add a class to ``SUBSTRATES`` when the
 code exists): ``globus-compute-substrate`` (the pool dispatching through a
-Globus Compute engine) and ``service`` (the pool daemon over its network API).
+Globus Compute engine).
+
+- ``service``: ``faas serve`` in its own process, reached with
+  ``faas.RemoteClient`` over HTTP: ``.remote`` is one POST that long-polls the
+  result, a burst is ``.map`` (batches plus one event stream per batch).
 
 Run: ``.venv/bin/python -m benchmarks.dispatch`` (``--n 200`` for a smoke run).
 """
@@ -357,16 +361,57 @@ class GlobusCompute:
         }
 
 
+class FaasService(FaasPool):
+    """The pool behind ``faas serve``, reached over HTTP with ``faas.RemoteClient``.
+
+    The service runs in its own process (same worker count); the client
+    registers ``noop`` once, ``.remote`` is one POST that long-polls its result,
+    a burst is ``.map`` (batches of 1,000 and one event stream per batch).
+    """
+
+    name = "service"
+    description = "faas serve (HTTP, SQLite index, records), faas.RemoteClient .remote()/.map()"
+
+    def start(self) -> None:
+        import faas
+        from benchmarks._common import ServiceProcess
+
+        self.service = ServiceProcess(Path(self._tmp), self.workers, self.threads)
+        self.client = faas.RemoteClient(self.service.start())
+        self.fn = faas.function(name="bench.noop")(noop).with_client(self.client)
+
+    def burst(self, xs: list[int]) -> list[int]:
+        return [int(v) for v in self.fn.map(xs, timeout=600)]
+
+    def settle(self) -> None:
+        pass  # the service commits each result record before it reports the result
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.shutdown()
+        if getattr(self, "service", None) is not None:
+            self.service.stop()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "workers": self.workers,
+            "threads_per_worker": self.threads,
+            "store": "local",
+            "transport": "HTTP/1.1 keep-alive on 127.0.0.1",
+        }
+
+
 SUBSTRATES: dict[str, Callable[[argparse.Namespace], Substrate]] = {
     "pool": FaasPool,
     "pool-records-off": FaasPoolNoRecords,
     "pool-direct": DirectPool,
     "ProcessPoolExecutor": ProcessPool,
     "GlobusComputeEngine": GlobusCompute,
+    "service": FaasService,
 }
 PLANNED: dict[str, str] = {
     "globus-compute-substrate": "the pool dispatching invocations through a GlobusComputeEngine substrate",
-    "service": "the pool daemon (faas serve) reached over its network API",
 }
 OURS = "pool"
 

@@ -1,0 +1,192 @@
+"""Service overhead: a 16-token model call through ``faas serve`` versus straight to the engine.
+
+One ``faas serve`` process (CPU engine, tiny Llama) is started; this script is
+the client. Both rows hit the **same** resident engine replica, so the
+difference is what the service path adds (HTTP to the service, admission, the
+SQLite index, the pool, a worker, the commit-once result record, the answer):
+
+- light load: ``--n`` calls one at a time, alternating the two paths so drift
+  on the machine hits both; p50/p95 latency, and the added p50 in ms.
+- saturation: ``--total`` calls with ``--outstanding`` in flight at once (a
+  sliding window); calls per second and the ratio service / direct.
+
+Direct: ``POST /generate`` on the engine with httpx (keep-alive), the call a
+function makes itself. Service: ``fn.remote(prompt)`` (light load) and
+``fn.submit`` in a sliding window (saturation) through ``faas.RemoteClient``.
+
+Goals (issue 8): added p50 <= 5 ms at light load; service / direct >= 1.0 at
+saturation.
+
+Run: ``.venv/bin/python -m benchmarks.service_overhead`` (``--n 30 --total 256`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import (
+    Goal,
+    ServiceProcess,
+    ensure_repo_importable,
+    exit_cleanly_on_sigterm,
+    latency_summary,
+    median,
+    print_table,
+    ratio,
+    write_result,
+)
+
+ensure_repo_importable()
+
+import faas  # noqa: E402
+
+PROMPTS = ["The quick brown", "Once upon a time", "The capital of France is", "In the beginning"]
+SAMPLING = {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}
+GOAL_ADDED_P50_MS = 5.0
+GOAL_SATURATION_RATIO = 1.0
+
+
+def complete16(model: faas.Model, prompt: str) -> str:
+    """The benchmarked function: one 16-token greedy completion."""
+    return str(model.generate(prompt, dict(SAMPLING)).text)
+
+
+def _engine_url(client: Any) -> str:
+    status = client.pool_status()
+    for model in status["models"].values():
+        for replica in model["replicas"]:
+            if replica["state"] == "ready" and replica["url"]:
+                return str(replica["url"])
+    raise RuntimeError("The service has no ready replica after the warm-up call.")
+
+
+def _window(submit: Any, total: int, outstanding: int) -> float:
+    """Run ``total`` calls with at most ``outstanding`` in flight; return calls per second."""
+    t0 = time.perf_counter()
+    pending: set[concurrent.futures.Future[Any]] = set()
+    sent = done = 0
+    while done < total:
+        while sent < total and len(pending) < outstanding:
+            pending.add(submit(PROMPTS[sent % len(PROMPTS)]))
+            sent += 1
+        finished, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        for fut in finished:
+            if not isinstance(fut.result(), str):
+                raise RuntimeError("a call returned no text")
+        done += len(finished)
+    return total / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--n", type=int, default=200, help="light-load calls per path")
+    parser.add_argument("--total", type=int, default=1024, help="calls per saturation run")
+    parser.add_argument("--outstanding", type=int, default=256, help="calls in flight at saturation")
+    parser.add_argument("--repeats", type=int, default=3, help="saturation runs per path (median)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes of the service's pool")
+    parser.add_argument("--threads-per-worker", type=int, default=128, help="invocations per worker")
+    parser.add_argument("--name", default="service_overhead", help="result file under benchmarks/results/")
+    args = parser.parse_args(argv)
+    exit_cleanly_on_sigterm()
+    print(f"[service_overhead] {os.cpu_count()} CPUs, load average {os.getloadavg()}")
+
+    import httpx
+
+    tmp = Path(tempfile.mkdtemp(prefix="faas-bench-service-"))
+    service = ServiceProcess(tmp, args.workers, args.threads_per_worker)
+    client: Any = None
+    try:
+        t0 = time.perf_counter()
+        client = faas.RemoteClient(service.start())
+        fn = faas.function(model="tiny-llama", name="bench.complete16")(complete16).with_client(client)
+        first = fn.remote(PROMPTS[0])  # cold start of the engine, outside every measurement
+        start_seconds = time.perf_counter() - t0
+        engine = _engine_url(client)
+        limits = httpx.Limits(max_connections=args.outstanding + 8, max_keepalive_connections=256)
+        http = httpx.Client(base_url=engine, timeout=600, limits=limits)
+
+        def direct(prompt: str) -> str:
+            r = http.post("/generate", json={"text": prompt, "sampling_params": SAMPLING})
+            r.raise_for_status()
+            return str(r.json()["text"])
+
+        if direct(PROMPTS[0]) != first:
+            raise RuntimeError("the direct call and the service disagree on a greedy completion")
+
+        # -- light load: one call at a time, alternating paths ---------------------------------
+        for i in range(20):
+            fn.remote(PROMPTS[i % len(PROMPTS)])
+            direct(PROMPTS[i % len(PROMPTS)])
+        lat: dict[str, list[float]] = {"service": [], "direct": []}
+        for i in range(args.n):
+            prompt = PROMPTS[i % len(PROMPTS)]
+            for name, call in (("service", fn.remote), ("direct", direct)):
+                t = time.perf_counter()
+                call(prompt)
+                lat[name].append(time.perf_counter() - t)
+        light = {name: latency_summary(values) for name, values in lat.items()}
+        added_p50_ms = (median(lat["service"]) - median(lat["direct"])) * 1000
+
+        # -- saturation: a sliding window of outstanding calls --------------------------------
+        pool = concurrent.futures.ThreadPoolExecutor(args.outstanding)
+        rates: dict[str, list[float]] = {"service": [], "direct": []}
+        for _ in range(args.repeats):
+            rates["direct"].append(_window(lambda p: pool.submit(direct, p), args.total, args.outstanding))
+            rates["service"].append(_window(fn.submit, args.total, args.outstanding))
+        pool.shutdown()
+        http.close()
+        saturation = {k: {"runs_per_s": v, "median_per_s": median(v)} for k, v in rates.items()}
+        sat_ratio = ratio(saturation["service"]["median_per_s"], saturation["direct"]["median_per_s"])
+        status = client.pool_status()
+    finally:
+        if client is not None:
+            client.shutdown()
+        service.stop()
+
+    print_table(
+        f"service overhead: 16-token greedy call, CPU engine, {os.cpu_count()} CPUs",
+        ["path", "light p50 ms", "light p95 ms", "saturation calls/s", "service/direct"],
+        [
+            [
+                name,
+                light[name]["p50_ms"],
+                light[name]["p95_ms"],
+                saturation[name]["median_per_s"],
+                sat_ratio if name == "service" else 1.0,
+            ]
+            for name in ("service", "direct")
+        ],
+    )
+    goals = [
+        Goal("added p50 at light load", added_p50_ms, "<=", GOAL_ADDED_P50_MS, " ms"),
+        Goal(f"service/direct, {args.outstanding} outstanding", sat_ratio, ">=", GOAL_SATURATION_RATIO, "x"),
+    ]
+    print("\ngoals:")
+    for g in goals:
+        print(g.line())
+    path = write_result(
+        args.name,
+        {
+            "config": {**vars(args), "sampling_params": SAMPLING, "prompts": PROMPTS},
+            "start_seconds": start_seconds,
+            "light": light,
+            "added_p50_ms": added_p50_ms,
+            "saturation": saturation,
+            "saturation_ratio": sat_ratio,
+            "pool_status": status,
+            "goals": [g.as_dict() for g in goals],
+        },
+    )
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
