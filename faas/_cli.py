@@ -64,10 +64,17 @@ def pool_status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw status JSON.")] = False,
     max_age: Annotated[float, typer.Option(help="Ignore pools silent for this many seconds.")] = 30.0,
 ) -> None:
-    """Show every live pool on the store: models, queues, replicas, metrics."""
+    """Show every live pool on the store (or the service's, with $FAAS_URL): models, replicas, metrics."""
+    import os
+
     from faas._status import load_statuses, render_status
 
-    statuses = load_statuses(store, max_age=max_age)
+    if os.environ.get("FAAS_URL") and store is None:
+        from faas._client import get_client
+
+        statuses = [get_client().pool_status()]
+    else:
+        statuses = load_statuses(store, max_age=max_age)
     if as_json:
         import json
 
@@ -85,6 +92,11 @@ from faas._trigger_cli import triggers_app  # noqa: E402
 
 app.add_typer(triggers_app, name="triggers")
 # -- end triggers -------------------------------------------------------------------------
+
+# -- functions and invocations (faas/_cli_service.py) -------------------------------------
+from faas._cli_service import register_commands as _register_service_commands  # noqa: E402
+
+_register_service_commands(app)
 
 # -- endpoint configs (faas/_cli_endpoint.py) ---------------------------------------------
 from faas._cli_endpoint import endpoint_app  # noqa: E402

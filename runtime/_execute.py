@@ -3,7 +3,8 @@
 Staged arguments (and the :class:`runtime.Ref` values inside them) are fetched
 and verified before the function is called; if any check fails, the function
 does not run. A return value above the staging threshold is written back to the
-store and travels as a reference.
+store and travels as a reference. What the function prints (in its own thread)
+is captured into ``Result.logs`` (see :mod:`runtime._capture`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from runtime import _serde
+from runtime._capture import DEFAULT_LIMIT_BYTES, Capture, capturing
 from runtime._errors import EngineLost, FaasError, StoreError
 from runtime._model import Model
 from runtime._objectref import cached_store, using_store
@@ -92,8 +94,10 @@ def execute(
         result.error = error_info(exc, "system")
         result.finished_at = time.time()
         return result
+    capture: Capture | None = None
     try:
-        with using_store(store):  # what ObjectRef.open() reads through
+        # using_store: what ObjectRef.open() reads through; capturing: the invocation's logs.
+        with using_store(store), capturing(DEFAULT_LIMIT_BYTES) as capture:
             value = fn(*args, **kwargs)
     except EngineLost as exc:
         # The engine died under the function: not the function's fault, so the pool may retry.
@@ -110,6 +114,8 @@ def execute(
     finally:
         if bound is not None:
             result.engine_calls = list(bound.calls)  # for the invocation's provenance
+        if capture is not None:
+            result.logs = capture.text()
     try:
         threshold = staging_threshold(invocation.stage_threshold)
         what = f"return value of {invocation.function_name!r}"

@@ -122,6 +122,7 @@ class ResultRecord(BaseModel):
     finished_at: float = 0.0
     recorded_at: float = 0.0
     provenance: dict[str, Any] | None = None  # a runtime._provenance.ProvenanceRecord
+    logs: str = ""  # captured stdout and stderr
 
     @classmethod
     def of(cls, result: Result) -> ResultRecord:
@@ -142,6 +143,7 @@ class ResultRecord(BaseModel):
             finished_at=result.finished_at,
             recorded_at=time.time(),
             provenance=result.provenance,
+            logs=result.logs,
         )
 
 
@@ -151,6 +153,7 @@ class InvocationRecord(BaseModel):
     Attributes:
         status: ``queued`` until a result is recorded, then ``succeeded``,
             ``failed`` or ``cancelled``.
+        logs: What the function wrote to stdout and stderr (empty until the result).
     """
 
     model_config = _B64
@@ -169,6 +172,7 @@ class InvocationRecord(BaseModel):
     error: ErrorInfo | None = None
     worker_pid: int = 0
     worker_host: str = ""
+    logs: str = ""
 
 
 class RecordStore:
@@ -246,6 +250,7 @@ class RecordStore:
                     "finished_at": result.finished_at,
                     "worker_pid": result.worker_pid,
                     "worker_host": result.worker_host,
+                    "logs": result.logs,
                 }
             )
         return record

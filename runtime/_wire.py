@@ -92,6 +92,7 @@ class Result(BaseModel):
         engine: The serving replica's engine (kind, version, args, url), set by the pool.
         provenance: The invocation's provenance record (a ``ProvenanceRecord`` as
             JSON), set by the client before the result is recorded.
+        logs: What the function wrote to stdout and stderr (see ``runtime._capture``).
     """
 
     model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
@@ -109,6 +110,7 @@ class Result(BaseModel):
     cold_start_seconds: float | None = None
     engine: dict[str, Any] | None = None
     provenance: dict[str, Any] | None = None
+    logs: str = ""
 
     @property
     def ok(self) -> bool:

@@ -10,6 +10,7 @@ and are batched there. The parent talks to a worker over one duplex pipe:
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from typing import Any
 from registry._registry import Registry
 from runtime._execute import error_info, execute
 from runtime._model import Model
-from runtime._store import store_from_config
+from runtime._store import ObjectStore, store_from_config
 from runtime._wire import Invocation, Result
 
 
@@ -52,10 +53,18 @@ class Abort:
     attempt: int = 0
 
 
+def _config_key(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
+
+
 def worker_main(conn: Connection, store_config: dict[str, Any], threads: int) -> None:
     """Entry point of a worker process (spawned by the pool)."""
     store = store_from_config(store_config)
     registry = Registry(store)
+    # Each invocation loads its function from its own store (a tenant's prefix in
+    # the service); one Registry per distinct store config, the pool's as fallback.
+    registries: dict[str, tuple[Registry, ObjectStore]] = {_config_key(store_config): (registry, store)}
+    registries_lock = threading.Lock()
     handles: dict[tuple[str, str, frozenset[str] | None], Model] = {}
     handles_lock = threading.Lock()
     send_lock = threading.Lock()
@@ -68,17 +77,34 @@ def worker_main(conn: Connection, store_config: dict[str, Any], threads: int) ->
                 model = handles[(url, name, modes)] = Model(url, name, allowed_modes=modes)
             return model
 
+    def registry_for(config: dict[str, Any] | None) -> tuple[Registry, ObjectStore]:
+        if config is None:
+            return registry, store
+        key = _config_key(config)
+        with registries_lock:
+            entry = registries.get(key)
+            if entry is None:
+                own = store_from_config(config)
+                entry = registries[key] = (Registry(own), own)
+            return entry
+
     def run(msg: Dispatch) -> None:
         inv = msg.invocation
         try:
-            fn = registry.load_function(inv.function_digest)
+            inv_registry, inv_store = registry_for(inv.store)
+            fn = inv_registry.load_function(inv.function_digest)
             model = (
                 handle_for(msg.engine_url, msg.model_name or "", msg.model_modes) if msg.engine_url else None
             )
             if model is not None:
                 running[(inv.id, inv.attempt)] = (model, f"inv-{inv.id}-{inv.attempt}-")
             result = execute(
-                inv, fn, model=model, model_param=msg.model_param, model_param_index=msg.model_param_index
+                inv,
+                fn,
+                model=model,
+                model_param=msg.model_param,
+                model_param_index=msg.model_param_index,
+                store=inv_store,
             )
         except Exception as exc:  # loading failed: integrity, unpickling, store
             result = Result(invocation_id=inv.id, error=error_info(exc, "system"), worker_pid=os.getpid())
