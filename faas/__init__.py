@@ -15,9 +15,11 @@ from faas._client import Client, configure, get_client, put, shutdown
 from faas._function import Function, function
 from faas._future import Future
 from faas._progress import gather
+from faas._remote import RemoteClient
 from faas._triggers import Outputs
 from registry import BindingError, FunctionSpec, ModelSpec, TriggerBinding
 from runtime import (
+    AuthError,
     ChatResult,
     EngineError,
     EngineLost,
@@ -31,14 +33,17 @@ from runtime import (
     InvocationTimeout,
     Model,
     ModeNotAllowedError,
+    NotFoundError,
     ObjectExists,
     ObjectNotFound,
     ObjectRef,
     PoolClosedError,
+    QuotaExceededError,
     Ref,
     RemoteError,
     SamplingParams,
     SerializationError,
+    ServiceError,
     StoreAuthError,
     StoreError,
     SubmitError,
@@ -52,6 +57,7 @@ from warmpool import BackPressureError
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthError",
     "BackPressureError",
     "BindingError",
     "ChatResult",
@@ -72,15 +78,19 @@ __all__ = [
     "ModeNotAllowedError",
     "Model",
     "ModelSpec",
+    "NotFoundError",
     "ObjectExists",
     "ObjectNotFound",
     "ObjectRef",
     "Outputs",
     "PoolClosedError",
+    "QuotaExceededError",
     "Ref",
+    "RemoteClient",
     "RemoteError",
     "SamplingParams",
     "SerializationError",
+    "ServiceError",
     "StoreAuthError",
     "StoreError",
     "SubmitError",

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
+import contextlib
 import logging
+import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from faas._future import Future
 from faas._provenance import build_provenance
+from faas._remote import RemoteClient
 from registry._registry import Registry
 from registry._specs import FunctionSpec, ModelSpec
 from runtime import _serde
-from runtime._errors import PoolClosedError
+from runtime._errors import NotFoundError, ObjectNotFound, PoolClosedError, StoreError
 from runtime._execute import error_info
 from runtime._model import Model
 from runtime._paths import default_store_url
@@ -23,8 +28,8 @@ from runtime._source import bundle_function
 from runtime._staging import Ref, StagedRef, stage_args, stage_object, staging_threshold, unstage_value
 from runtime._store import ObjectStore, new_id, store_from_url
 from runtime._wire import Invocation, Result
-from warmpool._pool import Pool
 from warmpool._replica import EngineFactory, default_engine_factory
+from warmpool._substrate import Substrate, SubstrateKind, make_substrate
 
 if TYPE_CHECKING:
     from faas._function import Function
@@ -54,6 +59,11 @@ class Client:
             (default: on a background thread, in order, flushed at shutdown),
             ``"sync"`` (before ``submit`` returns and before the future
             resolves) or ``"off"``.
+        substrate: Where invocations run: ``"local"`` (engines and workers as
+            child processes) or ``"globus-compute"`` (one Globus Compute engine
+            per model; see ``warmpool.GlobusComputePool``).
+        substrate_options: Extra options of the substrate's constructor
+            (e.g. ``{"address": "127.0.0.1", "workers_per_node": 16}``).
     """
 
     def __init__(
@@ -66,6 +76,8 @@ class Client:
         log_dir: Path | None = None,
         staging_threshold: int | str | None = None,
         records: RecordsMode = "async",
+        substrate: SubstrateKind = "local",
+        substrate_options: dict[str, Any] | None = None,
     ) -> None:
         if records not in ("async", "sync", "off"):
             raise ValueError(f"records must be 'async', 'sync' or 'off', not {records!r}.")
@@ -84,7 +96,9 @@ class Client:
             "engine_factory": engine_factory,
             "log_dir": log_dir,
         }
-        self._pool: Pool | None = None
+        self._substrate: SubstrateKind = substrate
+        self._substrate_options: dict[str, Any] = dict(substrate_options or {})
+        self._pool: Substrate | None = None
         self._lock = threading.Lock()
         self._specs: dict[int, tuple[Function[Any], FunctionSpec]] = {}
         self._handles: dict[str, Model] = {}
@@ -101,14 +115,15 @@ class Client:
         self.shutdown()
 
     @property
-    def pool(self) -> Pool:
+    def pool(self) -> Substrate:
         """The embedded pool, started on first use."""
         with self._lock:
             if self._closed:
                 raise PoolClosedError("This faas client has been shut down.")
             if self._pool is None:
                 warm = [m for m in self.registry.list_models() if m.min_replicas >= 1]
-                self._pool = Pool(self.store, **self._pool_args).start(models=warm)
+                options = {**self._pool_args, **self._substrate_options}
+                self._pool = make_substrate(self._substrate, self.store, **options).start(models=warm)
             return self._pool
 
     def register(self, function: Function[Any]) -> FunctionSpec:
@@ -304,6 +319,142 @@ class Client:
             except Exception as exc:
                 log.error("Some invocation records could not be written: %s", exc)
 
+    # -- parity with faas.RemoteClient -------------------------------------------------------
+    def submit_many(
+        self, function: Function[Any], calls: Sequence[tuple[tuple[Any, ...], dict[str, Any]]]
+    ) -> list[Future[Any]]:
+        """Submit one invocation per ``(args, kwargs)``; futures in input order.
+
+        Every call's arguments are checked before anything is submitted. If a
+        submit fails part way, the invocations already submitted are cancelled
+        and the error is raised.
+        """
+        calls = list(calls)
+        for args, kwargs in calls:
+            function.check_arguments(args, kwargs)
+        futures: list[Future[Any]] = []
+        try:
+            for args, kwargs in calls:
+                futures.append(self.submit(function, args, kwargs))
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        return futures
+
+    def call(
+        self,
+        function: Function[Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None = None,
+    ) -> Any:
+        """Run one invocation and return its value (what ``.remote`` does).
+
+        Raises:
+            TimeoutError: Not done within ``timeout`` seconds (it keeps running).
+        """
+        return self.submit(function, args, kwargs).result(timeout)
+
+    def attach(self, invocation_id: str) -> Future[Any]:
+        """A future for an invocation recorded in this client's store, by id.
+
+        If its result is recorded, the future is resolved at once; otherwise a
+        daemon thread reads the store, with backoff, until the result appears
+        (this needs ``records`` other than ``"off"`` in the submitting client).
+
+        Raises:
+            NotFoundError: Nothing is recorded under that id and this client's pool does not know it.
+        """
+        future: Future[Any] = Future(invocation_id, self.cancel, self._phase, self._load_value)
+        with contextlib.suppress(StoreError):
+            self.flush_records(5.0)
+        result = self._stored_result(invocation_id)
+        if result is not None:
+            future._resolve(result)
+            return future
+        if self.records.request(invocation_id) is None and self._phase(invocation_id) is None:
+            raise NotFoundError(
+                f"No invocation {invocation_id!r} is recorded in {self.store.url()}; check the id "
+                "and that this client uses the store the invocation was submitted to.",
+                404,
+            )
+        threading.Thread(target=self._poll_result, args=(future,), name="faas-attach", daemon=True).start()
+        return future
+
+    def _stored_result(self, invocation_id: str) -> Result | None:
+        record = self.records.result(invocation_id)
+        if record is None:
+            return None
+        return Result(
+            invocation_id=invocation_id,
+            value=None if record.value is None else record.value.to_wire(),
+            error=record.error,
+            worker_pid=record.worker_pid,
+            worker_host=record.worker_host,
+            started_at=record.started_at,
+            finished_at=record.finished_at,
+            attempt=record.attempt,
+            provenance=record.provenance,
+            logs=str(getattr(record, "logs", "") or ""),
+        )
+
+    def _poll_result(self, future: Future[Any]) -> None:
+        delay = 0.05
+        while not future.done():
+            if self._closed:
+                if not future.done():
+                    with contextlib.suppress(concurrent.futures.InvalidStateError):
+                        future.set_exception(
+                            PoolClosedError(
+                                f"The faas client was shut down before invocation {future.invocation_id} "
+                                "finished; re-attach with faas.Future.from_id(invocation_id)."
+                            )
+                        )
+                return
+            try:
+                result = self._stored_result(future.invocation_id)
+            except StoreError as exc:  # a store hiccup: keep trying
+                log.warning("Could not read the result of invocation %s: %s", future.invocation_id, exc)
+                result = None
+            if result is not None:
+                future._resolve(result)
+                return
+            time.sleep(delay)  # polling the store is the embedded fallback only
+            delay = min(delay * 1.5, 2.0)
+
+    def invocation(self, invocation_id: str) -> InvocationRecord:
+        """The invocation's record (request merged with result, if any).
+
+        Raises:
+            NotFoundError: Nothing is recorded under that id.
+        """
+        try:
+            return self.record(invocation_id)
+        except ObjectNotFound as exc:
+            raise NotFoundError(str(exc), 404) from None
+
+    def logs(self, invocation_id: str) -> str:
+        """What the invocation wrote to stdout and stderr (empty until it has finished).
+
+        Raises:
+            NotFoundError: Nothing is recorded under that id.
+        """
+        record = self.invocation(invocation_id)
+        return str(getattr(record, "logs", "") or "")
+
+    def list_functions(self) -> list[FunctionSpec]:
+        """The latest version of each registered function."""
+        return self.registry.list_functions()
+
+    def list_models(self) -> list[ModelSpec]:
+        """The registered models."""
+        return self.registry.list_models()
+
+    def pool_status(self) -> dict[str, Any]:
+        """Same as :meth:`status` (the remote client's name for it)."""
+        return self.status()
+
 
 def _threshold(value: int | str | None) -> int:
     try:
@@ -314,7 +465,7 @@ def _threshold(value: int | str | None) -> int:
         raise SubmitError(str(exc)) from None
 
 
-def put(obj: Any, *, client: Client | None = None) -> Ref:
+def put(obj: Any, *, client: Client | RemoteClient | None = None) -> Ref:
     """Upload ``obj`` once and return a :class:`faas.Ref` to pass to many invocations.
 
     Args:
@@ -324,27 +475,39 @@ def put(obj: Any, *, client: Client | None = None) -> Ref:
     return (client or get_client()).put(obj)
 
 
-_default: Client | None = None
+_default: Client | RemoteClient | None = None
 _default_lock = threading.Lock()
 
 
-def get_client() -> Client:
-    """The process-wide default client, created on first use."""
+def get_client() -> Client | RemoteClient:
+    """The process-wide default client, created on first use.
+
+    It is a :class:`RemoteClient` of the service named by ``$FAAS_URL`` (with
+    ``$FAAS_TOKEN``) when that is set, else an embedded :class:`Client`.
+    """
     global _default
     with _default_lock:
         if _default is None or _default._closed:
-            _default = Client()
+            url = os.environ.get("FAAS_URL")
+            _default = RemoteClient(url) if url else Client()
         return _default
 
 
-def configure(**options: Any) -> Client:
-    """Replace the default client with one built from ``options`` (see :class:`Client`)."""
+def configure(**options: Any) -> Client | RemoteClient:
+    """Replace the default client with one built from ``options``.
+
+    With ``url=...`` (and optionally ``token=``, ``timeout=``) it builds a
+    :class:`RemoteClient` of that service; otherwise an embedded
+    :class:`Client` (see its arguments).
+    """
     global _default
+    url = options.pop("url", None)
+    new: Client | RemoteClient = RemoteClient(url, **options) if url else Client(**options)
     with _default_lock:
-        old, _default = _default, Client(**options)
+        old, _default = _default, new
     if old is not None:
         old.shutdown()
-    return _default
+    return new
 
 
 def shutdown() -> None:

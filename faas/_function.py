@@ -16,6 +16,7 @@ from runtime._model import Model
 if TYPE_CHECKING:
     from faas._client import Client
     from faas._future import Future
+    from faas._remote import RemoteClient
     from registry._bindings import TriggerBinding
 
 R = TypeVar("R")
@@ -66,7 +67,7 @@ class Function(Generic[R]):
         timeout: float | None,
         retries: int,
         name: str | None,
-        client: Client | None = None,
+        client: Client | RemoteClient | None = None,
     ) -> None:
         if not callable(fn) or isinstance(fn, type):
             raise FunctionDefinitionError(
@@ -105,7 +106,7 @@ class Function(Generic[R]):
         return f"<faas.Function {self.name} model={self.model!r}>"
 
     @property
-    def client(self) -> Client:
+    def client(self) -> Client | RemoteClient:
         """The client this function submits through (the default one unless bound)."""
         if self._client is not None:
             return self._client
@@ -113,7 +114,7 @@ class Function(Generic[R]):
 
         return get_client()
 
-    def with_client(self, client: Client) -> Function[R]:
+    def with_client(self, client: Client | RemoteClient) -> Function[R]:
         """A copy of this function bound to ``client``."""
         return Function(
             self.fn,
@@ -149,7 +150,7 @@ class Function(Generic[R]):
 
     def remote(self, *args: Any, **kwargs: Any) -> R:
         """Run in the pool and wait for the result."""
-        return self.submit(*args, **kwargs).result()
+        return self.client.call(self, args, kwargs)  # type: ignore[no-any-return]
 
     def map(
         self,
@@ -170,7 +171,8 @@ class Function(Generic[R]):
             timeout: Seconds to wait for all results.
         """
         extra = kwargs or {}
-        futures = [self.submit(*items, **extra) for items in zip(*iterables, strict=False)]
+        calls = [(tuple(items), extra) for items in zip(*iterables, strict=False)]
+        futures: list[Future[R]] = self.client.submit_many(self, calls)
         return _in_order(futures, return_exceptions, timeout)
 
     async def aio(self, *args: Any, **kwargs: Any) -> R:

@@ -64,6 +64,24 @@ class Future(concurrent.futures.Future[T], Generic[T]):
         self._phase = phase
         self._loader = loader
 
+    @classmethod
+    def from_id(cls, invocation_id: str, *, client: Any = None) -> Future[Any]:
+        """Re-attach to an invocation by id, from any process using the same service or store.
+
+        Args:
+            invocation_id: The id of a future from an earlier ``submit``.
+            client: A ``faas.Client`` or ``faas.RemoteClient`` (default: ``faas.get_client()``,
+                which talks to ``$FAAS_URL`` when set).
+
+        Raises:
+            NotFoundError: No such invocation (for this tenant).
+        """
+        if client is None:
+            from faas._client import get_client
+
+            client = get_client()
+        return client.attach(invocation_id)  # type: ignore[no-any-return]
+
     def result(self, timeout: float | None = None) -> T:
         """Wait for the invocation and return its value (fetching a staged one).
 
