@@ -25,11 +25,9 @@ Rows (``--substrate``, repeatable; default: every available one):
 - ``GlobusComputeEngine``: a warm ``globus_compute_endpoint`` engine (Parsl
   HighThroughputExecutor, LocalProvider on 127.0.0.1, ``min_blocks=1``), fed
   Globus Compute task messages exactly as an endpoint's interchange feeds it.
-
-Planned rows (registered in ``PLANNED``; add a class to ``SUBSTRATES`` when the
-code exists): ``globus-compute-substrate`` (the pool dispatching through a
-Globus Compute engine).
-
+- ``globus-compute-substrate``: the public API on ``faas.Client(substrate=
+  "globus-compute")``: the pool dispatches every invocation as a Globus Compute
+  task to a GlobusComputeEngine block (LocalProvider, 127.0.0.1).
 - ``service``: ``faas serve`` in its own process, reached with
   ``faas.RemoteClient`` over HTTP: ``.remote`` is one POST that long-polls the
   result, a burst is ``.map`` (batches plus one event stream per batch).
@@ -361,6 +359,34 @@ class GlobusCompute:
         }
 
 
+class FaasPoolGlobusCompute(FaasPool):
+    """The public API on the ``globus-compute`` substrate: the pool drives a GlobusComputeEngine.
+
+    One block (LocalProvider, 127.0.0.1) with ``--workers`` HTEX workers runs
+    the invocations as Globus Compute tasks; the function travels by reference
+    (its digest) and the workers load it from the store.
+    """
+
+    name = "globus-compute-substrate"
+    description = "faas.Client(substrate='globus-compute'), GlobusComputeEngine on LocalProvider"
+
+    def start(self) -> None:
+        import faas
+
+        self.client = faas.Client(
+            store=Path(self._tmp).as_uri(),
+            workers=self.workers,
+            substrate="globus-compute",
+            substrate_options={"address": "127.0.0.1", "run_dir": Path(self._tmp) / "gce-run"},
+        )
+        self.fn = faas.function(name="bench.noop")(noop).with_client(self.client)
+        if self.fn.remote(-1) != -1:  # the first invocation waits for the scaler to start the block
+            raise RuntimeError("globus-compute substrate returned a wrong result")
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "substrate": "globus-compute", "provider": "LocalProvider"}
+
+
 class FaasService(FaasPool):
     """The pool behind ``faas serve``, reached over HTTP with ``faas.RemoteClient``.
 
@@ -409,10 +435,9 @@ SUBSTRATES: dict[str, Callable[[argparse.Namespace], Substrate]] = {
     "ProcessPoolExecutor": ProcessPool,
     "GlobusComputeEngine": GlobusCompute,
     "service": FaasService,
+    "globus-compute-substrate": FaasPoolGlobusCompute,
 }
-PLANNED: dict[str, str] = {
-    "globus-compute-substrate": "the pool dispatching invocations through a GlobusComputeEngine substrate",
-}
+PLANNED: dict[str, str] = {}
 OURS = "pool"
 
 

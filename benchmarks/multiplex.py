@@ -15,6 +15,11 @@ offline Llama, measured three ways (each ``--repeats`` times, median reported):
   at a time (``model.generate``, greedy, 32 new tokens, ``min_new_tokens=32``)
   over the same 64 prompts split between them: how a Globus Compute worker
   runs model calls when the model lives inside the worker.
+- ``globus-compute substrate``: the same invocations through
+  ``faas.Client(substrate="globus-compute")``: a GlobusComputeEngine block
+  (LocalProvider) starts its own engine with the same arguments and
+  ``--invocations`` HTEX workers run the invocations as tasks against it (run
+  alone, after the other rows; ``--skip-globus-compute`` leaves it out).
 
 The engine's mean batch size during the pool runs comes from ``/server_info``
 stats deltas (tokens generated / forward steps).
@@ -367,6 +372,87 @@ def run_pool_and_direct(args: argparse.Namespace, model_path: str, prompts: list
     return result
 
 
+def run_globus_compute(args: argparse.Namespace, model_path: str, prompts: list[str]) -> dict[str, Any]:
+    """The same invocations on the ``globus-compute`` substrate: a GlobusComputeEngine block runs the engine.
+
+    The block (LocalProvider, 127.0.0.1) starts its node-local CPU engine with
+    the same arguments; ``--invocations`` HTEX workers run the invocations as
+    Globus Compute tasks against it.
+    """
+    import faas
+
+    params = sampling(args.max_new_tokens)
+    engine_args: dict[str, Any] = {"device": args.device, "max_batch_size": args.max_batch_size}
+    if args.engine_threads:
+        engine_args["threads"] = args.engine_threads
+    spec = faas.ModelSpec(
+        name=MODEL_NAME,
+        version="1",
+        engine="cpu",
+        model_path=model_path,
+        engine_args=engine_args,
+        min_replicas=1,
+        max_replicas=1,
+        max_inflight=max(64, args.invocations),
+        idle_timeout=None,
+    )
+
+    @faas.function(model=f"{MODEL_NAME}@1", name="bench.generate", timeout=600)
+    def generate(model: faas.Model, prompt: str, params: dict[str, Any]) -> int:
+        return int(model.generate(prompt, params).completion_tokens)
+
+    store = tempfile.mkdtemp(prefix="faas-bench-store-")
+    client = faas.Client(
+        store=Path(store).as_uri(),
+        substrate="globus-compute",
+        substrate_options={
+            "address": "127.0.0.1",
+            "workers_per_node": args.invocations,
+            "run_dir": Path(store) / "gce-run",
+        },
+    )
+    fn = generate.with_client(client)
+    runs: list[dict[str, Any]] = []
+    try:
+        client.registry.register_model(spec)
+        t0 = time.perf_counter()
+        fn.remote(prompts[0], params)  # the block, its engine and its workers start here
+        cold = time.perf_counter() - t0
+        url = client.pool.engine_url(spec)
+        print(f"[multiplex] globus-compute block ready, engine {url}, first result after {cold:.1f} s")
+
+        def run() -> int:
+            futures = [fn.submit(p, params) for p in prompts]
+            return sum(f.result(timeout=600) for f in futures)
+
+        run()  # warm-up: every HTEX worker's imports and connections
+        for _ in range(args.repeats):
+            client.flush_records(600)
+            before = server_stats(url)
+            t = time.perf_counter()
+            tokens = run()
+            elapsed = time.perf_counter() - t
+            delta = stats_delta(before, server_stats(url))
+            if tokens != len(prompts) * args.max_new_tokens:
+                raise RuntimeError(f"globus-compute: {tokens} tokens generated")
+            rate = tokens / elapsed
+            runs.append({"tokens": tokens, "seconds": elapsed, "tokens_per_s": rate, "engine": delta})
+            print(
+                f"[multiplex] globus-compute: {tokens} tokens in {elapsed:.3f} s = {rate:.0f} tok/s, "
+                f"engine mean batch {delta['mean_batch_size']:.1f}"
+            )
+    finally:
+        client.shutdown()
+        shutil.rmtree(store, ignore_errors=True)
+    return {
+        "runs": runs,
+        "first_result_seconds": cold,
+        "tokens_per_s": median([r["tokens_per_s"] for r in runs]),
+        "mean_batch_size": median([r["engine"]["mean_batch_size"] for r in runs]),
+        "workers_per_node": args.invocations,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -386,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="pool worker processes")
     parser.add_argument("--exclusive-workers", type=int, default=2, help="processes in the exclusive row")
     parser.add_argument("--skip-exclusive", action="store_true", help="do not run the exclusive baseline")
+    parser.add_argument(
+        "--skip-globus-compute", action="store_true", help="do not run the globus-compute substrate row"
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
     parser.add_argument("--name", default=None, help="result name (default multiplex or multiplex-cuda)")
     args = parser.parse_args(argv)
@@ -403,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     # The exclusive baseline runs first, alone, so the engine's processes do not share its CPUs.
     exclusive = None if args.skip_exclusive else run_exclusive(args, model_path, prompts)
     shared = run_pool_and_direct(args, model_path, prompts)
+    gce = None if args.skip_globus_compute else run_globus_compute(args, model_path, prompts)
 
     rows = [
         [
@@ -420,6 +510,16 @@ def main(argv: list[str] | None = None) -> int:
             shared["direct"]["cpu_s_per_run"]["total"],
         ],
     ]
+    if gce is not None:
+        rows.append(
+            [
+                "globus-compute substrate",
+                gce["tokens_per_s"],
+                ratio(shared["pool"]["tokens_per_s"], gce["tokens_per_s"]),
+                gce["mean_batch_size"],
+                None,
+            ]
+        )
     if exclusive is not None:
         rows.append(
             [
@@ -477,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             "pool": shared["pool"],
             "direct": shared["direct"],
             "exclusive": exclusive,
+            "globus_compute": gce,
             "engine": {k: shared[k] for k in ("engine_start_seconds", "engine_args", "server_info")},
             "ratios": {
                 "pool_over_direct": goals[0].value,

@@ -6,6 +6,7 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -40,9 +41,33 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
-@pytest.fixture(scope="module")
-def client(module_client: Any) -> faas.Client:
-    return module_client
+@pytest.fixture(scope="module", params=["local", "globus-compute"])
+def client(
+    request: pytest.FixtureRequest, module_client: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[faas.Client]:
+    """The suite's client, once per substrate: the in-process pool, and Globus Compute engines.
+
+    The globus-compute substrate runs on a real GlobusComputeEngine (LocalProvider,
+    127.0.0.1) over the same store; it runs on the file store only, to keep the suite short.
+    """
+    if request.param == "local":
+        yield module_client
+        return
+    if module_client.store.config()["kind"] != "file":
+        pytest.skip("the globus-compute substrate runs this suite on the file store only")
+    pytest.importorskip("globus_compute_endpoint")
+    gce = faas.Client(
+        store=module_client.store,
+        workers=2,
+        substrate="globus-compute",
+        substrate_options={
+            "address": "127.0.0.1",
+            "workers_per_node": 8,
+            "run_dir": tmp_path_factory.mktemp("gce-run"),
+        },
+    )
+    yield gce
+    gce.shutdown()
 
 
 @pytest.fixture(scope="module")
