@@ -14,6 +14,7 @@ complete.remote("The quick brown")
 from faas._client import Client, configure, get_client, put, shutdown
 from faas._function import Function, function
 from faas._future import Future
+from faas._gc_cloud import GlobusComputeCloudClient, GlobusComputeConfigError
 from faas._progress import gather
 from faas._remote import RemoteClient
 from faas._triggers import Outputs
@@ -70,6 +71,8 @@ __all__ = [
     "FunctionSpec",
     "Future",
     "GenerateResult",
+    "GlobusComputeCloudClient",
+    "GlobusComputeConfigError",
     "IntegrityError",
     "InvocationCancelled",
     "InvocationError",

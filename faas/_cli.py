@@ -71,8 +71,10 @@ def pool_status(
 
     if os.environ.get("FAAS_URL") and store is None:
         from faas._client import get_client
+        from faas._gc_cloud import GlobusComputeCloudClient
 
-        statuses = [get_client().pool_status()]
+        client = get_client()
+        statuses = [client.status() if isinstance(client, GlobusComputeCloudClient) else client.pool_status()]
     else:
         statuses = load_statuses(store, max_age=max_age)
     if as_json:

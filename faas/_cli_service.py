@@ -60,8 +60,15 @@ def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
 def _client() -> Client | RemoteClient:
     """The default client: the remote one when ``FAAS_URL`` is set, else the embedded one."""
     from faas._client import get_client
+    from faas._gc_cloud import GlobusComputeCloudClient
 
-    return get_client()
+    client = get_client()
+    if isinstance(client, GlobusComputeCloudClient):
+        raise _fail(
+            "This command needs a faas service ($FAAS_URL) or the embedded store; $FAAS_GC_ENDPOINT "
+            "selects the Globus Compute cloud client, which cannot list or look up invocations."
+        )
+    return client
 
 
 def _is_embedded(client: Client | RemoteClient) -> bool:

@@ -11,9 +11,10 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 from faas._future import Future
+from faas._gc_cloud import ENDPOINT_ENV, GlobusComputeCloudClient
 from faas._provenance import build_provenance
 from faas._remote import RemoteClient
 from registry._registry import Registry
@@ -465,7 +466,11 @@ def _threshold(value: int | str | None) -> int:
         raise SubmitError(str(exc)) from None
 
 
-def put(obj: Any, *, client: Client | RemoteClient | None = None) -> Ref:
+AnyClient = Union["Client", RemoteClient, GlobusComputeCloudClient]
+"""What ``faas.get_client()`` may return: embedded, a ``faas serve`` service, or Globus Compute cloud."""
+
+
+def put(obj: Any, *, client: AnyClient | None = None) -> Ref:
     """Upload ``obj`` once and return a :class:`faas.Ref` to pass to many invocations.
 
     Args:
@@ -475,25 +480,32 @@ def put(obj: Any, *, client: Client | RemoteClient | None = None) -> Ref:
     return (client or get_client()).put(obj)
 
 
-_default: Client | RemoteClient | None = None
+_default: AnyClient | None = None
 _default_lock = threading.Lock()
 
 
-def get_client() -> Client | RemoteClient:
+def get_client() -> AnyClient:
     """The process-wide default client, created on first use.
 
     It is a :class:`RemoteClient` of the service named by ``$FAAS_URL`` (with
-    ``$FAAS_TOKEN``) when that is set, else an embedded :class:`Client`.
+    ``$FAAS_TOKEN``) when that is set; else a :class:`GlobusComputeCloudClient`
+    when ``$FAAS_GC_ENDPOINT`` names a Globus Compute endpoint; else an
+    embedded :class:`Client`.
     """
     global _default
     with _default_lock:
         if _default is None or _default._closed:
             url = os.environ.get("FAAS_URL")
-            _default = RemoteClient(url) if url else Client()
+            if url:
+                _default = RemoteClient(url)
+            elif os.environ.get(ENDPOINT_ENV):
+                _default = GlobusComputeCloudClient.from_env()
+            else:
+                _default = Client()
         return _default
 
 
-def configure(**options: Any) -> Client | RemoteClient:
+def configure(**options: Any) -> AnyClient:
     """Replace the default client with one built from ``options``.
 
     With ``url=...`` (and optionally ``token=``, ``timeout=``) it builds a
@@ -502,7 +514,7 @@ def configure(**options: Any) -> Client | RemoteClient:
     """
     global _default
     url = options.pop("url", None)
-    new: Client | RemoteClient = RemoteClient(url, **options) if url else Client(**options)
+    new: AnyClient = RemoteClient(url, **options) if url else Client(**options)
     with _default_lock:
         old, _default = _default, new
     if old is not None:

@@ -14,9 +14,8 @@ from runtime._errors import FunctionDefinitionError, SubmitError
 from runtime._model import Model
 
 if TYPE_CHECKING:
-    from faas._client import Client
+    from faas._client import AnyClient
     from faas._future import Future
-    from faas._remote import RemoteClient
     from registry._bindings import TriggerBinding
 
 R = TypeVar("R")
@@ -67,7 +66,7 @@ class Function(Generic[R]):
         timeout: float | None,
         retries: int,
         name: str | None,
-        client: Client | RemoteClient | None = None,
+        client: AnyClient | None = None,
     ) -> None:
         if not callable(fn) or isinstance(fn, type):
             raise FunctionDefinitionError(
@@ -106,7 +105,7 @@ class Function(Generic[R]):
         return f"<faas.Function {self.name} model={self.model!r}>"
 
     @property
-    def client(self) -> Client | RemoteClient:
+    def client(self) -> AnyClient:
         """The client this function submits through (the default one unless bound)."""
         if self._client is not None:
             return self._client
@@ -114,7 +113,7 @@ class Function(Generic[R]):
 
         return get_client()
 
-    def with_client(self, client: Client | RemoteClient) -> Function[R]:
+    def with_client(self, client: AnyClient) -> Function[R]:
         """A copy of this function bound to ``client``."""
         return Function(
             self.fn,

@@ -26,11 +26,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from faas._provenance import build_provenance
 from faas._service_api import (
     FINAL_STATES,
     BatchView,
@@ -42,6 +40,7 @@ from faas._service_api import (
     SessionInfo,
 )
 from faas._service_auth import Authenticator, Tenant
+from faas._service_commit import ResultCommitter
 from faas._service_index import Index, Row
 from faas._service_state import Pending, TenantState, digest, plausible_id, stub_spec, view_of
 from registry._registry import Registry
@@ -78,7 +77,7 @@ class ServiceCore:
         state_dir: Where the SQLite index lives.
         pool: The warm pool (built from ``pool_options`` when None).
         staging_threshold: Bytes above which values travel by reference.
-        result_threads: Threads committing result records.
+        result_threads: Threads writing result records to the store.
         pool_options: Passed to :class:`warmpool.Pool` when it is built here.
     """
 
@@ -108,7 +107,7 @@ class ServiceCore:
         self._listeners: dict[str, list[Listener]] = {}
         self._done: collections.OrderedDict[str, ResultView] = collections.OrderedDict()
         self._models: dict[str, tuple[ModelSpec, float]] = {}
-        self._results = ThreadPoolExecutor(result_threads, thread_name_prefix="faas-commit")
+        self._committer = ResultCommitter(self.index, self._committed, record_threads=result_threads)
         self._closed = False
         self.started_at = time.time()
         self.counters: dict[str, int] = collections.defaultdict(int)
@@ -133,7 +132,10 @@ class ServiceCore:
                 inv = row.invocation()
                 result = Result(invocation_id=row.id, error=error_info(exc, "system", with_traceback=False))
                 ts = self._tenant_state(self._tenant_named(row.tenant))
-                self._finish(ts, Pending(inv, stub_spec(inv), None), result)
+                self._committer.put(ts, Pending(inv, stub_spec(inv), None), result)
+        for row in self.index.unrecorded():  # committed here, but the store record was not written
+            ts = self._tenant_state(self._tenant_named(row.tenant))
+            self._committer.record_later(ts, ResultRecord.model_validate_json(row.result or "{}"))
         if requeued:
             log.info("Requeued %d invocations accepted before the last stop.", requeued)
         return requeued
@@ -142,7 +144,8 @@ class ServiceCore:
         ts = self._tenant_state(self._tenant_named(row.tenant))
         existing = ts.records.result(row.id)
         if existing is not None:  # it finished; only the index did not hear of it
-            self.index.set_state(row.id, existing.status)
+            self.index.finish_many([(row.id, existing.status, existing.model_dump_json(exclude_none=True))])
+            self.index.mark_recorded([row.id])
             return False
         inv = row.invocation()
         inv = inv.model_copy(update={"attempt": inv.attempt + 1})
@@ -165,7 +168,7 @@ class ServiceCore:
                 return
             self._closed = True
         self.pool.shutdown()
-        self._results.shutdown(wait=True)
+        self._committer.close()
         for ts in list(self._tenants.values()):
             try:
                 ts.writer.close()
@@ -373,52 +376,26 @@ class ServiceCore:
             closing = self._closed
         if closing and result.error is not None and result.error.type_name.endswith("PoolClosedError"):
             return  # cut short by our own shutdown: it stays unfinished in the index and reruns on restart
-        try:
-            self._results.submit(self._finish, ts, pending, result)
-        except RuntimeError:  # shutting down: commit here rather than lose it
-            self._finish(ts, pending, result)
+        self._committer.put(ts, pending, result)
         self._pump(ts)
 
-    def _finish(self, ts: TenantState, pending: Pending, result: Result) -> None:
-        """Commit the result record, then the index, then tell the listeners."""
-        inv = pending.invocation
-        try:
-            result.provenance = build_provenance(inv, pending.spec, pending.model, result).model_dump(
-                mode="json"
-            )
-        except Exception:  # provenance must never cost the result
-            log.exception("Could not build the provenance of invocation %s", inv.id)
-        view = self._commit(ts, result)
-        self.index.set_state(inv.id, view.status)
+    def _committed(self, batch: list[tuple[TenantState, Pending, ResultView, bool]]) -> None:
+        """Results are durable in the index: forget them as live and tell the listeners."""
+        told: list[tuple[list[Listener], ResultView]] = []
         with self._lock:
-            self._where.pop(inv.id, None)
-            self._done[inv.id] = view
+            for _ts, _pending, view, won in batch:
+                self._where.pop(view.id, None)
+                self._done[view.id] = view
+                told.append((self._listeners.pop(view.id, []), view))
+                self.counters[f"finished_{view.status}" if won else "duplicate_results"] += 1
             while len(self._done) > self.DONE_CACHE:
                 self._done.popitem(last=False)
-            listeners = self._listeners.pop(inv.id, [])
-            self.counters[f"finished_{view.status}"] += 1
-        for listener in listeners:
-            try:
-                listener(view)
-            except Exception:
-                log.exception("A result listener failed for invocation %s", inv.id)
-
-    def _commit(self, ts: TenantState, result: Result) -> ResultView:
-        delay = 0.1
-        while True:
-            try:
-                if ts.records.write_result(result):
-                    return view_of(ResultRecord.of(result))
-                first = ts.records.result(result.invocation_id)  # a previous life committed it
-                if first is not None:
-                    self.counters["duplicate_results"] += 1
-                    return view_of(first)
-            except StoreError as exc:
-                log.warning(
-                    "Result record of %s not committed yet (%s); retrying.", result.invocation_id, exc
-                )
-            time.sleep(delay)  # the store is down: keep the result until it comes back
-            delay = min(delay * 2, 5.0)
+        for listeners, view in told:
+            for listener in listeners:
+                try:
+                    listener(view)
+                except Exception:
+                    log.exception("A result listener failed for invocation %s", view.id)
 
     # -- queries --------------------------------------------------------------------------
     def _row(self, tenant: Tenant, invocation_id: str) -> Row:
@@ -465,6 +442,8 @@ class ServiceCore:
                 return hit
             if invocation_id in self._where:
                 return None
+        if row.result:  # committed, store record not written yet
+            return view_of(ResultRecord.model_validate_json(row.result))
         record = self._tenant_state(tenant).records.result(invocation_id)
         if record is None:
             if row.state in FINAL_STATES:
@@ -480,7 +459,9 @@ class ServiceCore:
         Raises:
             NotFoundError: Unknown id, or another tenant's.
         """
-        self._row(tenant, invocation_id)
+        row = self._row(tenant, invocation_id)
+        if row.result:
+            return ResultRecord.model_validate_json(row.result).logs
         record = self._tenant_state(tenant).records.result(invocation_id)
         return str(getattr(record, "logs", "") or "") if record is not None else ""
 
@@ -565,7 +546,7 @@ class ServiceCore:
             result = Result(
                 invocation_id=invocation_id, error=error_info(exc, "cancelled", with_traceback=False)
             )
-            self._finish(where[0], where[1], result)
+            self._committer.put(where[0], where[1], result)
             cancelled = True
         else:
             cancelled = self.pool.cancel(invocation_id)

@@ -5,7 +5,9 @@ request and result records); the index is what makes a restart cheap and
 exact: which invocations were accepted and not yet finished, in what order,
 for which tenant, with the full Invocation to run again. A row is committed
 before ``submit`` answers, so an accepted invocation survives a SIGKILL of the
-service (WAL with ``synchronous=NORMAL`` is durable against a process crash;
+service; a result is committed here (the row's final state and its result
+record) before anyone is told, and copied to the store's commit-once record
+afterwards (WAL with ``synchronous=NORMAL`` is durable against a process crash;
 an OS crash may lose the last transactions, which the client then sees as
 unknown ids).
 """
@@ -32,11 +34,14 @@ CREATE TABLE IF NOT EXISTS invocations (
     state TEXT NOT NULL,
     submitted_at REAL NOT NULL,
     finished_at REAL,
-    payload TEXT NOT NULL
+    payload TEXT NOT NULL,
+    result TEXT,
+    recorded INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS by_tenant ON invocations (tenant, submitted_at);
 CREATE INDEX IF NOT EXISTS by_state ON invocations (state);
 CREATE INDEX IF NOT EXISTS by_batch ON invocations (batch);
+CREATE INDEX IF NOT EXISTS by_recorded ON invocations (recorded) WHERE recorded = 0;
 """
 
 
@@ -54,6 +59,8 @@ class Row:
     submitted_at: float
     finished_at: float | None
     payload: str
+    result: str | None = None
+    recorded: int = 0
 
     def invocation(self) -> Invocation:
         """The Invocation as accepted."""
@@ -119,6 +126,46 @@ class Index:
                 (state, time.time() if final else None, invocation_id),
             )
 
+    def finish_many(self, items: list[tuple[str, str, str]]) -> list[bool]:
+        """Commit final results ``(id, state, result record JSON)`` in one transaction.
+
+        This is the commit point of a result: the first final state of an id
+        wins, later ones change nothing. Returns, per item, whether it won.
+        """
+        now = time.time()
+        won = []
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                for invocation_id, state, result in items:
+                    cur = self._db.execute(
+                        "UPDATE invocations SET state = ?, finished_at = ?, result = ? "
+                        "WHERE id = ? AND state IN ('queued', 'running')",
+                        (state, now, result, invocation_id),
+                    )
+                    won.append(cur.rowcount == 1)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return won
+
+    def mark_recorded(self, invocation_ids: list[str]) -> None:
+        """The store holds these results' records now: drop the local copies."""
+        with self._lock:
+            self._db.executemany(
+                "UPDATE invocations SET recorded = 1, result = NULL WHERE id = ?",
+                [(i,) for i in invocation_ids],
+            )
+
+    def unrecorded(self) -> list[Row]:
+        """Finished invocations whose result record is not in the store yet."""
+        with self._lock:
+            cur = self._db.execute(
+                f"SELECT {_COLUMNS} FROM invocations WHERE recorded = 0 AND result IS NOT NULL ORDER BY rowid"
+            )
+            return [Row(*r) for r in cur.fetchall()]
+
     def get(self, invocation_id: str) -> Row | None:
         """The row of one invocation, or None."""
         with self._lock:
@@ -162,5 +209,6 @@ class Index:
 
 
 _COLUMNS = (
-    "id, tenant, batch, function_name, function_digest, model, state, submitted_at, finished_at, payload"
+    "id, tenant, batch, function_name, function_digest, model, state, submitted_at, finished_at, payload, "
+    "result, recorded"
 )

@@ -198,6 +198,10 @@ class RecordStore:
         """Record an invocation's final result; False (and nothing written) if one exists."""
         return self._commit(self.key(result.invocation_id, "result"), ResultRecord.of(result))
 
+    def write_result_record(self, record: ResultRecord) -> bool:
+        """Record an already built ResultRecord; False (and nothing written) if one exists."""
+        return self._commit(self.key(record.invocation_id, "result"), record)
+
     def _commit(self, key: str, record: BaseModel) -> bool:
         try:
             self.store.put(key, record.model_dump_json(exclude_none=True).encode(), if_absent=True)
