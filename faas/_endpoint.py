@@ -17,9 +17,16 @@ ModelSpec              endpoint config
 
 When a node holds several engines (two tp-4 engines on an 8-GPU node), one
 block carries that many replicas, so replica counts are divided by the engines
-per block, rounding up. The YAML is emitted by hand (the data is a few nested
-maps of scalars) so rendering needs no YAML library; it is also a valid
-endpoint template (``user_config_template.yaml.j2``): it contains no Jinja syntax.
+per block, rounding up.
+
+The engine's ``launch_cmd`` runs HTEX's worker pool behind the block's engine
+host (``globus-compute-endpoint python-exec warmpool._block ... --exec <HTEX's
+default command>``, see :mod:`warmpool._gce_launcher`): on every node it starts
+the engine(s) of the model that ``worker_init`` names in ``FAAS_MODEL`` (one per
+accelerator group), then the workers. The YAML is emitted by hand (the data is
+a few nested maps of scalars) so rendering needs no YAML library. It is an
+endpoint template (``user_config_template.yaml.j2``, rendered by Jinja): its only
+Jinja syntax is ``{% raw %}`` around HTEX's ``{{block_id}}`` placeholder.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import math
 import re
 import shlex
+import textwrap
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +44,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from registry._specs import ModelSpec
+from warmpool._gce_launcher import ENDPOINT_PYTHON, block_launch_cmd
 
 Target = Literal["slurm", "pbs", "kubernetes", "workstation"]
 TARGETS: tuple[str, ...] = get_args(Target)
@@ -312,6 +321,8 @@ def endpoint_config(spec: ModelSpec, target: str, options: EndpointOptions | Non
     engine["max_workers_per_node"] = len(groups) or options.workers_per_engine
     idle = float("inf") if spec.idle_timeout is None else spec.idle_timeout
     engine["job_status_kwargs"] = {"max_idletime": idle, "strategy_period": options.strategy_period}
+    # Every node starts the model's engine(s) from worker_init's FAAS_MODEL/FAAS_STORE, then the workers.
+    engine["launch_cmd"] = block_launch_cmd(python=ENDPOINT_PYTHON, jinja=True)
     if options.address:
         engine["address"] = options.address
     engine["provider"] = _provider(spec, target, geometry, options)
@@ -338,6 +349,14 @@ def _scalar(value: Any) -> str:
     return json.dumps(text)  # a JSON string is a valid YAML double-quoted scalar
 
 
+def _fold(text: str, width: int) -> list[str]:
+    """Wrap at spaces only, never inside a word or a Jinja tag such as ``{% raw %}``."""
+    tags = re.compile(r"\{%[^%]*%\}")
+    kept = tags.sub(lambda m: m.group(0).replace(" ", "\0"), text)
+    lines = textwrap.wrap(kept, width, break_long_words=False, break_on_hyphens=False)
+    return [line.replace("\0", " ") for line in lines]
+
+
 def _yaml_lines(data: dict[str, Any], indent: int) -> list[str]:
     pad = " " * indent
     lines: list[str] = []
@@ -350,6 +369,10 @@ def _yaml_lines(data: dict[str, Any], indent: int) -> list[str]:
         elif isinstance(value, str) and "\n" in value and not value.endswith("\n") and value[:1].strip():
             lines.append(f"{pad}{key}: |-")
             lines += [f"{pad}  {line}" if line else "" for line in value.split("\n")]
+        elif isinstance(value, str) and len(value) > 80 and " " in value and " ".join(value.split()) == value:
+            # A long one-line command, folded: the lines join back with single spaces.
+            lines.append(f"{pad}{key}: >-")
+            lines += [f"{pad}  {line}" for line in _fold(value, 88)]
         else:
             lines.append(f"{pad}{key}: {_scalar(value)}")
     return lines

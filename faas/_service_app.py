@@ -129,7 +129,6 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
             log.error("Request failed: %s: %s", type(exc).__name__, exc)
         return _error(status, type(exc).__name__, str(exc))
 
-
     @app.get("/health", tags=["service"])
     def health() -> dict[str, Any]:
         """Liveness and a one-line summary of the pool."""

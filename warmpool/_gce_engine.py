@@ -1,9 +1,11 @@
 """One GlobusComputeEngine per model pool, and the view of its blocks as engine replicas.
 
 :class:`ModelEngine` owns one ``GlobusComputeEngine`` (Parsl's
-HighThroughputExecutor underneath) whose provider's launcher is wrapped by
-:class:`warmpool._gce_launcher.EngineBlockLauncher`, so each block starts the
-model's engine on its node. Pool settings map onto the engine:
+HighThroughputExecutor underneath) whose ``launch_cmd`` runs the worker pool
+behind :mod:`warmpool._block` (:func:`warmpool._gce_launcher.block_launch_cmd`,
+the same mechanism a rendered endpoint config uses), so each block starts the
+model's engine on its node. Blocks and the interchange watch this process:
+when it dies, even by SIGKILL, they stop, and the engines with them. Pool settings map onto the engine:
 ``min_replicas`` -> ``init_blocks``/``min_blocks``, ``max_replicas`` ->
 ``max_blocks``, ``idle_timeout`` -> ``max_idletime``; the scaler runs every
 ``strategy_period`` seconds so a cold start does not wait on it.
@@ -201,7 +203,7 @@ class ModelEngine:
         from globus_compute_endpoint.engines import GlobusComputeEngine
         from globus_compute_sdk.serialize import ComputeSerializer, DillCode
 
-        from warmpool._gce_launcher import EngineBlockLauncher
+        from warmpool._gce_launcher import block_launch_cmd, interchange_launch_cmd
         from warmpool._gce_task import run_invocation
 
         self.spec = spec
@@ -217,12 +219,13 @@ class ModelEngine:
         blocks = (spec.min_replicas, spec.max_replicas) if spec is not None else (0, 1)
         provider.init_blocks = provider.min_blocks = blocks[0]
         provider.max_blocks = blocks[1]
-        provider.launcher = EngineBlockLauncher(
-            str(run_dir),
-            model_file,
+        launch_cmd = block_launch_cmd(
+            run_dir=str(run_dir),
+            model_file=model_file,
+            no_model=model_file is None,
             engine_factory=engine_factory,
             failed_linger=failed_block_linger,
-            inner=getattr(provider, "launcher", None),
+            parent_pid=os.getpid(),
         )
         idle = spec.idle_timeout if spec is not None else 120.0
         label = f"faas-{spec.ref if spec else 'no-model'}".replace("@", "-").replace("/", "-")
@@ -236,21 +239,18 @@ class ModelEngine:
             heartbeat_threshold=heartbeat_threshold,
             block_error_handler=False,  # block failures are the pool's to report and retry
             encrypted=False,
+            launch_cmd=launch_cmd,
             job_status_kwargs={
                 "strategy_period": strategy_period,
                 "max_idletime": float(idle) if idle is not None else float("inf"),
             },
             **(engine_options or {}),
         )
-        # The interchange as `python -m`, as `globus-compute-endpoint python-exec` would exec it.
-        self.engine.executor.interchange_launch_cmd = [
-            sys.executable,
-            "-m",
-            "parsl.executors.high_throughput.interchange",
-        ]
+        # The interchange as `python -m` (as `globus-compute-endpoint python-exec` would exec it),
+        # under a watch that stops it when this process is gone.
+        self.engine.executor.interchange_launch_cmd = interchange_launch_cmd(os.getpid())
         self.serde = ComputeSerializer(strategy_code=DillCode())  # type: ignore[no-untyped-call]  # functions by reference
         self._code = self.serde.serialize(run_invocation)
-        self._no_kwargs = self.serde.serialize({})
         self._replicas: dict[str, Replica] = {}
         self._refreshed = 0.0
         self.started = False
@@ -262,16 +262,7 @@ class ModelEngine:
 
     def submit(self, fn: Callable[..., Any] | None, *args: Any) -> Any:
         """Send one task (``run_invocation`` by default) and return its GCFuture."""
-        from globus_compute_common import messagepack
-        from globus_compute_common.messagepack.message_types import Task
-        from globus_compute_endpoint.engines.base import GCFuture
-
-        code = self._code if fn is None else self.serde.serialize(fn)
-        buffer = self.serde.pack_buffers([code, self.serde.serialize(args), self._no_kwargs])
-        task_id = uuid.uuid4()
-        future = GCFuture(task_id)
-        self.engine.submit(future, messagepack.pack(Task(task_id=task_id, task_buffer=buffer)), {})
-        return future
+        return submit_task(self.engine, self.serde, self._code if fn is None else fn, *args)
 
     def unpack(self, packed: bytes) -> Any:
         """The task's return value.
@@ -311,6 +302,8 @@ class ModelEngine:
             status = read_status(block_dir) or {}
             if status.get("host") == _HOST:
                 pids += [int(status[k]) for k in ("wrapper_pid", "worker_pool_pid", "pid") if status.get(k)]
+                more = [int(e["pid"]) for e in status.get("engines") or [] if e.get("pid")]
+                pids += [p for p in more if p not in pids]
         return pids
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -331,6 +324,27 @@ class ModelEngine:
                         os.killpg(pid, signal.SIGKILL)
                     else:
                         os.kill(pid, signal.SIGKILL)
+
+
+def submit_task(engine: Any, serde: Any, fn: Any, *args: Any) -> Any:
+    """Send ``fn(*args)`` to a GlobusComputeEngine as an endpoint's interchange would; return its GCFuture.
+
+    Args:
+        engine: A started ``GlobusComputeEngine``.
+        serde: The ``ComputeSerializer`` (functions by reference: ``DillCode``).
+        fn: The function, or its already serialised code.
+        args: Positional arguments.
+    """
+    from globus_compute_common import messagepack
+    from globus_compute_common.messagepack.message_types import Task
+    from globus_compute_endpoint.engines.base import GCFuture
+
+    code = fn if isinstance(fn, str) else serde.serialize(fn)
+    buffer = serde.pack_buffers([code, serde.serialize(args), serde.serialize({})])
+    task_id = uuid.uuid4()
+    future = GCFuture(task_id)
+    engine.submit(future, messagepack.pack(Task(task_id=task_id, task_buffer=buffer)), {})
+    return future
 
 
 class BlockTaskError(EngineError):

@@ -3,7 +3,9 @@
 :func:`run_invocation` is imported by reference in the HighThroughputExecutor
 worker (it is serialised by module and name, never by value). It loads the
 function from the invocation's store, verified by digest, builds a
-:class:`runtime.Model` handle on the block's engine (``FAAS_ENGINE_URL``, set by
+:class:`runtime.Model` handle on the block's engine for this worker
+(:func:`engine_url_for`: the engine of the worker's accelerator group from
+``FAAS_ENGINE_URLS``, else ``FAAS_ENGINE_URL``, both set by
 :mod:`warmpool._block`), and runs :func:`runtime._execute.execute`. It returns
 the Result as JSON and never raises for a failure of the invocation itself.
 
@@ -18,6 +20,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from registry._registry import Registry
@@ -26,7 +29,7 @@ from runtime._execute import error_info, execute
 from runtime._model import Model
 from runtime._store import ObjectStore, store_from_config
 from runtime._wire import ErrorKind, Invocation, Result
-from warmpool._block import ENGINE_ERROR_ENV, ENGINE_INFO_ENV, ENGINE_URL_ENV
+from warmpool._block import ENGINE_ERROR_ENV, ENGINE_INFO_ENV, ENGINE_URL_ENV, ENGINE_URLS_ENV
 
 _lock = threading.Lock()
 _stores: dict[str, tuple[ObjectStore, Registry]] = {}
@@ -51,12 +54,45 @@ def _handle(url: str, name: str, modes: frozenset[str] | None) -> Model:
         return model
 
 
-def _engine_info() -> dict[str, Any] | None:
+def engine_url_for(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """The engine this worker uses, and its accelerator group: ``(url, group)``.
+
+    HTEX sets each worker's ``CUDA_VISIBLE_DEVICES`` to its accelerator group;
+    the block's wrapper published one engine per group in ``FAAS_ENGINE_URLS``
+    (``{"0,1,2,3": url, "4,5,6,7": url}``). A worker whose group is not there
+    (no groups, or an older block) uses ``FAAS_ENGINE_URL``.
+
+    Args:
+        env: The worker's environment (``os.environ``).
+
+    Returns:
+        The URL (None when the block has no engine) and the group (None when not chosen by group).
+    """
+    raw = env.get(ENGINE_URLS_ENV, "")
+    group = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if raw and group:
+        try:
+            urls = json.loads(raw)
+        except ValueError:
+            urls = {}
+        if isinstance(urls, dict):
+            url = urls.get(group) or urls.get(group.replace(" ", ""))
+            if url:
+                return str(url), group
+    return env.get(ENGINE_URL_ENV) or None, None
+
+
+def _engine_info(url: str | None, group: str | None) -> dict[str, Any] | None:
     raw = os.environ.get(ENGINE_INFO_ENV)
     try:
-        return dict(json.loads(raw)) if raw else None
+        info = dict(json.loads(raw)) if raw else None
     except ValueError:
         return None
+    if info is not None and url:
+        info["url"] = url
+        if group is not None:
+            info["group"] = group
+    return info
 
 
 def run_invocation(invocation_json: str, dispatch_json: str) -> str:
@@ -72,12 +108,12 @@ def run_invocation(invocation_json: str, dispatch_json: str) -> str:
     dispatch: dict[str, Any] = json.loads(dispatch_json)
     modes = dispatch.get("model_modes")
     model: Model | None = None
+    url, group = engine_url_for(os.environ)
     try:
         if dispatch.get("model_name"):
             error = os.environ.get(ENGINE_ERROR_ENV)
             if error:
                 raise EngineError(error)
-            url = os.environ.get(ENGINE_URL_ENV)
             if not url:
                 raise EngineError(
                     f"This Globus Compute block has no engine for {dispatch['model_name']}: "
@@ -132,7 +168,7 @@ def run_invocation(invocation_json: str, dispatch_json: str) -> str:
                 finished_at=time.time(),
             )
     if model is not None:
-        result.engine = _engine_info()
+        result.engine = _engine_info(url, group)
     return result.model_dump_json()
 
 
@@ -141,7 +177,7 @@ def engine_url() -> str:
     error = os.environ.get(ENGINE_ERROR_ENV)
     if error:
         raise EngineError(error)
-    url = os.environ.get(ENGINE_URL_ENV)
+    url, _ = engine_url_for(os.environ)
     if not url:
         raise EngineError(f"This Globus Compute block has no engine: {ENGINE_URL_ENV} is not set.")
     return url

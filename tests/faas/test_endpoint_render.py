@@ -43,6 +43,7 @@ from faas._endpoint import (
 from registry import Registry
 from registry._specs import ModelSpec
 from runtime import store_from_url
+from warmpool._gce_launcher import JINJA_BLOCK_ID
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra" / "globus-compute"
@@ -80,7 +81,8 @@ def endpoint_load(text: str, tmp_path: Path) -> Any:
     template.write_text(text)
     identity = MappedPosixIdentity(pwd.getpwuid(os.getuid()), [], None)
     rendered = render_config_user_template(CoreEndpointConfig(), text, template, identity)
-    assert rendered.strip() == text.strip(), "the config must contain no Jinja syntax"
+    # The only Jinja syntax protects HTEX's {{block_id}} placeholder in launch_cmd.
+    assert rendered.strip() == text.replace(JINJA_BLOCK_ID, "{{block_id}}").strip()
     threads = threading.active_count()
     config = load_config_yaml(rendered)
     assert isinstance(config, UserEndpointConfig)
@@ -117,6 +119,28 @@ def test_every_target_loads_with_mapped_values(target: str, tmp_path: Path) -> N
     assert engine._job_status_kwargs["max_idletime"] == 900.0
     assert engine._job_status_kwargs["strategy_period"] == 0.5
     assert "export FAAS_MODEL=llama@1 FAAS_NODES_PER_BLOCK=1" in provider.worker_init
+    assert_block_launch_cmd(config)
+
+
+def assert_block_launch_cmd(config: Any) -> None:
+    """Every node runs the worker pool behind the engine-host wrapper, which reads FAAS_MODEL."""
+    cmd = config.engine.executor.launch_cmd
+    wrapper, _, pool = cmd.partition(" --exec ")
+    assert wrapper.split() == ["globus-compute-endpoint", "python-exec", "warmpool._block", "--run-dir",
+                               "{logdir}", "--nodes-per-block={nodes_per_block}"]  # fmt: skip
+    assert pool.startswith(
+        "globus-compute-endpoint python-exec parsl.executors.high_throughput.process_worker_pool "
+    )
+    assert "--block_id={{block_id}} " in pool and pool.endswith("--available-accelerators {accelerators}")
+    # What HTEX does with it when scaling starts, then per block.
+    scaled = cmd.format(**{k: "X" for k in _HTEX_KEYS}, nodes_per_block=4).format(block_id="7")
+    assert "--nodes-per-block=4 " in scaled and "--block_id=7 " in scaled
+
+
+_HTEX_KEYS = ("debug", "max_workers_per_node", "addresses", "prefetch_capacity", "cores_per_worker",
+              "mem_per_worker", "poll_period", "worker_port", "cert_dir", "logdir", "logconf",
+              "heartbeat_period", "address_probe_timeout_string", "heartbeat_threshold", "drain_period",
+              "cpu_affinity", "enable_mpi_mode", "mpi_launcher", "accelerators")  # fmt: skip
 
 
 def test_multinode_slurm(tmp_path: Path) -> None:
@@ -131,6 +155,7 @@ def test_multinode_slurm(tmp_path: Path) -> None:
     assert config.engine._job_status_kwargs["max_idletime"] == 3600.0
     assert provider.worker_init.splitlines()[0] == "module load cuda"
     assert "FAAS_NODES_PER_BLOCK=4" in provider.worker_init
+    assert_block_launch_cmd(config)
 
 
 def test_pbs_multinode_and_select(tmp_path: Path) -> None:
@@ -220,6 +245,7 @@ def test_yaml_quoting_round_trips() -> None:
         "f": True,
         "g": 1.5,
         "h": "ok",
+        "i": "cmd --a={x} " + " ".join(f"--opt{i} {{v{i}}}" for i in range(30)) + " #not-a-comment",
     }
     assert yaml.safe_load(to_yaml(data)) == data
 
