@@ -57,6 +57,32 @@ def complete16(model: faas.Model, prompt: str) -> str:
     return str(model.generate(prompt, dict(SAMPLING)).text)
 
 
+MODEL = "bench-tiny-llama"
+
+
+def register_model(store: Path, args: argparse.Namespace) -> None:
+    """Register the benchmarked model in the service's store before it starts.
+
+    The CPU engine gets one torch thread (as in ``benchmarks/multiplex.py``): on
+    2 cores the other core serves HTTP, the service and the workers.
+    """
+    from registry import ModelSpec, Registry
+    from runtime import LocalStore
+    from warmpool._tiny_model import ensure_tiny_model
+
+    Registry(LocalStore(store)).register_model(
+        ModelSpec(
+            name=MODEL,
+            version="1",
+            engine="cpu",
+            model_path=str(ensure_tiny_model()),
+            engine_args={"threads": args.engine_threads, "max_batch_size": args.max_batch_size},
+            max_inflight=args.max_inflight,
+            idle_timeout=None,
+        )
+    )
+
+
 def _engine_url(client: Any) -> str:
     status = client.pool_status()
     for model in status["models"].values():
@@ -92,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="saturation runs per path (median)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes of the service's pool")
     parser.add_argument("--threads-per-worker", type=int, default=128, help="invocations per worker")
+    parser.add_argument("--engine-threads", type=int, default=1, help="torch threads of the CPU engine")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="the engine's most sequences per step")
+    parser.add_argument("--max-inflight", type=int, default=64, help="the pool's admission per replica")
     parser.add_argument("--name", default="service_overhead", help="result file under benchmarks/results/")
     args = parser.parse_args(argv)
     exit_cleanly_on_sigterm()
@@ -100,12 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
 
     tmp = Path(tempfile.mkdtemp(prefix="faas-bench-service-"))
+    register_model(tmp / "store", args)
     service = ServiceProcess(tmp, args.workers, args.threads_per_worker)
     client: Any = None
     try:
         t0 = time.perf_counter()
         client = faas.RemoteClient(service.start())
-        fn = faas.function(model="tiny-llama", name="bench.complete16")(complete16).with_client(client)
+        fn = faas.function(model=MODEL, name="bench.complete16")(complete16).with_client(client)
         first = fn.remote(PROMPTS[0])  # cold start of the engine, outside every measurement
         start_seconds = time.perf_counter() - t0
         engine = _engine_url(client)

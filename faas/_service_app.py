@@ -26,6 +26,7 @@ from faas._service_api import (
     CancelView,
     ErrorBody,
     InvocationView,
+    Item,
     RegisterFunction,
     ResultView,
     SessionInfo,
@@ -169,13 +170,30 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
     @app.post("/v1/invocations", tags=["invocations"], responses=_ERRORS)
     async def submit(who: Who, body: SubmitRequest) -> InvocationView:
         """Submit one invocation; with ``wait`` > 0, also wait that long for its result."""
-        item = body.model_dump(include={"args", "refs"})
-        from faas._service_api import Item
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[ResultView] = loop.create_future()
 
-        accepted = await run_in_threadpool(core.submit, who, body.function, [Item.model_validate(item)])
-        invocation_id = accepted.ids[0]
-        if body.wait > 0:
-            await _wait_one(core, who, invocation_id, body.wait)
+        def put(view: ResultView) -> None:
+            if not waiter.done():
+                waiter.set_result(view)
+
+        listener = _listener(loop, put)
+        item = Item(args=body.args, refs=body.refs)
+
+        def accept() -> tuple[str, list[ResultView]]:
+            # One trip to the thread pool: accept, and listen before the result can arrive.
+            invocation_id = core.submit(who, body.function, [item]).ids[0]
+            return invocation_id, core.listen(who, [invocation_id], listener) if body.wait > 0 else []
+
+        invocation_id, done = await run_in_threadpool(accept)
+        try:
+            if body.wait > 0 and not done:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter, body.wait)
+        finally:
+            core.unlisten([invocation_id], listener)
+        if done or waiter.done():
+            return core.view(who, invocation_id)  # the result is in memory: no need for a thread
         return await run_in_threadpool(core.view, who, invocation_id)
 
     @app.post("/v1/batches", tags=["invocations"], responses=_ERRORS)

@@ -382,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)  # our own few lines (ready, failures); libraries stay quiet
     engine = Engine(args)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and without it
+    # a response's body waits on Nagle and the client's delayed ACK (~40 ms per request).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     config = uvicorn.Config(
