@@ -52,6 +52,7 @@ from runtime._errors import (
     UnknownModelError,
 )
 from runtime._model import Model, UnsupportedFeatureError
+from runtime._net import tcp_transport
 from runtime._source import bundle_function
 from runtime._staging import Ref, stage_args, stage_object, unstage_value
 from runtime._store import ObjectStore, store_from_config
@@ -129,15 +130,15 @@ class RemoteClient:
             base_url=self.url,
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=connect),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
-            transport=transport,
+            transport=transport
+            or tcp_transport(httpx.Limits(max_connections=512, max_keepalive_connections=128)),
         )
         self._stream_http = httpx.Client(
             base_url=self.url,
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=connect, read=stream_read_timeout),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
-            transport=transport,
+            transport=transport
+            or tcp_transport(httpx.Limits(max_connections=64, max_keepalive_connections=16)),
         )
         self._watcher = Watcher(
             self._stream_http,

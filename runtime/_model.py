@@ -35,6 +35,7 @@ from runtime._model_results import (
     TextStream,
     hidden_states_array,
 )
+from runtime._net import tcp_transport
 from runtime._policy import call_record, guard
 from runtime._sampling import (
     SamplingParams,
@@ -143,8 +144,8 @@ class Model:
         self._client = httpx.Client(
             base_url=self.url,
             timeout=httpx.Timeout(timeout, connect=10.0),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=512),
-            transport=transport,
+            transport=transport
+            or tcp_transport(httpx.Limits(max_connections=512, max_keepalive_connections=512)),
         )
         self._lock = threading.Lock()
         self._active: set[str] = set()  # shared with bind() clones, for abort_prefix()

@@ -519,14 +519,40 @@ def _run_pool(
     finally:
         if args.parent_pid and not pid_alive(args.parent_pid) and status["state"] == "ready":
             status["error"] = f"The pool process (pid {args.parent_pid}) is gone; the block stopped with it."
-        if child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait(5)
+        _stop_tree(child)
     return int(child.returncode or 0) if child.returncode and child.returncode > 0 else 0
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for kid in children.get(todo.pop(), []):
+            found.append(kid)
+            todo.append(kid)
+    return found
+
+
+def _stop_tree(child: subprocess.Popen[bytes]) -> None:
+    """Stop ``child`` and whatever it started (HTEX's worker pool leaves a multiprocessing manager)."""
+    tree = _descendants(child.pid)
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait(5)
+    for pid in tree:  # orphaned when their parent went: nobody else will reap or stop them
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _watch_only(command: list[str], parent_pid: int | None) -> int:
@@ -544,13 +570,7 @@ def _watch_only(command: list[str], parent_pid: int | None) -> int:
             if parent_pid and not pid_alive(parent_pid):
                 break
     finally:
-        if child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait(5)
+        _stop_tree(child)
     return child.returncode if child.returncode and child.returncode > 0 else 0
 
 

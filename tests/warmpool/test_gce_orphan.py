@@ -56,6 +56,15 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        found += kids
+        todo += kids
+    return found
+
+
 def test_blocks_engines_and_interchange_exit_when_the_pool_is_killed(
     tiny_model_path: Path, tmp_path: Path
 ) -> None:
@@ -78,6 +87,12 @@ def test_blocks_engines_and_interchange_exit_when_the_pool_is_killed(
         pids = [*report["blocks"], report["interchange"], *_children(report["interchange"])]
         assert len(pids) >= 5, pids  # wrapper, worker pool, engine, interchange watch, interchange
         assert all(pid_alive(p) for p in pids)
+        # Everything the pool started, however deep (HTEX's worker pool starts a multiprocessing
+        # manager, for one), must go too.
+        everything = {*pids, *_descendants(proc.pid)}
+        for pid in list(everything):
+            everything.update(_descendants(pid))
+        pids = sorted(everything)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         for pid in pids:
