@@ -10,8 +10,8 @@ SQLite index, the pool, a worker, the commit-once result record, the answer):
 - saturation: ``--total`` calls with ``--outstanding`` in flight at once (a
   sliding window); calls per second and the ratio service / direct.
 
-Direct: ``POST /generate`` on the engine with httpx (keep-alive), the call a
-function makes itself. Service: ``fn.remote(prompt)`` (light load) and
+Direct: ``POST /generate`` on the engine with httpx (one keep-alive client per
+calling thread), the call a function makes itself. Service: ``fn.remote(prompt)`` (light load) and
 ``fn.submit`` in a sliding window (saturation) through ``faas.RemoteClient``.
 
 Goals (issue 8): added p50 <= 5 ms at light load; service / direct >= 1.0 at
@@ -26,6 +26,7 @@ import argparse
 import concurrent.futures
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -139,10 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         first = fn.remote(PROMPTS[0])  # cold start of the engine, outside every measurement
         start_seconds = time.perf_counter() - t0
         engine = _engine_url(client)
-        limits = httpx.Limits(max_connections=args.outstanding + 8, max_keepalive_connections=256)
-        http = httpx.Client(base_url=engine, timeout=600, limits=limits)
+        # One keep-alive client per calling thread: a shared httpx pool under 256 threads
+        # fails now and then (EBADF on a connection another thread closed).
+        local = threading.local()
+        clients: list[httpx.Client] = []
 
         def direct(prompt: str) -> str:
+            http = getattr(local, "http", None)
+            if http is None:
+                http = local.http = httpx.Client(base_url=engine, timeout=600)
+                clients.append(http)
             r = http.post("/generate", json={"text": prompt, "sampling_params": SAMPLING})
             r.raise_for_status()
             return str(r.json()["text"])
@@ -171,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             rates["direct"].append(_window(lambda p: pool.submit(direct, p), args.total, args.outstanding))
             rates["service"].append(_window(fn.submit, args.total, args.outstanding))
         pool.shutdown()
-        http.close()
+        for http in clients:
+            http.close()
         saturation = {k: {"runs_per_s": v, "median_per_s": median(v)} for k, v in rates.items()}
         sat_ratio = ratio(saturation["service"]["median_per_s"], saturation["direct"]["median_per_s"])
         status = client.pool_status()
