@@ -57,6 +57,8 @@ from benchmarks._common import (
 
 ensure_repo_importable()
 
+import faas  # noqa: E402
+
 GOAL_VS_DIRECT = 0.9
 GOAL_VS_EXCLUSIVE = 10.0
 MODEL_NAME = "bench-tiny-llama"
@@ -261,11 +263,13 @@ class Direct:
         self.client.close()
 
 
-def run_pool_and_direct(args: argparse.Namespace, model_path: str, prompts: list[str]) -> dict[str, Any]:
-    """Start the pool (and its one engine replica); alternate pool and direct runs on that engine."""
-    import faas
+def generate(model: faas.Model, prompt: str, params: dict[str, Any]) -> int:
+    """The benchmarked function: one generate call; returns the tokens it produced."""
+    return int(model.generate(prompt, params).completion_tokens)
 
-    params = sampling(args.max_new_tokens)
+
+def bench_model(args: argparse.Namespace, model_path: str) -> tuple[faas.ModelSpec, dict[str, Any]]:
+    """The benchmarked model version (one replica, kept warm) and its engine arguments."""
     engine_args: dict[str, Any] = {"device": args.device, "max_batch_size": args.max_batch_size}
     if args.engine_threads:
         engine_args["threads"] = args.engine_threads
@@ -280,14 +284,20 @@ def run_pool_and_direct(args: argparse.Namespace, model_path: str, prompts: list
         max_inflight=max(64, args.invocations),
         idle_timeout=None,
     )
+    return spec, engine_args
 
-    @faas.function(model=f"{MODEL_NAME}@1", name="bench.generate", timeout=600)
-    def generate(model: faas.Model, prompt: str, params: dict[str, Any]) -> int:
-        return int(model.generate(prompt, params).completion_tokens)
+
+def run_pool_and_direct(args: argparse.Namespace, model_path: str, prompts: list[str]) -> dict[str, Any]:
+    """Start the pool (and its one engine replica); alternate pool and direct runs on that engine."""
+
+    params = sampling(args.max_new_tokens)
+    spec, engine_args = bench_model(args, model_path)
 
     store = tempfile.mkdtemp(prefix="faas-bench-store-")
     client = faas.Client(store=Path(store).as_uri(), workers=args.workers)
-    fn = generate.with_client(client)
+    fn = faas.function(model=f"{MODEL_NAME}@1", name="bench.generate", timeout=600)(generate).with_client(
+        client
+    )
     direct: Direct | None = None
     try:
         client.registry.register_model(spec)
@@ -379,27 +389,9 @@ def run_globus_compute(args: argparse.Namespace, model_path: str, prompts: list[
     the same arguments; ``--invocations`` HTEX workers run the invocations as
     Globus Compute tasks against it.
     """
-    import faas
 
     params = sampling(args.max_new_tokens)
-    engine_args: dict[str, Any] = {"device": args.device, "max_batch_size": args.max_batch_size}
-    if args.engine_threads:
-        engine_args["threads"] = args.engine_threads
-    spec = faas.ModelSpec(
-        name=MODEL_NAME,
-        version="1",
-        engine="cpu",
-        model_path=model_path,
-        engine_args=engine_args,
-        min_replicas=1,
-        max_replicas=1,
-        max_inflight=max(64, args.invocations),
-        idle_timeout=None,
-    )
-
-    @faas.function(model=f"{MODEL_NAME}@1", name="bench.generate", timeout=600)
-    def generate(model: faas.Model, prompt: str, params: dict[str, Any]) -> int:
-        return int(model.generate(prompt, params).completion_tokens)
+    spec, _ = bench_model(args, model_path)
 
     store = tempfile.mkdtemp(prefix="faas-bench-store-")
     client = faas.Client(
@@ -411,7 +403,9 @@ def run_globus_compute(args: argparse.Namespace, model_path: str, prompts: list[
             "run_dir": Path(store) / "gce-run",
         },
     )
-    fn = generate.with_client(client)
+    fn = faas.function(model=f"{MODEL_NAME}@1", name="bench.generate", timeout=600)(generate).with_client(
+        client
+    )
     runs: list[dict[str, Any]] = []
     try:
         client.registry.register_model(spec)

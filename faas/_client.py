@@ -19,13 +19,11 @@ from faas._provenance import build_provenance
 from faas._remote import RemoteClient
 from registry._registry import Registry
 from registry._specs import FunctionSpec, ModelSpec
-from runtime import _serde
 from runtime._errors import NotFoundError, ObjectNotFound, PoolClosedError, StoreError
 from runtime._execute import error_info
 from runtime._model import Model
 from runtime._paths import default_store_url
 from runtime._records import InvocationRecord, RecordStore, RecordWriter
-from runtime._source import bundle_function
 from runtime._staging import Ref, StagedRef, stage_args, stage_object, staging_threshold, unstage_value
 from runtime._store import ObjectStore, new_id, store_from_url
 from runtime._wire import Invocation, Result
@@ -133,18 +131,7 @@ class Client:
             cached = self._specs.get(id(function))
             if cached is not None and cached[0] is function:
                 return cached[1]
-        artifact = _serde.dumps(bundle_function(function.fn), what=f"function {function.name!r}")
-        spec = FunctionSpec(
-            name=function.name,
-            digest=_serde.digest_of(artifact),
-            model=function.model,
-            model_param=function.model_param,
-            model_param_index=function.model_param_index,
-            timeout=function.timeout,
-            retries=function.retries,
-            module=getattr(function.fn, "__module__", "") or "",
-            qualname=getattr(function.fn, "__qualname__", "") or "",
-        )
+        artifact, spec = function.bundle()
         spec = self.registry.register_function(artifact, spec)
         with self._lock:
             self._specs[id(function)] = (function, spec)

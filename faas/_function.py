@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from faas._client import AnyClient
     from faas._future import Future
     from registry._bindings import TriggerBinding
+    from registry._specs import FunctionSpec
 
 R = TypeVar("R")
 
@@ -123,6 +124,30 @@ class Function(Generic[R]):
             name=self.name,
             client=client,
         )
+
+    def bundle(self) -> tuple[bytes, FunctionSpec]:
+        """The function's artifact (pickled with its source) and the spec to register it under.
+
+        Raises:
+            SerializationError: The function cannot be pickled.
+        """
+        from registry._specs import FunctionSpec
+        from runtime import _serde
+        from runtime._source import bundle_function
+
+        artifact = _serde.dumps(bundle_function(self.fn), what=f"function {self.name!r}")
+        spec = FunctionSpec(
+            name=self.name,
+            digest=_serde.digest_of(artifact),
+            model=self.model,
+            model_param=self.model_param,
+            model_param_index=self.model_param_index,
+            timeout=self.timeout,
+            retries=self.retries,
+            module=getattr(self.fn, "__module__", "") or "",
+            qualname=getattr(self.fn, "__qualname__", "") or "",
+        )
+        return artifact, spec
 
     def check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Raise SubmitError if ``args``/``kwargs`` do not fit the signature (model excluded)."""

@@ -31,12 +31,10 @@ from faas._future import Future
 from faas._provenance import build_provenance
 from registry._registry import Registry
 from registry._specs import FunctionSpec, ModelSpec
-from runtime import _serde
 from runtime._errors import FaasError, InvocationError, NotFoundError, PoolClosedError
 from runtime._execute import error_info
 from runtime._model import Model, UnsupportedFeatureError
 from runtime._records import RecordStore, RecordWriter
-from runtime._source import bundle_function
 from runtime._staging import Ref, StagedRef, stage_args, stage_object, unstage_value
 from runtime._staging import staging_threshold as _threshold
 from runtime._store import ObjectStore, new_id, store_from_url
@@ -224,18 +222,7 @@ class GlobusComputeCloudClient:
             cached = self._specs.get(id(function))
             if cached is not None and cached[0] is function:
                 return cached[1]
-        artifact = _serde.dumps(bundle_function(function.fn), what=f"function {function.name!r}")
-        spec = FunctionSpec(
-            name=function.name,
-            digest=_serde.digest_of(artifact),
-            model=function.model,
-            model_param=function.model_param,
-            model_param_index=function.model_param_index,
-            timeout=function.timeout,
-            retries=function.retries,
-            module=getattr(function.fn, "__module__", "") or "",
-            qualname=getattr(function.fn, "__qualname__", "") or "",
-        )
+        artifact, spec = function.bundle()
         spec = self.registry.register_function(artifact, spec)
         with self._lock:
             self._specs[id(function)] = (function, spec)

@@ -38,7 +38,6 @@ from faas._service_api import (
     SubmitRequest,
 )
 from registry._specs import FunctionSpec, ModelSpec
-from runtime import _serde
 from runtime._errors import (
     AuthError,
     FaasError,
@@ -53,7 +52,6 @@ from runtime._errors import (
 )
 from runtime._model import Model, UnsupportedFeatureError
 from runtime._net import tcp_transport
-from runtime._source import bundle_function
 from runtime._staging import Ref, stage_args, stage_object, unstage_value
 from runtime._store import ObjectStore, store_from_config
 from runtime._wire import ErrorInfo, Result
@@ -207,18 +205,10 @@ class RemoteClient:
             cached = self._specs.get(id(function))
             if cached is not None and cached[0] is function:
                 return cached[1]
-        artifact = _serde.dumps(bundle_function(function.fn), what=f"function {function.name!r}")
+        artifact, local = function.bundle()
         try:
             body = RegisterFunction(
-                name=function.name,
-                artifact=artifact,
-                model=function.model,
-                model_param=function.model_param,
-                model_param_index=function.model_param_index,
-                timeout=function.timeout,
-                retries=function.retries,
-                module=getattr(function.fn, "__module__", "") or "",
-                qualname=getattr(function.fn, "__qualname__", "") or "",
+                artifact=artifact, **local.model_dump(exclude={"version", "digest", "created_at"})
             )
         except ValidationError as exc:
             raise SubmitError(

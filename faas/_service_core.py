@@ -42,7 +42,7 @@ from faas._service_api import (
 from faas._service_auth import Authenticator, Tenant
 from faas._service_commit import ResultCommitter
 from faas._service_index import Index, Row
-from faas._service_state import Pending, TenantState, digest, plausible_id, stub_spec, view_of
+from faas._service_state import Pending, TenantState, digest, plausible_id, row_view, stub_spec, view_of
 from registry._registry import Registry
 from registry._specs import FunctionSpec, ModelSpec
 from runtime._errors import (
@@ -413,17 +413,7 @@ class ServiceCore:
         row = self._row(tenant, invocation_id)
         result = self.result(tenant, invocation_id, row=row)
         status = result.status if result is not None else self._live_state(invocation_id)
-        return InvocationView(
-            id=row.id,
-            status=status,  # type: ignore[arg-type]
-            function_name=row.function_name,
-            function_digest=row.function_digest,
-            model=row.model,
-            batch=row.batch,
-            submitted_at=row.submitted_at,
-            finished_at=row.finished_at,
-            result=result,
-        )
+        return row_view(row, status, result)
 
     def _live_state(self, invocation_id: str) -> str:
         phase = self.pool.state(invocation_id)
@@ -513,18 +503,7 @@ class ServiceCore:
         out = []
         for row in self.index.list(tenant.name, limit, state):
             status = row.state if row.state in FINAL_STATES else self._live_state(row.id)
-            out.append(
-                InvocationView(
-                    id=row.id,
-                    status=status,  # type: ignore[arg-type]
-                    function_name=row.function_name,
-                    function_digest=row.function_digest,
-                    model=row.model,
-                    batch=row.batch,
-                    submitted_at=row.submitted_at,
-                    finished_at=row.finished_at,
-                )
-            )
+            out.append(row_view(row, status))
         return out
 
     def cancel(self, tenant: Tenant, invocation_id: str) -> CancelView:

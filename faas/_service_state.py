@@ -5,8 +5,9 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
-from faas._service_api import ResultView
+from faas._service_api import InvocationView, ResultView
 from faas._service_auth import Tenant
+from faas._service_index import Row
 from registry._registry import Registry
 from registry._specs import FunctionSpec, ModelSpec
 from runtime._records import RecordStore, RecordWriter, ResultRecord
@@ -54,3 +55,18 @@ def plausible_id(value: str) -> bool:
 
 def stub_spec(inv: Invocation) -> FunctionSpec:
     return FunctionSpec(name=inv.function_name, digest=inv.function_digest)
+
+
+def row_view(row: Row, status: str, result: ResultView | None = None) -> InvocationView:
+    """The API's view of an indexed invocation."""
+    return InvocationView(
+        id=row.id,
+        status=status,  # type: ignore[arg-type]
+        function_name=row.function_name,
+        function_digest=row.function_digest,
+        model=row.model,
+        batch=row.batch,
+        submitted_at=row.submitted_at,
+        finished_at=row.finished_at,
+        result=result,
+    )

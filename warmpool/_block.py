@@ -70,6 +70,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from warmpool._procs import descendants, pid_alive
+
 ENGINE_URL_ENV = "FAAS_ENGINE_URL"
 ENGINE_URLS_ENV = "FAAS_ENGINE_URLS"
 ENGINE_INFO_ENV = "FAAS_ENGINE_INFO"
@@ -119,21 +121,6 @@ def _write_status(block_dir: Path, status: dict[str, Any]) -> None:
     tmp = block_dir / "status.json.tmp"
     tmp.write_text(json.dumps(status, default=str))
     os.replace(tmp, block_dir / "status.json")  # readers never see a half-written file
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with ``pid`` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _load_factory(path: str) -> Callable[..., Any]:
@@ -523,26 +510,9 @@ def _run_pool(
     return int(child.returncode or 0) if child.returncode and child.returncode > 0 else 0
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc; empty where there is none)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for kid in children.get(todo.pop(), []):
-            found.append(kid)
-            todo.append(kid)
-    return found
-
-
 def _stop_tree(child: subprocess.Popen[bytes]) -> None:
     """Stop ``child`` and whatever it started (HTEX's worker pool leaves a multiprocessing manager)."""
-    tree = _descendants(child.pid)
+    tree = descendants(child.pid)
     if child.poll() is None:
         child.terminate()
         try:

@@ -33,6 +33,7 @@ import httpx
 from registry._specs import ModelSpec
 from runtime._errors import EngineError
 from warmpool._block import block_dirs, read_status
+from warmpool._procs import pid_alive
 from warmpool._replica import Replica, ReplicaState
 
 ProviderFactory = Callable[[ModelSpec | None], Any]
@@ -54,13 +55,6 @@ def local_provider(spec: ModelSpec | None) -> Any:
     from parsl.providers import LocalProvider
 
     return LocalProvider()  # type: ignore[no-untyped-call]
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    from warmpool._pool import pid_alive as alive
-
-    return alive(pid)
 
 
 class BlockEngineHost:

@@ -38,6 +38,7 @@ from runtime._store import ObjectStore
 from runtime._wire import ErrorKind, Invocation, Result
 from warmpool import _lifecycle
 from warmpool._lifecycle import failure
+from warmpool._procs import pid_alive as pid_alive  # re-exported: tests and hosts import it here
 from warmpool._replica import (
     EngineFactory,
     ModelPool,
@@ -527,18 +528,3 @@ def _count(mp: ModelPool, result: Result) -> None:
             m.cancelled += 1
     if result.started_at and result.finished_at:
         m.execution_seconds.add(result.finished_at - result.started_at)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with ``pid`` exists (and is not a zombie)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True

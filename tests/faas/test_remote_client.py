@@ -51,19 +51,9 @@ from runtime._staging import stage_value, unstage_value
 from runtime._store import LocalStore, new_id
 from runtime._wire import ErrorInfo
 from tests.faas._service_helpers import count_requests
+from tests.warmpool._pool_helpers import wait_for
 
 TOKEN = "stub-secret-token-5f1e2d3c"
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "a condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"Timed out after {timeout} s waiting for {what}.")
-        time.sleep(0.01)
 
 
 @faas.function()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.warmpool._pool_helpers import wait_for
-from warmpool._pool import pid_alive
+from warmpool._procs import descendants, pid_alive
 
 pytest.importorskip("globus_compute_endpoint")
 
@@ -43,28 +43,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        kids = _children(todo.pop())
-        found += kids
-        todo += kids
-    return found
-
-
 def test_blocks_engines_and_interchange_exit_when_the_pool_is_killed(
     tiny_model_path: Path, tmp_path: Path
 ) -> None:
@@ -84,14 +62,14 @@ def test_blocks_engines_and_interchange_exit_when_the_pool_is_killed(
         assert proc.stdout is not None
         report = json.loads(proc.stdout.readline())
         assert report["ok"]
-        pids = [*report["blocks"], report["interchange"], *_children(report["interchange"])]
+        pids = [*report["blocks"], report["interchange"], *descendants(report["interchange"])]
         assert len(pids) >= 5, pids  # wrapper, worker pool, engine, interchange watch, interchange
         assert all(pid_alive(p) for p in pids)
         # Everything the pool started, however deep (HTEX's worker pool starts a multiprocessing
         # manager, for one), must go too.
-        everything = {*pids, *_descendants(proc.pid)}
+        everything = {*pids, *descendants(proc.pid)}
         for pid in list(everything):
-            everything.update(_descendants(pid))
+            everything.update(descendants(pid))
         pids = sorted(everything)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
