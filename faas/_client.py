@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
 
-from faas._future import Future
+from faas._future import Future, submit_each
 from faas._gc_cloud import ENDPOINT_ENV, GlobusComputeCloudClient
 from faas._provenance import build_provenance
 from faas._remote import RemoteClient
@@ -317,18 +317,7 @@ class Client:
         submit fails part way, the invocations already submitted are cancelled
         and the error is raised.
         """
-        calls = list(calls)
-        for args, kwargs in calls:
-            function.check_arguments(args, kwargs)
-        futures: list[Future[Any]] = []
-        try:
-            for args, kwargs in calls:
-                futures.append(self.submit(function, args, kwargs))
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-        return futures
+        return submit_each(self.submit, function, calls)
 
     def call(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 from runtime import _serde
@@ -196,3 +196,27 @@ def rebuild_error(info: ErrorInfo) -> BaseException:
         return exc
     cls = _KIND_ERRORS.get(info.kind, EngineError if "Engine" in info.type_name else InvocationError)
     return cls(info.message)
+
+
+def submit_each(
+    submit: Callable[[Any, tuple[Any, ...], dict[str, Any]], Future[Any]],
+    function: Any,
+    calls: Iterable[tuple[tuple[Any, ...], dict[str, Any]]],
+) -> list[Future[Any]]:
+    """Submit one invocation per ``(args, kwargs)`` with ``submit``, all arguments checked first.
+
+    If a submit fails part way, the invocations already submitted are
+    cancelled and the error is raised.
+    """
+    calls = list(calls)
+    for args, kwargs in calls:
+        function.check_arguments(args, kwargs)
+    futures: list[Future[Any]] = []
+    try:
+        for args, kwargs in calls:
+            futures.append(submit(function, args, kwargs))
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+    return futures

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from faas._future import Future
+from faas._future import Future, submit_each
 from faas._provenance import build_provenance
 from registry._registry import Registry
 from registry._specs import FunctionSpec, ModelSpec
@@ -290,18 +290,7 @@ class GlobusComputeCloudClient:
         executor batches the tasks). If a submit fails part way, the
         invocations already submitted are cancelled and the error is raised.
         """
-        calls = list(calls)
-        for args, kwargs in calls:
-            function.check_arguments(args, kwargs)
-        futures: list[Future[Any]] = []
-        try:
-            for args, kwargs in calls:
-                futures.append(self.submit(function, args, kwargs))
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-        return futures
+        return submit_each(self.submit, function, calls)
 
     def call(
         self,
