@@ -117,15 +117,6 @@ class Index:
                 raise
             self._db.execute("COMMIT")
 
-    def set_state(self, invocation_id: str, state: str) -> None:
-        """Move an invocation to ``state`` (final states also stamp ``finished_at``)."""
-        final = state in ("succeeded", "failed", "cancelled")
-        with self._lock:
-            self._db.execute(
-                "UPDATE invocations SET state = ?, finished_at = ? WHERE id = ?",
-                (state, time.time() if final else None, invocation_id),
-            )
-
     def finish_many(self, items: list[tuple[str, str, str]]) -> list[bool]:
         """Commit final results ``(id, state, result record JSON)`` in one transaction.
 
@@ -200,12 +191,6 @@ class Index:
         with self._lock:
             cur = self._db.execute(query + " ORDER BY rowid DESC LIMIT ?", (*args, limit))
             return [Row(*r) for r in cur.fetchall()]
-
-    def counts(self) -> dict[tuple[str, str], int]:
-        """Invocations per (tenant, state)."""
-        with self._lock:
-            cur = self._db.execute("SELECT tenant, state, COUNT(*) FROM invocations GROUP BY tenant, state")
-            return {(t, s): n for t, s, n in cur.fetchall()}
 
 
 _COLUMNS = (
