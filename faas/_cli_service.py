@@ -104,15 +104,7 @@ def _submit_by_name(client: Client | RemoteClient, name: str, kwargs: dict[str, 
             model = client.pool.prefer_warm(model)
         blob, refs = stage_args(client.store, (), kwargs, client.staging_threshold, what=repr(spec.name))
         return client.submit_spec(spec, model, blob, refs)
-    # TODO(lead): replace with a public RemoteClient.submit_by_name(name, args, kwargs) when it
-    # exists; this builds the same SubmitRequest RemoteClient.submit sends, by name.
-    from faas._service_api import InvocationView, SubmitRequest
-
-    blob, refs = stage_args(client.store, (), kwargs, client.staging_threshold, what=repr(name))
-    view = client._post(
-        "/v1/invocations", SubmitRequest(function=name, args=blob, refs=list(refs)), InvocationView
-    )
-    return client._settle(view)
+    return client.submit_by_name(name, (), kwargs)
 
 
 # -- helpers ----------------------------------------------------------------------------
