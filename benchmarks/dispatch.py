@@ -108,6 +108,26 @@ class Substrate(Protocol):
 # -- rows -------------------------------------------------------------------------------
 
 
+class _FutureRow:
+    """A row driven through ``_submit(x) -> future`` and ``_value(future) -> int``."""
+
+    def _submit(self, x: int) -> Any:
+        raise NotImplementedError
+
+    def _value(self, fut: Any) -> int:
+        raise NotImplementedError
+
+    def call(self, x: int) -> int:
+        return self._value(self._submit(x))
+
+    def burst(self, xs: list[int]) -> list[int]:
+        futures = [self._submit(x) for x in xs]
+        return [self._value(f) for f in futures]
+
+    def settle(self) -> None:
+        pass  # nothing is left running in the background after a result
+
+
 class FaasPool:
     """The embedded pool through the public API: ``@faas.function`` and ``faas.Client``."""
 
@@ -166,7 +186,7 @@ class FaasPoolNoRecords(FaasPool):
     records = "off"
 
 
-class DirectPool:
+class DirectPool(_FutureRow):
     """The same pool through ``warmpool.Pool.submit`` (no decorator, no faas.Future)."""
 
     name = "pool-direct"
@@ -215,16 +235,6 @@ class DirectPool:
             raise RuntimeError(f"invocation failed: {result.error}")
         return int(loads(result.value))
 
-    def call(self, x: int) -> int:
-        return self._value(self._submit(x))
-
-    def burst(self, xs: list[int]) -> list[int]:
-        futures = [self._submit(x) for x in xs]
-        return [self._value(f) for f in futures]
-
-    def settle(self) -> None:
-        pass
-
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
@@ -271,7 +281,7 @@ class ProcessPool:
         return {"max_workers": self.workers, "start_method": multiprocessing.get_start_method()}
 
 
-class GlobusCompute:
+class GlobusCompute(_FutureRow):
     """A warm GlobusComputeEngine on LocalProvider, fed task messages as an endpoint feeds it.
 
     Tasks are what the Globus Compute SDK sends: a messagepack ``Task`` whose
@@ -330,16 +340,6 @@ class GlobusCompute:
         if result.is_error:
             raise RuntimeError(f"GlobusComputeEngine task failed: {result.data}")
         return int(self.serde.deserialize(result.data))
-
-    def call(self, x: int) -> int:
-        return self._value(self._submit(x))
-
-    def burst(self, xs: list[int]) -> list[int]:
-        futures = [self._submit(x) for x in xs]
-        return [self._value(f) for f in futures]
-
-    def settle(self) -> None:
-        pass
 
     def close(self) -> None:
         if self.engine is not None:

@@ -25,7 +25,7 @@ from runtime._model import Model
 from runtime._paths import default_store_url
 from runtime._records import InvocationRecord, RecordStore, RecordWriter
 from runtime._staging import Ref, StagedRef, stage_args, stage_object, staging_threshold, unstage_value
-from runtime._store import ObjectStore, new_id, store_from_url
+from runtime._store import ObjectStore, store_from_url
 from runtime._wire import Invocation, Result
 from warmpool._replica import EngineFactory, default_engine_factory
 from warmpool._substrate import Substrate, SubstrateKind, make_substrate
@@ -182,14 +182,9 @@ class Client:
         This is what ``submit`` does after validation, and what ``faas replay``
         uses to run an invocation again with its stored inputs.
         """
-        invocation = Invocation(
-            id=new_id(),
-            function_name=spec.name,
-            function_digest=spec.digest,
+        invocation = spec.invocation(
+            blob,
             model=model.ref if model else None,
-            args=blob,
-            timeout=spec.timeout,
-            retries=spec.retries,
             store=self._store_config,
             stage_threshold=self.staging_threshold,
             refs=refs,

@@ -37,7 +37,7 @@ from runtime._model import Model, UnsupportedFeatureError
 from runtime._records import RecordStore, RecordWriter
 from runtime._staging import Ref, StagedRef, stage_args, stage_object, unstage_value
 from runtime._staging import staging_threshold as _threshold
-from runtime._store import ObjectStore, new_id, store_from_url
+from runtime._store import ObjectStore, store_from_url
 from runtime._wire import Invocation, Result
 from warmpool._gce_task import run_invocation
 
@@ -248,14 +248,9 @@ class GlobusComputeCloudClient:
     ) -> Future[Any]:
         """Send a registered function version with already serialised (or staged) arguments."""
         self._check_open()
-        invocation = Invocation(
-            id=new_id(),
-            function_name=spec.name,
-            function_digest=spec.digest,
+        invocation = spec.invocation(
+            blob,
             model=model.ref if model else None,
-            args=blob,
-            timeout=spec.timeout,
-            retries=spec.retries,
             store=self._store_config,
             stage_threshold=self.staging_threshold,
             refs=refs,

@@ -58,7 +58,7 @@ from runtime._records import RecordStore, RecordWriter, ResultRecord
 from runtime._staging import StagedRef, is_marker, parse_marker
 from runtime._staging import staging_threshold as parse_threshold
 from runtime._store import ObjectStore, new_id, scoped_store
-from runtime._wire import Invocation, Result
+from runtime._wire import Result
 from warmpool._pool import Pool
 from warmpool._replica import BackPressureError
 
@@ -283,16 +283,12 @@ class ServiceCore:
         for item in items:
             self._check_refs(ts, item)
         batch_id = new_id() if batch else None
+        store_config = ts.store.config()  # once per request, not per item
         invocations = [
-            Invocation(
-                id=new_id(),
-                function_name=spec.name,
-                function_digest=spec.digest,
+            spec.invocation(
+                item.args,
                 model=model.ref if model else None,
-                args=item.args,
-                timeout=spec.timeout,
-                retries=spec.retries,
-                store=ts.store.config(),
+                store=store_config,
                 stage_threshold=self.threshold,
                 refs=tuple(item.refs),
             )

@@ -8,6 +8,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from runtime._policy import MODES, check_modes
+from runtime._staging import StagedRef
+from runtime._store import new_id
+from runtime._wire import Invocation
 
 
 class FunctionSpec(BaseModel):
@@ -45,6 +48,37 @@ class FunctionSpec(BaseModel):
     def ref(self) -> str:
         """``name@version``."""
         return f"{self.name}@{self.version}"
+
+    def invocation(
+        self,
+        args: bytes,
+        *,
+        model: str | None,
+        store: dict[str, Any] | None,
+        stage_threshold: int | None,
+        refs: tuple[StagedRef, ...] = (),
+    ) -> Invocation:
+        """A new invocation of this version (fresh id; timeout and retries from the spec).
+
+        Args:
+            args: Serialised ``(args, kwargs)``, or a staging marker.
+            model: The resolved model reference (``name@version``), if any.
+            store: ``config()`` of the store holding its staged values.
+            stage_threshold: Results above this many bytes are staged back.
+            refs: The staged objects the arguments refer to.
+        """
+        return Invocation(
+            id=new_id(),
+            function_name=self.name,
+            function_digest=self.digest,
+            model=model,
+            args=args,
+            timeout=self.timeout,
+            retries=self.retries,
+            store=store,
+            stage_threshold=stage_threshold,
+            refs=refs,
+        )
 
 
 EngineKind = Literal["cpu", "sglang"]
