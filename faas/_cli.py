@@ -162,6 +162,13 @@ def serve(
     staging_threshold: Annotated[
         str | None, typer.Option(help="Values above this size travel by reference (e.g. 1MiB).")
     ] = None,
+    substrate: Annotated[
+        str | None, typer.Option(help="Where invocations run: local (default) or globus-compute.")
+    ] = None,
+    substrate_config: Annotated[
+        Path | None,
+        typer.Option(help="TOML/JSON substrate file: options and the Parsl provider (docs/cluster.md)."),
+    ] = None,
     port_file: Annotated[Path | None, typer.Option(help="Write the bound port here once listening.")] = None,
     access_log: Annotated[bool, typer.Option(help="Log request lines (never headers or tokens).")] = False,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
@@ -169,23 +176,32 @@ def serve(
     """Run the warm pool as a long-lived HTTP service (see docs/service.md)."""
     import logging
 
+    from faas._serve import ServeConfigError
     from faas._serve import serve as run_serve
+    from faas._service_auth import AuthConfigError
+    from warmpool import SubstrateConfigError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine probe is noise
-    run_serve(
-        host=host,
-        port=port,
-        store=store,
-        state_dir=state_dir,
-        tokens=tokens,
-        workers=workers,
-        threads_per_worker=threads_per_worker,
-        staging_threshold=staging_threshold,
-        port_file=port_file,
-        access_log=access_log,
-        log_level=log_level,
-    )
+    try:
+        run_serve(
+            host=host,
+            port=port,
+            store=store,
+            state_dir=state_dir,
+            tokens=tokens,
+            workers=workers,
+            threads_per_worker=threads_per_worker,
+            staging_threshold=staging_threshold,
+            substrate=substrate,
+            substrate_config=substrate_config,
+            port_file=port_file,
+            access_log=access_log,
+            log_level=log_level,
+        )
+    except (ServeConfigError, AuthConfigError, SubstrateConfigError) as exc:
+        typer.echo(f"faas serve: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

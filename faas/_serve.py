@@ -13,6 +13,7 @@ from faas._service_auth import Authenticator, load_authenticator
 from faas._service_core import ServiceCore
 from runtime._paths import cache_dir, default_store_url
 from runtime._store import store_from_url
+from warmpool._substrate import SubstrateConfig, SubstrateConfigError, SubstrateKind, load_substrate_config
 
 log = logging.getLogger("faas.service")
 
@@ -37,13 +38,27 @@ def build_core(
     tokens: str | None = None,
     auth: Authenticator | None = None,
     host: str = "127.0.0.1",
+    substrate: SubstrateKind | None = None,
+    substrate_config: Path | None = None,
     **pool_options: Any,
 ) -> ServiceCore:
     """Build (not start) the service core from ``faas serve``'s options.
 
+    Args:
+        store: Store URL (default: ``$FAAS_STORE`` or the cache).
+        state_dir: Where the invocation index lives.
+        tokens: Token file (else ``$FAAS_TOKENS``).
+        auth: An authenticator (instead of ``tokens``).
+        host: The address the service binds (open access only on loopback).
+        substrate: ``local`` or ``globus-compute`` (overrides the config file's kind).
+        substrate_config: A TOML/JSON substrate file (options and, for Globus
+            Compute, the Parsl provider; see :func:`warmpool.load_substrate_config`).
+        pool_options: Substrate options given on the command line.
+
     Raises:
         ServeConfigError: Open access (no tokens) on an address other than loopback.
         AuthConfigError: The tokens are malformed.
+        SubstrateConfigError: The substrate file is unreadable or invalid.
     """
     auth = auth or load_authenticator(tokens)
     if not auth.requires_token and not _loopback(host):
@@ -53,7 +68,13 @@ def build_core(
         )
     store_obj = store_from_url(store or default_store_url())
     state = state_dir or Path(os.environ.get("FAAS_STATE_DIR") or cache_dir() / "service")
-    return ServiceCore(store_obj, auth, state_dir=state, **pool_options)
+    if substrate_config is not None:
+        config = load_substrate_config(substrate_config, kind=substrate)
+    elif substrate in (None, "local", "globus-compute"):
+        config = SubstrateConfig(kind=substrate or "local")
+    else:
+        raise SubstrateConfigError(f"Unknown substrate {substrate!r}; expected 'local' or 'globus-compute'.")
+    return ServiceCore(store_obj, auth, state_dir=state, substrate=config, **pool_options)
 
 
 def serve(
@@ -104,5 +125,8 @@ def serve(
             tmp.replace(port_file)  # readers never see a half-written file
 
         server.startup = startup  # type: ignore[method-assign]
-    log.info("faas serve on http://%s:%d (store %s)", host, bound, core.store.url())
+    log.info(
+        "faas serve on http://%s:%d (store %s, substrate %s)",
+        host, bound, core.store.url(), core.pool.status().get("substrate", "local"),
+    )  # fmt: skip
     server.run(sockets=[sock])

@@ -3,8 +3,9 @@
 The HTTP layer (:mod:`faas._service_app`) is a thin skin over this class, which
 has no web code and is driven from plain threads.
 
-One shared :class:`warmpool.Pool` runs every tenant's invocations (engines are
-the expensive part, and they are shared); each tenant has its own view of the
+One shared substrate (the local :class:`warmpool.Pool`, or a Globus Compute
+pool whose engines live on cluster blocks) runs every tenant's invocations
+(engines are the expensive part, and they are shared); each tenant has its own view of the
 store (``tenants/<name>/``: functions, records, staged values), its own queue
 in front of the pool and its quotas: at most ``max_inflight`` of its
 invocations are in the pool at once, at most ``max_queued`` wait behind them.
@@ -59,8 +60,8 @@ from runtime._staging import StagedRef, is_marker, parse_marker
 from runtime._staging import staging_threshold as parse_threshold
 from runtime._store import ObjectStore, new_id, scoped_store
 from runtime._wire import Result
-from warmpool._pool import Pool
 from warmpool._replica import BackPressureError
+from warmpool._substrate import Substrate, SubstrateConfig
 
 log = logging.getLogger("faas.service")
 
@@ -75,10 +76,12 @@ class ServiceCore:
             models are registered at its root by the operator).
         auth: Maps tokens to tenants.
         state_dir: Where the SQLite index lives.
-        pool: The warm pool (built from ``pool_options`` when None).
+        pool: The substrate that runs invocations (built from ``substrate`` when None).
+        substrate: Which substrate to build, and its options (default: the local pool).
         staging_threshold: Bytes above which values travel by reference.
         result_threads: Threads writing result records to the store.
-        pool_options: Passed to :class:`warmpool.Pool` when it is built here.
+        pool_options: Defaults for the substrate's constructor (``options`` in
+            ``substrate`` override them).
     """
 
     SPEC_CACHE_SECONDS = 0.5
@@ -90,7 +93,8 @@ class ServiceCore:
         auth: Authenticator,
         *,
         state_dir: Path,
-        pool: Pool | None = None,
+        pool: Substrate | None = None,
+        substrate: SubstrateConfig | None = None,
         staging_threshold: int | str | None = None,
         result_threads: int = 4,
         **pool_options: Any,
@@ -100,7 +104,9 @@ class ServiceCore:
         self.models = Registry(store)
         self.threshold = parse_threshold(staging_threshold)
         self.index = Index(Path(state_dir) / "index.sqlite")
-        self.pool = pool if pool is not None else Pool(store, **pool_options)
+        self.pool: Substrate = (
+            pool if pool is not None else (substrate or SubstrateConfig()).build(store, **pool_options)
+        )
         self._lock = threading.RLock()
         self._tenants: dict[str, TenantState] = {}
         self._where: dict[str, tuple[TenantState, Pending]] = {}  # accepted and not finished

@@ -9,6 +9,15 @@ from warmpool._replica import (
     ReplicaState,
     default_engine_factory,
 )
+from warmpool._substrate import (
+    ProviderConfig,
+    Substrate,
+    SubstrateConfig,
+    SubstrateConfigError,
+    SubstrateKind,
+    load_substrate_config,
+    make_substrate,
+)
 
 __all__ = [
     "BackPressureError",
@@ -16,9 +25,16 @@ __all__ = [
     "EngineHost",
     "ModelPool",
     "Pool",
+    "ProviderConfig",
     "Replica",
     "ReplicaState",
     "SubprocessEngineHost",
+    "Substrate",
+    "SubstrateConfig",
+    "SubstrateConfigError",
+    "SubstrateKind",
     "Work",
     "default_engine_factory",
+    "load_substrate_config",
+    "make_substrate",
 ]

@@ -14,10 +14,14 @@ A substrate is the pool surface the client uses. Two implementations satisfy
 
 from __future__ import annotations
 
+import importlib
+import json
+import tomllib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from registry._specs import FunctionSpec, ModelSpec
 from runtime._store import ObjectStore
@@ -87,6 +91,65 @@ class Substrate(Protocol):
         ...
 
 
+class SubstrateConfigError(ValueError):
+    """A substrate configuration file is missing, malformed or names something that does not exist."""
+
+
+class ProviderConfig(BaseModel):
+    """The Parsl execution provider of a Globus Compute substrate's engines.
+
+    ``type`` names a class in ``parsl.providers`` (``LocalProvider``,
+    ``SlurmProvider``, ``PBSProProvider``, ``KubernetesProvider``, ...) or a
+    ``module:Class`` path; every other key is a keyword argument of that class.
+    The pool sets ``init_blocks``/``min_blocks``/``max_blocks`` from each
+    model's replica settings, so those keys are refused here. ``launcher``
+    (``{type = "SrunLauncher", ...}``) names a class in ``parsl.launchers``.
+
+    Attributes:
+        type: The provider class.
+        launcher: The launcher class and its keyword arguments, if any.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    type: str = "LocalProvider"
+    launcher: dict[str, Any] | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        """The provider's keyword arguments (everything but ``type`` and ``launcher``)."""
+        extra = dict(self.model_extra or {})
+        owned = sorted(k for k in ("init_blocks", "min_blocks", "max_blocks") if k in extra)
+        if owned:
+            raise SubstrateConfigError(
+                f"The provider sets {', '.join(owned)}, but block counts come from each model's "
+                "min_replicas/max_replicas; remove them from the provider section."
+            )
+        return extra
+
+    def check(self) -> None:
+        """Resolve the classes and keywords now, so a typo fails before any engine starts."""
+        self.kwargs()
+        _resolve("parsl.providers", self.type)
+        if self.launcher is not None:
+            _resolve("parsl.launchers", str(self.launcher.get("type", "")))
+
+    def __call__(self, spec: ModelSpec | None) -> Any:
+        """Build a fresh provider for one model's engine (each engine needs its own)."""
+        kwargs = self.kwargs()
+        if self.launcher is not None:
+            launcher = dict(self.launcher)
+            kwargs["launcher"] = _resolve("parsl.launchers", str(launcher.pop("type", "")))(**launcher)
+        return _resolve("parsl.providers", self.type)(**kwargs)
+
+
+def _resolve(package: str, name: str) -> Any:
+    module_name, _, attr = name.rpartition(":") if ":" in name else (package, "", name)
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SubstrateConfigError(f"{name!r} is not a class in {module_name}: {exc}") from exc
+
+
 class SubstrateConfig(BaseModel):
     """Which substrate a pool runs on, and its options.
 
@@ -95,12 +158,64 @@ class SubstrateConfig(BaseModel):
             engines, one per model).
         options: Keyword arguments of the substrate's constructor (see
             :class:`warmpool._pool.Pool` and :class:`warmpool._gce.GlobusComputePool`).
+        provider: For ``globus-compute``: the Parsl provider of every engine
+            (default: ``LocalProvider``, blocks are processes on this machine).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: SubstrateKind = "local"
     options: dict[str, Any] = Field(default_factory=dict)
+    provider: ProviderConfig | None = None
+
+    def build(self, store: ObjectStore, **defaults: Any) -> Substrate:
+        """Build (not start) the substrate; ``defaults`` are overridden by ``options``."""
+        options = {**defaults, **self.options}
+        if self.provider is not None:
+            if self.kind != "globus-compute":
+                raise SubstrateConfigError("A provider section only applies to kind = 'globus-compute'.")
+            self.provider.check()
+            options["provider_factory"] = self.provider
+        return make_substrate(self.kind, store, **options)
+
+
+def load_substrate_config(path: Path | str, *, kind: SubstrateKind | None = None) -> SubstrateConfig:
+    """Read a substrate configuration from a TOML or JSON file.
+
+    The file holds ``kind``, an ``[options]`` table (constructor options of the
+    substrate) and, for ``globus-compute``, a ``[provider]`` table (see
+    :class:`ProviderConfig`)::
+
+        kind = "globus-compute"
+        [options]
+        strategy_period = 0.5
+        [provider]
+        type = "SlurmProvider"
+        partition = "gpu"
+        [provider.launcher]
+        type = "SrunLauncher"
+
+    Args:
+        path: The file (``.toml`` or ``.json``).
+        kind: Overrides the file's ``kind`` (``faas serve --substrate``).
+
+    Raises:
+        SubstrateConfigError: The file cannot be read or does not describe a substrate.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except OSError as exc:
+        raise SubstrateConfigError(f"Cannot read the substrate config {path}: {exc}") from exc
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise SubstrateConfigError(f"The substrate config {path} is not valid TOML or JSON: {exc}") from exc
+    if kind is not None:
+        data["kind"] = kind
+    try:
+        return SubstrateConfig.model_validate(data)
+    except ValidationError as exc:
+        raise SubstrateConfigError(f"The substrate config {path} is invalid: {exc}") from exc
 
 
 def make_substrate(kind: SubstrateKind, store: ObjectStore, **options: Any) -> Substrate:
@@ -114,13 +229,12 @@ def make_substrate(kind: SubstrateKind, store: ObjectStore, **options: Any) -> S
     Raises:
         ValueError: ``kind`` names no substrate.
     """
-    config = SubstrateConfig(kind=kind, options=options)
-    if config.kind == "local":
+    if kind == "local":
         from warmpool._pool import Pool
 
-        return Pool(store, **config.options)
-    if config.kind == "globus-compute":
+        return Pool(store, **options)
+    if kind == "globus-compute":
         from warmpool._gce import GlobusComputePool  # imports parsl: only when asked for
 
-        return GlobusComputePool(store, **config.options)
+        return GlobusComputePool(store, **options)
     raise ValueError(f"Unknown substrate kind {kind!r}; expected 'local' or 'globus-compute'.")

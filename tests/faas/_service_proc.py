@@ -27,6 +27,8 @@ class ServiceProc:
         root: Directory for the store, state, token file and logs.
         limits: Per-tenant ``max_inflight``/``max_queued`` for the token file.
         extra_env: Added to the service's environment.
+        substrate: ``local`` or ``globus-compute``; the latter is configured through a
+            substrate file (as an operator would), on Parsl's LocalProvider at 127.0.0.1.
     """
 
     def __init__(
@@ -35,8 +37,10 @@ class ServiceProc:
         *,
         limits: dict[str, dict[str, int]] | None = None,
         extra_env: dict[str, str] | None = None,
+        substrate: str = "local",
     ) -> None:
         self.root = root
+        self.substrate = substrate
         self.store = root / "store"
         self.state = root / "state"
         self.tokens = root / "tokens.toml"
@@ -50,6 +54,19 @@ class ServiceProc:
         self.url = ""
         self.starts = 0
         self.log = root / "service.log"
+        self.substrate_args: list[str] = []
+        if substrate == "globus-compute":
+            config = root / "substrate.toml"
+            config.write_text(
+                'kind = "globus-compute"\n'
+                "[options]\n"
+                'address = "127.0.0.1"\n'
+                "workers_per_node = 8\n"
+                f'run_dir = "{root / "gce-run"}"\n'
+                "[provider]\n"
+                'type = "LocalProvider"\n'
+            )
+            self.substrate_args = ["--substrate-config", str(config)]
 
     def start(self, timeout: float = 60.0) -> ServiceProc:
         """Start the service and wait until it answers /health."""
@@ -76,6 +93,7 @@ class ServiceProc:
                     "--tokens",
                     str(self.tokens),
                     "--access-log",
+                    *self.substrate_args,
                 ],
                 env=env,
                 stdout=log,

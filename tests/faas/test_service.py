@@ -28,20 +28,30 @@ def _echo(x: object) -> object:
     return x
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProc]:
+SUBSTRATES = ["local", "globus-compute"]
+
+
+@pytest.fixture(scope="module", params=SUBSTRATES)
+def service(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[ServiceProc]:
+    """The service on each substrate: the local pool, and GlobusComputeEngine blocks."""
     proc = ServiceProc(
         tmp_path_factory.mktemp("svc"),
         limits={"bob": {"max_inflight": 2, "max_queued": 3}},
+        substrate=request.param,
     ).start()
     yield proc
     proc.stop()
 
 
-def test_sigkill_with_100_in_flight_loses_nothing_and_commits_each_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("substrate", SUBSTRATES)
+def test_sigkill_with_100_in_flight_loses_nothing_and_commits_each_once(
+    tmp_path: Path, substrate: str
+) -> None:
     side = tmp_path / "side"
     side.mkdir()
-    svc = ServiceProc(tmp_path, limits={"alice": {"max_inflight": 8}}).start()
+    svc = ServiceProc(tmp_path, limits={"alice": {"max_inflight": 8}}, substrate=substrate).start()
     try:
         with svc.client() as http:
             register(http, _slow_double, "slow_double")

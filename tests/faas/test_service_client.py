@@ -49,9 +49,12 @@ def _double(x: int) -> int:
     return 2 * x
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Iterator[ServiceProc]:
-    proc = ServiceProc(tmp_path_factory.mktemp("svc-client")).start()
+@pytest.fixture(scope="module", params=["local", "globus-compute"])
+def service(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path, request: pytest.FixtureRequest
+) -> Iterator[ServiceProc]:
+    """The service on each substrate: the local pool, and GlobusComputeEngine blocks."""
+    proc = ServiceProc(tmp_path_factory.mktemp("svc-client"), substrate=request.param).start()
     yield proc
     proc.stop()
 
