@@ -24,7 +24,6 @@ back-pressure).
 from __future__ import annotations
 
 import contextlib
-import heapq
 import json
 import logging
 import os
@@ -42,13 +41,12 @@ from runtime._errors import (
     EngineError,
     EngineLost,
     InvocationCancelled,
-    InvocationTimeout,
     PoolClosedError,
     WorkerLost,
 )
-from runtime._execute import error_info
 from runtime._store import ObjectStore
 from runtime._wire import ErrorKind, Invocation, Result
+from warmpool._book import Book, Entry
 from warmpool._gce_engine import BlockTaskError, ModelEngine, ProviderFactory, local_provider
 from warmpool._metrics import ModelMetrics
 from warmpool._replica import BackPressureError, Replica, ReplicaState
@@ -59,18 +57,9 @@ _NO_MODEL = "-"  # key of the engine that runs functions without a model
 
 
 @dataclass(eq=False)
-class GceWork:
-    """One invocation in flight on a Globus Compute engine."""
+class GceWork(Entry):
+    """One invocation in flight on a Globus Compute engine: the book's entry and its task."""
 
-    invocation: Invocation
-    spec: FunctionSpec
-    model: ModelSpec | None
-    on_done: Callable[[Result], None]
-    submitted: float  # monotonic
-    submitted_wall: float
-    deadline: float | None = None  # monotonic
-    cold: bool = False
-    finished: bool = False
     future: Any = None
 
 
@@ -146,15 +135,15 @@ class GlobusComputePool:
         self._engine_locks: dict[str, threading.Lock] = {}
         self._metrics: dict[str, ModelMetrics] = {}
         self._specs: dict[str, ModelSpec] = {}
-        self._works: dict[str, GceWork] = {}
-        self._deadlines: list[tuple[float, str]] = []
+        self._book: Book[GceWork] = Book(self._lock, time.monotonic, self._metrics_of)
+        self._works = self._book.works
         self._failed_seen: set[str] = set()
         self._ready_seen: set[str] = set()
         self._closed = False
         self._started = False
         self._stopping = threading.Event()
         self._monitor: threading.Thread | None = None
-        self.counters: dict[str, int] = {"submitted": 0, "completed": 0, "failed": 0, "workers_lost": 0}
+        self.counters = self._book.counters
 
     # -- lifecycle -----------------------------------------------------------
     def start(self, models: list[ModelSpec] | None = None) -> GlobusComputePool:
@@ -186,10 +175,10 @@ class GlobusComputePool:
                 return
             self._closed = True
             self._stopping.set()
-            leftovers = [w for w in self._works.values() if not w.finished]
+            leftovers = self._book.unfinished()
             engines = list(self._engines.values())
         for work in leftovers:
-            self._finish(work, _failure(work, PoolClosedError("The pool shut down first."), "cancelled"))
+            self._book.fail(work, PoolClosedError("The pool shut down first."), "cancelled")
         for engine in engines:
             engine.shutdown(timeout)
         if self._monitor is not None:
@@ -220,7 +209,7 @@ class GlobusComputePool:
         engine = self._engine(model)
         key = model.ref if model else _NO_MODEL
         now = time.monotonic()
-        work = GceWork(invocation, spec, model, on_done, submitted=now, submitted_wall=time.time())
+        work = GceWork(invocation, spec, model, on_done, submitted=now)
         with self._lock:
             metrics = self._metrics[key]
             if model is not None:
@@ -234,27 +223,21 @@ class GlobusComputePool:
                 work.cold = not any(r.state is ReplicaState.READY for r in engine.replicas())
                 metrics.warm_hits += 0 if work.cold else 1
             metrics.submitted += 1
-            self.counters["submitted"] += 1
-            self._works[invocation.id] = work
-            if invocation.timeout is not None:
-                work.deadline = now + invocation.timeout
-                heapq.heappush(self._deadlines, (work.deadline, invocation.id))
+            self._book.open(work)
         self._send(work, engine)
 
     def cancel(self, invocation_id: str) -> bool:
         """Finish an invocation as cancelled; a task already sent runs on and is ignored."""
-        with self._lock:
-            work = self._works.get(invocation_id)
-            if work is None or work.finished:
-                return False
-        self._finish(work, _failure(work, InvocationCancelled("The invocation was cancelled."), "cancelled"))
-        return True
+        work = self._book.get(invocation_id)
+        if work is None:
+            return False
+        return self._book.fail(work, InvocationCancelled("The invocation was cancelled."), "cancelled")
 
     def state(self, invocation_id: str) -> str | None:
         """``waiting_for_engine`` until the model has a ready block, then ``running``."""
         with self._lock:
-            work = self._works.get(invocation_id)
-            if work is None or work.finished:
+            work = self._book.get(invocation_id)
+            if work is None:
                 return None
             engine = self._engines.get(work.model.ref if work.model else _NO_MODEL)
         if (
@@ -397,10 +380,7 @@ class GlobusComputePool:
         try:
             future = engine.submit(None, inv.model_dump_json(), json.dumps(dispatch))
         except Exception as exc:
-            self._finish(
-                work,
-                _failure(work, WorkerLost(f"The Globus Compute engine refused the task: {exc}"), "system"),
-            )
+            self._book.fail(work, WorkerLost(f"The Globus Compute engine refused the task: {exc}"), "system")
             return
         work.future = future
         future.add_done_callback(lambda f: self._on_task_done(work, engine, attempt, f))
@@ -420,46 +400,27 @@ class GlobusComputePool:
             )
             return
         except Exception as exc:
-            self._finish(work, _failure(work, exc, "system"))
+            self._book.fail(work, exc, "system")
             return
         error = result.error
         if error is not None and error.kind == "engine_lost" and error.type_name.endswith("EngineLost"):
             self._lost(work, EngineLost(error.message), "engine_lost")
             return
-        self._finish(work, result)
+        self._book.finish(work, result, _cold_start)
 
     def _lost(self, work: GceWork, exc: Exception, kind: ErrorKind) -> None:
         """Send an invocation lost through no fault of its own again, or fail it."""
         with self._lock:
             if work.finished or self._closed:
                 return
-            retry = work.invocation.attempt < work.invocation.retries
-            if retry:
-                work.invocation = work.invocation.model_copy(update={"attempt": work.invocation.attempt + 1})
-                self._metrics[work.model.ref if work.model else _NO_MODEL].retried += 1
+            retry = self._book.retry(work)
         if retry:
             self._send(work, self._engine(work.model))
         else:
-            self._finish(work, _failure(work, exc, kind))
+            self._book.fail(work, exc, kind)
 
-    def _finish(self, work: GceWork, result: Result) -> None:
-        with self._lock:
-            if work.finished:
-                return
-            work.finished = True
-            self._works.pop(work.invocation.id, None)
-            metrics = self._metrics.get(work.model.ref if work.model else _NO_MODEL)
-            if result.queue_seconds is None and result.started_at:
-                result.queue_seconds = max(0.0, result.started_at - work.submitted_wall)
-            if work.cold and result.engine and result.cold_start_seconds is None:
-                result.cold_start_seconds = result.engine.get("cold_start_s")
-            self.counters["completed" if result.ok else "failed"] += 1
-            if metrics is not None:
-                _count(metrics, result)
-        try:
-            work.on_done(result)
-        except Exception:
-            log.exception("on_done callback for %s raised", work.invocation.id)
+    def _metrics_of(self, work: GceWork) -> ModelMetrics | None:
+        return self._metrics.get(work.model.ref if work.model else _NO_MODEL)
 
     # -- monitor -------------------------------------------------------------------
     def _monitor_loop(self) -> None:
@@ -480,19 +441,8 @@ class GlobusComputePool:
                 log.exception("Globus Compute pool monitor pass failed")
 
     def _expire(self) -> None:
-        expired: list[GceWork] = []
-        with self._lock:
-            now = time.monotonic()
-            while self._deadlines and self._deadlines[0][0] <= now:
-                _, inv_id = heapq.heappop(self._deadlines)
-                work = self._works.get(inv_id)
-                if work is not None and not work.finished:
-                    expired.append(work)
-        for work in expired:
-            exc = InvocationTimeout(
-                f"The invocation of {work.spec.name!r} ran past its timeout of {work.invocation.timeout} s."
-            )
-            self._finish(work, _failure(work, exc, "timeout"))
+        for work in self._book.due():
+            self._book.expire(work)
 
     def _watch_blocks(self) -> None:
         with self._lock:
@@ -518,7 +468,7 @@ class GlobusComputePool:
                 with self._lock:
                     waiting = [w for w in self._works.values() if w.model is not None and w.model.ref == ref]
                 for work in waiting:  # nothing ready will serve them: fail rather than hang
-                    self._finish(work, _failure(work, error, "engine_lost"))
+                    self._book.fail(work, error, "engine_lost")
 
 
 def _probe() -> Callable[[], str]:
@@ -538,26 +488,6 @@ def _import_path(factory: str | Callable[..., Any]) -> str:
     return f"{module}:{name}"
 
 
-def _failure(work: GceWork, exc: Exception, kind: ErrorKind) -> Result:
-    return Result(
-        invocation_id=work.invocation.id,
-        error=error_info(exc, kind, with_traceback=False),
-        attempt=work.invocation.attempt,
-        finished_at=time.time(),
-    )
-
-
-def _count(metrics: ModelMetrics, result: Result) -> None:
-    if result.ok:
-        metrics.completed += 1
-    else:
-        metrics.failed += 1
-        kind = result.error.kind if result.error else ""
-        if kind == "timeout":
-            metrics.timeouts += 1
-        elif kind == "cancelled":
-            metrics.cancelled += 1
-    if result.queue_seconds is not None:
-        metrics.queue_wait_seconds.add(result.queue_seconds)
-    if result.started_at and result.finished_at:
-        metrics.execution_seconds.add(result.finished_at - result.started_at)
+def _cold_start(work: GceWork, result: Result) -> None:
+    if work.cold and result.engine and result.cold_start_seconds is None:
+        result.cold_start_seconds = result.engine.get("cold_start_s")

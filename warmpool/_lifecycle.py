@@ -16,12 +16,10 @@ from typing import TYPE_CHECKING
 import httpx
 
 from runtime._errors import EngineError, EngineLost
-from runtime._execute import error_info
-from runtime._wire import ErrorKind, Result
 from warmpool._replica import ModelPool, Replica, ReplicaState, new_log_dir
 
 if TYPE_CHECKING:
-    from warmpool._pool import Pool, Work
+    from warmpool._pool import Pool
 
 log = logging.getLogger("faas.pool")
 
@@ -137,7 +135,7 @@ def fail_queue(pool: Pool, mp: ModelPool, exc: Exception) -> None:
         waiting = [w for w in mp.queue if not w.finished]
         mp.queue.clear()
     for work in waiting:
-        pool._finish(work, failure(work, exc, "engine_lost"))
+        pool._finish(work, None, exc, "engine_lost")
 
 
 UNHEALTHY_AFTER_S = 30.0
@@ -175,13 +173,3 @@ def probe_loop(pool: Pool) -> None:
                         f"pools/{pool.id}/status.json", json.dumps(pool.status(), default=str).encode()
                     )
             pool._stopping.wait(pool._health_interval)
-
-
-def failure(work: Work, exc: Exception, kind: ErrorKind) -> Result:
-    """A failed Result for ``work`` that never produced one of its own."""
-    return Result(
-        invocation_id=work.invocation.id,
-        error=error_info(exc, kind, with_traceback=False),
-        attempt=work.invocation.attempt,
-        finished_at=time.time(),
-    )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import heapq
 import logging
 import os
 import socket
@@ -30,14 +29,14 @@ from runtime._errors import (
     EngineError,
     EngineLost,
     InvocationCancelled,
-    InvocationTimeout,
     PoolClosedError,
     WorkerLost,
 )
 from runtime._store import ObjectStore
 from runtime._wire import ErrorKind, Invocation, Result
 from warmpool import _lifecycle
-from warmpool._lifecycle import failure
+from warmpool._book import Book, Clock, Entry
+from warmpool._metrics import ModelMetrics
 from warmpool._procs import pid_alive as pid_alive  # re-exported: tests and hosts import it here
 from warmpool._replica import (
     EngineFactory,
@@ -51,31 +50,22 @@ from warmpool._workers import WorkerProc, WorkerSet
 
 log = logging.getLogger("faas.pool")
 
-Clock = Callable[[], float]
+__all__ = ["Clock", "Pool", "Work", "pid_alive"]
 
 
 @dataclass(eq=False)
-class Work:
-    """One invocation as the pool tracks it.
+class Work(Entry):
+    """One invocation as the local pool tracks it: the book's entry plus its routing.
 
     Attributes:
-        invocation: The invocation (its ``attempt`` grows on retry).
-        spec: The function spec it runs.
-        model: The resolved model version, if the function has one.
-        on_done: Called exactly once with the final Result.
-        submitted: Arrival time (pool clock).
+        worker: The worker process running it, once dispatched.
+        replica: The engine replica whose slot it holds, once dispatched.
+        queue_seconds: Arrival-to-dispatch seconds.
+        engine: The replica's engine description, for the Result.
     """
 
-    invocation: Invocation
-    spec: FunctionSpec
-    model: ModelSpec | None
-    on_done: Callable[[Result], None]
-    submitted: float = 0.0
-    deadline: float | None = None
     worker: WorkerProc | None = None
     replica: Replica | None = None
-    finished: bool = False
-    cold: bool = False  # arrived when its model had no ready replica
     queue_seconds: float | None = None
     engine: dict[str, Any] | None = None
 
@@ -127,12 +117,12 @@ class Pool:
             store.config(), workers, threads_per_worker, self._lock, self._on_result, self._on_worker_exit
         )
         self._models: dict[str, ModelPool] = {}
-        self._works: dict[str, Work] = {}
-        self._deadlines: list[tuple[float, str]] = []
+        self._book: Book[Work] = Book(self._lock, clock, self._metrics_of)
+        self._works = self._book.works  # the book's record, read by the lifecycle helpers
         self._closed = False
         self._stopping = threading.Event()
         self._started = False
-        self.counters: dict[str, int] = {"submitted": 0, "completed": 0, "failed": 0, "workers_lost": 0}
+        self.counters = self._book.counters
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle -----------------------------------------------------------
@@ -170,11 +160,11 @@ class Pool:
                 return
             self._closed = True
             self._stopping.set()
-            leftovers = [w for w in self._works.values() if not w.finished]
+            leftovers = self._book.unfinished()
             replicas = [r for mp in self._models.values() for r in mp.replicas]
             self._wake.notify_all()
         for work in leftovers:
-            self._finish(work, failure(work, PoolClosedError("The pool shut down first."), "cancelled"))
+            self._book.fail(work, PoolClosedError("The pool shut down first."), "cancelled", self._settle)
         self._workers.shutdown(timeout)
         for r in replicas:
             r.host.stop()
@@ -209,11 +199,8 @@ class Pool:
             mp = self._model_pool(model) if model is not None else None
             if mp is not None:
                 work.cold = not mp.admit(work)  # raises BackPressureError before anything is recorded
-            self.counters["submitted"] += 1
-            self._works[invocation.id] = work
-            if invocation.timeout is not None:
-                work.deadline = work.submitted + invocation.timeout
-                heapq.heappush(self._deadlines, (work.deadline, invocation.id))
+            self._book.open(work)
+            if work.deadline is not None:
                 self._wake.notify()
         if mp is None:
             self._dispatch(work, None)
@@ -224,12 +211,12 @@ class Pool:
     def cancel(self, invocation_id: str) -> bool:
         """Cancel an invocation: it finishes as cancelled and its engine requests are aborted."""
         with self._lock:
-            work = self._works.get(invocation_id)
-            if work is None or work.finished:
+            work = self._book.get(invocation_id)
+            if work is None:
                 return False
             worker = work.worker
             attempt = work.invocation.attempt
-        self._finish(work, failure(work, InvocationCancelled("The invocation was cancelled."), "cancelled"))
+        self._finish(work, None, InvocationCancelled("The invocation was cancelled."), "cancelled")
         if worker is not None:
             self._workers.abandon(worker, invocation_id, attempt)
         return True
@@ -237,8 +224,8 @@ class Pool:
     def state(self, invocation_id: str) -> str | None:
         """``waiting_for_engine``, ``queued`` or ``running``; None once finished or unknown."""
         with self._lock:
-            work = self._works.get(invocation_id)
-            if work is None or work.finished:
+            work = self._book.get(invocation_id)
+            if work is None:
                 return None
             if work.worker is not None:
                 return "running"
@@ -336,16 +323,11 @@ class Pool:
 
     def tick(self) -> None:
         """One pass of housekeeping: expire deadlines, notice dead engines, scale."""
-        expired: list[Work] = []
         with self._lock:
             if self._closed:
                 return
-            now = self._clock()
-            while self._deadlines and self._deadlines[0][0] <= now:
-                _, inv_id = heapq.heappop(self._deadlines)
-                work = self._works.get(inv_id)
-                if work is not None and not work.finished and work.deadline is not None:
-                    expired.append(work)
+        expired = self._book.due()
+        with self._lock:
             dead = [
                 (mp, r)
                 for mp in self._models.values()
@@ -455,15 +437,11 @@ class Pool:
             if work.finished:
                 return
             self._detach(work)
-            retry = work.invocation.attempt < work.invocation.retries
-            if retry:
-                work.invocation = work.invocation.model_copy(update={"attempt": work.invocation.attempt + 1})
-                if work.model is not None:
-                    mp = self._models[work.model.ref]
-                    mp.metrics.retried += 1
-                    mp.queue.appendleft(work)  # retries go first and are never refused
+            retry = self._book.retry(work)
+            if retry and work.model is not None:
+                self._models[work.model.ref].queue.appendleft(work)  # retries go first, never refused
         if not retry:
-            self._finish(work, failure(work, exc, kind))
+            self._finish(work, None, exc, kind)
         elif work.model is None:
             self._dispatch(work, None)
         else:
@@ -484,47 +462,42 @@ class Pool:
         with self._lock:
             worker = work.worker
             attempt = work.invocation.attempt
-        timeout = work.invocation.timeout
-        exc = InvocationTimeout(f"The invocation of {work.spec.name!r} ran past its timeout of {timeout} s.")
-        self._finish(work, failure(work, exc, "timeout"))
+        if self._book.expire(work, self._settle):
+            self._pump_for(work)
         if worker is not None:
             self._workers.abandon(worker, work.invocation.id, attempt)
 
-    def _finish(self, work: Work, result: Result) -> None:
-        with self._lock:
-            if work.finished:
-                return
-            work.finished = True
-            self._works.pop(work.invocation.id, None)
-            mp = self._models.get(work.model.ref) if work.model else None
-            if work.replica is not None and work.cold:
-                result.cold_start_seconds = work.replica.cold_start_s
-            self._detach(work)
-            if result.queue_seconds is None:
-                result.queue_seconds = work.queue_seconds
-            if result.engine is None:
-                result.engine = work.engine
-            self.counters["completed" if result.ok else "failed"] += 1
-            if mp is not None:
-                _count(mp, result)
-        try:
-            work.on_done(result)
-        except Exception:
-            log.exception("on_done callback for %s raised", work.invocation.id)
+    def _metrics_of(self, work: Work) -> ModelMetrics | None:
+        mp = self._models.get(work.model.ref) if work.model else None
+        return mp.metrics if mp is not None else None
+
+    def _settle(self, work: Work, result: Result) -> None:
+        """Release the work's slots and fill in what only the pool knows (under the lock)."""
+        if work.replica is not None and work.cold:
+            result.cold_start_seconds = work.replica.cold_start_s
+        self._detach(work)
+        if result.queue_seconds is None:
+            result.queue_seconds = work.queue_seconds
+        if result.engine is None:
+            result.engine = work.engine
+
+    def _pump_for(self, work: Work) -> None:
+        mp = self._models.get(work.model.ref) if work.model else None
         if mp is not None:
-            self._pump(mp)
+            self._pump(mp)  # the finished work freed a slot
 
-
-def _count(mp: ModelPool, result: Result) -> None:
-    m = mp.metrics
-    if result.ok:
-        m.completed += 1
-    else:
-        m.failed += 1
-        kind = result.error.kind if result.error else ""
-        if kind == "timeout":
-            m.timeouts += 1
-        elif kind == "cancelled":
-            m.cancelled += 1
-    if result.started_at and result.finished_at:
-        m.execution_seconds.add(result.finished_at - result.started_at)
+    def _finish(
+        self,
+        work: Work,
+        result: Result | None,
+        exc: BaseException | None = None,
+        kind: ErrorKind = "system",
+    ) -> None:
+        """Finish ``work`` once: with ``result``, or with a failure made from ``exc``."""
+        if result is not None:
+            finished = self._book.finish(work, result, self._settle)
+        else:
+            assert exc is not None
+            finished = self._book.fail(work, exc, kind, self._settle)
+        if finished:
+            self._pump_for(work)

@@ -193,7 +193,6 @@ class ModelPool:
         now = self._clock()
         replica.inflight += 1
         replica.last_active = now
-        self.metrics.queue_wait_seconds.add(max(0.0, now - work.submitted))
         return work, replica
 
     def release(self, replica: Replica) -> None:
