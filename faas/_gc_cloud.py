@@ -111,7 +111,8 @@ def run_cloud_invocation(invocation_json: str, dispatch_json: str) -> str:
     dispatch: dict[str, Any] = json.loads(dispatch_json)
     timeout = dispatch.pop("timeout", None)
     dispatch["deadline"] = None if timeout is None else time.time() + float(timeout)
-    return run_invocation(invocation_json, json.dumps(dispatch))
+    dispatch["invocation"] = json.loads(invocation_json)
+    return run_invocation(json.dumps(dispatch))
 
 
 @dataclass

@@ -50,6 +50,7 @@ from warmpool._book import Book, Entry
 from warmpool._gce_engine import BlockTaskError, ModelEngine, ProviderFactory, local_provider
 from warmpool._metrics import ModelMetrics
 from warmpool._replica import BackPressureError, Replica, ReplicaState
+from warmpool._runner import Dispatch
 
 log = logging.getLogger("faas.pool")
 
@@ -368,17 +369,18 @@ class GlobusComputePool:
         deadline = None
         if work.deadline is not None:
             deadline = time.time() + (work.deadline - time.monotonic())
-        dispatch = {
-            "store": self.store.config() if inv.store is None else None,
-            "model_name": work.model.ref if work.model else None,
-            "model_param": work.spec.model_param,
-            "model_param_index": work.spec.model_param_index,
-            "model_modes": sorted(work.model.modes) if work.model else None,
-            "deadline": deadline,
-        }
+        dispatch = Dispatch(
+            invocation=inv,
+            model_name=work.model.ref if work.model else None,
+            model_param=work.spec.model_param,
+            model_param_index=work.spec.model_param_index,
+            model_modes=frozenset(work.model.modes) if work.model else None,
+            store=self.store.config() if inv.store is None else None,
+            deadline=deadline,
+        )
         attempt = inv.attempt
         try:
-            future = engine.submit(None, inv.model_dump_json(), json.dumps(dispatch))
+            future = engine.submit(None, dispatch.model_dump_json())
         except Exception as exc:
             self._book.fail(work, WorkerLost(f"The Globus Compute engine refused the task: {exc}"), "system")
             return

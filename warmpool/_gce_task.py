@@ -1,57 +1,31 @@
 """The task a Globus Compute engine's worker runs for one invocation.
 
 :func:`run_invocation` is imported by reference in the HighThroughputExecutor
-worker (it is serialised by module and name, never by value). It loads the
-function from the invocation's store, verified by digest, builds a
-:class:`runtime.Model` handle on the block's engine for this worker
-(:func:`engine_url_for`: the engine of the worker's accelerator group from
-``FAAS_ENGINE_URLS``, else ``FAAS_ENGINE_URL``, both set by
-:mod:`warmpool._block`), and runs :func:`runtime._execute.execute`. It returns
-the Result as JSON and never raises for a failure of the invocation itself.
+worker (it is serialised by module and name, never by value). It reads the
+:class:`warmpool._runner.Dispatch`, points it at the block's engine for this
+worker (:func:`engine_url_for`: the engine of the worker's accelerator group
+from ``FAAS_ENGINE_URLS``, else ``FAAS_ENGINE_URL``, both set by
+:mod:`warmpool._block`), and hands it to the one worker-side
+:class:`~warmpool._runner.Runner` that local workers use too. It returns the
+Result as JSON and never raises for a failure of the invocation itself.
 
 A worker runs one task at a time. When the invocation has a deadline, the
-function runs in a thread and the task returns at the deadline (aborting the
-invocation's engine requests), so a stuck function does not hold the worker.
+runner returns at it (aborting the invocation's engine requests), so a stuck
+function does not hold the worker.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import threading
-import time
 from collections.abc import Mapping
 from typing import Any
 
-from registry._registry import Registry
-from runtime._errors import EngineError, FaasError, InvocationTimeout
-from runtime._execute import error_info, execute
-from runtime._model import Model
-from runtime._store import ObjectStore, store_from_config
-from runtime._wire import ErrorKind, Invocation, Result
+from runtime._errors import EngineError
 from warmpool._block import ENGINE_ERROR_ENV, ENGINE_INFO_ENV, ENGINE_URL_ENV, ENGINE_URLS_ENV
+from warmpool._runner import Dispatch, Runner
 
-_lock = threading.Lock()
-_stores: dict[str, tuple[ObjectStore, Registry]] = {}
-_handles: dict[tuple[str, str, frozenset[str] | None], Model] = {}
-
-
-def _registry(config: dict[str, Any]) -> tuple[ObjectStore, Registry]:
-    key = json.dumps(config, sort_keys=True, default=str)
-    with _lock:
-        hit = _stores.get(key)
-        if hit is None:
-            store = store_from_config(config)
-            hit = _stores[key] = (store, Registry(store))
-        return hit
-
-
-def _handle(url: str, name: str, modes: frozenset[str] | None) -> Model:
-    with _lock:
-        model = _handles.get((url, name, modes))
-        if model is None:
-            model = _handles[(url, name, modes)] = Model(url, name, allowed_modes=modes)
-        return model
+_runner = Runner()  # one per worker process: caches stores, registries and model handles
 
 
 def engine_url_for(env: Mapping[str, str]) -> tuple[str | None, str | None]:
@@ -95,79 +69,25 @@ def _engine_info(url: str | None, group: str | None) -> dict[str, Any] | None:
     return info
 
 
-def run_invocation(invocation_json: str, dispatch_json: str) -> str:
+def run_invocation(dispatch_json: str) -> str:
     """Run one invocation in this worker; return its Result as JSON.
 
     Args:
-        invocation_json: The :class:`runtime.Invocation` as JSON.
-        dispatch_json: ``{"store", "model_name", "model_param", "model_param_index",
-            "model_modes", "deadline"}``: where to load the function from, how to
-            hand it the model, and when the pool stops waiting (epoch seconds).
+        dispatch_json: The :class:`~warmpool._runner.Dispatch` as JSON (its
+            ``engine_url`` is filled in here, from the block this worker runs in).
     """
-    inv = Invocation.model_validate_json(invocation_json)
-    dispatch: dict[str, Any] = json.loads(dispatch_json)
-    modes = dispatch.get("model_modes")
-    model: Model | None = None
+    dispatch = Dispatch.model_validate_json(dispatch_json)
     url, group = engine_url_for(os.environ)
-    try:
-        if dispatch.get("model_name"):
-            error = os.environ.get(ENGINE_ERROR_ENV)
-            if error:
-                raise EngineError(error)
-            if not url:
-                raise EngineError(
-                    f"This Globus Compute block has no engine for {dispatch['model_name']}: "
-                    f"{ENGINE_URL_ENV} is not set (the block was not started by warmpool._block)."
-                )
-            model = _handle(url, dispatch["model_name"], frozenset(modes) if modes is not None else None)
-        config = inv.store or dispatch.get("store")
-        if config is None:
-            raise FaasError(f"Invocation {inv.id} names no object store to load its function from.")
-        store, registry = _registry(config)
-        fn = registry.load_function(inv.function_digest)
-    except Exception as exc:
-        kind: ErrorKind = "engine_lost" if isinstance(exc, EngineError) else "system"
-        result = Result(
-            invocation_id=inv.id,
-            error=error_info(exc, kind, with_traceback=not isinstance(exc, EngineError)),
-            worker_pid=os.getpid(),
-            attempt=inv.attempt,
-            finished_at=time.time(),
+    if dispatch.model_name:
+        dispatch = dispatch.model_copy(update={"engine_url": url})
+    error = os.environ.get(ENGINE_ERROR_ENV) or None
+    if dispatch.model_name and not url and not error:
+        error = (
+            f"This Globus Compute block has no engine for {dispatch.model_name}: "
+            f"{ENGINE_URL_ENV} is not set (the block was not started by warmpool._block)."
         )
-        return result.model_dump_json()
-
-    def run() -> Result:
-        return execute(
-            inv,
-            fn,
-            model=model,
-            model_param=dispatch.get("model_param"),
-            model_param_index=int(dispatch.get("model_param_index") or 0),
-            store=store,
-        )
-
-    deadline = dispatch.get("deadline")
-    if deadline is None:
-        result = run()
-    else:
-        box: list[Result] = []
-        thread = threading.Thread(target=lambda: box.append(run()), name=f"faas-inv-{inv.id}", daemon=True)
-        thread.start()
-        thread.join(max(0.0, float(deadline) - time.time()))
-        if box:
-            result = box[0]
-        else:  # the pool has already failed it; free this worker and the engine's slots
-            if model is not None:
-                model.abort_prefix(f"inv-{inv.id}-{inv.attempt}")
-            late = InvocationTimeout(f"The invocation of {inv.function_name!r} ran past its deadline.")
-            result = Result(
-                invocation_id=inv.id,
-                error=error_info(late, "timeout", with_traceback=False),
-                worker_pid=os.getpid(),
-                attempt=inv.attempt,
-                finished_at=time.time(),
-            )
-    if model is not None:
+    result = _runner.run(dispatch, engine_error=error)
+    if dispatch.model_name and result.engine is None:
         result.engine = _engine_info(url, group)
     return result.model_dump_json()
 

@@ -11,7 +11,6 @@ the engine that the block's ``launch_cmd`` started.
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import sys
@@ -37,6 +36,7 @@ from warmpool._block import block_dirs, read_status
 from warmpool._gce_engine import submit_task
 from warmpool._gce_task import run_invocation
 from warmpool._pool import pid_alive
+from warmpool._runner import Dispatch
 
 
 def test_rendered_workstation_config_starts_the_engine_and_answers(
@@ -74,9 +74,9 @@ def test_rendered_workstation_config_starts_the_engine_and_answers(
             model=spec.ref,
             args=dumps((("The quick brown", 4), {})),
         )
-        dispatch = {"store": registry.store.config(), "model_name": spec.ref, "model_param": "model",
-                    "model_param_index": 0, "model_modes": None, "deadline": None}  # fmt: skip
-        future = submit_task(engine, serde, run_invocation, inv.model_dump_json(), json.dumps(dispatch))
+        dispatch = Dispatch(invocation=inv, store=registry.store.config(), model_name=spec.ref,
+                            model_param="model")  # fmt: skip
+        future = submit_task(engine, serde, run_invocation, dispatch.model_dump_json())
         message = messagepack.unpack(future.result(timeout=90))
         assert not message.is_error, message.data
         result = Result.model_validate_json(serde.deserialize(message.data))

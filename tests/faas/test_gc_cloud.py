@@ -466,7 +466,7 @@ def test_run_cloud_invocation_counts_the_deadline_from_the_task_start(
 ) -> None:
     seen: list[dict[str, Any]] = []
 
-    def fake_run(invocation_json: str, dispatch_json: str) -> str:
+    def fake_run(dispatch_json: str) -> str:
         seen.append(json.loads(dispatch_json))
         return "{}"
 
