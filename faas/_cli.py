@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from faas._replay_compare import DEFAULT_ATOL, DEFAULT_RTOL
+
 app = typer.Typer(help="tpm-faas: serverless functions for calls to huge models.", no_args_is_help=True)
 models_app = typer.Typer(
     help="Models: build the tiny offline model, list known models.", no_args_is_help=True
@@ -127,22 +129,37 @@ def provenance(
 def replay(
     invocation_id: Annotated[str, typer.Argument(help="The invocation id.")],
     store: Annotated[str | None, typer.Option(help="Store URL (default: $FAAS_STORE or the cache).")] = None,
+    rtol: Annotated[
+        float, typer.Option(min=0.0, help="Relative tolerance for floats (logprobs, hidden states).")
+    ] = DEFAULT_RTOL,
+    atol: Annotated[float, typer.Option(min=0.0, help="Absolute tolerance for floats.")] = DEFAULT_ATOL,
 ) -> None:
-    """Re-run an invocation (same function, model version, inputs); exit 1 if the output differs."""
+    """Re-run an invocation (same function, model version, inputs); exit 1 if the output differs.
+
+    Text and token ids must be equal, floats within |r - o| <= atol + rtol * |o|; timing
+    fields and request ids are not compared. Differing fields are listed on stderr.
+    """
     import json
 
     from faas._client import Client
     from faas._provenance import replay as run_replay
+    from faas._replay_compare import Tolerance
     from runtime import FaasError
 
     with Client(store=store) as client:
         try:
-            report = run_replay(client, invocation_id)
+            report = run_replay(client, invocation_id, tolerance=Tolerance(rtol=rtol, atol=atol))
         except FaasError as exc:
             typer.echo(str(exc), err=True)
             raise typer.Exit(2) from None
     typer.echo(json.dumps(report.describe(), indent=2))
     if not report.matches:
+        for d in report.differences:
+            typer.echo(f"differs: {d.path or '<value>'} ({d.reason}): {d.original} -> {d.replay}", err=True)
+        if report.comparison is not None and report.comparison.more:
+            typer.echo(f"... and {report.comparison.more} more differences", err=True)
+        if report.note:
+            typer.echo(report.note, err=True)
         raise typer.Exit(1)
 
 

@@ -5,16 +5,18 @@ result arrives and records it with the result, in the same commit-once object
 (``invocations/<id>/result.json``, field ``provenance``), so it costs no
 extra write. ``faas provenance ID``
 prints it; ``faas replay ID`` runs the same function version on the same
-pinned model version with the same stored inputs and compares the output.
+pinned model version with the same stored inputs and compares the outputs field by
+field (``faas._replay_compare``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from faas._replay_compare import Comparison, Difference, Tolerance, compare
 from registry._specs import FunctionSpec, ModelSpec
 from runtime._errors import ObjectNotFound
 from runtime._provenance import (
@@ -26,7 +28,7 @@ from runtime._provenance import (
     Timings,
     determinism_of,
 )
-from runtime._staging import is_marker, parse_marker
+from runtime._staging import is_marker, parse_marker, unstage_value
 from runtime._store import ObjectStore
 from runtime._wire import Invocation, Result
 
@@ -120,10 +122,16 @@ class ReplayReport:
     Attributes:
         original_id: The replayed invocation.
         replay_id: The new invocation.
-        matches: Whether the output digests are equal.
+        matches: Whether the outputs agree on what matters: text and token ids exactly,
+            floats within ``tolerance``, run-specific fields (timings, request ids) ignored.
         original_digest: Output digest of the original.
         replay_digest: Output digest of the replay.
         value: The replay's return value.
+        tolerance: The float tolerance used.
+        comparison: Field-by-field differences; None when the outputs were compared by
+            digest only (``compared_by`` says why).
+        compared_by: ``digest`` (identical bytes, or a value that could not be loaded) or ``fields``.
+        note: Why the comparison fell back to digests, if it did.
     """
 
     original_id: str
@@ -132,30 +140,64 @@ class ReplayReport:
     original_digest: str | None
     replay_digest: str | None
     value: Any
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    comparison: Comparison | None = None
+    compared_by: str = "digest"
+    note: str | None = None
+
+    @property
+    def differences(self) -> list[Difference]:
+        """The differing fields (empty on a match or a digest-only comparison)."""
+        return list(self.comparison.differences) if self.comparison else []
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary."""
-        return {
+        out: dict[str, Any] = {
             "original": self.original_id,
             "replay": self.replay_id,
             "matches": self.matches,
+            "compared_by": self.compared_by,
+            "tolerance": {"rtol": self.tolerance.rtol, "atol": self.tolerance.atol},
+            "differences": [d.describe() for d in self.differences],
             "original_output_digest": self.original_digest,
             "replay_output_digest": self.replay_digest,
             "value": json.loads(json.dumps(self.value, default=repr)),
         }
+        if self.comparison is not None:
+            out["more_differences"] = self.comparison.more
+            out["ignored"] = self.comparison.ignored
+        if self.note:
+            out["note"] = self.note
+        return out
 
 
-def replay(client: Any, invocation_id: str, *, timeout: float | None = 600.0) -> ReplayReport:
+def _recorded_value(client: Any, invocation_id: str) -> Any:
+    """The original's return value, loaded from its result record."""
+    record = client.record(invocation_id)
+    if record.result is None:
+        raise ObjectNotFound(f"Invocation {invocation_id!r} has no recorded result to compare with.")
+    return unstage_value(client.store, record.result.to_wire(), what="result")
+
+
+def replay(
+    client: Any, invocation_id: str, *, timeout: float | None = 600.0, tolerance: Tolerance | None = None
+) -> ReplayReport:
     """Run an invocation again: same function version, pinned model version, same stored inputs.
+
+    The outputs are compared by :func:`faas._replay_compare.compare`: text, token ids and
+    other exact values must be equal, floats (logprobs, hidden states, embeddings) agree
+    within ``tolerance``, and timing fields and request ids are not compared.
 
     Args:
         client: A ``faas.Client`` on the store that holds the invocation's records.
         invocation_id: The invocation to replay.
         timeout: Seconds to wait for the replay's result.
+        tolerance: Float tolerance (default ``Tolerance()``: rtol 1e-3, atol 1e-4).
 
     Raises:
         ObjectNotFound: The invocation or its provenance is not recorded.
     """
+    tol = tolerance or Tolerance()
     original = read_provenance(client.store, invocation_id)
     request = client.record(invocation_id)
     if request.args is None:
@@ -168,11 +210,20 @@ def replay(client: Any, invocation_id: str, *, timeout: float | None = 600.0) ->
     value = future.result(timeout)
     client.flush_records(timeout)
     again = read_provenance(client.store, future.invocation_id)
-    return ReplayReport(
+    report = ReplayReport(
         original_id=invocation_id,
         replay_id=future.invocation_id,
         matches=again.output_digest == original.output_digest,
         original_digest=original.output_digest,
         replay_digest=again.output_digest,
         value=value,
+        tolerance=tol,
     )
+    if report.matches:  # identical bytes: nothing to walk
+        return report
+    try:
+        before = _recorded_value(client, invocation_id)
+    except Exception as exc:  # e.g. a class the CLI cannot import: the digests are all we have
+        return replace(report, note=f"The original value could not be loaded ({exc}); compared digests only.")
+    comparison = compare(before, value, tol)
+    return replace(report, matches=comparison.matches, comparison=comparison, compared_by="fields")

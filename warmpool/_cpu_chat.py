@@ -5,8 +5,9 @@ endpoint, which renders the model's chat template on the server. This module par
 request into the engine's native sampling parameters (SGLang's own mapping: ``max_tokens`` to
 ``max_new_tokens``, ``min_tokens`` to ``min_new_tokens``, ``seed`` to ``sampling_seed``; the
 SGLang-only extras such as ``top_k`` keep their names) and shapes responses and stream
-chunks the way SGLang does. Anything else that SGLang's chat endpoint accepts is refused
-with an unsupported-feature error rather than ignored. Kept free of torch.
+chunks the way SGLang does. Every other field of SGLang's ``ChatCompletionRequest`` is
+accepted at its default and refused with an unsupported-feature error only when used (see
+``_cpu_fields``). Kept free of torch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from warmpool._cpu_fields import (
+    CHAT_IGNORED,
+    CHAT_PARSED,
+    CHAT_UNSUPPORTED,
+    MESSAGE_IGNORED,
+    MESSAGE_PARSED,
+    MESSAGE_UNSUPPORTED,
+    STREAM_OPTIONS_IGNORED,
+    STREAM_OPTIONS_PARSED,
+    STREAM_OPTIONS_UNSUPPORTED,
+    check_fields,
+)
 from warmpool._cpu_requests import (
     GenOutput,
     RequestError,
@@ -34,22 +47,13 @@ _RENAMED = {
     "seed": "sampling_seed",
 }
 # Fields passed through to the sampling parameters under the same name; those the engine
-# does not implement (penalties, n > 1, regex, ebnf, logit_bias ...) are refused there.
+# does not implement (penalties, n > 1, regex, ebnf, logit_bias ...) are refused there
+# unless at their defaults.
 _SAME_NAME = (
     "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "ignore_eos",
     "skip_special_tokens", "no_stop_trim", "frequency_penalty", "presence_penalty",
     "repetition_penalty", "n", "regex", "ebnf", "logit_bias", "custom_params", "stop_regex",
 )  # fmt: skip
-_UNSUPPORTED = (
-    "tools", "response_format", "return_hidden_states", "lora_path", "session_params",
-    "continue_final_message", "chat_template_kwargs", "custom_logit_processor", "input_ids",
-    "return_token_ids", "return_prompt_token_ids", "return_routed_experts", "reasoning_effort",
-)  # fmt: skip
-# Accepted and ignored: they do not change what is generated here.
-_IGNORED = {"model", "user", "tool_choice", "parallel_tool_calls", "separate_reasoning", "priority"}
-_IGNORED |= {"stream_reasoning", "extra_key", "return_meta_info", "return_cached_tokens_details"}
-_KNOWN = {"messages", "stream", "stream_options", "logprobs", "top_logprobs", "rid"}
-_MESSAGE_KEYS = {"role", "content", "name"}
 
 
 @dataclass
@@ -84,19 +88,20 @@ def render_messages(tokenizer: Any, lock: threading.Lock, messages: list[dict[st
 
 
 def _messages(raw: object) -> list[dict[str, Any]]:
+    """The conversation as the chat template takes it (role, content, name)."""
     if not isinstance(raw, list) or not raw:
         raise RequestError("messages must be a non-empty list of {role, content} objects")
+    out = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RequestError(f"messages[{i}] must be an object with a string role")
-        extra = sorted(set(m) - _MESSAGE_KEYS)
-        if extra:
-            raise UnsupportedError(f"messages[{i}].{extra[0]} is unsupported by the CPU engine")
+        check_fields(m, MESSAGE_PARSED, MESSAGE_IGNORED, MESSAGE_UNSUPPORTED, f"messages[{i}].")
         if not isinstance(m.get("content"), str):
             raise UnsupportedError(
                 f"messages[{i}].content other than a string (content parts) is unsupported by the CPU engine"
             )
-    return raw
+        out.append({k: m[k] for k in MESSAGE_PARSED if m.get(k) is not None})
+    return out
 
 
 def parse_chat(
@@ -116,14 +121,7 @@ def parse_chat(
     Raises:
         RequestError: Anything wrong with the body, naming the field.
     """
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    for key in _UNSUPPORTED:
-        if body.get(key):
-            raise UnsupportedError(f"{key} is unsupported by the CPU engine")
-    unknown = sorted(set(body) - _KNOWN - _IGNORED - set(_UNSUPPORTED) - set(_RENAMED) - set(_SAME_NAME))
-    if unknown:
-        raise RequestError(f"unknown field {unknown[0]!r}")
+    body = check_fields(body, CHAT_PARSED, CHAT_IGNORED, CHAT_UNSUPPORTED)
     prompt = render(_messages(body.get("messages")))
     if len(prompt) >= context_len:
         raise RequestError(
@@ -160,8 +158,9 @@ def parse_chat(
         raise RequestError(f"top_logprobs must be an integer between 0 and 20, got {top!r}")
     spec.top_logprobs = top or 0
     options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise RequestError("stream_options must be an object")
+    check_fields(
+        options, STREAM_OPTIONS_PARSED, STREAM_OPTIONS_IGNORED, STREAM_OPTIONS_UNSUPPORTED, "stream_options."
+    )
     spec.include_usage = bool(options.get("include_usage"))
     return spec
 

@@ -1,9 +1,9 @@
-"""Request and response types of the CPU engine, and validation of ``/generate`` bodies.
+"""Request and response types of the CPU engine, and validation of ``/generate`` and ``/encode`` bodies.
 
 Kept free of torch so the HTTP side can parse requests without importing the model stack.
-The accepted fields are a subset of SGLang's ``GenerateReqInput`` and ``SamplingParams``;
-known SGLang features that the CPU engine does not implement are refused (HTTP 400) rather
-than silently ignored.
+Every field of SGLang's ``GenerateReqInput``, ``SamplingParams`` and ``EmbeddingReqInput``
+is accepted at its default; the features this engine does not implement are refused
+(HTTP 400) only when a request actually uses them (see ``_cpu_fields``).
 """
 
 from __future__ import annotations
@@ -14,17 +14,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class RequestError(ValueError):
-    """A request the engine refuses; the message names the offending field (HTTP 400)."""
-
-
-class UnsupportedError(RequestError):
-    """A known SGLang feature that this engine does not implement (HTTP 400, type ``unsupported_feature``).
-
-    The error body carries ``"type": "unsupported_feature"`` so clients can tell it from a
-    malformed request.
-    """
+from warmpool._cpu_fields import (
+    ENCODE_IGNORED,
+    ENCODE_PARSED,
+    ENCODE_UNSUPPORTED,
+    GENERATE_IGNORED,
+    GENERATE_PARSED,
+    GENERATE_UNSUPPORTED,
+    SAMPLING_PARSED,
+    SAMPLING_UNSUPPORTED,
+    check_fields,
+)
+from warmpool._cpu_fields import RequestError as RequestError  # re-exported
+from warmpool._cpu_fields import UnsupportedError as UnsupportedError
 
 
 @dataclass(frozen=True)
@@ -52,41 +54,6 @@ class SamplingParams:
         return self.temperature < 1e-6 or self.top_k == 1
 
 
-# SGLang parameters we know but do not implement: accepted only at their neutral value.
-_UNSUPPORTED_PARAMS: dict[str, object] = {
-    "regex": None,
-    "json_schema": None,
-    "ebnf": None,
-    "structural_tag": None,
-    "stop_regex": None,
-    "logit_bias": None,
-    "custom_params": None,
-    "frequency_penalty": 0.0,
-    "presence_penalty": 0.0,
-    "repetition_penalty": 1.0,
-    "n": 1,
-}
-# Top-level GenerateReqInput fields, likewise; "falsy" means None/False/empty is neutral.
-_UNSUPPORTED_FIELDS = (
-    "input_embeds",
-    "image_data",
-    "video_data",
-    "audio_data",
-    "lora_path",
-    "session_params",
-    "custom_logit_processor",
-    "bootstrap_host",
-    "bootstrap_port",
-    "bootstrap_room",
-    "data_parallel_rank",
-    "token_ids_logprob",
-    "return_entropy",
-    "return_routed_experts",
-)
-# Top-level fields that only affect logging or scheduling priority: accepted and ignored.
-_IGNORED_FIELDS = {"log_metrics", "no_logs", "priority", "custom_labels", "extra_key", "modalities"}
-
-
 @dataclass
 class GenerateSpec:
     """A parsed ``/generate`` body: one entry per sequence, plus request-wide flags."""
@@ -109,10 +76,6 @@ class EncodeSpec:
     prompts: list[list[int]] = field(default_factory=list)
     rids: list[str] = field(default_factory=list)
     is_batch: bool = False
-
-
-def _unsupported(what: str) -> UnsupportedError:
-    return UnsupportedError(f"{what} is unsupported by the CPU engine")
 
 
 def _get_int(d: dict[str, Any], key: str, lo: int, hi: int | None, where: str) -> int | None:
@@ -162,16 +125,8 @@ def parse_sampling_params(
     """
     if raw is None:
         return SamplingParams()
-    if not isinstance(raw, dict):
-        raise RequestError(f"sampling_params must be an object, got {type(raw).__name__}")
     w = where
-    for key, neutral in _UNSUPPORTED_PARAMS.items():
-        if raw.get(key, neutral) not in (neutral, None):
-            raise _unsupported(f"{w}{key}")
-    known = set(SamplingParams.__dataclass_fields__) | set(_UNSUPPORTED_PARAMS)
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise RequestError(f"unknown {w}{unknown[0]} (supported: {', '.join(sorted(known))})")
+    raw = check_fields(raw, SAMPLING_PARSED, frozenset(), SAMPLING_UNSUPPORTED, w)
     kw: dict[str, Any] = {}
     kw["max_new_tokens"] = _get_int(raw, "max_new_tokens", 0, max_new_tokens_limit, w)
     kw["min_new_tokens"] = _get_int(raw, "min_new_tokens", 0, None, w)
@@ -193,7 +148,7 @@ def parse_sampling_params(
     for key in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens"):
         kw[key] = _get_bool(raw, key, w)
     kw["no_stop_trim"] = _get_bool(raw, "no_stop_trim", w)
-    stop = raw.get("stop")
+    stop = raw.get("stop") or None  # SGLang reads "" and [] as no stop strings
     stops = [stop] if isinstance(stop, str) else stop
     if stops is not None:
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
@@ -257,16 +212,22 @@ def _parse_rids(body: dict[str, Any], n: int, is_batch: bool) -> list[str]:
     return out
 
 
-def _check_fields(body: object, known: set[str], unsupported: tuple[str, ...]) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    for key in unsupported:
-        if body.get(key):
-            raise _unsupported(key)
-    unknown = sorted(set(body) - known - set(unsupported) - _IGNORED_FIELDS)
-    if unknown:
-        raise RequestError(f"unknown field {unknown[0]!r}")
-    return body
+def _uniform(body: dict[str, Any], key: str) -> Any:
+    """A field SGLang takes per prompt or for the whole batch, as one value.
+
+    Raises:
+        UnsupportedError: The per-prompt values differ.
+    """
+    value = body.get(key)
+    if not isinstance(value, list):
+        return value
+    if any(v != value[0] for v in value):
+        raise UnsupportedError(f"{key} with different values per prompt is unsupported by the CPU engine")
+    return value[0] if value else None
+
+
+# Logprob options SGLang also takes as one value per prompt of a batch.
+_PER_PROMPT = ("return_logprob", "logprob_start_len", "top_logprobs_num")
 
 
 def parse_generate(
@@ -286,11 +247,12 @@ def parse_generate(
     Raises:
         RequestError: Anything wrong with the body, naming the field.
     """
-    known = {"text", "input_ids", "sampling_params", "rid", "stream", "return_logprob"}
-    known |= {"top_logprobs_num", "return_text_in_logprobs", "logprob_start_len", "return_hidden_states"}
-    body = _check_fields(body, known, _UNSUPPORTED_FIELDS)
+    body = check_fields(body, GENERATE_PARSED, GENERATE_IGNORED, GENERATE_UNSUPPORTED)
+    body = {**body, **{k: _uniform(body, k) for k in _PER_PROMPT if k in body}}
     if body.get("logprob_start_len", -1) not in (-1, None):
-        raise _unsupported("logprob_start_len (input logprobs)")
+        raise UnsupportedError(
+            "logprob_start_len other than -1 (input logprobs) is unsupported by the CPU engine"
+        )
     spec = GenerateSpec()
     spec.prompts, spec.is_batch = _parse_prompts(body, encode, vocab_size)
     n = len(spec.prompts)
@@ -314,7 +276,7 @@ def parse_generate(
         raise RequestError("return_hidden_states must be a boolean (or, for a batch, a list of them)")
     spec.return_hidden_states = hidden
     if spec.stream and any(hidden):
-        raise _unsupported("return_hidden_states with stream")
+        raise UnsupportedError("return_hidden_states with stream is unsupported by the CPU engine")
     return spec
 
 
@@ -335,9 +297,7 @@ def parse_encode(
     Raises:
         RequestError: Anything wrong with the body, naming the field.
     """
-    unsupported = ("image_data", "video_data", "audio_data", "input_embeds", "dimensions", "lora_path")
-    known = {"text", "input_ids", "rid", "sampling_params", "model"}
-    body = _check_fields(body, known, unsupported)
+    body = check_fields(body, ENCODE_PARSED, ENCODE_IGNORED, ENCODE_UNSUPPORTED)
     spec = EncodeSpec()
     spec.prompts, spec.is_batch = _parse_prompts(body, encode, vocab_size)
     longest = max(len(p) for p in spec.prompts)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,22 @@ def complete(model: faas.Model, prompt: str, n: int = 16) -> str:
 @faas.function(model="tiny-llama", timeout=60)
 def sample(model: faas.Model, prompt: str) -> str:
     return model.generate(prompt, {"max_new_tokens": 8, "temperature": 1.0}).text  # type: ignore[union-attr]
+
+
+@faas.function(model="tiny-llama", timeout=60)
+def complete_with_details(model: faas.Model, prompt: str) -> object:
+    return model.generate(
+        prompt,
+        {"max_new_tokens": 8, "temperature": 0},
+        return_logprob=True,
+        top_logprobs_num=3,
+        return_hidden_states=True,
+    )
+
+
+@faas.function(timeout=60)
+def clock(label: str) -> dict[str, object]:
+    return {"label": label, "ns": [0, time.time_ns()]}
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +109,39 @@ def test_replay_reproduces_greedy_output_via_cli(client: faas.Client) -> None:
     )  # fmt: skip
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["output_digest"] == report["original_output_digest"]
+
+
+def test_replay_of_greedy_logprobs_and_hidden_states_matches_via_cli(client: faas.Client) -> None:
+    fut = complete_with_details.with_client(client).submit("The quick brown")
+    original = fut.result(60)
+    assert original.logprobs.shape == (8,) and original.top_logprobs.shape == (8, 3)
+    assert original.hidden_states.shape[0] == original.prompt_tokens + 7
+    client.flush_records(30)
+    out = subprocess.run(
+        [sys.executable, "-m", "faas._cli", "replay", fut.invocation_id, "--store", client.store.url()],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads(out.stdout)
+    assert report["matches"] is True and report["differences"] == []
+    # The stored bytes differ (latency, request id), so the fields were compared one by one.
+    assert report["original_output_digest"] != report["replay_output_digest"]
+    assert report["compared_by"] == "fields"
+    assert {"meta_info.e2e_latency", "meta_info.id"} <= set(report["ignored"])
+    assert report["tolerance"] == {"rtol": 1e-3, "atol": 1e-4}
+
+
+def test_replay_mismatch_exits_1_and_names_the_field(client: faas.Client) -> None:
+    fut = clock.with_client(client).submit("now")
+    fut.result(60)
+    client.flush_records(30)
+    out = subprocess.run(
+        [sys.executable, "-m", "faas._cli", "replay", fut.invocation_id, "--store", client.store.url(),
+         "--rtol", "0", "--atol", "0"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    report = json.loads(out.stdout)
+    assert report["matches"] is False and report["tolerance"] == {"rtol": 0.0, "atol": 0.0}
+    assert [(d["path"], d["reason"]) for d in report["differences"]] == [("ns[1]", "value")]
+    assert "differs: ns[1] (value)" in out.stderr
