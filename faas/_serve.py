@@ -11,6 +11,7 @@ from typing import Any
 
 from faas._service_auth import Authenticator, load_authenticator
 from faas._service_core import ServiceCore
+from faas._service_triggers import TriggerHost
 from runtime._paths import cache_dir, default_store_url
 from runtime._store import store_from_url
 
@@ -37,9 +38,13 @@ def build_core(
     tokens: str | None = None,
     auth: Authenticator | None = None,
     host: str = "127.0.0.1",
+    triggers: bool = True,
     **pool_options: Any,
 ) -> ServiceCore:
     """Build (not start) the service core from ``faas serve``'s options.
+
+    With ``triggers``, the core runs its tenants' trigger bindings (see
+    :class:`faas._service_triggers.TriggerHost`).
 
     Raises:
         ServeConfigError: Open access (no tokens) on an address other than loopback.
@@ -53,7 +58,8 @@ def build_core(
         )
     store_obj = store_from_url(store or default_store_url())
     state = state_dir or Path(os.environ.get("FAAS_STATE_DIR") or cache_dir() / "service")
-    return ServiceCore(store_obj, auth, state_dir=state, **pool_options)
+    host_obj = TriggerHost() if triggers else None
+    return ServiceCore(store_obj, auth, state_dir=state, triggers=host_obj, **pool_options)
 
 
 def serve(

@@ -43,6 +43,7 @@ from faas._service_auth import Authenticator, Tenant
 from faas._service_commit import ResultCommitter
 from faas._service_index import Index, Row
 from faas._service_state import Pending, TenantState, digest, plausible_id, row_view, stub_spec, view_of
+from faas._service_triggers import TriggerHost, trigger_fields
 from registry._registry import Registry
 from registry._specs import FunctionSpec, ModelSpec
 from runtime._errors import (
@@ -78,6 +79,7 @@ class ServiceCore:
         pool: The warm pool (built from ``pool_options`` when None).
         staging_threshold: Bytes above which values travel by reference.
         result_threads: Threads writing result records to the store.
+        triggers: Runs the tenants' trigger bindings once the core has started (None: none run).
         pool_options: Passed to :class:`warmpool.Pool` when it is built here.
     """
 
@@ -93,6 +95,7 @@ class ServiceCore:
         pool: Pool | None = None,
         staging_threshold: int | str | None = None,
         result_threads: int = 4,
+        triggers: TriggerHost | None = None,
         **pool_options: Any,
     ) -> None:
         self.store = store
@@ -109,6 +112,7 @@ class ServiceCore:
         self._models: dict[str, tuple[ModelSpec, float]] = {}
         self._committer = ResultCommitter(self.index, self._committed, record_threads=result_threads)
         self._closed = False
+        self.triggers = triggers
         self.started_at = time.time()
         self.counters: dict[str, int] = collections.defaultdict(int)
 
@@ -118,6 +122,8 @@ class ServiceCore:
         warm = [m for m in self.models.list_models() if m.min_replicas >= 1]
         self.pool.start(models=warm)
         self.recover()
+        if self.triggers is not None:  # after the replay: runners re-attach to what it requeued
+            self.triggers.start(self)
         return self
 
     def recover(self) -> int:
@@ -167,6 +173,8 @@ class ServiceCore:
             if self._closed:
                 return
             self._closed = True
+        if self.triggers is not None:
+            self.triggers.stop()
         self.pool.shutdown()
         self._committer.close()
         for ts in list(self._tenants.values()):
@@ -291,6 +299,7 @@ class ServiceCore:
                 store=store_config,
                 stage_threshold=self.threshold,
                 refs=tuple(item.refs),
+                **trigger_fields(item),
             )
             for item in items
         ]

@@ -27,6 +27,7 @@ class ServiceProc:
         root: Directory for the store, state, token file and logs.
         limits: Per-tenant ``max_inflight``/``max_queued`` for the token file.
         extra_env: Added to the service's environment.
+        store_url: The service's store (default: a directory under ``root``).
     """
 
     def __init__(
@@ -35,9 +36,11 @@ class ServiceProc:
         *,
         limits: dict[str, dict[str, int]] | None = None,
         extra_env: dict[str, str] | None = None,
+        store_url: str | None = None,
     ) -> None:
         self.root = root
         self.store = root / "store"
+        self.store_url = store_url or str(self.store)
         self.state = root / "state"
         self.tokens = root / "tokens.toml"
         lines = []
@@ -70,7 +73,7 @@ class ServiceProc:
                     "--port-file",
                     str(port_file),
                     "--store",
-                    str(self.store),
+                    self.store_url,
                     "--state-dir",
                     str(self.state),
                     "--tokens",
