@@ -248,10 +248,15 @@ class TriggerHost:
 
 
 def _check_directories(store: ObjectStore, options: dict[str, Any]) -> None:
-    """On a file store, a tenant's directory buckets must lie inside its part of the store."""
-    kind = options.get("storage") or store.config()["kind"]
-    if kind != "file":
+    """A tenant's directory buckets must lie inside its part of a file store (never the service's disk)."""
+    store_kind = store.config()["kind"]
+    if (options.get("storage") or store_kind) != "file":
         return
+    if store_kind != "file":
+        raise BindingError(
+            "The service's store is not a directory, so it runs no directory bindings (storage='file'); "
+            "bind an S3 bucket on the store's endpoint."
+        )
     for field in ("bucket", "output_bucket"):
         value = options.get(field)
         path = PurePosixPath(value) if isinstance(value, str) else None
