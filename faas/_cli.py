@@ -189,6 +189,7 @@ def serve(
     port_file: Annotated[Path | None, typer.Option(help="Write the bound port here once listening.")] = None,
     access_log: Annotated[bool, typer.Option(help="Log request lines (never headers or tokens).")] = False,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    triggers: Annotated[bool, typer.Option(help="Run the tenants' trigger bindings.")] = True,
 ) -> None:
     """Run the warm pool as a long-lived HTTP service (see docs/service.md)."""
     import logging
@@ -215,6 +216,7 @@ def serve(
             port_file=port_file,
             access_log=access_log,
             log_level=log_level,
+            triggers=triggers,
         )
     except (ServeConfigError, AuthConfigError, SubstrateConfigError) as exc:
         typer.echo(f"faas serve: {exc}", err=True)

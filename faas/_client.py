@@ -26,7 +26,7 @@ from runtime._paths import default_store_url
 from runtime._records import InvocationRecord, RecordStore, RecordWriter
 from runtime._staging import Ref, StagedRef, stage_args, stage_object, staging_threshold, unstage_value
 from runtime._store import ObjectStore, store_from_url
-from runtime._wire import Invocation, Result
+from runtime._wire import Invocation, OutputTarget, Result
 from warmpool._replica import EngineFactory, default_engine_factory
 from warmpool._substrate import Substrate, SubstrateKind, make_substrate
 
@@ -175,12 +175,19 @@ class Client:
         return self.submit_spec(spec, model, blob, refs)
 
     def submit_spec(
-        self, spec: FunctionSpec, model: ModelSpec | None, blob: bytes, refs: tuple[StagedRef, ...] = ()
+        self,
+        spec: FunctionSpec,
+        model: ModelSpec | None,
+        blob: bytes,
+        refs: tuple[StagedRef, ...] = (),
+        *,
+        output: OutputTarget | None = None,
     ) -> Future[Any]:
         """Submit a registered function version with already serialised (or staged) arguments.
 
-        This is what ``submit`` does after validation, and what ``faas replay``
-        uses to run an invocation again with its stored inputs.
+        This is what ``submit`` does after validation, what ``faas replay``
+        uses to run an invocation again with its stored inputs, and what a
+        trigger runner uses (with ``output``: the worker writes the output).
         """
         invocation = spec.invocation(
             blob,
@@ -188,6 +195,7 @@ class Client:
             store=self._store_config,
             stage_threshold=self.staging_threshold,
             refs=refs,
+            output=output,
         )
         future: Future[Any] = Future(invocation.id, self.cancel, self._phase, self._load_value)
         pool = self.pool

@@ -29,6 +29,7 @@ from faas._service_api import (
     MAX_INLINE_BYTES,
     BatchRequest,
     BatchView,
+    BindRequest,
     CancelView,
     InvocationView,
     Item,
@@ -37,6 +38,7 @@ from faas._service_api import (
     SessionInfo,
     SubmitRequest,
 )
+from registry._bindings import BindingError, TriggerBinding
 from registry._specs import FunctionSpec, ModelSpec
 from runtime._errors import (
     AuthError,
@@ -73,11 +75,13 @@ _SUBMIT_ERRORS: dict[str, type[SubmitError]] = {
         FunctionDefinitionError,
         QuotaExceededError,
         BackPressureError,
+        BindingError,
     )
 }
 _FUNCTIONS = TypeAdapter(list[FunctionSpec])
 _MODELS = TypeAdapter(list[ModelSpec])
 _INVOCATIONS = TypeAdapter(list[InvocationView])
+_BINDINGS = TypeAdapter(list[TriggerBinding])
 _JSON = {"Content-Type": "application/json"}
 
 
@@ -352,6 +356,30 @@ class RemoteClient:
     def status(self) -> dict[str, Any]:
         """Same as :meth:`pool_status` (the embedded client's name for it)."""
         return self.pool_status()
+
+    def bind_trigger(
+        self, spec: FunctionSpec, *, name: str | None = None, reprocess: bool = False, **options: Any
+    ) -> TriggerBinding:
+        """Bind a registered function to new objects under a bucket prefix; the service runs the binding.
+
+        ``fn.on_object(...)`` calls this when ``fn``'s client is a RemoteClient.
+
+        Args:
+            spec: The function version (as :meth:`register` returned it).
+            name: The binding's name (default: the function's name).
+            reprocess: On re-binding another version, run it on every object again.
+            options: The binding's fields (``bucket``, ``output_prefix``, ``prefix``, ...).
+
+        Raises:
+            BindingError: The binding is malformed (nothing is stored).
+            NotFoundError: The service does not know the function, or runs no triggers.
+        """
+        body = BindRequest(function=spec.digest, name=name, reprocess=reprocess, options=options)
+        return self._post("/v1/triggers", body, TriggerBinding)
+
+    def list_triggers(self) -> list[TriggerBinding]:
+        """The trigger bindings of this client's tenant, as the service runs them."""
+        return _BINDINGS.validate_json(self._request("GET", "/v1/triggers").content)
 
     def put(self, obj: Any) -> Ref:
         """Upload ``obj`` to the tenant's store once and return a reference to pass to invocations.

@@ -11,6 +11,7 @@ from typing import Any
 
 from faas._service_auth import Authenticator, load_authenticator
 from faas._service_core import ServiceCore
+from faas._service_triggers import TriggerHost
 from runtime._paths import cache_dir, default_store_url
 from runtime._store import store_from_url
 from warmpool._substrate import SubstrateConfig, SubstrateConfigError, SubstrateKind, load_substrate_config
@@ -40,6 +41,7 @@ def build_core(
     host: str = "127.0.0.1",
     substrate: SubstrateKind | None = None,
     substrate_config: Path | None = None,
+    triggers: bool = True,
     **pool_options: Any,
 ) -> ServiceCore:
     """Build (not start) the service core from ``faas serve``'s options.
@@ -53,6 +55,8 @@ def build_core(
         substrate: ``local`` or ``globus-compute`` (overrides the config file's kind).
         substrate_config: A TOML/JSON substrate file (options and, for Globus
             Compute, the Parsl provider; see :func:`warmpool.load_substrate_config`).
+        triggers: Run the tenants' trigger bindings (see
+            :class:`faas._service_triggers.TriggerHost`).
         pool_options: Substrate options given on the command line.
 
     Raises:
@@ -74,7 +78,8 @@ def build_core(
         config = SubstrateConfig(kind=substrate or "local")
     else:
         raise SubstrateConfigError(f"Unknown substrate {substrate!r}; expected 'local' or 'globus-compute'.")
-    return ServiceCore(store_obj, auth, state_dir=state, substrate=config, **pool_options)
+    host_obj = TriggerHost() if triggers else None
+    return ServiceCore(store_obj, auth, state_dir=state, substrate=config, triggers=host_obj, **pool_options)
 
 
 def serve(

@@ -20,6 +20,8 @@ Routes (JSON unless noted; every ``/v1`` route needs ``Authorization: Bearer
     POST /v1/invocations/{id}/cancel        CancelView
     GET  /v1/invocations/{id}/logs          text/plain: captured stdout and stderr
     GET  /v1/pool                           the pool's status (models, replicas, workers, counters)
+    POST /v1/triggers                       BindRequest -> TriggerBinding (the service runs it)
+    GET  /v1/triggers                       [TriggerBinding] (yours)
 
 Errors come back as ``{"error": {"type": ..., "message": ...}}`` with 400 (bad
 request), 401 (missing or wrong token), 404 (unknown, or another tenant's),
@@ -33,6 +35,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from registry._bindings import TriggerBinding
 from registry._specs import FunctionSpec, ModelSpec
 from runtime._staging import StagedRef
 from runtime._wire import ErrorInfo
@@ -191,6 +194,27 @@ class CancelView(BaseModel):
     status: State
 
 
+class BindRequest(BaseModel):
+    """Bind one of your functions to new objects under a bucket prefix; the service runs the binding.
+
+    Attributes:
+        function: The function version: a digest, ``name`` or ``name@version``.
+        name: The binding's name (default: the function's name).
+        reprocess: On re-binding another version, run it on every object again.
+        options: The binding's other fields: ``bucket`` and ``output_prefix``
+            (required), ``prefix``, ``suffix``, ``poll_interval``,
+            ``max_concurrency``, ... (see ``faas.triggers.TriggerBinding``).
+            On a file store, directories are relative to your part of the store.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    function: str = Field(min_length=1, max_length=300)
+    name: str | None = Field(None, min_length=1, max_length=128)
+    reprocess: bool = False
+    options: dict[str, Any] = Field(default_factory=dict, max_length=64)
+
+
 class ErrorBody(BaseModel):
     """The body of every error response."""
 
@@ -203,6 +227,7 @@ __all__ = [
     "MAX_INLINE_BYTES",
     "BatchRequest",
     "BatchView",
+    "BindRequest",
     "CancelView",
     "ErrorBody",
     "FunctionSpec",
@@ -215,5 +240,6 @@ __all__ = [
     "SessionInfo",
     "State",
     "SubmitRequest",
+    "TriggerBinding",
     "WatchRequest",
 ]

@@ -23,6 +23,7 @@ from faas._service_api import (
     FINAL_STATES,
     BatchRequest,
     BatchView,
+    BindRequest,
     CancelView,
     ErrorBody,
     InvocationView,
@@ -36,6 +37,8 @@ from faas._service_api import (
 from faas._service_auth import Tenant
 from faas._service_core import Listener, ServiceCore
 from faas._service_metrics import render_metrics
+from faas._service_triggers import TriggerHost
+from registry._bindings import TriggerBinding
 from registry._specs import FunctionSpec, ModelSpec
 from runtime._errors import (
     AuthError,
@@ -262,7 +265,23 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
         """The pool: models, replicas, workers, counters."""
         return core.pool.status()
 
+    @app.post("/v1/triggers", tags=["triggers"], responses=_ERRORS)
+    def bind(who: Who, body: BindRequest) -> TriggerBinding:
+        """Bind one of your functions to new objects under a bucket prefix; the service runs it."""
+        return _trigger_host(core).bind(who, body)
+
+    @app.get("/v1/triggers", tags=["triggers"], responses=_ERRORS)
+    def triggers(who: Who) -> list[TriggerBinding]:
+        """Your trigger bindings."""
+        return _trigger_host(core).bindings(who)
+
     return app
+
+
+def _trigger_host(core: ServiceCore) -> TriggerHost:
+    if core.triggers is None:
+        raise NotFoundError("This service runs no trigger bindings (it was started with --no-triggers).", 404)
+    return core.triggers
 
 
 def _listener(loop: asyncio.AbstractEventLoop, put: Callable[[ResultView], Any]) -> Listener:

@@ -44,6 +44,7 @@ from faas._service_auth import Authenticator, Tenant
 from faas._service_commit import ResultCommitter
 from faas._service_index import Index, Row
 from faas._service_state import Pending, TenantState, digest, plausible_id, row_view, stub_spec, view_of
+from faas._service_triggers import TriggerHost, trigger_fields
 from registry._registry import Registry
 from registry._specs import FunctionSpec, ModelSpec
 from runtime._errors import (
@@ -80,6 +81,7 @@ class ServiceCore:
         substrate: Which substrate to build, and its options (default: the local pool).
         staging_threshold: Bytes above which values travel by reference.
         result_threads: Threads writing result records to the store.
+        triggers: Runs the tenants' trigger bindings once the core has started (None: none run).
         pool_options: Defaults for the substrate's constructor (``options`` in
             ``substrate`` override them).
     """
@@ -97,6 +99,7 @@ class ServiceCore:
         substrate: SubstrateConfig | None = None,
         staging_threshold: int | str | None = None,
         result_threads: int = 4,
+        triggers: TriggerHost | None = None,
         **pool_options: Any,
     ) -> None:
         self.store = store
@@ -115,6 +118,7 @@ class ServiceCore:
         self._models: dict[str, tuple[ModelSpec, float]] = {}
         self._committer = ResultCommitter(self.index, self._committed, record_threads=result_threads)
         self._closed = False
+        self.triggers = triggers
         self.started_at = time.time()
         self.counters: dict[str, int] = collections.defaultdict(int)
 
@@ -124,6 +128,8 @@ class ServiceCore:
         warm = [m for m in self.models.list_models() if m.min_replicas >= 1]
         self.pool.start(models=warm)
         self.recover()
+        if self.triggers is not None:  # after the replay: runners re-attach to what it requeued
+            self.triggers.start(self)
         return self
 
     def recover(self) -> int:
@@ -173,6 +179,8 @@ class ServiceCore:
             if self._closed:
                 return
             self._closed = True
+        if self.triggers is not None:
+            self.triggers.stop()
         self.pool.shutdown()
         self._committer.close()
         for ts in list(self._tenants.values()):
@@ -297,6 +305,7 @@ class ServiceCore:
                 store=store_config,
                 stage_threshold=self.threshold,
                 refs=tuple(item.refs),
+                **trigger_fields(item),
             )
             for item in items
         ]

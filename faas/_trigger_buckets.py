@@ -18,6 +18,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from registry._bindings import TriggerBinding
 from runtime._errors import StoreError
 from runtime._objectref import ObjectRef
+from runtime._outputs import file_etag
 from runtime._store import LocalStore, ObjectStore
 
 Origin = Literal["notification", "listing", "retry", "recovery"]
@@ -197,7 +198,7 @@ class LocalBucket:
 
     @staticmethod
     def _info(key: str, st: os.stat_result) -> ObjectInfo:
-        return ObjectInfo(key, f"{st.st_mtime_ns:x}-{st.st_size:x}", st.st_size, st.st_mtime)
+        return ObjectInfo(key, file_etag(st), st.st_size, st.st_mtime)
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """Walk the directory for files under ``prefix`` (temporary files are skipped)."""

@@ -3,7 +3,10 @@
 A listing of a binding's prefix runs on the runner's I/O threads; the pass
 after it finishes applies it: it claims listed objects nobody has claimed,
 queues retries asked for with ``faas triggers retry``, and takes over objects
-whose claim holder stopped heartbeating or whose attempt failed.
+whose claim holder stopped heartbeating or whose attempt failed. Claims that
+this runner's id holds but that it does not know are from its previous life (a
+restarted ``faas serve`` keeps its runner ids): it resumes them at the same
+attempt, whose invocation the submitter finds again if it was accepted.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ log = logging.getLogger("faas.triggers")
 class Reconciler:
     """Listing and takeover methods of :class:`faas.triggers.TriggerRunner` (a mixin)."""
 
+    id: str
     _clock: Callable[[], float]
     _io: ThreadPoolExecutor
     _committer: Committer
@@ -151,6 +155,18 @@ class Reconciler:
         if claim is None:
             return 0
         b = run.binding
+        if claim.state == "claimed" and claim.runner == self.id:  # ours, from before a restart
+            run.pending[id] = Item(
+                id,
+                claim.event(),
+                attempt=n,
+                failures=claim.failures,
+                claimed=True,
+                claimed_at=claim.claimed_at,
+            )
+            run.foreign.pop(id, None)
+            run.counters["resumed"] += 1
+            return 1
         if claim.state == "claimed" and self._holder_alive(run, claim.runner, now):
             run.foreign[id] = now + b.lease_seconds / 2
             return 0

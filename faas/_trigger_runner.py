@@ -2,8 +2,11 @@
 
 One pass (:meth:`TriggerRunner.run_once`) polls the event sources, claims new
 object versions durably (commit-once claims in the faas store), submits claimed
-ones through the client up to each binding's ``max_concurrency``, and commits
-finished ones: output first (commit-once), then the done marker (commit-once).
+ones through its submitter (an embedded client's pool, or the service core of
+``faas serve``) by the bound function's digest, up to each binding's
+``max_concurrency``, and commits finished ones: the worker wrote the output
+inside the invocation (commit-once); the runner writes the done marker
+(commit-once).
 A failed attempt is retried up to ``max_attempts``, then dead-lettered. A
 runner that dies leaves claims whose holder stops heartbeating; another runner
 takes them over after the binding's lease. ``start()``/``stop()`` run passes on
@@ -28,17 +31,12 @@ from faas._trigger_buckets import ObjectEvent, buckets_for
 from faas._trigger_reconcile import Reconciler
 from faas._trigger_sources import EventSource, PollingSource, default_sources
 from faas._trigger_state import TriggerState, read_heartbeat, write_heartbeat
-from faas._trigger_work import (
-    Committer,
-    Item,
-    Run,
-    function_from_registry,
-    location,
-    warn_if_unreadable,
-)
-from faas._triggers import Outputs, outputs_parameter
+from faas._trigger_submit import ClientSubmitter, Submitter
+from faas._trigger_work import Committer, Item, Run, location, warn_if_unreadable
 from registry._bindings import Bindings, TriggerBinding
-from runtime._errors import StoreError, SubmitError
+from runtime import _serde
+from runtime._errors import PoolClosedError, QuotaExceededError, StoreError, SubmitError
+from runtime._store import ObjectStore
 from warmpool._replica import BackPressureError
 
 if TYPE_CHECKING:
@@ -50,13 +48,17 @@ Clock = Callable[[], float]
 
 
 class TriggerRunner(Reconciler):
-    """Runs trigger bindings through a faas client.
+    """Runs trigger bindings through an embedded faas client, or any :class:`Submitter`.
 
     Args:
-        client: Submits the invocations; its store holds bindings and trigger records.
+        client: An embedded :class:`faas.Client`: submits the invocations; its
+            store holds bindings and trigger records. Give ``store`` and
+            ``submitter`` instead to run elsewhere (``faas serve`` does).
+        store: The faas store holding bindings and trigger records (with ``submitter``).
+        submitter: Starts the attempts (with ``store``).
         bindings: Names of the bindings to run (default: every stored binding).
-        functions: Function objects to run bindings with, matched by digest
-            (others are loaded from the registry).
+        functions: Functions to register before running (bindings name theirs
+            by digest; the runner never loads them).
         sources: Event sources per binding name, replacing the defaults
             (:func:`default_sources`); tests wrap them to drop or duplicate events.
         clock: Wall clock (injectable; event and heartbeat times use it).
@@ -72,8 +74,10 @@ class TriggerRunner(Reconciler):
 
     def __init__(
         self,
-        client: Client,
+        client: Client | None = None,
         *,
+        store: ObjectStore | None = None,
+        submitter: Submitter | None = None,
         bindings: Iterable[str] | None = None,
         functions: Iterable[Function[Any]] = (),
         sources: Mapping[str, Sequence[EventSource]] | None = None,
@@ -86,9 +90,21 @@ class TriggerRunner(Reconciler):
         io_threads: int = 8,
         max_pending: int = 2000,
     ) -> None:
-        self.client, self.store = client, client.store
+        if client is not None:
+            from faas._remote import RemoteClient
+
+            if isinstance(client, RemoteClient):
+                raise TypeError(
+                    "A TriggerRunner runs on an embedded faas.Client; bindings made through a "
+                    "faas.RemoteClient are run by the faas service itself."
+                )
+            store, submitter = client.store, submitter or ClientSubmitter(client)
+            for f in functions:
+                client.register(f)
+        if store is None or submitter is None:
+            raise TypeError("TriggerRunner needs a client, or a store and a submitter.")
+        self.client, self.store, self.submitter = client, store, submitter
         self._names = None if bindings is None else list(bindings)
-        self._functions = {client.register(f).digest: f.with_client(client) for f in functions}
         self._source_overrides = dict(sources or {})
         self._clock = clock
         self.id = runner_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -131,31 +147,24 @@ class TriggerRunner(Reconciler):
                 run = None
             if run is None:
                 self._runs[name] = self._new_run(binding)
-            elif binding.function_digest != run.binding.function_digest:
-                run.function = self._function(binding)
-                run.outputs_param = outputs_parameter(run.function.fn)
-                run.binding = binding
             else:
                 run.binding = binding
         self._next_reload = self._clock() + self.reload_interval
+
+    def reload_soon(self) -> None:
+        """Re-read the stored bindings at the next pass (safe from any thread)."""
+        self._next_reload = float("-inf")
+        self._wake.set()
 
     def _new_run(self, binding: TriggerBinding) -> Run:
         config = self.store.config()
         root = config["options"].get("root") if config["kind"] == "file" else None
         src, out = buckets_for(binding, root)
-        function = self._function(binding)
         override = self._source_overrides.get(binding.name)
         sources = list(override) if override is not None else default_sources(binding, src, clock=self._clock)
         warn_if_unreadable(binding, self.store)
         state = TriggerState(self.store, binding.name)
-        return Run(binding, function, outputs_parameter(function.fn), src, out, state, sources)
-
-    def _function(self, binding: TriggerBinding) -> Function[Any]:
-        if binding.function_digest not in self._functions:
-            self._functions[binding.function_digest] = function_from_registry(
-                self.client, binding.function_digest
-            )
-        return self._functions[binding.function_digest]
+        return Run(binding, src, out, state, sources)
 
     # -- one pass --------------------------------------------------------------------------
     def run_once(self, *, wait_for_listings: bool = True) -> int:
@@ -263,15 +272,15 @@ class TriggerRunner(Reconciler):
         for item in ready:
             if not item.claimed:
                 continue
-            ref = run.src.ref(item.event)
-            kwargs: dict[str, Any] = {}
-            if run.outputs_param:
-                base = b.output_prefix + b.relative_name(item.event.key)
-                kwargs[run.outputs_param] = Outputs(run.out.store_config(), run.out.name, base)
+            args = _serde.dumps(((run.src.ref(item.event),), {}), what=f"trigger arguments of {b.name!r}")
             try:
-                future = run.function.submit(ref, **kwargs)
-            except BackPressureError:
+                future = self.submitter.submit(
+                    b, args, attempt=f"{b.name}/{item.id}/{item.attempt}", output=run.target(item)
+                )
+            except (BackPressureError, QuotaExceededError):  # no room now: it stays pending
                 run.counters["back_pressure"] += 1
+                break
+            except PoolClosedError:
                 break
             except SubmitError as exc:
                 del run.pending[item.id]
@@ -365,8 +374,16 @@ class TriggerRunner(Reconciler):
         pollers = [p for r in self._runs.values() if (p := r.poller()) is not None]
         return min((p.seconds_to_next() for p in pollers), default=0.2)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the thread; work in flight is committed if it finishes within ``timeout``."""
+    def stop(self, timeout: float = 30.0, *, drain: float | None = None, release: bool = True) -> None:
+        """Stop the thread; work in flight is committed if it finishes within ``drain`` seconds.
+
+        Args:
+            timeout: Seconds to wait for the threads.
+            drain: Seconds to wait for work in flight (default ``timeout``).
+            release: Mark this runner stopped, so other runners take its claims
+                over at once. A service keeps them (False): its index runs the
+                invocations again on restart, under a runner of the same id.
+        """
         with self._lock:
             thread, self._thread = self._thread, None
             beater, self._beater = self._beater, None
@@ -375,7 +392,7 @@ class TriggerRunner(Reconciler):
         for t in (thread, beater):
             if t is not None:
                 t.join(timeout)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (timeout if drain is None else drain)
         while any(r.inflight for r in self._runs.values()) and time.monotonic() < deadline:
             for run in self._runs.values():
                 self._collect(run)
@@ -383,8 +400,9 @@ class TriggerRunner(Reconciler):
             self._wake.clear()
         with contextlib.suppress(StoreError):
             self.write_status()
-            beat = {"runner": self.id, "beat_at": self._clock(), "stopped": True}
-            write_heartbeat(self.store, self.id, beat)  # others may take its claims over at once
+            if release:
+                beat = {"runner": self.id, "beat_at": self._clock(), "stopped": True}
+                write_heartbeat(self.store, self.id, beat)  # others may take its claims over at once
         self._io.shutdown(wait=True)  # pending acknowledgements and listings first
         for run in self._runs.values():
             run.close()

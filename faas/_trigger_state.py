@@ -128,21 +128,25 @@ class TriggerState:
         return out
 
     # -- done markers, dead letters, retries -----------------------------------------------
+    def done_key(self, id: str) -> str:
+        """The key of ``id``'s done marker."""
+        return f"{self.prefix}done/{id}"
+
     def put_done(self, id: str, doc: dict[str, Any]) -> bool:
         """Commit the done marker once; False if one was there already."""
         try:
-            self.store.put(f"{self.prefix}done/{id}", json.dumps(doc).encode(), if_absent=True)
+            self.store.put(self.done_key(id), json.dumps(doc).encode(), if_absent=True)
         except ObjectExists:
             return False
         return True
 
     def read_done(self, id: str) -> dict[str, Any] | None:
         """The done marker of ``id``, if committed."""
-        return self._get_json(f"{self.prefix}done/{id}")
+        return self._get_json(self.done_key(id))
 
     def is_done(self, id: str) -> bool:
         """Whether ``id`` has a done marker."""
-        return self.store.exists(f"{self.prefix}done/{id}")
+        return self.store.exists(self.done_key(id))
 
     def is_settled(self, id: str) -> bool:
         """Whether ``id`` is done or dead-lettered."""

@@ -1,35 +1,31 @@
 """What a trigger runner tracks per binding, and how it finishes an attempt.
 
-:class:`Committer` turns a finished invocation into its durable outcome: the
-output (commit-once), then the done marker (commit-once); or a recorded failure
-that is retried; or, once ``max_attempts`` is spent, a dead letter with the
-error and provenance.
+:class:`Committer` turns a finished invocation into its durable outcome. The
+worker wrote the output inside the invocation (commit-once, see
+:func:`runtime._outputs.write_output`) and reported it; the committer writes
+the done marker (commit-once). Or it records a failure that is retried, or,
+once ``max_attempts`` is spent, a dead letter with the error and provenance.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import hashlib
 import logging
 import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from faas._trigger_buckets import Bucket, ObjectEvent
 from faas._trigger_sources import EventSource, PollingSource
 from faas._trigger_state import Claim, TriggerState, event_doc
-from faas._triggers import encode_output, stored_digest
 from registry._bindings import TriggerBinding
-from runtime._errors import ObjectExists, StoreError
+from runtime._errors import SerializationError, StoreError
+from runtime._outputs import REPORT_STATES
 from runtime._store import ObjectStore
-
-if TYPE_CHECKING:
-    from faas._client import Client
-    from faas._function import Function
-    from faas._future import Future
+from runtime._wire import OutputTarget
 
 log = logging.getLogger("faas.triggers")
 Outcome = tuple[str, Any]
@@ -46,7 +42,7 @@ class Item:
     claimed: bool = False
     not_before: float = 0.0
     retry_of: str | None = None
-    future: Future[Any] | None = None
+    future: concurrent.futures.Future[Any] | None = None
     started: float = 0.0
     claimed_at: float = 0.0
 
@@ -65,8 +61,6 @@ class Run:
     """One binding as a runner runs it: its buckets, sources and in-memory queues."""
 
     binding: TriggerBinding
-    function: Function[Any]
-    outputs_param: str | None
     src: Bucket
     out: Bucket
     state: TriggerState
@@ -127,6 +121,15 @@ class Run:
     def mine(self, id: str) -> bool:
         return id in self.pending or id in self.inflight
 
+    def target(self, item: Item) -> OutputTarget:
+        """Where the worker writes ``item``'s output, and what guards replacing one."""
+        b, ev = self.binding, item.event
+        return OutputTarget(
+            store=self.out.store_config(), bucket=self.out.name, key=b.output_key(ev.key),
+            base=b.output_prefix + b.relative_name(ev.key), done_key=self.state.done_key(item.id),
+            source=self.src.store_config(), source_key=ev.key, source_etag=ev.etag,
+        )  # fmt: skip
+
 
 def location(b: TriggerBinding) -> tuple[Any, ...]:
     """What a binding's buckets and sources depend on (a change means building them anew)."""
@@ -139,16 +142,6 @@ def percentile(values: Sequence[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def function_from_registry(client: Client, digest: str) -> Function[Any]:
-    """The registered function with ``digest`` as a Function bound to ``client``."""
-    from faas._function import Function
-
-    spec = client.registry.get_function(digest)
-    fn = client.registry.load_function(digest)
-    function = Function(fn, model=spec.model, timeout=spec.timeout, retries=spec.retries, name=spec.name)
-    return function.with_client(client)
 
 
 def warn_if_unreadable(binding: TriggerBinding, store: ObjectStore) -> None:
@@ -193,43 +186,36 @@ class Committer:
         return won
 
     def finish(self, run: Run, item: Item) -> Outcome:
+        """The outcome of ``item``'s finished invocation: its done marker, or a recorded failure."""
         assert item.future is not None
         try:
-            data = encode_output(item.future.result())
+            report = item.future.result()
+            if not isinstance(report, dict) or report.get("state") not in REPORT_STATES:
+                raise SerializationError(
+                    f"The invocation of {item.event.key!r} returned {type(report).__name__}, not a report "
+                    "of its output write (a worker without trigger support?)."
+                )
         except Exception as exc:
             return self.failed(run, item, exc)
         try:
-            return self.commit(run, item, data)
+            return self.commit(run, item, report)
         except StoreError as exc:
-            log.warning("Committing the output of %s failed; it will run again: %s", item.event.key, exc)
+            log.warning("Committing %s failed; it will run again: %s", item.event.key, exc)
             return "commit_error", exc
 
-    def commit(self, run: Run, item: Item, data: bytes | None) -> Outcome:
-        b, ev = run.binding, item.event
-        out_key = b.output_key(ev.key) if data is not None else None
-        digest = hashlib.sha256(data).hexdigest() if data is not None else None
-        replaced = False
-        if data is not None and out_key is not None:
-            store = run.out.store()
-            try:
-                store.put(out_key, data, if_absent=True, sha256=digest)
-            except ObjectExists:
-                if stored_digest(store, out_key) != digest:
-                    if run.state.is_done(item.id):
-                        return "done_elsewhere", None
-                    current = run.src.head(ev.key)
-                    if current is None or current.etag != ev.etag:
-                        return self.superseded(run, item, current is None)
-                    store.put(
-                        out_key, data, sha256=digest
-                    )  # an older version's output, or an uncommitted one
-                    replaced = True
+    def commit(self, run: Run, item: Item, report: dict[str, Any]) -> Outcome:
+        """Write the done marker of an object whose output the worker wrote (as ``report`` says)."""
+        b, ev, state = run.binding, item.event, report["state"]
+        if state == "done_elsewhere":
+            return "done_elsewhere", None
+        if state in ("superseded", "deleted"):
+            return self.superseded(run, item, state == "deleted")
         doc = {
-            "id": item.id, "state": "done", "event": event_doc(ev), "output_key": out_key,
-            "output_sha256": digest, "output_bytes": None if data is None else len(data),
-            "replaced": replaced, "function": b.function, "function_version": b.function_version,
+            "id": item.id, "state": "done", "event": event_doc(ev), "output_key": report.get("key"),
+            "output_sha256": report.get("sha256"), "output_bytes": report.get("bytes"),
+            "replaced": state == "replaced", "function": b.function, "function_version": b.function_version,
             "function_digest": b.function_digest, "attempt": item.attempt, "runner": self.runner_id,
-            "invocation_id": item.future.invocation_id if item.future is not None else None,
+            "invocation_id": getattr(item.future, "invocation_id", None),
             "started_at": item.started, "committed_at": self.clock(),
         }  # fmt: skip
         return ("done", doc) if run.state.put_done(item.id, doc) else ("done_elsewhere", None)
@@ -248,7 +234,7 @@ class Committer:
         failures, now = item.failures + 1, self.clock()
         remote = getattr(exc, "remote_traceback", None) or "".join(getattr(exc, "__notes__", []))
         error = {
-            "type": type(exc).__name__,
+            "type": getattr(exc, "type_name", None) or type(exc).__name__,
             "message": str(exc),
             "traceback": remote or "".join(traceback.format_exception(exc)),
         }

@@ -12,136 +12,31 @@ The function receives a :class:`faas.ObjectRef` for each new object version and
 its return value is written to ``output_prefix + <name> + output_suffix``
 (bytes as they are, str as UTF-8, anything else as JSON; None writes nothing).
 A parameter annotated :class:`Outputs` receives a handle for writing further
-outputs. A :class:`faas.triggers.TriggerRunner` runs the bindings.
+outputs. A :class:`faas.triggers.TriggerRunner` runs the bindings; ``faas serve``
+runs those of its tenants (bindings made through a :class:`faas.RemoteClient`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
 import re
-import typing
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from faas._trigger_state import TriggerState
 from registry._bindings import BindingError, Bindings, TriggerBinding, make_binding
 from registry._specs import FunctionSpec
-from runtime._errors import ObjectExists
-from runtime._objectref import ObjectRef, cached_store
+from runtime._objectref import ObjectRef
+
+# Written by the worker inside the invocation; re-exported here, where they were first defined.
+from runtime._outputs import Outputs as Outputs
+from runtime._outputs import encode_output as encode_output
+from runtime._outputs import outputs_parameter
+from runtime._outputs import stored_digest as stored_digest
 from runtime._store import ObjectStore
 
 if TYPE_CHECKING:
     from faas._function import Function
 
 _PLACEHOLDER_DIGEST = "0" * 64
-
-
-class Outputs:
-    """The handle a trigger function uses to write outputs of its own.
-
-    Declare a parameter annotated ``faas.Outputs`` to receive it. Every name is
-    written below ``base`` (``output_prefix + <name of the input>``), commit-once:
-    a retried attempt that writes the same bytes again changes nothing.
-
-    Attributes:
-        bucket: The output bucket (or directory).
-        base: Key prefix of this object's outputs.
-    """
-
-    def __init__(self, store_config: dict[str, Any], bucket: str, base: str) -> None:
-        self.store_config, self.bucket, self.base = store_config, bucket, base
-
-    def __repr__(self) -> str:
-        return f"<faas.Outputs {self.bucket}/{self.base}/*>"
-
-    def key(self, name: str) -> str:
-        """The key that output ``name`` is written to.
-
-        Raises:
-            ValueError: ``name`` is absolute or has ``.``/``..`` parts.
-        """
-        if not name or name.startswith("/") or any(p in ("", ".", "..") for p in name.split("/")):
-            raise ValueError(f"Output name {name!r} must be a relative path without '.' or '..' parts.")
-        return f"{self.base}/{name}"
-
-    def _store(self) -> ObjectStore:
-        return cached_store(self.store_config)
-
-    def put(self, name: str, data: bytes | str) -> str:
-        """Write output ``name`` and return its key (a retry with other bytes replaces it)."""
-        blob = data.encode() if isinstance(data, str) else bytes(data)
-        key, digest = self.key(name), hashlib.sha256(blob).hexdigest()
-        store = self._store()
-        try:
-            store.put(key, blob, if_absent=True, sha256=digest)
-        except ObjectExists:
-            if stored_digest(store, key) != digest:
-                store.put(key, blob, sha256=digest)
-        return key
-
-    def put_file(self, name: str, fileobj: BinaryIO) -> str:
-        """Stream a file object to output ``name`` and return its key."""
-        key = self.key(name)
-        self._store().put_file(key, fileobj)
-        return key
-
-
-def stored_digest(store: ObjectStore, key: str) -> str | None:
-    """The sha256 of an object: recorded metadata where the store keeps it, else its hash."""
-    client = getattr(store, "client", None)
-    if client is not None and hasattr(store, "bucket"):
-        try:
-            prefix = str(getattr(store, "prefix", "") or "")
-            full = f"{prefix}/{key}" if prefix else key
-            head = client.head_object(Bucket=store.bucket, Key=full)  # type: ignore[attr-defined]
-            recorded = head.get("Metadata", {}).get("sha256")
-            if recorded:
-                return str(recorded)
-        except Exception:
-            return None
-    try:
-        return hashlib.sha256(store.get(key)).hexdigest()
-    except Exception:
-        return None
-
-
-def encode_output(value: Any) -> bytes | None:
-    """The bytes written for a trigger function's return value (None: write nothing).
-
-    Raises:
-        TypeError: The value is not bytes, str, None or JSON-able.
-    """
-    if value is None:
-        return None
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, str):
-        return value.encode()
-    try:
-        return json.dumps(value, sort_keys=True).encode()
-    except (TypeError, ValueError) as exc:
-        raise TypeError(
-            f"A trigger function returns bytes, str, a JSON-able value or None; it returned a "
-            f"{type(value).__name__} ({exc})."
-        ) from None
-
-
-def outputs_parameter(fn: Any) -> str | None:
-    """The name of the parameter annotated ``faas.Outputs``, if any."""
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception:
-        hints = {}
-    for pname, param in sig.parameters.items():
-        ann = hints.get(pname, param.annotation)
-        if ann is Outputs or (isinstance(ann, str) and ann.rsplit(".", 1)[-1] == "Outputs"):
-            return pname
-    return None
 
 
 def check_trigger_function(function: Function[Any]) -> str | None:
@@ -229,6 +124,10 @@ def bind_function(
     make_binding(**fields, function=function.name, function_version=0, function_digest=_PLACEHOLDER_DIGEST)
     check_trigger_function(function)
     spec = client.register(function)
+    from faas._remote import RemoteClient
+
+    if isinstance(client, RemoteClient):  # the service stores it in the tenant's scope and runs it
+        return client.bind_trigger(spec, name=name or function.name, reprocess=reprocess, **options)
     return create_binding(client.store, spec, name=name or function.name, reprocess=reprocess, **options)
 
 

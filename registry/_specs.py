@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from runtime._policy import MODES, check_modes
 from runtime._staging import StagedRef
 from runtime._store import new_id
-from runtime._wire import Invocation
+from runtime._wire import Invocation, OutputTarget
 
 
 class FunctionSpec(BaseModel):
@@ -57,8 +57,10 @@ class FunctionSpec(BaseModel):
         store: dict[str, Any] | None,
         stage_threshold: int | None,
         refs: tuple[StagedRef, ...] = (),
+        id: str | None = None,
+        output: OutputTarget | None = None,
     ) -> Invocation:
-        """A new invocation of this version (fresh id; timeout and retries from the spec).
+        """A new invocation of this version (timeout and retries from the spec).
 
         Args:
             args: Serialised ``(args, kwargs)``, or a staging marker.
@@ -66,9 +68,12 @@ class FunctionSpec(BaseModel):
             store: ``config()`` of the store holding its staged values.
             stage_threshold: Results above this many bytes are staged back.
             refs: The staged objects the arguments refer to.
+            id: Its id (default: a fresh one); triggers name their attempts, so
+                a restarted service re-attaches to the invocation it replays.
+            output: Where the worker writes a trigger function's output.
         """
         return Invocation(
-            id=new_id(),
+            id=id or new_id(),
             function_name=self.name,
             function_digest=self.digest,
             model=model,
@@ -78,6 +83,7 @@ class FunctionSpec(BaseModel):
             store=store,
             stage_threshold=stage_threshold,
             refs=refs,
+            output=output,
         )
 
 

@@ -4,7 +4,9 @@ Staged arguments (and the :class:`runtime.Ref` values inside them) are fetched
 and verified before the function is called; if any check fails, the function
 does not run. A return value above the staging threshold is written back to the
 store and travels as a reference. What the function prints (in its own thread)
-is captured into ``Result.logs`` (see :mod:`runtime._capture`).
+is captured into ``Result.logs`` (see :mod:`runtime._capture`). A trigger
+invocation (``Invocation.output``) writes its output here, inside the
+invocation, and returns a report of the write (see :mod:`runtime._outputs`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from runtime._capture import DEFAULT_LIMIT_BYTES, Capture, capturing
 from runtime._errors import EngineLost, FaasError, StoreError
 from runtime._model import Model
 from runtime._objectref import cached_store, using_store
+from runtime._outputs import with_outputs, write_output
 from runtime._staging import stage_value, staging_threshold, unstage_value
 from runtime._store import ObjectStore
 from runtime._wire import ErrorInfo, ErrorKind, Invocation, Result
@@ -90,6 +93,8 @@ def execute(
                 args = (bound, *args)
             else:
                 kwargs = {**kwargs, model_param: bound}
+        if invocation.output is not None:
+            kwargs = with_outputs(fn, invocation.output, kwargs)
     except Exception as exc:
         result.error = error_info(exc, "system")
         result.finished_at = time.time()
@@ -117,12 +122,14 @@ def execute(
         if capture is not None:
             result.logs = capture.text()
     try:
+        if invocation.output is not None:
+            value = write_output(invocation.output, value, store)
         threshold = staging_threshold(invocation.stage_threshold)
         what = f"return value of {invocation.function_name!r}"
         result.value = stage_value(store, value, threshold, what=what)
     except StoreError as exc:
         result.error = error_info(exc, "system", with_traceback=False)
-    except FaasError as exc:
+    except (FaasError, TypeError) as exc:  # TypeError: a value that cannot be a trigger output
         result.error = error_info(exc, "user", with_traceback=False)
     result.finished_at = time.time()
     return result

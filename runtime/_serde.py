@@ -11,6 +11,8 @@ bytes never reach ``pickle.loads``.
 from __future__ import annotations
 
 import hashlib
+import io
+import pickle
 import sys
 from typing import Any
 
@@ -99,4 +101,35 @@ def loads(data: bytes, *, expected_digest: str | None = None, what: str = "value
             hint = f" (it was written by Python {py[0]}.{py[1]}, this is {here})"
         raise SerializationError(
             f"The {what} cannot be deserialised{hint}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+class _DataOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise SerializationError(f"Plain data was expected, but the value names {module}.{name}.")
+
+
+def loads_data(data: bytes, *, what: str = "value") -> Any:
+    """Deserialise bytes written by :func:`dumps` that hold plain data only, safely.
+
+    Dicts, lists, tuples, strings, bytes, numbers, booleans and None load; any
+    class or function in the payload is refused before it is looked up, so no
+    code in the bytes runs. The service reads workers' trigger reports with
+    this: a function sharing the worker could have forged them.
+
+    Raises:
+        IntegrityError: The payload does not match its digest.
+        SerializationError: The header is wrong, or the payload is not plain data.
+    """
+    _check_header(data)
+    payload = memoryview(data)[_HEADER_LEN:]
+    if hashlib.sha256(payload).digest() != data[len(MAGIC) + 3 : _HEADER_LEN]:
+        raise IntegrityError(f"The {what} is corrupt: its payload does not match its sha256 digest.")
+    try:
+        return _DataOnly(io.BytesIO(payload)).load()
+    except SerializationError:
+        raise
+    except Exception as exc:
+        raise SerializationError(
+            f"The {what} cannot be read as plain data: {type(exc).__name__}: {exc}"
         ) from exc

@@ -17,6 +17,38 @@ from runtime._staging import StagedRef
 ErrorKind = Literal["user", "timeout", "worker_lost", "engine_lost", "cancelled", "system"]
 
 
+class OutputTarget(BaseModel):
+    """Where a trigger invocation's worker writes the function's output, commit-once.
+
+    The worker writes it inside the invocation (see :mod:`runtime._outputs`), so
+    an invocation run again after a crash finds its own output and writes
+    nothing twice. An existing output with other bytes is replaced only while
+    no other attempt has committed the object (``done_key``) and the input
+    still has ``source_etag``.
+
+    Attributes:
+        store: ``config()`` of the output bucket's store.
+        bucket: The output bucket (or directory), for :class:`faas.Outputs`.
+        key: Where the return value goes.
+        base: Key prefix of the outputs written through :class:`faas.Outputs`.
+        done_key: The object's done marker in the invocation's store.
+        source: ``config()`` of the input bucket's store.
+        source_key: The input object's key.
+        source_etag: The input version this invocation processes (no quotes).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    store: dict[str, Any]
+    bucket: str
+    key: str
+    base: str
+    done_key: str
+    source: dict[str, Any]
+    source_key: str
+    source_etag: str
+
+
 class Invocation(BaseModel):
     """One call of a registered function.
 
@@ -35,6 +67,7 @@ class Invocation(BaseModel):
         stage_threshold: Results above this many bytes are staged back; None
             takes ``$FAAS_STAGING_THRESHOLD`` or 1 MiB.
         refs: The staged objects the arguments refer to (for records and inspection).
+        output: Set for a trigger invocation: the worker writes the return value there.
     """
 
     model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
@@ -51,6 +84,7 @@ class Invocation(BaseModel):
     store: dict[str, Any] | None = None
     stage_threshold: int | None = None
     refs: tuple[StagedRef, ...] = ()
+    output: OutputTarget | None = None
 
 
 class ErrorInfo(BaseModel):

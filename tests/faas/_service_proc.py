@@ -29,6 +29,7 @@ class ServiceProc:
         extra_env: Added to the service's environment.
         substrate: ``local`` or ``globus-compute``; the latter is configured through a
             substrate file (as an operator would), on Parsl's LocalProvider at 127.0.0.1.
+        store_url: The service's store (default: a directory under ``root``).
     """
 
     def __init__(
@@ -38,10 +39,12 @@ class ServiceProc:
         limits: dict[str, dict[str, int]] | None = None,
         extra_env: dict[str, str] | None = None,
         substrate: str = "local",
+        store_url: str | None = None,
     ) -> None:
         self.root = root
         self.substrate = substrate
         self.store = root / "store"
+        self.store_url = store_url or str(self.store)
         self.state = root / "state"
         self.tokens = root / "tokens.toml"
         lines = []
@@ -87,7 +90,7 @@ class ServiceProc:
                     "--port-file",
                     str(port_file),
                     "--store",
-                    str(self.store),
+                    self.store_url,
                     "--state-dir",
                     str(self.state),
                     "--tokens",

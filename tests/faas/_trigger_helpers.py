@@ -34,6 +34,21 @@ def shout(ref: faas.ObjectRef) -> bytes:
     return data.upper()
 
 
+PACE_ENV = "FAAS_TRIGGER_PACE"
+
+
+@faas.function(timeout=60)
+def paced_shout(ref: faas.ObjectRef) -> bytes:
+    """:func:`shout`, taking $FAAS_TRIGGER_PACE seconds (so a kill finds some in flight).
+
+    The execution is counted when it starts, so one cut off by a kill counts too.
+    """
+    log_execution(os.environ.get(EXEC_LOG_ENV), f"{ref.bucket}/{ref.key}")
+    data = ref.read_bytes()
+    time.sleep(float(os.environ.get(PACE_ENV) or 0))  # the workload's duration, not synchronisation
+    return data.upper()
+
+
 def executions(path: Path) -> list[str]:
     """The keys logged by executions, one per execution."""
     return path.read_text().splitlines() if path.exists() else []

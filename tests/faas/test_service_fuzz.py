@@ -61,6 +61,8 @@ OPERATIONS = {
     "POST /v1/invocations/{invocation_id}/cancel",
     "GET /v1/invocations/{invocation_id}/logs",
     "GET /v1/pool",
+    "POST /v1/triggers",
+    "GET /v1/triggers",
 }
 
 
