@@ -50,11 +50,13 @@ def connect(
     return client
 
 
+@pytest.mark.parametrize("substrate", ["local", "globus-compute"])
 def test_a_binding_made_through_a_remote_client_runs_in_the_service(
-    tmp_path: Path, remote: list[faas.RemoteClient]
+    tmp_path: Path, remote: list[faas.RemoteClient], substrate: str
 ) -> None:
     log = tmp_path / "executions.log"
-    with running_service(tmp_path / "service", extra_env={EXEC_LOG_ENV: str(log)}) as service:
+    env = {EXEC_LOG_ENV: str(log)}
+    with running_service(tmp_path / "service", extra_env=env, substrate=substrate) as service:
         alice = connect(service, remote)
         binding = shout.with_client(alice).on_object(
             bucket="data", prefix="in/", output_prefix="out/", poll_interval=0.1, name="shouting"
