@@ -2,10 +2,12 @@
 
 A function mostly waits on the engine, so one worker process runs up to
 ``threads`` invocations concurrently; their requests reach the engine together
-and are batched there. The parent talks to a worker over one duplex pipe:
+and are batched there. The parent talks to a worker over one duplex connection
+(a socketpair the worker inherits, see :mod:`warmpool.worker`):
 
-- parent -> worker: :class:`Dispatch` (run this), :class:`Abort` (drop it), ``None`` (exit);
-- worker -> parent: :class:`runtime.Result`.
+- parent -> worker: :class:`Start` first, then :class:`Dispatch` (run this),
+  :class:`Abort` (drop it), ``None`` (exit);
+- worker -> parent: :class:`Ready` once it can run work, then :class:`runtime.Result`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,30 @@ from runtime._execute import error_info, execute
 from runtime._model import Model
 from runtime._store import ObjectStore, store_from_config
 from runtime._wire import Invocation, Result
+
+
+@dataclass(frozen=True)
+class Start:
+    """The first message to a new worker: what it serves.
+
+    Attributes:
+        store_config: ``ObjectStore.config()`` of the pool's store.
+        threads: Invocations it runs at once.
+    """
+
+    store_config: dict[str, Any]
+    threads: int
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The worker's first message: it imported everything and opened the store.
+
+    Attributes:
+        pid: The worker's process id.
+    """
+
+    pid: int
 
 
 @dataclass(frozen=True)
@@ -57,8 +83,22 @@ def _config_key(config: dict[str, Any]) -> str:
     return json.dumps(config, sort_keys=True, default=str)
 
 
+def serve(conn: Connection) -> None:
+    """Run a worker on ``conn`` until told to exit or the parent is gone; never returns.
+
+    Receives :class:`Start`, answers :class:`Ready`, then runs what it is sent.
+    """
+    try:
+        start = conn.recv()
+    except (EOFError, OSError):
+        os._exit(0)  # the pool went away before we started
+    if not isinstance(start, Start):
+        raise TypeError(f"a worker's first message must be Start, not {type(start).__name__}")
+    worker_main(conn, start.store_config, start.threads)
+
+
 def worker_main(conn: Connection, store_config: dict[str, Any], threads: int) -> None:
-    """Entry point of a worker process (spawned by the pool)."""
+    """Open the store, say :class:`Ready`, then run invocations until told to exit; never returns."""
     store = store_from_config(store_config)
     registry = Registry(store)
     # Each invocation loads its function from its own store (a tenant's prefix in
@@ -118,11 +158,12 @@ def worker_main(conn: Connection, store_config: dict[str, Any], threads: int) ->
 
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="faas-inv")
     try:
+        conn.send(Ready(os.getpid()))
         while True:
             try:
                 msg = conn.recv()
             except (EOFError, OSError):
-                break
+                break  # the pool is gone: its end of the socket closed with it
             if msg is None:
                 break
             if isinstance(msg, Abort):
