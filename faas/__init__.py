@@ -52,6 +52,7 @@ from runtime import (
     UnknownModelError,
     UnsupportedFeatureError,
     WorkerLost,
+    WorkerStartError,
 )
 from warmpool import BackPressureError
 
@@ -102,6 +103,7 @@ __all__ = [
     "UnknownModelError",
     "UnsupportedFeatureError",
     "WorkerLost",
+    "WorkerStartError",
     "__version__",
     "configure",
     "function",

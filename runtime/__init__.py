@@ -27,6 +27,7 @@ from runtime._errors import (
     SubmitError,
     UnknownModelError,
     WorkerLost,
+    WorkerStartError,
 )
 from runtime._execute import error_info, execute
 from runtime._model import (
@@ -99,6 +100,7 @@ __all__ = [
     "UnsupportedFeatureError",
     "ValueRecord",
     "WorkerLost",
+    "WorkerStartError",
     "cache_dir",
     "current_store",
     "default_store_url",

@@ -13,6 +13,7 @@ FaasError
 │   ├── RemoteError             the user's function raised; carries its traceback
 │   ├── InvocationTimeout       the invocation ran past its timeout
 │   ├── WorkerLost              the worker process running it died
+│   │   └── WorkerStartError    worker processes die while starting; carries their stderr
 │   ├── EngineLost              the model engine died and retries ran out
 │   └── InvocationCancelled     the caller cancelled it
 ├── ModeNotAllowedError         the model's access policy forbids that mode (no request sent)
@@ -81,6 +82,15 @@ class InvocationTimeout(InvocationError, TimeoutError):
 
 class WorkerLost(InvocationError):
     """The worker process running the invocation died."""
+
+
+class WorkerStartError(WorkerLost):
+    """Worker processes exit before they are ready, so no invocation can run.
+
+    The pool stops starting workers (no restart loop) and fails pending and new
+    invocations with this error; its message names the cause (the worker's exit
+    code and the end of its stderr). Fix the environment and start a new pool.
+    """
 
 
 class EngineLost(InvocationError):

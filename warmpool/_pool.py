@@ -45,7 +45,7 @@ from warmpool._replica import (
     ReplicaState,
     default_engine_factory,
 )
-from warmpool._worker import Dispatch
+from warmpool._runner import Dispatch
 from warmpool._workers import WorkerProc, WorkerSet
 
 log = logging.getLogger("faas.pool")
@@ -196,13 +196,16 @@ class Pool:
                 raise PoolClosedError("The pool has been shut down; no new invocations are accepted.")
             if not self._started:
                 self.start()
-            mp = self._model_pool(model) if model is not None else None
+            broken = self._workers.start_error()
+            mp = self._model_pool(model) if model is not None and broken is None else None
             if mp is not None:
                 work.cold = not mp.admit(work)  # raises BackPressureError before anything is recorded
             self._book.open(work)
             if work.deadline is not None:
                 self._wake.notify()
-        if mp is None:
+        if broken is not None:  # fails at once, before any engine starts for it
+            self._finish(work, None, broken, "worker_lost")
+        elif mp is None:
             self._dispatch(work, None)
         else:
             _lifecycle.apply_plan(self, mp)
@@ -308,7 +311,7 @@ class Pool:
             return {
                 "pool": self.id,
                 "time": time.time(),
-                "counters": dict(self.counters),
+                "counters": {**self.counters, "workers_started": self._workers.spawned},
                 "models": {ref: mp.describe() for ref, mp in self._models.items()},
                 "workers": [
                     {
@@ -370,8 +373,14 @@ class Pool:
             if work.finished:
                 return
             worker = self._workers.pick()
-            worker.inflight[work.invocation.id] = work
-            work.worker = worker
+            if worker is not None:
+                worker.inflight[work.invocation.id] = work
+                work.worker = worker
+            broken = self._workers.start_error()
+        if worker is None:
+            assert broken is not None
+            self._finish(work, None, broken, "worker_lost")
+            return
         worker.send(
             Dispatch(
                 invocation=work.invocation,
@@ -421,23 +430,31 @@ class Pool:
         if not worker.retiring:
             with self._lock:
                 self.counters["workers_lost"] += 1
+        exc = WorkerLost(
+            f"The worker process running this invocation (pid {worker.pid}) "
+            f"died (exit code {worker.exitcode})."
+        )
         for work in lost:
-            self._lost(
-                work,
-                WorkerLost(
-                    f"The worker process running this invocation (pid {worker.pid}) "
-                    f"died (exit code {worker.process.exitcode})."
-                ),
-                "worker_lost",
-            )
+            # Work sent to a worker that never started never ran: send it again
+            # without spending a retry (a worker set that cannot start fails it).
+            self._lost(work, exc, "worker_lost", charge=worker.ready)
+        with self._lock:
+            broken = self._workers.start_error()
+            pending = [w for w in self._book.unfinished() if w.worker is None]
+        if broken is not None:
+            for work in pending:  # queued for an engine: no worker could ever run it
+                self._finish(work, None, broken, "worker_lost")
 
-    def _lost(self, work: Work, exc: Exception, kind: ErrorKind) -> None:
-        """Retry an invocation lost through no fault of its own, or fail it."""
+    def _lost(self, work: Work, exc: Exception, kind: ErrorKind, *, charge: bool = True) -> None:
+        """Retry an invocation lost through no fault of its own, or fail it.
+
+        ``charge=False`` sends it again as the same attempt, outside its retry budget.
+        """
         with self._lock:
             if work.finished:
                 return
             self._detach(work)
-            retry = self._book.retry(work)
+            retry = self._book.retry(work) if charge else not work.finished
             if retry and work.model is not None:
                 self._models[work.model.ref].queue.appendleft(work)  # retries go first, never refused
         if not retry:

@@ -1,4 +1,4 @@
-"""A pool killed with SIGKILL does not leave its engine behind."""
+"""A pool killed with SIGKILL does not leave its engine or its workers behind."""
 
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ SCRIPT = textwrap.dedent(
         c = faas.Client(store=sys.argv[1])
         print(complete.with_client(c).remote("The quick brown"), flush=True)
         print("ENGINE", c.pool.replicas()[0].host.pid, flush=True)
+        print("WORKERS", *c.pool.worker_pids(), flush=True)
         time.sleep(120)
     """
 )
 
 
-def test_engine_exits_when_its_pool_is_killed(tiny_model_path: Path, tmp_path: Path) -> None:
+def test_engine_and_workers_exit_when_their_pool_is_killed(tiny_model_path: Path, tmp_path: Path) -> None:
     script = tmp_path / "pool.py"
     script.write_text(SCRIPT)
     root = str(Path(__file__).resolve().parents[2])
@@ -38,10 +39,12 @@ def test_engine_exits_when_its_pool_is_killed(tiny_model_path: Path, tmp_path: P
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "fox jumps over the lazy dog."
         engine = int(proc.stdout.readline().split()[1])
-        assert pid_alive(engine)
+        workers = [int(p) for p in proc.stdout.readline().split()[1:]]
+        assert len(workers) == 2 and all(pid_alive(p) for p in [engine, *workers])
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         wait_for(lambda: not pid_alive(engine), 10, "the orphaned engine to exit")
+        wait_for(lambda: not any(pid_alive(p) for p in workers), 10, "the orphaned workers to exit")
     finally:
         proc.kill()
         proc.wait(10)
