@@ -56,6 +56,40 @@ _SAME_NAME = (
 )  # fmt: skip
 
 
+def openai_sampling_params(
+    body: dict[str, Any], names: tuple[str, ...], *, limit: int, vocab_size: int, default_max: int
+) -> SamplingParams:
+    """SGLang's sampling parameters from an OpenAI-style body, errors naming the OpenAI fields.
+
+    Args:
+        body: The request body (already field-checked).
+        names: Fields passed through under the same name.
+        limit: The largest ``max_tokens`` the context allows.
+        vocab_size: Stop token ids must be below this.
+        default_max: ``max_new_tokens`` when the body sets no ``max_tokens``.
+
+    Raises:
+        RequestError: A bad or unsupported value, naming the field as the client sent it.
+    """
+    native: dict[str, Any] = {k: body[k] for k in names if body.get(k) is not None}
+    for openai_name, name in _RENAMED.items():
+        if body.get(openai_name) is not None:
+            native[name] = body[openai_name]
+    if native.get("max_new_tokens", 1) == 0:
+        raise RequestError("max_tokens must be at least 1")
+    native.setdefault("max_new_tokens", default_max)
+    try:
+        params = parse_sampling_params(native, max_new_tokens_limit=limit, where="")
+    except RequestError as exc:  # name the fields as the client sent them
+        message = str(exc)
+        for openai_name, name in (("max_tokens", "max_new_tokens"), ("min_tokens", "min_new_tokens")):
+            message = message.replace(name, openai_name)
+        raise type(exc)(message.replace("sampling_seed", "seed")) from None
+    if any(i >= vocab_size for i in params.stop_token_ids):
+        raise RequestError(f"stop_token_ids must be below {vocab_size}")
+    return params
+
+
 @dataclass
 class ChatSpec:
     """A parsed chat request: one conversation, rendered to token ids."""
@@ -128,22 +162,8 @@ def parse_chat(
             f"the rendered messages have {len(prompt)} tokens; the context length is {context_len}"
         )
     limit = context_len - len(prompt)
-    native: dict[str, Any] = {k: body[k] for k in _SAME_NAME if body.get(k) is not None}
-    for openai_name, name in _RENAMED.items():
-        if body.get(openai_name) is not None:
-            native[name] = body[openai_name]
-    if native.get("max_new_tokens", 1) == 0:
-        raise RequestError("max_tokens must be at least 1")
-    native.setdefault("max_new_tokens", limit)  # SGLang: unset means up to the context length
-    try:
-        params = parse_sampling_params(native, max_new_tokens_limit=limit, where="")
-    except RequestError as exc:  # name the fields as the client sent them
-        message = str(exc)
-        for openai_name, name in (("max_tokens", "max_new_tokens"), ("min_tokens", "min_new_tokens")):
-            message = message.replace(name, openai_name)
-        raise type(exc)(message.replace("sampling_seed", "seed")) from None
-    if any(i >= vocab_size for i in params.stop_token_ids):
-        raise RequestError(f"stop_token_ids must be below {vocab_size}")
+    # SGLang: an unset max_tokens means up to the context length
+    params = openai_sampling_params(body, _SAME_NAME, limit=limit, vocab_size=vocab_size, default_max=limit)
     rid = body.get("rid")
     if rid is not None and not isinstance(rid, str):
         raise RequestError("rid must be a string")
@@ -185,6 +205,7 @@ def usage(out: GenOutput) -> dict[str, Any]:
         "completion_tokens": n,
         "prompt_tokens_details": None,
         "reasoning_tokens": 0,
+        "completion_tokens_details": None,
     }
 
 

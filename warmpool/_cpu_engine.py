@@ -7,11 +7,13 @@ code against a tiny HF model. Run it as::
         [--served-model-name NAME] [--max-batch-size 64] [--threads N]
         [--device cpu|cuda] [--port-file PATH] [--no-kv-cache]
 
-Endpoints: ``POST /generate``, ``POST /encode``, ``POST /v1/chat/completions``,
-``POST /abort_request``, ``GET /health``, ``GET /health_generate``, ``GET /model_info`` and
-``GET /server_info`` (also under SGLang's older ``/get_model_info`` and ``/get_server_info``).
-Unlike SGLang, which serves ``/encode`` only for a model launched with ``--is-embedding``,
-this engine answers both ``/generate`` and ``/encode`` from its one causal LM. The socket is
+Endpoints: ``POST /generate``, ``POST /encode``, the OpenAI-compatible
+``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``,
+``GET /v1/models`` and ``GET /v1/models/{id}``, ``POST /abort_request``, ``GET /health``,
+``GET /health_generate``, ``GET /model_info`` and ``GET /server_info`` (also under SGLang's
+older ``/get_model_info`` and ``/get_server_info``).
+Unlike SGLang, which serves ``/encode`` and ``/v1/embeddings`` only for a model launched
+with ``--is-embedding``, this engine answers generation and embeddings from its one causal LM. The socket is
 bound before the model loads, so ``/health`` answers 503 until the model is ready. The model
 runs in one scheduler thread (``_cpu_batcher``); the work endpoints live in ``_cpu_http``.
 """
@@ -37,7 +39,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from warmpool import _cpu_http
+from warmpool import _cpu_http, _cpu_openai
 from warmpool._cpu_http import error as _error
 from warmpool._cpu_requests import GenerateSpec, GenOutput, GenRequest, SamplingParams
 
@@ -82,7 +84,11 @@ class Engine:
         self.load_error: str | None = None
         self.startup: dict[str, float] = {}
         # Requests that reached a work endpoint, whatever became of them.
-        self.counts = {"generate_requests": 0, "encode_requests": 0, "chat_requests": 0}
+        self.counts = dict.fromkeys(
+            ("generate_requests", "encode_requests", "chat_requests", "completion_requests",
+             "embedding_requests"),
+            0,
+        )  # fmt: skip
         self.vocab_size = 0
         self.context_len = 0
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -146,10 +152,9 @@ class Engine:
     def server_info(self) -> dict[str, Any]:
         """The ``/server_info`` body."""
         stats: dict[str, Any] = self.batcher.stats() if self.batcher else {}
-        # generate_requests counts every request that reached /generate, /encode or chat.
+        # generate_requests counts every request that reached a work endpoint.
+        stats.update(self.counts)
         stats["generate_requests"] = sum(self.counts.values())
-        stats["encode_requests"] = self.counts["encode_requests"]
-        stats["chat_requests"] = self.counts["chat_requests"]
         return {
             "model_path": str(self.args.model_path),
             "tokenizer_path": str(self.args.model_path),
@@ -301,6 +306,25 @@ def create_app(engine: Engine) -> FastAPI:
     app.add_api_route("/encode", work("encode_requests", _cpu_http.encode), methods=["POST", "PUT"])
     chat = work("chat_requests", _cpu_http.chat_completions)
     app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
+    completions = work("completion_requests", _cpu_http.completions)
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/embeddings", work("embedding_requests", _cpu_http.embeddings), methods=["POST"])
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        if not engine.ready:
+            return _error(503, engine.load_error or "the model is loading")
+        card = _cpu_openai.model_card(engine.served_model_name, engine.context_len)
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.get("/v1/models/{model:path}")
+    async def retrieve_model(model: str) -> Response:
+        if not engine.ready:
+            return _error(503, engine.load_error or "the model is loading")
+        if model != engine.served_model_name:
+            return JSONResponse(_cpu_openai.model_not_found(model), status_code=404)
+        return JSONResponse(_cpu_openai.model_card(model, engine.context_len))
+
     return app
 
 

@@ -1,11 +1,12 @@
 """SGLang's request fields, and how the CPU engine treats each one.
 
 Every field that SGLang 0.5.x accepts on ``/generate`` (``GenerateReqInput``, its
-``sampling_params``), ``/encode`` (``EmbeddingReqInput``) and ``/v1/chat/completions``
-(``ChatCompletionRequest``, ``StreamOptions``, the message objects) falls in one of three
+``sampling_params``), ``/encode`` (``EmbeddingReqInput``), ``/v1/chat/completions``
+(``ChatCompletionRequest``, ``StreamOptions``, the message objects), ``/v1/completions``
+(``CompletionRequest``) and ``/v1/embeddings`` (``EmbeddingRequest``) falls in one of three
 groups here:
 
-- parsed: implemented (see ``_cpu_requests`` and ``_cpu_chat``);
+- parsed: implemented (see ``_cpu_requests``, ``_cpu_chat`` and ``_cpu_openai``);
 - ignored: accepted at any value because it cannot change what this engine computes
   (logging, priority, routing keys, cache namespaces);
 - unsupported: a feature the engine lacks. Accepted at SGLang's default (the values below),
@@ -158,8 +159,47 @@ CHAT_UNSUPPORTED: dict[str, Any] = {
     ),
     "routed_experts_start_len": 0,
 }  # fmt: skip
-# Values other than the default that still ask for nothing.
-_ALSO_NEUTRAL: dict[str, tuple[Any, ...]] = {"response_format": ({"type": "text"},)}
+# ---- /v1/completions -----------------------------------------------------------------------
+
+# Parsed by _cpu_openai; the sampling ones are checked again as sampling parameters (n is
+# implemented here, as n copies of each prompt).
+COMPLETION_PARSED = frozenset(
+    {"prompt", "echo", "logprobs", "max_tokens", "n", "seed", "stop", "stream", "stream_options",
+     "temperature", "top_p", "top_k", "min_p", "min_tokens", "stop_token_ids", "no_stop_trim",
+     "ignore_eos", "skip_special_tokens", "rid", "frequency_penalty", "presence_penalty",
+     "repetition_penalty", "json_schema", "regex", "ebnf", "logit_bias", "custom_params",
+     "stop_regex"}
+)  # fmt: skip
+COMPLETION_IGNORED = frozenset(
+    {"model", "user", "priority", "extra_key", "cache_salt", "session_id", "custom_labels",
+     "return_cached_tokens_details"}
+)  # fmt: skip
+COMPLETION_UNSUPPORTED: dict[str, Any] = {
+    **dict.fromkeys(
+        ("bootstrap_host", "bootstrap_port", "bootstrap_room", "routed_dp_rank",
+         "disagg_prefill_dp_rank", "data_parallel_rank", "best_of", "suffix", "lora_path",
+         "session_params", "response_format", "custom_logit_processor", "watermark",
+         "images_config", "mm_processor_kwargs"),
+        _OFF,
+    ),
+    **dict.fromkeys(
+        ("return_hidden_states", "return_routed_experts", "return_spec_tokens_details",
+         "return_token_ids"),
+        False,
+    ),
+    "routed_experts_start_len": 0,
+}  # fmt: skip
+
+# ---- /v1/embeddings ------------------------------------------------------------------------
+
+EMBEDDING_PARSED = frozenset({"input", "encoding_format", "rid"})
+EMBEDDING_IGNORED = frozenset({"model", "user", "priority"})
+EMBEDDING_UNSUPPORTED: dict[str, Any] = dict.fromkeys(
+    ("dimensions", "lora_path", "embed_override_token_id", "embed_overrides"), _OFF
+)
+
+# Values other than the default that still ask for nothing (best_of 1: the one completion).
+_ALSO_NEUTRAL: dict[str, tuple[Any, ...]] = {"response_format": ({"type": "text"},), "best_of": (1,)}
 
 STREAM_OPTIONS_PARSED = frozenset({"include_usage"})
 STREAM_OPTIONS_IGNORED = frozenset({"include_obfuscation"})  # OpenAI's; SGLang ignores it

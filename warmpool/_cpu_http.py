@@ -1,4 +1,8 @@
-"""The CPU engine's work endpoints: ``/generate``, ``/encode`` and ``/v1/chat/completions``.
+"""The CPU engine's work endpoints: ``/generate``, ``/encode`` and the OpenAI-compatible ones.
+
+``/v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings``: parsing and shapes live
+in ``_cpu_chat`` and ``_cpu_openai``; generation runs through the same batcher as ``/generate``
+and embeddings through the same path as ``/encode``.
 
 Response bodies follow SGLang's shapes (see ``tests/fixtures/sglang``). Handlers await futures
 that the scheduler thread completes through ``loop.call_soon_threadsafe``; a client that goes
@@ -17,6 +21,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from warmpool import _cpu_chat as chat
+from warmpool import _cpu_openai as oa
 from warmpool._cpu_requests import (
     EmbedOutput,
     EmbedRequest,
@@ -238,28 +243,41 @@ async def encode(engine: Engine, batcher: Batcher, request: Request) -> Response
         )
     except RequestError as exc:
         return _bad_request(exc)
-    loop = asyncio.get_running_loop()
-    futs: list[asyncio.Future[EmbedOutput]] = [loop.create_future() for _ in spec.rids]
-    reqs = [
-        EmbedRequest(rid, ids, deliver(engine, f))
-        for rid, ids, f in zip(spec.rids, spec.prompts, futs, strict=True)
-    ]
-    try:
-        batcher.submit_embeds(reqs)
-    except ValueError as exc:
-        return error(400, str(exc))
-    outs = await _gather_unless_gone(request, futs)
-    if outs is None:
-        return Response(status_code=499)
-    errors = [o.error for o in outs if o.error is not None]
-    if errors:
-        return error(500, errors[0])
+    outs = await _embed(engine, batcher, request, spec.rids, spec.prompts, openai=False)
+    if isinstance(outs, Response):
+        return outs
     results = []
     for out in outs:
         meta = _meta(out)
         meta["e2e_latency"] = round(out.e2e_latency, 6)
         results.append({"embedding": out.embedding, "meta_info": meta})
     return JSONResponse(results if spec.is_batch else results[0])
+
+
+async def _embed(
+    engine: Engine,
+    batcher: Batcher,
+    request: Request,
+    rids: list[str],
+    prompts: list[list[int]],
+    *,
+    openai: bool,
+) -> list[EmbedOutput] | Response:
+    """Embed ``prompts`` (one padded forward per group); an error response if that fails."""
+    loop = asyncio.get_running_loop()
+    futs: list[asyncio.Future[EmbedOutput]] = [loop.create_future() for _ in rids]
+    reqs = [EmbedRequest(r, ids, deliver(engine, f)) for r, ids, f in zip(rids, prompts, futs, strict=True)]
+    try:
+        batcher.submit_embeds(reqs)
+    except ValueError as exc:
+        return openai_error(400, str(exc)) if openai else error(400, str(exc))
+    outs = await _gather_unless_gone(request, futs)
+    if outs is None:
+        return Response(status_code=499)
+    errors = [o.error for o in outs if o.error is not None]
+    if errors:
+        return openai_error(500, errors[0], "InternalServerError") if openai else error(500, errors[0])
+    return outs
 
 
 # ---- /v1/chat/completions ------------------------------------------------------------------
@@ -352,3 +370,140 @@ async def _chat_events(
     finally:
         if not finished:  # the client went away mid-stream
             batcher.abort(spec.rid)
+
+
+# ---- /v1/completions -----------------------------------------------------------------------
+
+
+async def completions(engine: Engine, batcher: Batcher, request: Request) -> Response:
+    """``POST /v1/completions``: ``n`` generations per prompt, batched or streamed."""
+    try:
+        body = await _body(request)
+        spec = oa.parse_completion(
+            body,
+            batcher.encode,
+            lambda ids: _decode_prompt(batcher, ids),
+            vocab_size=engine.vocab_size,
+            context_len=engine.context_len,
+        )
+    except RequestError as exc:
+        return _bad_request(exc, openai=True)
+
+    def requests(
+        on_finish: Callable[[int], Callable[[GenOutput], None]],
+        on_update: Callable[[int], Callable[[GenOutput], None]] | None = None,
+    ) -> list[GenRequest]:
+        return [
+            GenRequest(
+                rid=rid,
+                input_ids=spec.prompt_of(i),
+                params=spec.params,
+                on_finish=on_finish(i),
+                on_update=on_update(i) if on_update is not None else None,
+                return_logprob=spec.logprobs is not None,
+                top_logprobs_num=spec.logprobs or 0,
+            )
+            for i, rid in enumerate(spec.rids)
+        ]
+
+    if spec.stream:
+        queue: asyncio.Queue[tuple[int, GenOutput]] = asyncio.Queue()
+        push = _queue_callbacks(engine, queue)
+        try:
+            batcher.submit(requests(push, push))
+        except ValueError as exc:
+            return openai_error(400, str(exc))
+        return StreamingResponse(_completion_events(spec, batcher, queue), media_type="text/event-stream")
+    loop = asyncio.get_running_loop()
+    futs: list[asyncio.Future[GenOutput]] = [loop.create_future() for _ in spec.rids]
+    try:
+        batcher.submit(requests(lambda i: deliver(engine, futs[i])))
+    except ValueError as exc:
+        return openai_error(400, str(exc))
+    outs = await _gather_unless_gone(request, futs)
+    if outs is None:
+        for rid in spec.rids:
+            batcher.abort(rid)
+        return Response(status_code=499)
+    errors = [o.error for o in outs if o.error is not None]
+    if errors:
+        return openai_error(500, errors[0], "InternalServerError")
+    choices = [
+        oa.completion_choice(
+            i,
+            (spec.echo_texts[i // spec.n] if spec.echo else "") + out.text,
+            out,
+            _legacy_logprobs(batcher, spec, out, 0),
+        )
+        for i, out in enumerate(outs)
+    ]
+    return JSONResponse(oa.completion(spec, choices, oa.completion_usage(outs, spec.n)))
+
+
+def _decode_prompt(batcher: Batcher, ids: list[int]) -> str:
+    with batcher.tok_lock:
+        text: str = batcher.tokenizer.decode(ids, skip_special_tokens=True)
+    return text
+
+
+def _legacy_logprobs(batcher: Batcher, spec: oa.CompletionSpec, out: GenOutput, start: int) -> Any:
+    if spec.logprobs is None or (start and len(out.output_ids) <= start):
+        return None
+    return oa.legacy_logprobs(out, start, lambda t: _token_text(batcher, t))
+
+
+async def _completion_events(
+    spec: oa.CompletionSpec, batcher: Batcher, queue: asyncio.Queue[tuple[int, GenOutput]]
+) -> AsyncIterator[bytes]:
+    """SSE chunks per sequence (text deltas, the echo first), then usage if asked, ``[DONE]``."""
+    total = len(spec.rids)
+    sent_text, sent_tokens = [""] * total, [0] * total
+    finals: dict[int, GenOutput] = {}
+    started: set[int] = set()  # sequences with an event sent
+    try:
+        while len(finals) < total:
+            i, out = await queue.get()
+            if out.error is not None:
+                yield _sse({"error": {"message": out.error}})
+                break
+            finished = out.finish_reason is not None
+            if finished:
+                finals[i] = out
+            new = out.text[len(sent_text[i]) :] if out.text.startswith(sent_text[i]) else ""
+            sent_text[i] += new
+            logprobs = _legacy_logprobs(batcher, spec, out, sent_tokens[i])
+            sent_tokens[i] = len(out.output_ids)
+            delta = (spec.echo_texts[i // spec.n] if spec.echo and i not in started else "") + new
+            if delta or finished or logprobs:
+                started.add(i)
+                choice = oa.completion_choice(i, delta, out if finished else None, logprobs)
+                yield _sse(oa.completion_chunk(spec, spec.rids[i], [choice]))
+        else:
+            if spec.include_usage:
+                use = oa.completion_usage([finals[i] for i in range(total)], spec.n)
+                yield _sse(oa.completion_chunk(spec, spec.rids[0], [], use))
+        yield b"data: [DONE]\n\n"
+    finally:
+        if len(finals) < total:  # the client went away mid-stream
+            for rid in spec.rids:
+                batcher.abort(rid)
+
+
+# ---- /v1/embeddings ------------------------------------------------------------------------
+
+
+async def embeddings(engine: Engine, batcher: Batcher, request: Request) -> Response:
+    """``POST /v1/embeddings``: ``/encode``'s vectors in OpenAI's shape (floats or base64)."""
+    try:
+        body = await _body(request)
+        spec = oa.parse_embedding(
+            body, batcher.encode, vocab_size=engine.vocab_size, context_len=engine.context_len
+        )
+    except RequestError as exc:
+        return _bad_request(exc, openai=True)
+    outs = await _embed(engine, batcher, request, spec.rids, spec.prompts, openai=True)
+    if isinstance(outs, Response):
+        return outs
+    tokens = sum(o.prompt_tokens for o in outs)
+    model = str(engine.args.model_path)
+    return JSONResponse(oa.embeddings(spec, [o.embedding for o in outs], tokens, model))

@@ -49,6 +49,8 @@ TABLES = {
     "ChatCompletionRequest": (F.CHAT_PARSED, F.CHAT_IGNORED, F.CHAT_UNSUPPORTED),
     "StreamOptions": (F.STREAM_OPTIONS_PARSED, F.STREAM_OPTIONS_IGNORED, F.STREAM_OPTIONS_UNSUPPORTED),
     "ChatMessage": (F.MESSAGE_PARSED, F.MESSAGE_IGNORED, F.MESSAGE_UNSUPPORTED),
+    "CompletionRequest": (F.COMPLETION_PARSED, F.COMPLETION_IGNORED, F.COMPLETION_UNSUPPORTED),
+    "EmbeddingRequest": (F.EMBEDDING_PARSED, F.EMBEDDING_IGNORED, F.EMBEDDING_UNSUPPORTED),
 }
 
 
@@ -131,6 +133,17 @@ def test_chat_with_every_field_at_its_default(http: httpx.Client) -> None:
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == plain
 
 
+def test_completion_and_embedding_with_every_field_at_its_default(http: httpx.Client) -> None:
+    body = {**defaults("CompletionRequest"), "prompt": PROMPT, "temperature": 0, "max_tokens": 32}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == KNOWN_COMPLETIONS[PROMPT]
+    plain = http.post("/encode", json={"text": PROMPT}).json()
+    r = http.post("/v1/embeddings", json={**defaults("EmbeddingRequest"), "input": PROMPT})
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["embedding"] == pytest.approx(plain["embedding"], abs=1e-5)
+
+
 def test_sglang_client_generate_body(http: httpx.Client) -> None:
     """The exact body SGLang's RuntimeEndpoint sends for ``sgl.gen(max_tokens=16, temperature=0)``.
 
@@ -176,6 +189,16 @@ def _cases() -> list[Any]:
         cases.append(pytest.param("/v1/chat/completions", body, f"messages[0].{name}", id=f"message.{name}"))
     body = {"messages": HI, "stream": True, "stream_options": {"continuous_usage_stats": True}}
     cases.append(pytest.param("/v1/chat/completions", body, "stream_options.continuous_usage_stats", id="so"))
+    # n is implemented on /v1/completions (n copies of each prompt), so it is no case there.
+    completion_sampling = {
+        k: F.SAMPLING_UNSUPPORTED[k] for k in F.COMPLETION_PARSED & set(F.SAMPLING_UNSUPPORTED) - {"n"}
+    }
+    for name, default in {**F.COMPLETION_UNSUPPORTED, **completion_sampling}.items():
+        body = {"prompt": "x", name: non_default(default)}
+        cases.append(pytest.param("/v1/completions", body, name, id=f"completion.{name}"))
+    for name, default in F.EMBEDDING_UNSUPPORTED.items():
+        body = {"input": "x", name: non_default(default)}
+        cases.append(pytest.param("/v1/embeddings", body, name, id=f"embedding.{name}"))
     return cases
 
 
