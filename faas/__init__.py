@@ -11,7 +11,9 @@ complete.remote("The quick brown")
 ```
 """
 
-from faas._client import Client, configure, get_client, put, shutdown
+from faas._client import Client
+from faas._client_protocol import FaasClient, UnsupportedOperationError
+from faas._default_client import configure, get_client, put, shutdown
 from faas._function import Function, function
 from faas._future import Future
 from faas._gc_cloud import GlobusComputeCloudClient, GlobusComputeConfigError
@@ -66,6 +68,7 @@ __all__ = [
     "Client",
     "EngineError",
     "EngineLost",
+    "FaasClient",
     "FaasError",
     "Function",
     "FunctionDefinitionError",
@@ -102,6 +105,7 @@ __all__ = [
     "TriggerBinding",
     "UnknownModelError",
     "UnsupportedFeatureError",
+    "UnsupportedOperationError",
     "WorkerLost",
     "WorkerStartError",
     "__version__",

@@ -72,11 +72,9 @@ def pool_status(
     from faas._status import load_statuses, render_status
 
     if os.environ.get("FAAS_URL") and store is None:
-        from faas._client import get_client
-        from faas._gc_cloud import GlobusComputeCloudClient
+        from faas._default_client import get_client
 
-        client = get_client()
-        statuses = [client.status() if isinstance(client, GlobusComputeCloudClient) else client.pool_status()]
+        statuses = [get_client().status()]
     else:
         statuses = load_statuses(store, max_age=max_age)
     if as_json:

@@ -59,14 +59,16 @@ def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
 
 def _client() -> Client | RemoteClient:
     """The default client: the remote one when ``FAAS_URL`` is set, else the embedded one."""
-    from faas._client import get_client
-    from faas._gc_cloud import GlobusComputeCloudClient
+    from faas._client import Client
+    from faas._default_client import get_client
+    from faas._remote import RemoteClient
 
     client = get_client()
-    if isinstance(client, GlobusComputeCloudClient):
+    if not isinstance(client, Client | RemoteClient):
         raise _fail(
             "This command needs a faas service ($FAAS_URL) or the embedded store; $FAAS_GC_ENDPOINT "
-            "selects the Globus Compute cloud client, which cannot list or look up invocations."
+            "selects the Globus Compute cloud client, which cannot submit functions by name or list "
+            "invocations."
         )
     return client
 
@@ -94,16 +96,6 @@ def _invocation(client: Client | RemoteClient, invocation_id: str) -> dict[str, 
 
 def _submit_by_name(client: Client | RemoteClient, name: str, kwargs: dict[str, Any]) -> Future[Any]:
     """Submit ``name(**kwargs)`` (``name``, ``name@version`` or a digest); return its future."""
-    from faas._client import Client
-    from runtime._staging import stage_args
-
-    if isinstance(client, Client):
-        spec = client.registry.get_function(name)
-        model = client.resolve_model(spec.model) if spec.model else None
-        if model is not None and "@" not in (spec.model or ""):
-            model = client.pool.prefer_warm(model)
-        blob, refs = stage_args(client.store, (), kwargs, client.staging_threshold, what=repr(spec.name))
-        return client.submit_spec(spec, model, blob, refs)
     return client.submit_by_name(name, (), kwargs)
 
 

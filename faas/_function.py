@@ -10,11 +10,12 @@ import typing
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from faas._client_protocol import default_client
 from runtime._errors import FunctionDefinitionError, SubmitError
 from runtime._model import Model
 
 if TYPE_CHECKING:
-    from faas._client import AnyClient
+    from faas._client_protocol import FaasClient
     from faas._future import Future
     from registry._bindings import TriggerBinding
     from registry._specs import FunctionSpec
@@ -67,7 +68,7 @@ class Function(Generic[R]):
         timeout: float | None,
         retries: int,
         name: str | None,
-        client: AnyClient | None = None,
+        client: FaasClient | None = None,
     ) -> None:
         if not callable(fn) or isinstance(fn, type):
             raise FunctionDefinitionError(
@@ -106,15 +107,11 @@ class Function(Generic[R]):
         return f"<faas.Function {self.name} model={self.model!r}>"
 
     @property
-    def client(self) -> AnyClient:
+    def client(self) -> FaasClient:
         """The client this function submits through (the default one unless bound)."""
-        if self._client is not None:
-            return self._client
-        from faas._client import get_client
+        return self._client if self._client is not None else default_client()
 
-        return get_client()
-
-    def with_client(self, client: AnyClient) -> Function[R]:
+    def with_client(self, client: FaasClient) -> Function[R]:
         """A copy of this function bound to ``client``."""
         return Function(
             self.fn,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import threading
-from collections.abc import Callable, Iterable
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from faas._client_protocol import default_client
 from runtime import _serde
 from runtime._errors import (
     EngineError,
@@ -21,6 +22,9 @@ from runtime._errors import (
 )
 from runtime._staging import is_marker
 from runtime._wire import ErrorInfo, Result
+
+if TYPE_CHECKING:
+    from faas._client_protocol import FaasClient
 
 T = TypeVar("T")
 
@@ -65,22 +69,19 @@ class Future(concurrent.futures.Future[T], Generic[T]):
         self._loader = loader
 
     @classmethod
-    def from_id(cls, invocation_id: str, *, client: Any = None) -> Future[Any]:
+    def from_id(cls, invocation_id: str, *, client: FaasClient | None = None) -> Future[Any]:
         """Re-attach to an invocation by id, from any process using the same service or store.
 
         Args:
             invocation_id: The id of a future from an earlier ``submit``.
-            client: A ``faas.Client`` or ``faas.RemoteClient`` (default: ``faas.get_client()``,
-                which talks to ``$FAAS_URL`` when set).
+            client: Any faas client (default: ``faas.get_client()``, which talks
+                to ``$FAAS_URL`` when set).
 
         Raises:
             NotFoundError: No such invocation (for this tenant).
+            UnsupportedOperationError: The client cannot follow that invocation.
         """
-        if client is None:
-            from faas._client import get_client
-
-            client = get_client()
-        return client.attach(invocation_id)  # type: ignore[no-any-return]
+        return (client or default_client()).attach(invocation_id)
 
     def result(self, timeout: float | None = None) -> T:
         """Wait for the invocation and return its value (fetching a staged one).
@@ -196,27 +197,3 @@ def rebuild_error(info: ErrorInfo) -> BaseException:
         return exc
     cls = _KIND_ERRORS.get(info.kind, EngineError if "Engine" in info.type_name else InvocationError)
     return cls(info.message)
-
-
-def submit_each(
-    submit: Callable[[Any, tuple[Any, ...], dict[str, Any]], Future[Any]],
-    function: Any,
-    calls: Iterable[tuple[tuple[Any, ...], dict[str, Any]]],
-) -> list[Future[Any]]:
-    """Submit one invocation per ``(args, kwargs)`` with ``submit``, all arguments checked first.
-
-    If a submit fails part way, the invocations already submitted are
-    cancelled and the error is raised.
-    """
-    calls = list(calls)
-    for args, kwargs in calls:
-        function.check_arguments(args, kwargs)
-    futures: list[Future[Any]] = []
-    try:
-        for args, kwargs in calls:
-            futures.append(submit(function, args, kwargs))
-    except BaseException:
-        for future in futures:
-            future.cancel()
-        raise
-    return futures

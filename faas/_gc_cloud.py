@@ -20,22 +20,16 @@ import contextlib
 import json
 import logging
 import os
-import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from faas._future import Future, submit_each
-from faas._provenance import build_provenance
-from registry._registry import Registry
+from faas._client_base import RecordingClient, failed_result
+from faas._future import Future
 from registry._specs import FunctionSpec, ModelSpec
-from runtime._errors import FaasError, InvocationError, NotFoundError, PoolClosedError
-from runtime._execute import error_info
-from runtime._model import Model, UnsupportedFeatureError
-from runtime._records import RecordStore, RecordWriter
-from runtime._staging import Ref, StagedRef, stage_args, stage_object, unstage_value
+from runtime._errors import FaasError, InvocationError, PoolClosedError
 from runtime._staging import staging_threshold as _threshold
 from runtime._store import ObjectStore, store_from_url
 from runtime._wire import Invocation, Result
@@ -44,7 +38,6 @@ from warmpool._gce_task import run_invocation
 if TYPE_CHECKING:
     import concurrent.futures
 
-    from faas._function import Function
 
 log = logging.getLogger("faas.gc_cloud")
 
@@ -127,10 +120,11 @@ class _Work:
     resends: int = 0
 
 
-class GlobusComputeCloudClient:
+class GlobusComputeCloudClient(RecordingClient):
     """Submits invocations through the Globus Compute cloud to one endpoint.
 
-    It offers what ``faas.Function`` needs from a client, like :class:`faas.Client`.
+    It implements the client protocol (``faas._client_protocol.FaasClient``)
+    like :class:`faas.Client`; requests and results are recorded in the store.
 
     Args:
         endpoint_id: The Globus Compute endpoint's id (a UUID).
@@ -149,6 +143,8 @@ class GlobusComputeCloudClient:
             not an S3 store, or the staging threshold is not a size.
     """
 
+    CLOSED_MESSAGE = "This Globus Compute client has been shut down."
+
     def __init__(
         self,
         endpoint_id: str,
@@ -157,22 +153,16 @@ class GlobusComputeCloudClient:
         staging_threshold: int | str | None = None,
         executor_factory: ExecutorFactory | None = None,
     ) -> None:
+        super().__init__()
         self.endpoint_id = _endpoint_id(endpoint_id)
-        self.store = _s3_store(store)
+        self._init_records(_s3_store(store), "async")
         try:
             self.staging_threshold = _threshold(staging_threshold)
         except ValueError as exc:
             raise GlobusComputeConfigError(f"Bad staging threshold: {exc}") from None
-        self.registry = Registry(self.store)
-        self.records = RecordStore(self.store)
-        self._recorder = RecordWriter(self.records)
-        self._store_config = self.store.config()
         self._factory: ExecutorFactory = executor_factory or default_executor_factory
         self._executor: SdkExecutor | None = None
-        self._lock = threading.Lock()
-        self._specs: dict[int, tuple[Function[Any], FunctionSpec]] = {}
         self._work: dict[str, _Work] = {}
-        self._closed = False
         self.counters = {"submitted": 0, "succeeded": 0, "failed": 0, "retried": 0, "executors": 0}
 
     @classmethod
@@ -206,56 +196,13 @@ class GlobusComputeCloudClient:
     def __repr__(self) -> str:
         return f"<faas.GlobusComputeCloudClient endpoint={self.endpoint_id} store={self.store.url()!r}>"
 
-    def __enter__(self) -> GlobusComputeCloudClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-
     # -- functions and invocations -------------------------------------------------------------
-    def register(self, function: Function[Any]) -> FunctionSpec:
-        """Register ``function`` in the store's registry (once per client); the endpoint loads it by digest.
+    def _model_for(self, ref: str | None) -> ModelSpec | None:
+        return self.registry.get_model(ref) if ref else None
 
-        Raises:
-            SerializationError: The function cannot be pickled.
-        """
-        with self._lock:
-            cached = self._specs.get(id(function))
-            if cached is not None and cached[0] is function:
-                return cached[1]
-        artifact, spec = function.bundle()
-        spec = self.registry.register_function(artifact, spec)
-        with self._lock:
-            self._specs[id(function)] = (function, spec)
-        return spec
-
-    def submit(self, function: Function[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
-        """Validate, stage and send one invocation to the endpoint; return its future.
-
-        Raises:
-            SubmitError: Unknown model, bad or unpicklable arguments (nothing is sent).
-            PoolClosedError: The client is shut down.
-            GlobusComputeConfigError: The SDK executor cannot be built.
-        """
-        self._check_open()
-        function.check_arguments(args, kwargs)
-        model = self.registry.get_model(function.model) if function.model else None
-        blob, refs = stage_args(self.store, args, kwargs, self.staging_threshold, what=repr(function.name))
-        spec = self.register(function)
-        return self.submit_spec(spec, model, blob, refs)
-
-    def submit_spec(
-        self, spec: FunctionSpec, model: ModelSpec | None, blob: bytes, refs: tuple[StagedRef, ...] = ()
-    ) -> Future[Any]:
-        """Send a registered function version with already serialised (or staged) arguments."""
-        self._check_open()
-        invocation = spec.invocation(
-            blob,
-            model=model.ref if model else None,
-            store=self._store_config,
-            stage_threshold=self.staging_threshold,
-            refs=refs,
-        )
+    def _dispatch(
+        self, invocation: Invocation, spec: FunctionSpec, model: ModelSpec | None, future: Future[Any]
+    ) -> None:
         dispatch = {
             "store": None,  # the invocation carries it
             "model_name": model.ref if model else None,
@@ -264,84 +211,44 @@ class GlobusComputeCloudClient:
             "model_modes": sorted(model.modes) if model else None,
             "timeout": spec.timeout,
         }
-        future: Future[Any] = Future(invocation.id, self.cancel, None, self._load_value)
         work = _Work(invocation, spec, model, future, json.dumps(dispatch))
-        self._recorder.request(invocation)
         with self._lock:
             self._work[invocation.id] = work
             self.counters["submitted"] += 1
         try:
             self._send(work)
-        except BaseException as exc:
-            self._finish(work, _failed(invocation, exc, "cancelled"))
+        except BaseException:
+            with self._lock:
+                self._work.pop(invocation.id, None)
+                self.counters["failed"] += 1
             raise
-        return future
-
-    def submit_many(
-        self, function: Function[Any], calls: Sequence[tuple[tuple[Any, ...], dict[str, Any]]]
-    ) -> list[Future[Any]]:
-        """Send one invocation per ``(args, kwargs)``; futures in input order.
-
-        Every call's arguments are checked before anything is sent (the SDK
-        executor batches the tasks). If a submit fails part way, the
-        invocations already submitted are cancelled and the error is raised.
-        """
-        return submit_each(self.submit, function, calls)
-
-    def call(
-        self,
-        function: Function[Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        timeout: float | None = None,
-    ) -> Any:
-        """Run one invocation on the endpoint and return its value (what ``.remote`` does).
-
-        Raises:
-            TimeoutError: Not done within ``timeout`` seconds (it keeps running).
-        """
-        return self.submit(function, args, kwargs).result(timeout)
 
     def attach(self, invocation_id: str) -> Future[Any]:
         """A future for an invocation, by id: one in flight from this client, or one whose result is recorded.
 
         Raises:
-            UnsupportedFeatureError: The invocation was sent by another process
-                and has no recorded result yet: following a running Globus
-                Compute task needs its SDK task id, which only the submitting
-                process holds.
+            UnsupportedOperationError: The invocation was sent by another
+                process and has no recorded result yet: following a running
+                Globus Compute task needs its SDK task id, which only the
+                submitting process holds.
             NotFoundError: Nothing is recorded under that id in this store.
         """
         with self._lock:
             work = self._work.get(invocation_id)
         if work is not None:
             return work.future
-        with contextlib.suppress(FaasError):
-            self._recorder.flush(5.0)
-        future: Future[Any] = Future(invocation_id, None, None, self._load_value)
-        record = self.records.result(invocation_id)
-        if record is not None:
-            future._resolve(
-                Result(
-                    invocation_id=invocation_id,
-                    value=None if record.value is None else record.value.to_wire(),
-                    error=record.error,
-                    finished_at=record.finished_at,
-                )
-            )
+        future = self._attach_recorded(invocation_id)
+        if future is not None:
             return future
         if self.records.request(invocation_id) is not None:
-            raise UnsupportedFeatureError(
-                f"Invocation {invocation_id} was sent through Globus Compute by another process and has "
+            raise self._unsupported(
+                "attach",
+                f"invocation {invocation_id} was sent through Globus Compute by another process and has "
                 "no recorded result yet; re-attaching to a running Globus Compute task needs its SDK task "
                 "id (globus_compute_sdk.Client.get_result(task_id)), which only the submitting process "
-                "holds. Attach again once the submitting process has recorded the result."
+                "holds. Attach again once the submitting process has recorded the result.",
             )
-        raise NotFoundError(
-            f"No invocation {invocation_id!r} is recorded in {self.store.url()}; check the id and that "
-            "this client uses the store the invocation was submitted to.",
-            404,
-        )
+        raise self._not_recorded(invocation_id)
 
     def cancel(self, invocation_id: str) -> bool:
         """Cancel an invocation the SDK has not sent yet; a task already in the cloud keeps running.
@@ -356,25 +263,10 @@ class GlobusComputeCloudClient:
         work.cancel_requested = True
         return work.task.cancel()
 
-    def put(self, obj: Any) -> Ref:
-        """Upload ``obj`` to the store once and return a reference to pass to invocations.
-
-        Raises:
-            SerializationError: ``obj`` cannot be pickled.
-            StoreError: The upload failed.
-        """
-        return Ref(stage_object(self.store, obj, what="value passed to faas.put"))
-
-    def model_handle(self, ref: str) -> Model:
-        """Not available: the endpoint's engines are not reachable from this machine.
-
-        Raises:
-            UnsupportedFeatureError: Always.
-        """
-        raise UnsupportedFeatureError(
-            f"Function.local() with model {ref!r} needs an engine in reach, but this client sends "
-            f"invocations through Globus Compute to endpoint {self.endpoint_id}, whose engines are not "
-            "reachable from here; use .remote() to run it on the endpoint."
+    def _engines_elsewhere(self) -> str:
+        return (
+            f"this client sends invocations through Globus Compute to endpoint {self.endpoint_id}, whose "
+            "engines are not reachable from here; use .remote() to run it on the endpoint"
         )
 
     def status(self) -> dict[str, Any]:
@@ -385,14 +277,6 @@ class GlobusComputeCloudClient:
                 "in_flight": len(self._work),
                 "counters": dict(self.counters),
             }
-
-    def flush_records(self, timeout: float | None = None) -> None:
-        """Wait until every invocation record this client queued is in the store.
-
-        Raises:
-            StoreError: Records are still unwritten when ``timeout`` runs out.
-        """
-        self._recorder.flush(timeout)
 
     def shutdown(self) -> None:
         """Stop sending; futures still pending fail with PoolClosedError; records are flushed.
@@ -410,21 +294,15 @@ class GlobusComputeCloudClient:
             closed = PoolClosedError(
                 f"The Globus Compute client was shut down before invocation {work.invocation.id} finished."
             )
-            self._finish(work, _failed(work.invocation, closed, "cancelled"), record=False)
+            self._complete(work, failed_result(work.invocation, closed, "cancelled"), record=False)
         if executor is not None:
             try:
                 executor.shutdown(wait=False, cancel_futures=True)
             except Exception:  # the SDK's own shutdown must not cost our records
                 log.exception("The Globus Compute executor did not shut down cleanly")
-        try:
-            self._recorder.close()
-        except FaasError as exc:
-            log.error("Some invocation records could not be written: %s", exc)
+        self._close_recorder()
 
     # -- internals -----------------------------------------------------------------------------
-    def _check_open(self) -> None:
-        if self._closed:
-            raise PoolClosedError("This Globus Compute client has been shut down.")
 
     def _live_executor(self) -> SdkExecutor:
         """The SDK executor; a new one when the last stopped (the SDK stops one after a failed send)."""
@@ -438,7 +316,7 @@ class GlobusComputeCloudClient:
         with self._lock:
             if self._closed:
                 fresh.shutdown(wait=False, cancel_futures=True)
-                raise PoolClosedError("This Globus Compute client has been shut down.")
+                raise PoolClosedError(self.CLOSED_MESSAGE)
             self._executor = fresh
             self.counters["executors"] += 1
         if executor is not None:
@@ -473,15 +351,15 @@ class GlobusComputeCloudClient:
                 self._send(work)
                 return
             except Exception as unsent:
-                self._finish(work, _failed(inv, unsent, "system"))
+                self._complete(work, failed_result(inv, unsent, "system"))
                 return
         if task.cancelled():
             cancelled = InvocationError(f"Invocation {inv.id} was cancelled before Globus Compute sent it.")
-            self._finish(work, _failed(inv, cancelled, "cancelled"))
+            self._complete(work, failed_result(inv, cancelled, "cancelled"))
             return
         exc = task.exception()
         if exc is None:
-            self._finish(work, self._result_of(inv, task.result()))
+            self._complete(work, self._result_of(inv, task.result()))
             return
         if attempt < inv.retries and not self._closed:
             work.invocation = inv.model_copy(update={"attempt": attempt + 1})
@@ -497,7 +375,7 @@ class GlobusComputeCloudClient:
             f"Globus Compute could not run invocation {inv.id} of {inv.function_name!r} on endpoint "
             f"{self.endpoint_id}: {type(exc).__name__}: {exc}"
         )
-        self._finish(work, _failed(inv, lost, "worker_lost"))
+        self._complete(work, failed_result(inv, lost, "worker_lost"))
 
     def _result_of(self, inv: Invocation, raw: Any) -> Result:
         try:
@@ -514,36 +392,15 @@ class GlobusComputeCloudClient:
                 f"The endpoint {self.endpoint_id} answered invocation {inv.id} with {exc}; is the same "
                 "tpm-faas version installed there?"
             )
-            return _failed(inv, bad, "system")
+            return failed_result(inv, bad, "system")
         return result
 
-    def _finish(self, work: _Work, result: Result, *, record: bool = True) -> None:
+    def _complete(self, work: _Work, result: Result, *, record: bool = True) -> None:
         with self._lock:
             self._work.pop(work.invocation.id, None)
             self.counters["succeeded" if result.ok else "failed"] += 1
-        if record and not self._closed:
-            try:
-                prov = build_provenance(work.invocation, work.spec, work.model, result)
-                result.provenance = prov.model_dump(mode="json")
-            except Exception:  # provenance must never cost the result
-                log.exception("Could not build the provenance of invocation %s", result.invocation_id)
-            try:
-                self._recorder.result(result)
-            except Exception:
-                log.exception("Could not record the result of invocation %s", result.invocation_id)
-        work.future._resolve(result)
-
-    def _load_value(self, data: bytes) -> Any:
-        return unstage_value(self.store, data, what="result")
-
-
-def _failed(inv: Invocation, exc: BaseException, kind: Any) -> Result:
-    return Result(
-        invocation_id=inv.id,
-        error=error_info(exc, kind, with_traceback=False),
-        attempt=inv.attempt,
-        finished_at=time.time(),
-    )
+        record = record and not self._closed  # after shutdown the recorder is closed
+        self._finish(work.future, work.invocation, work.spec, work.model, result, record=record)
 
 
 def _endpoint_id(value: str) -> str:

@@ -12,15 +12,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from faas._client_base import ClientBase
+from faas._client_protocol import Calls
 from faas._future import Future
 from faas._remote_watch import Watcher
 from faas._service_api import (
@@ -52,9 +53,8 @@ from runtime._errors import (
     SubmitError,
     UnknownModelError,
 )
-from runtime._model import Model, UnsupportedFeatureError
 from runtime._net import tcp_transport
-from runtime._staging import Ref, stage_args, stage_object, unstage_value
+from runtime._staging import stage_args
 from runtime._store import ObjectStore, store_from_config
 from runtime._wire import ErrorInfo, Result
 from warmpool._replica import BackPressureError
@@ -85,13 +85,15 @@ _BINDINGS = TypeAdapter(list[TriggerBinding])
 _JSON = {"Content-Type": "application/json"}
 
 
-class RemoteClient:
+class RemoteClient(ClientBase):
     """Submits invocations to a pool service (``faas serve``) over HTTP.
 
-    It offers what ``faas.Function`` needs from a client, like the embedded
-    :class:`faas.Client`, so ``.remote``, ``.submit``, ``.map`` and ``.aio``
-    work unchanged when ``FAAS_URL`` names a service. One keep-alive HTTP
-    connection pool serves every call from every thread.
+    It implements the client protocol (``faas._client_protocol.FaasClient``)
+    like the embedded :class:`faas.Client`, so ``.remote``, ``.submit``,
+    ``.map`` and ``.aio`` work unchanged when ``FAAS_URL`` names a service.
+    The service keeps the invocations' records; this client keeps only the
+    futures it is waiting on. One keep-alive HTTP connection pool serves
+    every call from every thread.
 
     Args:
         url: The service, e.g. ``http://127.0.0.1:8470``.
@@ -119,6 +121,7 @@ class RemoteClient:
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"The faas service URL must start with http:// or https://; got {url!r}.")
+        super().__init__()
         if token is None:
             token = os.environ.get("FAAS_TOKEN") or None
         self.url = url.rstrip("/")
@@ -150,20 +153,11 @@ class RemoteClient:
             reconnect_deadline=reconnect_deadline,
             label=self.label,
         )
-        self._lock = threading.Lock()
         self._session: SessionInfo | None = None
         self._store: ObjectStore | None = None
-        self._specs: dict[int, tuple[Function[Any], FunctionSpec]] = {}
-        self._closed = False
 
     def __repr__(self) -> str:
         return f"<faas.RemoteClient {_without_userinfo(self.url)!r}>"
-
-    def __enter__(self) -> RemoteClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
 
     # -- the tenant's session and store --------------------------------------------------------
     @property
@@ -198,17 +192,7 @@ class RemoteClient:
         return min(self.session.staging_threshold, MAX_INLINE_BYTES)
 
     # -- functions and invocations -------------------------------------------------------------
-    def register(self, function: Function[Any]) -> FunctionSpec:
-        """Register ``function`` with the service (once per client) and return its spec.
-
-        Raises:
-            SerializationError: The function cannot be pickled.
-            SubmitError: The service refused it.
-        """
-        with self._lock:
-            cached = self._specs.get(id(function))
-            if cached is not None and cached[0] is function:
-                return cached[1]
+    def _register_new(self, function: Function[Any]) -> FunctionSpec:
         artifact, local = function.bundle()
         try:
             body = RegisterFunction(
@@ -218,10 +202,7 @@ class RemoteClient:
             raise SubmitError(
                 f"Function {function.name!r} cannot be registered with the service: {exc}"
             ) from None
-        spec = self._post("/v1/functions", body, FunctionSpec)
-        with self._lock:
-            self._specs[id(function)] = (function, spec)
-        return spec
+        return self._post("/v1/functions", body, FunctionSpec)
 
     def submit(self, function: Function[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
         """Validate, stage and submit one invocation; return its future.
@@ -232,12 +213,24 @@ class RemoteClient:
             AuthError: The token is missing or wrong.
             ServiceError: The service failed or could not be reached.
         """
+        return self._submit(function, args, kwargs)
+
+    def _start_call(
+        self, function: Function[Any], args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float | None
+    ) -> Future[Any]:
+        # One round trip when it is quick: the service holds the request open up to CALL_WAIT.
+        left = self.CALL_WAIT if deadline is None else deadline - time.monotonic()
+        return self._submit(function, args, kwargs, wait=max(0.0, min(self.CALL_WAIT, left)))
+
+    def _submit(
+        self, function: Function[Any], args: tuple[Any, ...], kwargs: dict[str, Any], *, wait: float = 0.0
+    ) -> Future[Any]:
         function.check_arguments(args, kwargs)
         spec = self.register(function)
         item = self._item(function, args, kwargs)
-        body = SubmitRequest(function=_ref(spec), args=item.args, refs=item.refs)
-        view = self._post("/v1/invocations", body, InvocationView)
-        return self._settle(view)
+        body = SubmitRequest(function=_ref(spec), args=item.args, refs=item.refs, wait=wait)
+        timeout = wait + self.timeout if wait else None
+        return self._settle(self._post("/v1/invocations", body, InvocationView, timeout=timeout))
 
     def submit_by_name(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
         """Submit an already registered function by reference (``name``, ``name@version`` or a digest).
@@ -251,64 +244,22 @@ class RemoteClient:
         )
         return self._settle(view)
 
-    def submit_many(
-        self, function: Function[Any], calls: Sequence[tuple[tuple[Any, ...], dict[str, Any]]]
-    ) -> list[Future[Any]]:
-        """Submit one invocation per ``(args, kwargs)`` in batches; futures in input order.
-
-        Every call's arguments are checked before anything is submitted. If a
-        later batch is refused, the invocations already submitted are
-        cancelled and the error is raised.
-        """
-        calls = list(calls)
-        for args, kwargs in calls:
-            function.check_arguments(args, kwargs)
+    def _submit_checked(self, function: Function[Any], calls: Calls, futures: list[Future[Any]]) -> None:
+        """``submit_many``'s sending: batches of up to ``MAX_BATCH`` invocations per request."""
         if not calls:
-            return []
+            return
         spec = self.register(function)
-        futures: list[Future[Any]] = []
-        try:
-            for start in range(0, len(calls), MAX_BATCH):
-                chunk = calls[start : start + MAX_BATCH]
-                items = [self._item(function, args, kwargs) for args, kwargs in chunk]
-                view = self._post("/v1/batches", BatchRequest(function=_ref(spec), items=items), BatchView)
-                if len(view.ids) != len(chunk):
-                    raise ServiceError(
-                        f"{self.label} answered a batch of {len(chunk)} with {len(view.ids)} ids.", 500
-                    )
-                new = [(i, self._future(i)) for i in view.ids]
-                futures.extend(f for _, f in new)
-                self._watcher.add(new)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-        return futures
-
-    def call(
-        self,
-        function: Function[Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        timeout: float | None = None,
-    ) -> Any:
-        """Run one invocation and return its value (``.remote``): one round trip when it is quick.
-
-        Raises:
-            TimeoutError: Not done within ``timeout`` seconds (it keeps running).
-            Exception: The invocation's error, or a submit error as for :meth:`submit`.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        function.check_arguments(args, kwargs)
-        spec = self.register(function)
-        item = self._item(function, args, kwargs)
-        wait = (
-            self.CALL_WAIT if deadline is None else max(0.0, min(self.CALL_WAIT, deadline - time.monotonic()))
-        )
-        body = SubmitRequest(function=_ref(spec), args=item.args, refs=item.refs, wait=wait)
-        view = self._post("/v1/invocations", body, InvocationView, timeout=wait + self.timeout)
-        future = self._settle(view)
-        return future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        for start in range(0, len(calls), MAX_BATCH):
+            chunk = calls[start : start + MAX_BATCH]
+            items = [self._item(function, args, kwargs) for args, kwargs in chunk]
+            view = self._post("/v1/batches", BatchRequest(function=_ref(spec), items=items), BatchView)
+            if len(view.ids) != len(chunk):
+                raise ServiceError(
+                    f"{self.label} answered a batch of {len(chunk)} with {len(view.ids)} ids.", 500
+                )
+            new = [(i, self._future(i)) for i in view.ids]
+            futures.extend(f for _, f in new)
+            self._watcher.add(new)
 
     def attach(self, invocation_id: str) -> Future[Any]:
         """A future for an invocation submitted earlier, by this process or another.
@@ -346,16 +297,12 @@ class RemoteClient:
         """The models the service can serve."""
         return _MODELS.validate_json(self._request("GET", "/v1/models").content)
 
-    def pool_status(self) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
         """The service's pool: models (queues, replicas, metrics), workers and counters."""
         data = self._request("GET", "/v1/pool").json()
         if not isinstance(data, dict):
             raise ServiceError(f"{self.label} answered /v1/pool with a {type(data).__name__}, not an object.")
         return data
-
-    def status(self) -> dict[str, Any]:
-        """Same as :meth:`pool_status` (the embedded client's name for it)."""
-        return self.pool_status()
 
     def bind_trigger(
         self, spec: FunctionSpec, *, name: str | None = None, reprocess: bool = False, **options: Any
@@ -381,25 +328,10 @@ class RemoteClient:
         """The trigger bindings of this client's tenant, as the service runs them."""
         return _BINDINGS.validate_json(self._request("GET", "/v1/triggers").content)
 
-    def put(self, obj: Any) -> Ref:
-        """Upload ``obj`` to the tenant's store once and return a reference to pass to invocations.
-
-        Raises:
-            SerializationError: ``obj`` cannot be pickled.
-            StoreError: The upload failed.
-        """
-        return Ref(stage_object(self.store, obj, what="value passed to faas.put"))
-
-    def model_handle(self, ref: str) -> Model:
-        """Not available remotely: the service does not lend its engines to client processes.
-
-        Raises:
-            UnsupportedFeatureError: Always.
-        """
-        raise UnsupportedFeatureError(
-            f"Function.local() with model {ref!r} needs an engine in reach, but this client talks to "
-            f"{self.label}, which does not lend its engines out; use .remote() to run it in the "
-            "service, or unset FAAS_URL to run it against an embedded pool."
+    def _engines_elsewhere(self) -> str:
+        return (
+            f"this client talks to {self.label}, which does not lend its engines out; use .remote() to "
+            "run it in the service, or unset FAAS_URL to run it against an embedded pool"
         )
 
     def add_request_hook(self, hook: Callable[[httpx.Request], None]) -> Callable[[], None]:
@@ -442,9 +374,6 @@ class RemoteClient:
         blob, refs = stage_args(self.store, args, kwargs, self.staging_threshold, what=repr(name))
         return Item(args=blob, refs=list(refs))
 
-    def _future(self, invocation_id: str) -> Future[Any]:
-        return Future(invocation_id, self._cancel_quietly, None, self._load_value)
-
     def _settle(self, view: InvocationView) -> Future[Any]:
         future = self._future(view.id)
         if view.result is not None and view.result.status in FINAL_STATES:
@@ -465,10 +394,7 @@ class RemoteClient:
             result = Result(invocation_id=view.id, error=error, finished_at=time.time())
         future._resolve(result)
 
-    def _load_value(self, data: bytes) -> Any:
-        return unstage_value(self.store, data, what="result")
-
-    def _cancel_quietly(self, invocation_id: str) -> bool:
+    def _cancel_future(self, invocation_id: str) -> bool:
         """The futures' canceller: the stream must not resolve the future while it is being cancelled."""
         future = self._watcher.forget(invocation_id)
         try:
@@ -533,17 +459,19 @@ class RemoteClient:
 def error_for_response(response: httpx.Response, label: str = "the faas service") -> FaasError:
     """The typed error for an error response of the service (its body must have been read).
 
-    401 and 403 give AuthError, 404 NotFoundError, 429 QuotaExceededError (or
-    BackPressureError when the service names it), 400/413/422 SubmitError or
-    the subclass the service names, 503 PoolClosedError, anything else
-    ServiceError. The message is the service's own; every error carries the
-    status as ``status_code``.
+    401 and 403 give AuthError, 404 NotFoundError (UnknownModelError when the
+    service names it), 429 QuotaExceededError (or BackPressureError when the
+    service names it), 400/413/422 SubmitError or the subclass the service
+    names, 503 PoolClosedError, anything else ServiceError. The message is
+    the service's own; every error carries the status as ``status_code``.
     """
     status = response.status_code
     type_name, message = _error_body(response, label)
     error: FaasError
     if status in (401, 403):
         error = AuthError(message, status)
+    elif status == 404 and type_name == UnknownModelError.__name__:  # a SubmitError and a LookupError
+        error = UnknownModelError(message)
     elif status == 404:
         error = NotFoundError(message, status)
     elif status == 429:

@@ -146,6 +146,21 @@ class ResultRecord(BaseModel):
             logs=result.logs,
         )
 
+    def to_result(self) -> Result:
+        """The Result this record keeps (its value as it travels: inline bytes or a staging marker)."""
+        return Result(
+            invocation_id=self.invocation_id,
+            value=None if self.value is None else self.value.to_wire(),
+            error=self.error,
+            attempt=self.attempt,
+            worker_pid=self.worker_pid,
+            worker_host=self.worker_host,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            provenance=self.provenance,
+            logs=self.logs,
+        )
+
 
 class InvocationRecord(BaseModel):
     """Everything known about one invocation: its request merged with its result, if any.

@@ -20,20 +20,14 @@ from RabbitMQ and feeds them to the SDK's own ``_on_message`` and
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
-import queue
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future as StdFuture
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
@@ -42,164 +36,31 @@ from faas._gc_cloud import (
     ENDPOINT_ENV,
     GlobusComputeCloudClient,
     GlobusComputeConfigError,
-    SdkExecutor,
     run_cloud_invocation,
 )
-from registry import ModelSpec, Registry
-from runtime import InvocationError, InvocationTimeout, Model, NotFoundError, UnsupportedFeatureError
+from runtime import InvocationError, InvocationTimeout, Model, NotFoundError
 from runtime._records import RecordStore
-from runtime._store import store_from_url
 from runtime._wire import Invocation
 from tests._s3_servers import S3Server, aws_env
-from tests.warmpool._cpu_engine_proc import running_engine
 
 pytest.importorskip("globus_compute_sdk")
 pytest.importorskip("globus_compute_endpoint")
 
-import globus_sdk
-from globus_compute_common import messagepack
-from globus_compute_common.messagepack.message_types import Result as GcResult
-from globus_compute_common.messagepack.message_types import Task
-from globus_compute_endpoint.engines.helper import execute_task
-from globus_compute_sdk import Client as SdkClient
 from globus_compute_sdk import Executor
-from globus_compute_sdk.sdk import executor as sdk_executor
 from globus_compute_sdk.serialize import ComputeSerializer
-from pika.spec import Basic, BasicProperties
 
-ENDPOINT = "6b0ef9b3-8f2a-4b0e-9d1e-6f8f3a1c2d4e"
-THRESHOLD = 64 << 10
+from tests.faas._gc_cloud_helpers import (
+    ENDPOINT,
+    LoopbackComputeService,
+    cloud_client,
+    cloud_store_url,
+    endpoint_engine,
+    loopback_service,
+    never,
+)
+
 PROMPT = "The quick brown"
 GREEDY = {"max_new_tokens": 8, "temperature": 0}
-
-
-# -- the loopback web service, results queue and endpoint ---------------------------------------
-def _endpoint_worker_init(env: dict[str, str]) -> None:
-    os.environ.update(env)
-
-
-class _Response:
-    """What the SDK reads of a globus_sdk response: ``.data``."""
-
-    def __init__(self, data: dict[str, Any]) -> None:
-        self.data = data
-
-
-class LoopbackComputeService:
-    """Stands in for ``Client._compute_web_client`` (``v3``) and the AMQP results queue."""
-
-    def __init__(self, endpoint_id: str, env: dict[str, str], run_dir: Path) -> None:
-        self.v3 = self
-        self.endpoint_id = endpoint_id
-        self.run_dir = run_dir
-        self.functions: dict[str, str] = {}
-        self.registrations: list[dict[str, Any]] = []
-        self.submissions: list[bytes] = []  # request bodies as they would go over HTTPS
-        self.refuse: list[Exception] = []  # errors for the next submissions
-        self.task_group_id = str(uuid.uuid4())
-        self._lock = threading.Lock()
-        self._inboxes: list[queue.Queue[bytes]] = []
-        self._backlog: list[bytes] = []
-        self.pool = ProcessPoolExecutor(
-            2,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_endpoint_worker_init,
-            initargs=(env,),
-        )
-
-    # ComputeClientV3
-    def register_function(self, data: dict[str, Any]) -> _Response:
-        json.dumps(data)  # it must survive the trip as JSON
-        function_id = str(uuid.uuid4())
-        self.registrations.append(data)
-        self.functions[function_id] = data["function_code"]
-        return _Response({"function_uuid": function_id})
-
-    def submit(self, endpoint_id: Any, data: dict[str, Any]) -> _Response:
-        self.submissions.append(json.dumps(data).encode())
-        if self.refuse:
-            raise self.refuse.pop(0)
-        assert str(endpoint_id) == self.endpoint_id
-        tasks: dict[str, list[str]] = {}
-        for function_id, payloads in data["tasks"].items():
-            for payload in payloads:  # the service prepends the function's buffer to the arguments'
-                task_id = uuid.uuid4()
-                body = messagepack.pack(
-                    Task(task_id=task_id, task_buffer=self.functions[function_id] + payload)
-                )
-                done = self.pool.submit(
-                    execute_task, body, task_id, uuid.UUID(self.endpoint_id), run_dir=str(self.run_dir)
-                )
-                done.add_done_callback(lambda f, t=task_id: self._deliver(t, f))
-                tasks.setdefault(function_id, []).append(str(task_id))
-        return _Response(
-            {
-                "tasks": tasks,
-                "task_group_id": self.task_group_id,
-                "request_id": str(uuid.uuid4()),
-                "endpoint_id": self.endpoint_id,
-            }
-        )
-
-    # the results queue
-    def _deliver(self, task_id: uuid.UUID, done: StdFuture[bytes]) -> None:
-        exc = done.exception()
-        body = done.result() if exc is None else messagepack.pack(GcResult(task_id=task_id, data=repr(exc)))
-        with self._lock:
-            if not self._inboxes:
-                self._backlog.append(body)
-            for inbox in self._inboxes:
-                inbox.put(body)
-
-    def connect(self) -> queue.Queue[bytes]:
-        inbox: queue.Queue[bytes] = queue.Queue()
-        with self._lock:
-            for body in self._backlog:
-                inbox.put(body)
-            self._backlog.clear()
-            self._inboxes.append(inbox)
-        return inbox
-
-    def close(self) -> None:
-        for watcher in list(sdk_executor._RESULT_WATCHERS.values()):
-            if isinstance(watcher, LoopbackResultWatcher):
-                watcher.shutdown(wait=True, cancel_futures=True)
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-class LoopbackResultWatcher(sdk_executor._ResultWatcher):
-    """The SDK's result watcher, reading packed Result messages from the loopback instead of AMQP."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.poll_period_s = 0.02
-
-    def run(self) -> None:
-        self._thread_id = threading.get_ident()
-        inbox = cast(LoopbackComputeService, self.client._compute_web_client).connect()
-        tag = 0
-        while not self._time_to_stop:
-            with contextlib.suppress(queue.Empty):
-                body = inbox.get(timeout=self.poll_period_s)
-                tag += 1
-                props = BasicProperties(headers={}, timestamp=int(time.time()))
-                self._on_message(cast(Any, None), Basic.Deliver(delivery_tag=tag), props, body)
-            if self._time_to_check_results.is_set():
-                self._time_to_check_results.clear()
-                self._match_results_to_futures()
-                self._to_ack.clear()
-
-
-def loopback_factory(service: LoopbackComputeService, made: list[Executor]) -> Callable[[str], SdkExecutor]:
-    def factory(endpoint_id: str) -> SdkExecutor:
-        client = SdkClient(authorizer=globus_sdk.NullAuthorizer(), do_version_check=False)
-        client._compute_web_client = service  # type: ignore[assignment]
-        # the SDK's client-side rate limit (4 sends per 16 s) would only slow these tests down
-        executor = Executor(endpoint_id=endpoint_id, client=client, api_burst_limit=8, api_burst_window_s=1)
-        made.append(executor)
-        return cast(SdkExecutor, executor)
-
-    return factory
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -211,32 +72,21 @@ def s3(seaweedfs_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("gc-engine")
-    with running_engine(tiny_model_path, tmp, "--threads", "1", "--served-model-name", "tiny-llama") as proc:
-        yield proc.url
+    with endpoint_engine(tiny_model_path, tmp_path_factory.mktemp("gc-engine")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def store_url(s3: S3Server, tiny_model_path: Path) -> str:
-    url = s3.store_url(s3.new_bucket("gc-cloud"), "faas")
-    Registry(store_from_url(url)).register_model(
-        ModelSpec(name="tiny-llama", model_path=str(tiny_model_path))
-    )
-    return url
+    return cloud_store_url(s3, tiny_model_path)
 
 
 @pytest.fixture(scope="module")
 def service(
     engine: str, s3: S3Server, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LoopbackComputeService]:
-    svc = LoopbackComputeService(ENDPOINT, {"FAAS_ENGINE_URL": engine}, tmp_path_factory.mktemp("gc-run"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sdk_executor, "_ResultWatcher", LoopbackResultWatcher)
+    with loopback_service(engine, tmp_path_factory.mktemp("gc-run")) as svc:
         yield svc
-        processes = list(svc.pool._processes.values())  # type: ignore[attr-defined]
-        svc.close()
-    assert processes and not [p for p in processes if p.is_alive()], "an endpoint worker outlived the test"
-    assert not [t for t in threading.enumerate() if isinstance(t, LoopbackResultWatcher) and t.is_alive()]
 
 
 @pytest.fixture(scope="module")
@@ -248,21 +98,12 @@ def executors() -> list[Executor]:
 def cloud(
     service: LoopbackComputeService, store_url: str, executors: list[Executor]
 ) -> Iterator[GlobusComputeCloudClient]:
-    client = GlobusComputeCloudClient(
-        ENDPOINT,
-        store=store_url,
-        staging_threshold=THRESHOLD,
-        executor_factory=loopback_factory(service, executors),
-    )
-    yield client
-    client.shutdown()
-    for executor in executors:  # shutdown() hands each submitter thread its poison pill
-        executor._task_submitter.join(30)
-        assert not executor._task_submitter.is_alive(), "an SDK submitter thread outlived the client"
+    with cloud_client(service, store_url, executors) as client:
+        yield client
 
 
 def bound(fn: faas.Function[Any], client: GlobusComputeCloudClient) -> faas.Function[Any]:
-    return fn.with_client(cast(Any, client))  # Function's annotation names the two existing clients
+    return fn.with_client(client)
 
 
 # -- the functions users write ------------------------------------------------------------------
@@ -390,26 +231,22 @@ def test_attach_reads_recorded_results_and_says_what_it_cannot_do(
     assert future.result(120)[0] == 81
     cloud.flush_records(30)
 
-    other = GlobusComputeCloudClient(ENDPOINT, store=store_url, executor_factory=_never)
+    other = GlobusComputeCloudClient(ENDPOINT, store=store_url, executor_factory=never)
     try:
         assert other.attach(future.invocation_id).result(30)[0] == 81
         pending = Invocation(id=uuid.uuid4().hex, function_name="f", function_digest="0" * 64, args=b"")
         RecordStore(other.store).write_request(pending)
-        with pytest.raises(UnsupportedFeatureError, match="SDK task id"):
+        with pytest.raises(faas.UnsupportedOperationError, match="SDK task id"):
             other.attach(pending.id)
         with pytest.raises(NotFoundError, match="No invocation"):
             other.attach("no-such-invocation")
-        with pytest.raises(UnsupportedFeatureError, match="not reachable from here"):
+        with pytest.raises(faas.UnsupportedOperationError, match="not reachable from here"):
             other.model_handle("tiny-llama")
     finally:
         other.shutdown()
 
 
 # -- configuration errors: raised before any work -----------------------------------------------
-def _never(endpoint_id: str) -> SdkExecutor:
-    raise AssertionError("no executor may be built")
-
-
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     for name in (ENDPOINT_ENV, "FAAS_STORE", "GLOBUS_COMPUTE_CLIENT_ID", "GLOBUS_COMPUTE_CLIENT_SECRET"):
@@ -420,26 +257,26 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_from_env_needs_an_endpoint(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("FAAS_STORE", "s3://bucket/prefix")
     with pytest.raises(GlobusComputeConfigError, match=r"\$FAAS_GC_ENDPOINT is not set"):
-        GlobusComputeCloudClient.from_env(executor_factory=_never)
+        GlobusComputeCloudClient.from_env(executor_factory=never)
 
 
 def test_from_env_needs_a_store(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv(ENDPOINT_ENV, ENDPOINT)
     with pytest.raises(GlobusComputeConfigError, match=r"\$FAAS_STORE is not set"):
-        GlobusComputeCloudClient.from_env(executor_factory=_never)
+        GlobusComputeCloudClient.from_env(executor_factory=never)
 
 
 def test_a_local_store_is_refused(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     clean_env.setenv(ENDPOINT_ENV, ENDPOINT)
     clean_env.setenv("FAAS_STORE", (tmp_path / "store").as_uri())
     with pytest.raises(GlobusComputeConfigError, match="cannot read this machine's files"):
-        GlobusComputeCloudClient.from_env(executor_factory=_never)
+        GlobusComputeCloudClient.from_env(executor_factory=never)
     assert not (tmp_path / "store").exists()
 
 
 def test_an_endpoint_id_must_be_a_uuid() -> None:
     with pytest.raises(GlobusComputeConfigError, match="is not a UUID"):
-        GlobusComputeCloudClient("my-cluster", store="s3://bucket/prefix", executor_factory=_never)
+        GlobusComputeCloudClient("my-cluster", store="s3://bucket/prefix", executor_factory=never)
 
 
 def test_half_a_client_identity_is_refused(clean_env: pytest.MonkeyPatch) -> None:
@@ -447,13 +284,13 @@ def test_half_a_client_identity_is_refused(clean_env: pytest.MonkeyPatch) -> Non
     clean_env.setenv("FAAS_STORE", "s3://bucket/prefix")
     clean_env.setenv("GLOBUS_COMPUTE_CLIENT_ID", "5c0e6a52-0000-4000-8000-000000000000")
     with pytest.raises(GlobusComputeConfigError, match=r"GLOBUS_COMPUTE_CLIENT_SECRET is not"):
-        GlobusComputeCloudClient.from_env(executor_factory=_never)
+        GlobusComputeCloudClient.from_env(executor_factory=never)
 
 
 def test_from_env_builds_a_client_without_touching_the_network(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv(ENDPOINT_ENV, ENDPOINT.upper())
     clean_env.setenv("FAAS_STORE", "s3://bucket/prefix?region=us-east-1")
-    client = GlobusComputeCloudClient.from_env(executor_factory=_never)
+    client = GlobusComputeCloudClient.from_env(executor_factory=never)
     try:
         assert client.endpoint_id == ENDPOINT and client.store.config()["kind"] == "s3"
         assert client.status()["counters"]["executors"] == 0

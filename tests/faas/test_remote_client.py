@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 import faas
-import faas._client
+import faas._default_client
 from faas._service_api import (
     FINAL_STATES,
     BatchRequest,
@@ -406,7 +406,9 @@ def test_listings_status_logs(client: faas.RemoteClient) -> None:
 
 
 def test_local_with_a_model_is_refused(client: faas.RemoteClient) -> None:
-    with pytest.raises(faas.UnsupportedFeatureError, match=r"\.remote\(\)"):
+    with pytest.raises(
+        faas.UnsupportedOperationError, match=r"RemoteClient does not support model_handle: .*\.remote\(\)"
+    ):
         with_model.with_client(client).local("hi")
 
 
@@ -533,7 +535,7 @@ def test_tokens_never_show(
 def test_faas_url_selects_the_remote_client(
     stub_service: tuple[StubService, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(faas._client, "_default", None)
+    monkeypatch.setattr(faas._default_client, "_default", None)
     monkeypatch.setenv("FAAS_URL", stub_service[1])
     monkeypatch.setenv("FAAS_TOKEN", TOKEN)
     client = faas.get_client()
