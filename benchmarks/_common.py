@@ -298,7 +298,7 @@ class ServiceProcess:
         import httpx
 
         port_file = self.root / "port"
-        command = [sys.executable, "-m", "faas._cli", "serve", "--port", "0", "--port-file", str(port_file)]
+        command = [sys.executable, "-m", "faas.cli", "serve", "--port", "0", "--port-file", str(port_file)]
         command += ["--store", str(self.root / "store"), "--state-dir", str(self.root / "state")]
         command += ["--workers", str(self.workers), "--threads-per-worker", str(self.threads)]
         command += ["--log-level", "warning"]

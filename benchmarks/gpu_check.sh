@@ -56,8 +56,8 @@ third_party = ["pydantic", "cloudpickle", "httpx", "platformdirs", "numpy", "ric
                "uvicorn", "torch", "transformers", "tokenizers", "safetensors"]
 missing = [m for m in third_party if importlib.util.find_spec(m) is None]
 # And the project's own modules, imported for real (this catches anything the list misses).
-for mod in ["faas", "warmpool._cpu_engine", "warmpool._cpu_batcher", "warmpool._tiny_model",
-            "warmpool._worker", "benchmarks.multiplex"]:
+for mod in ["faas", "warmpool.cpu_engine", "warmpool.cpu_engine._batcher", "warmpool.cpu_engine._tiny_model",
+            "warmpool.local._worker", "benchmarks.multiplex"]:
     try:
         importlib.import_module(mod)
     except ModuleNotFoundError as exc:

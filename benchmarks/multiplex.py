@@ -7,7 +7,7 @@ offline Llama, measured three ways (each ``--repeats`` times, median reported):
   ``@faas.function(model=...)`` + ``faas.Client``) of a function that calls
   ``model.generate(prompt, {"max_new_tokens": 32, "temperature": 0,
   "ignore_eos": True})``. The pool starts the one engine replica (the CPU
-  engine, ``warmpool._cpu_engine``) and keeps it warm.
+  engine, ``warmpool.cpu_engine._engine``) and keeps it warm.
 - ``direct``: 64 concurrent HTTP requests (one thread each, one keep-alive httpx client) to
   the same engine's ``/generate``: the engine's own throughput, no pool.
 - ``exclusive``: ``--exclusive-workers`` (2) processes, each holding the model
@@ -66,7 +66,7 @@ MODEL_NAME = "bench-tiny-llama"
 
 def prompts_for(n: int) -> list[str]:
     """``n`` prompts cycling through the tiny model's known completions."""
-    from warmpool._tiny_model import KNOWN_COMPLETIONS
+    from warmpool.cpu_engine._tiny_model import KNOWN_COMPLETIONS
 
     keys = list(KNOWN_COMPLETIONS)
     return [keys[i % len(keys)] for i in range(n)]
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[multiplex] {os.cpu_count()} CPUs, load average {os.getloadavg()} (other work skews every row)")
     name = args.name or ("multiplex" if args.device == "cpu" else f"multiplex-{args.device}")
 
-    from warmpool._tiny_model import ensure_tiny_model
+    from warmpool.cpu_engine._tiny_model import ensure_tiny_model
 
     t0 = time.perf_counter()
     model_path = str(ensure_tiny_model())

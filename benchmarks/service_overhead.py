@@ -69,7 +69,7 @@ def register_model(store: Path, args: argparse.Namespace) -> None:
     """
     from registry import ModelSpec, Registry
     from runtime import LocalStore
-    from warmpool._tiny_model import ensure_tiny_model
+    from warmpool.cpu_engine._tiny_model import ensure_tiny_model
 
     Registry(LocalStore(store)).register_model(
         ModelSpec(

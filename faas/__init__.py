@@ -11,24 +11,31 @@ complete.remote("The quick brown")
 ```
 """
 
-from faas._client import Client
-from faas._client_protocol import FaasClient, UnsupportedOperationError
-from faas._default_client import configure, get_client, put, shutdown
 from faas._function import Function, function
 from faas._future import Future
-from faas._gc_cloud import GlobusComputeCloudClient, GlobusComputeConfigError
 from faas._progress import gather
-from faas._remote import RemoteClient
-from faas._triggers import Outputs
-from registry import BindingError, FunctionSpec, ModelSpec, TriggerBinding
+from faas._provenance import read_provenance, replay
+from faas.clients._default import configure, get_client, put, shutdown
+from faas.clients._embedded import Client
+from faas.clients._gc_cloud import GlobusComputeCloudClient
+from faas.clients._protocol import FaasClient
+from faas.clients._remote import RemoteClient
+from faas.triggers._binding import Outputs
+from registry import FunctionSpec, ModelSpec, TriggerBinding
 from runtime import (
+    AuthConfigError,
     AuthError,
+    BackPressureError,
+    BindingError,
     ChatResult,
+    ConfigError,
+    EndpointRenderError,
     EngineError,
     EngineLost,
     FaasError,
     FunctionDefinitionError,
     GenerateResult,
+    GlobusComputeConfigError,
     IntegrityError,
     InvocationCancelled,
     InvocationError,
@@ -40,32 +47,41 @@ from runtime import (
     ObjectExists,
     ObjectNotFound,
     ObjectRef,
+    PlacementError,
     PoolClosedError,
+    ProvenanceRecord,
     QuotaExceededError,
     Ref,
     RemoteError,
     SamplingParams,
     SerializationError,
+    ServeConfigError,
     ServiceError,
     StoreAuthError,
     StoreError,
     SubmitError,
+    SubstrateConfigError,
     TextStream,
+    UnknownBindingError,
+    UnknownFunctionError,
     UnknownModelError,
     UnsupportedFeatureError,
+    UnsupportedOperationError,
     WorkerLost,
     WorkerStartError,
 )
-from warmpool import BackPressureError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthConfigError",
     "AuthError",
     "BackPressureError",
     "BindingError",
     "ChatResult",
     "Client",
+    "ConfigError",
+    "EndpointRenderError",
     "EngineError",
     "EngineLost",
     "FaasClient",
@@ -90,19 +106,25 @@ __all__ = [
     "ObjectNotFound",
     "ObjectRef",
     "Outputs",
+    "PlacementError",
     "PoolClosedError",
+    "ProvenanceRecord",
     "QuotaExceededError",
     "Ref",
     "RemoteClient",
     "RemoteError",
     "SamplingParams",
     "SerializationError",
+    "ServeConfigError",
     "ServiceError",
     "StoreAuthError",
     "StoreError",
     "SubmitError",
+    "SubstrateConfigError",
     "TextStream",
     "TriggerBinding",
+    "UnknownBindingError",
+    "UnknownFunctionError",
     "UnknownModelError",
     "UnsupportedFeatureError",
     "UnsupportedOperationError",
@@ -114,5 +136,7 @@ __all__ = [
     "gather",
     "get_client",
     "put",
+    "read_provenance",
+    "replay",
     "shutdown",
 ]

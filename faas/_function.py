@@ -10,15 +10,13 @@ import typing
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from faas._client_protocol import default_client
-from runtime._errors import FunctionDefinitionError, SubmitError
-from runtime._model import Model
+from faas.clients._protocol import default_client
+from runtime import FunctionDefinitionError, Model, SubmitError
 
 if TYPE_CHECKING:
-    from faas._client_protocol import FaasClient
     from faas._future import Future
-    from registry._bindings import TriggerBinding
-    from registry._specs import FunctionSpec
+    from faas.clients._protocol import FaasClient
+    from registry import FunctionSpec, TriggerBinding
 
 R = TypeVar("R")
 
@@ -128,14 +126,15 @@ class Function(Generic[R]):
         Raises:
             SerializationError: The function cannot be pickled.
         """
-        from registry._specs import FunctionSpec
-        from runtime import _serde
-        from runtime._source import bundle_function
+        from registry import FunctionSpec
+        from runtime import bundle_function
+        from runtime import digest_of as serde_digest_of
+        from runtime import dumps as serde_dumps
 
-        artifact = _serde.dumps(bundle_function(self.fn), what=f"function {self.name!r}")
+        artifact = serde_dumps(bundle_function(self.fn), what=f"function {self.name!r}")
         spec = FunctionSpec(
             name=self.name,
-            digest=_serde.digest_of(artifact),
+            digest=serde_digest_of(artifact),
             model=self.model,
             model_param=self.model_param,
             model_param_index=self.model_param_index,
@@ -214,7 +213,7 @@ class Function(Generic[R]):
         """Same as :meth:`local`."""
         return self.local(*args, **kwargs)
 
-    # -- triggers (see faas/_triggers.py) ------------------------------------------------
+    # -- triggers (see faas/triggers/_binding.py) ------------------------------------------------
     def on_object(self, **options: Any) -> TriggerBinding:
         """Bind this function to new objects in a bucket; it runs once per new object version.
 
@@ -236,7 +235,7 @@ class Function(Generic[R]):
         Raises:
             BindingError: The binding is malformed (nothing is registered or stored).
         """
-        from faas._triggers import bind_function
+        from faas.triggers._binding import bind_function
 
         return bind_function(self, **options)
 

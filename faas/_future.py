@@ -8,23 +8,24 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from faas._client_protocol import default_client
-from runtime import _serde
-from runtime._errors import (
+from faas.clients._protocol import default_client
+from runtime import (
     EngineError,
     EngineLost,
+    ErrorInfo,
     FaasError,
     InvocationCancelled,
     InvocationError,
     InvocationTimeout,
     RemoteError,
+    Result,
     WorkerLost,
+    is_marker,
 )
-from runtime._staging import is_marker
-from runtime._wire import ErrorInfo, Result
+from runtime import loads as serde_loads
 
 if TYPE_CHECKING:
-    from faas._client_protocol import FaasClient
+    from faas.clients._protocol import FaasClient
 
 T = TypeVar("T")
 
@@ -136,7 +137,7 @@ class Future(concurrent.futures.Future[T], Generic[T]):
                 elif self._loader is not None:
                     self.set_result(self._loader(data))
                 else:
-                    self.set_result(_serde.loads(data, what=f"result of invocation {self.invocation_id}"))
+                    self.set_result(serde_loads(data, what=f"result of invocation {self.invocation_id}"))
             else:
                 assert result.error is not None
                 self.set_exception(rebuild_error(result.error))
@@ -180,7 +181,7 @@ def rebuild_error(info: ErrorInfo) -> BaseException:
     exc: BaseException | None = None
     if info.exception is not None:
         try:
-            loaded = _serde.loads(info.exception, what="remote exception")
+            loaded = serde_loads(info.exception, what="remote exception")
             if isinstance(loaded, BaseException):
                 exc = loaded
         except FaasError:

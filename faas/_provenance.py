@@ -17,20 +17,23 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from faas._replay_compare import Comparison, Difference, Tolerance, compare
-from registry._specs import FunctionSpec, ModelSpec
-from runtime._errors import ObjectNotFound
-from runtime._provenance import (
+from registry import FunctionSpec, ModelSpec
+from runtime import (
     Determinism,
     EngineCall,
     FunctionProvenance,
+    Invocation,
     ModelProvenance,
+    ObjectNotFound,
+    ObjectStore,
     ProvenanceRecord,
+    Result,
     Timings,
     determinism_of,
+    is_marker,
+    parse_marker,
+    unstage_value,
 )
-from runtime._staging import is_marker, parse_marker, unstage_value
-from runtime._store import ObjectStore
-from runtime._wire import Invocation, Result
 
 
 def wire_digest(data: bytes | None) -> str | None:

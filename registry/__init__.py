@@ -1,8 +1,9 @@
 """What exists: function and model specs, stored as objects in the ObjectStore."""
 
-from registry._bindings import BindingError, Bindings, TriggerBinding, UnknownBindingError
-from registry._registry import Registry, UnknownFunctionError, split_ref
+from registry._bindings import Bindings, TriggerBinding, make_binding
+from registry._registry import Registry, split_ref
 from registry._specs import BUILTIN_MODELS, TINY_LLAMA, FunctionSpec, ModelSpec
+from runtime import BindingError, UnknownBindingError, UnknownFunctionError
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -15,5 +16,6 @@ __all__ = [
     "TriggerBinding",
     "UnknownBindingError",
     "UnknownFunctionError",
+    "make_binding",
     "split_ref",
 ]

@@ -21,22 +21,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from runtime._errors import ObjectNotFound, SubmitError
-from runtime._store import ObjectStore
+from runtime import BindingError, ObjectNotFound, ObjectStore, UnknownBindingError
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
 _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 BINDINGS_PREFIX = "registry/triggers/"
 
 StorageKind = Literal["s3", "file"]
-
-
-class BindingError(SubmitError):
-    """A trigger binding is malformed; it was not stored and nothing runs."""
-
-
-class UnknownBindingError(SubmitError, LookupError):
-    """No trigger binding is stored under that name."""
 
 
 class TriggerBinding(BaseModel):

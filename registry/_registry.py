@@ -21,16 +21,19 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from registry._specs import BUILTIN_MODELS, FunctionSpec, ModelSpec
-from runtime import _serde
-from runtime._errors import ObjectExists, ObjectNotFound, SubmitError, UnknownModelError
-from runtime._source import restore_function
-from runtime._store import ObjectStore
+from runtime import (
+    ObjectExists,
+    ObjectNotFound,
+    ObjectStore,
+    SubmitError,
+    UnknownFunctionError,
+    UnknownModelError,
+    restore_function,
+)
+from runtime import digest_of as serde_digest_of
+from runtime import loads as serde_loads
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
-
-
-class UnknownFunctionError(SubmitError, LookupError):
-    """No function is registered under that name, version or digest."""
 
 
 def _check_name(name: str, what: str) -> str:
@@ -88,7 +91,7 @@ class Registry:
             The stored spec with its version.
         """
         _check_name(spec.name, "function")
-        digest = _serde.digest_of(artifact)
+        digest = serde_digest_of(artifact)
         if digest != spec.digest:
             raise SubmitError(f"Spec digest {spec.digest[:12]} does not match the artifact's {digest[:12]}.")
         try:
@@ -169,7 +172,7 @@ class Registry:
             raise UnknownFunctionError(
                 f"No function artifact with digest {digest[:12]}... is stored."
             ) from None
-        loaded = _serde.loads(blob, expected_digest=digest, what=f"function artifact {digest[:12]}")
+        loaded = serde_loads(blob, expected_digest=digest, what=f"function artifact {digest[:12]}")
         fn = cast("Callable[..., Any]", restore_function(loaded))
         with self._lock:
             self._functions[digest] = fn

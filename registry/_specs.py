@@ -7,10 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from runtime._policy import MODES, check_modes
-from runtime._staging import StagedRef
-from runtime._store import new_id
-from runtime._wire import Invocation, OutputTarget
+from runtime import MODES, Invocation, OutputTarget, StagedRef, check_modes, new_id
 
 
 class FunctionSpec(BaseModel):

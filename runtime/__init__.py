@@ -3,12 +3,20 @@
 ``runtime`` imports none of the other packages; they all build on it.
 """
 
+from typing import TYPE_CHECKING
+
 from runtime._errors import (
+    AuthConfigError,
     AuthError,
+    BackPressureError,
+    BindingError,
+    ConfigError,
+    EndpointRenderError,
     EngineError,
     EngineLost,
     FaasError,
     FunctionDefinitionError,
+    GlobusComputeConfigError,
     IntegrityError,
     InvocationCancelled,
     InvocationError,
@@ -17,15 +25,22 @@ from runtime._errors import (
     NotFoundError,
     ObjectExists,
     ObjectNotFound,
+    PlacementError,
     PoolClosedError,
     QuotaExceededError,
     RemoteError,
     SerializationError,
+    ServeConfigError,
     ServiceError,
     StoreAuthError,
     StoreError,
     SubmitError,
+    SubstrateConfigError,
+    UnknownBindingError,
+    UnknownFunctionError,
     UnknownModelError,
+    UnsupportedFeatureError,
+    UnsupportedOperationError,
     WorkerLost,
     WorkerStartError,
 )
@@ -36,36 +51,69 @@ from runtime._model import (
     Model,
     SamplingParams,
     TextStream,
-    UnsupportedFeatureError,
     validate_sampling_params,
 )
+from runtime._net import tcp_transport
 from runtime._objectref import ObjectRef, current_store
+from runtime._outputs import (
+    REPORT_STATES,
+    Outputs,
+    encode_output,
+    file_etag,
+    outputs_parameter,
+    stored_digest,
+)
 from runtime._paths import cache_dir, default_store_url
-from runtime._provenance import ProvenanceRecord
-from runtime._records import InvocationRecord, RecordStore, RecordWriter, ValueRecord
-from runtime._serde import dumps, loads, sha256_hex
+from runtime._policy import MODES, check_modes
+from runtime._provenance import (
+    Determinism,
+    EngineCall,
+    FunctionProvenance,
+    ModelProvenance,
+    ProvenanceRecord,
+    Timings,
+    determinism_of,
+)
+from runtime._records import InvocationRecord, RecordStore, RecordWriter, ResultRecord, ValueRecord
+from runtime._serde import digest_of, dumps, loads, loads_data, sha256_hex
+from runtime._source import bundle_function, restore_function
 from runtime._staging import (
     Ref,
     StagedRef,
+    is_marker,
     load_staged,
+    parse_marker,
     stage_args,
     stage_object,
     stage_value,
     staging_threshold,
     unstage_value,
 )
-from runtime._store import LocalStore, ObjectStore, new_id, store_from_config, store_from_url
-from runtime._wire import ErrorInfo, Invocation, Result
+from runtime._store import LocalStore, ObjectStore, new_id
+from runtime._store_factory import scoped_store, store_from_config, store_from_url
+from runtime._wire import ErrorInfo, ErrorKind, Invocation, OutputTarget, Result
 
 __all__ = [
+    "MODES",
+    "REPORT_STATES",
+    "AuthConfigError",
     "AuthError",
+    "BackPressureError",
+    "BindingError",
     "ChatResult",
+    "ConfigError",
+    "Determinism",
+    "EndpointRenderError",
+    "EngineCall",
     "EngineError",
     "EngineLost",
     "ErrorInfo",
+    "ErrorKind",
     "FaasError",
     "FunctionDefinitionError",
+    "FunctionProvenance",
     "GenerateResult",
+    "GlobusComputeConfigError",
     "IntegrityError",
     "Invocation",
     "InvocationCancelled",
@@ -75,11 +123,15 @@ __all__ = [
     "LocalStore",
     "ModeNotAllowedError",
     "Model",
+    "ModelProvenance",
     "NotFoundError",
     "ObjectExists",
     "ObjectNotFound",
     "ObjectRef",
     "ObjectStore",
+    "OutputTarget",
+    "Outputs",
+    "PlacementError",
     "PoolClosedError",
     "ProvenanceRecord",
     "QuotaExceededError",
@@ -88,28 +140,48 @@ __all__ = [
     "Ref",
     "RemoteError",
     "Result",
+    "ResultRecord",
+    "S3Store",
     "SamplingParams",
     "SerializationError",
+    "ServeConfigError",
     "ServiceError",
     "StagedRef",
     "StoreAuthError",
     "StoreError",
     "SubmitError",
+    "SubstrateConfigError",
     "TextStream",
+    "Timings",
+    "UnknownBindingError",
+    "UnknownFunctionError",
     "UnknownModelError",
     "UnsupportedFeatureError",
+    "UnsupportedOperationError",
     "ValueRecord",
     "WorkerLost",
     "WorkerStartError",
+    "bundle_function",
     "cache_dir",
+    "check_modes",
     "current_store",
     "default_store_url",
+    "determinism_of",
+    "digest_of",
     "dumps",
+    "encode_output",
     "error_info",
     "execute",
+    "file_etag",
+    "is_marker",
     "load_staged",
     "loads",
+    "loads_data",
     "new_id",
+    "outputs_parameter",
+    "parse_marker",
+    "restore_function",
+    "scoped_store",
     "sha256_hex",
     "stage_args",
     "stage_object",
@@ -117,6 +189,20 @@ __all__ = [
     "staging_threshold",
     "store_from_config",
     "store_from_url",
+    "stored_digest",
+    "tcp_transport",
     "unstage_value",
     "validate_sampling_params",
 ]
+
+
+if TYPE_CHECKING:
+    from runtime._s3 import S3Store
+
+
+def __getattr__(name: str) -> object:
+    if name == "S3Store":  # imported on first use: it pulls in boto3
+        from runtime._s3 import S3Store
+
+        return S3Store
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,9 +6,13 @@ They live in ``runtime`` because it is the lowest package; ``faas`` re-exports t
 FaasError
 ├── SubmitError                 bad input, raised before any work is done
 │   ├── UnknownModelError       the model name or version is not registered
+│   ├── UnknownFunctionError    no function under that name, version or digest
 │   ├── SerializationError      an argument or function cannot be pickled
 │   ├── FunctionDefinitionError the decorated object is not a usable function
-│   └── QuotaExceededError      the tenant's in-flight or queue quota is full
+│   ├── QuotaExceededError      the tenant's in-flight or queue quota is full
+│   ├── BackPressureError       the model's queue is full (retry later)
+│   ├── BindingError            a trigger binding is malformed
+│   └── UnknownBindingError     no trigger binding under that name
 ├── InvocationError             an invocation ran (or tried to) and failed
 │   ├── RemoteError             the user's function raised; carries its traceback
 │   ├── InvocationTimeout       the invocation ran past its timeout
@@ -18,19 +22,35 @@ FaasError
 │   └── InvocationCancelled     the caller cancelled it
 ├── ModeNotAllowedError         the model's access policy forbids that mode (no request sent)
 ├── EngineError                 the engine refused a request or failed to start
+│   └── UnsupportedFeatureError the engine lacks a feature the request used (e.g. the CPU engine)
+├── UnsupportedOperationError   this client cannot do that operation (e.g. .local() remotely)
 ├── PoolClosedError             the pool is shut down
 ├── IntegrityError              bytes do not match their recorded digest
 ├── ServiceError                the pool service answered with an error
 │   ├── AuthError               missing or wrong bearer token (HTTP 401)
 │   └── NotFoundError           no such function or invocation for this tenant (HTTP 404)
-└── StoreError                  the object store failed
-    ├── ObjectNotFound          no object under that key
-    ├── ObjectExists            a commit-once write found the key taken
-    └── StoreAuthError          the store rejected the credentials (never retried)
+├── StoreError                  the object store failed
+│   ├── ObjectNotFound          no object under that key
+│   ├── ObjectExists            a commit-once write found the key taken
+│   └── StoreAuthError          the store rejected the credentials (never retried)
+└── ConfigError                 a configuration cannot work; raised before anything starts
+    ├── AuthConfigError         the service's token file is malformed
+    ├── ServeConfigError        ``faas serve`` was asked for something unsafe or impossible
+    ├── SubstrateConfigError    a substrate file is unreadable or names what does not exist
+    ├── EndpointRenderError     a model cannot be rendered as a Globus Compute endpoint config
+    ├── PlacementError          the scheduler's environment does not describe a multi-node block
+    └── GlobusComputeConfigError the Globus Compute cloud backend is not configured
 ```
+
+Every class lives here, whatever package raises it, so that this one tree is the
+whole story; ``faas`` re-exports them all. Errors cross processes pickled (in a
+Result's ``ErrorInfo``), so their module path is wire format: the modules that
+used to define some of them import them from here, which keeps old pickles loading.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class FaasError(Exception):
@@ -39,6 +59,22 @@ class FaasError(Exception):
 
 class SubmitError(FaasError, ValueError):
     """Bad input detected at submit time; nothing was run."""
+
+
+class UnknownFunctionError(SubmitError, LookupError):
+    """No function is registered under that name, version or digest."""
+
+
+class BackPressureError(SubmitError):
+    """The model's queue is full; the invocation was not accepted (retry later)."""
+
+
+class BindingError(SubmitError):
+    """A trigger binding is malformed; it was not stored and nothing runs."""
+
+
+class UnknownBindingError(SubmitError, LookupError):
+    """No trigger binding is stored under that name."""
 
 
 class UnknownModelError(SubmitError, LookupError):
@@ -75,6 +111,9 @@ class RemoteError(InvocationError):
         self.remote_message = message
         self.remote_traceback = remote_traceback
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled in results: rebuild with all three arguments
+        return (type(self), (self.type_name, self.remote_message, self.remote_traceback))
+
 
 class InvocationTimeout(InvocationError, TimeoutError):
     """The invocation ran longer than its timeout."""
@@ -107,6 +146,33 @@ class ModeNotAllowedError(FaasError, PermissionError):
 
 class EngineError(FaasError):
     """An engine refused a request, answered badly, or failed to start."""
+
+
+class UnsupportedFeatureError(EngineError, NotImplementedError):
+    """The engine does not implement a feature the request asked for; nothing was generated.
+
+    The CPU engine raises it for SGLang features it lacks (constrained decoding, penalties,
+    input logprobs, ...); SGLang implements them.
+    """
+
+
+class UnsupportedOperationError(FaasError, NotImplementedError):
+    """A client cannot do what was asked of it (nothing was sent or run).
+
+    Attributes:
+        client: The client's class name, e.g. ``"RemoteClient"``.
+        operation: The operation, e.g. ``"model_handle"``.
+        reason: Why, and what to do instead.
+    """
+
+    def __init__(self, client: str, operation: str, reason: str) -> None:
+        super().__init__(f"{client} does not support {operation}: {reason}")
+        self.client = client
+        self.operation = operation
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:  # errors cross processes pickled
+        return (type(self), (self.client, self.operation, self.reason))
 
 
 class PoolClosedError(FaasError, RuntimeError):
@@ -157,3 +223,31 @@ class AuthError(ServiceError, PermissionError):
 
 class NotFoundError(ServiceError, LookupError):
     """The service has no such function or invocation for this tenant."""
+
+
+class ConfigError(FaasError, ValueError):
+    """A configuration cannot work; nothing was started."""
+
+
+class AuthConfigError(ConfigError):
+    """The token file or ``$FAAS_TOKENS`` is malformed."""
+
+
+class ServeConfigError(ConfigError):
+    """``faas serve`` was asked for something unsafe or impossible."""
+
+
+class SubstrateConfigError(ConfigError):
+    """A substrate configuration file is missing, malformed or names something that does not exist."""
+
+
+class EndpointRenderError(ConfigError):
+    """A model spec and the options cannot be turned into an endpoint config."""
+
+
+class PlacementError(ConfigError):
+    """The scheduler environment does not describe a consistent multi-node block."""
+
+
+class GlobusComputeConfigError(ConfigError):
+    """The Globus Compute cloud backend is not configured so that it can work; nothing was sent."""

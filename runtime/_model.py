@@ -26,7 +26,7 @@ from typing import Any, Literal, overload
 import httpx
 import numpy as np
 
-from runtime._errors import EngineError, EngineLost, SubmitError
+from runtime._errors import EngineError, EngineLost, SubmitError, UnsupportedFeatureError
 from runtime._model_results import (
     ChatDecoder,
     ChatResult,
@@ -59,14 +59,6 @@ __all__ = [
 Prompt = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
 HiddenStates = bool | Literal["last"]
 UNSUPPORTED_TYPE = "unsupported_feature"
-
-
-class UnsupportedFeatureError(EngineError, NotImplementedError):
-    """The engine does not implement a feature the request asked for; nothing was generated.
-
-    The CPU engine raises it for SGLang features it lacks (constrained decoding, penalties,
-    input logprobs, ...); SGLang implements them.
-    """
 
 
 def _prompt_fields(prompt: Prompt | None, input_ids: Prompt | None) -> tuple[dict[str, Any], int, bool]:

@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict
 
 from runtime._errors import IntegrityError, ObjectNotFound, StoreError
 from runtime._paths import default_store_url
-from runtime._store import ObjectStore, _check_key, store_from_config, store_from_url
+from runtime._store import ObjectStore, _check_key
+from runtime._store_factory import store_from_config, store_from_url
 
 _CURRENT: contextvars.ContextVar[ObjectStore | None] = contextvars.ContextVar(
     "faas_current_store", default=None

@@ -28,7 +28,7 @@ def tiny_model_path() -> Path:
     override = os.environ.get("FAAS_TEST_MODEL_DIR")
     if override:
         return Path(override)
-    from warmpool._tiny_model import ensure_tiny_model
+    from warmpool.cpu_engine._tiny_model import ensure_tiny_model
 
     return ensure_tiny_model()
 

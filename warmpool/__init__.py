@@ -1,27 +1,22 @@
 """Where work runs: engine hosts, replicas, workers and the pool."""
 
-from warmpool._engine_host import CpuEngineHost, EngineHost, SubprocessEngineHost
-from warmpool._pool import Pool, Work
-from warmpool._replica import (
-    BackPressureError,
-    ModelPool,
-    Replica,
-    ReplicaState,
-    default_engine_factory,
-)
+from runtime import BackPressureError, SubstrateConfigError
+from warmpool._replica import EngineFactory, ModelPool, Replica, ReplicaState, default_engine_factory
 from warmpool._substrate import (
     ProviderConfig,
     Substrate,
     SubstrateConfig,
-    SubstrateConfigError,
     SubstrateKind,
     load_substrate_config,
     make_substrate,
 )
+from warmpool.engines._host import CpuEngineHost, EngineHost, SubprocessEngineHost
+from warmpool.local._pool import Pool, Work
 
 __all__ = [
     "BackPressureError",
     "CpuEngineHost",
+    "EngineFactory",
     "EngineHost",
     "ModelPool",
     "Pool",

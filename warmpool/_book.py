@@ -28,10 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from registry._specs import FunctionSpec, ModelSpec
-from runtime._errors import InvocationTimeout
-from runtime._execute import error_info
-from runtime._wire import ErrorKind, Invocation, Result
+from registry import FunctionSpec, ModelSpec
+from runtime import ErrorKind, Invocation, InvocationTimeout, Result, error_info
 from warmpool._metrics import ModelMetrics
 
 log = logging.getLogger("faas.pool")

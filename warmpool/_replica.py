@@ -17,17 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from registry._specs import ModelSpec
-from runtime._errors import EngineError, SubmitError
-from warmpool._engine_host import CpuEngineHost, EngineHost
+from registry import ModelSpec
+from runtime import BackPressureError, EngineError
 from warmpool._metrics import ModelMetrics
+from warmpool.engines._host import CpuEngineHost, EngineHost
 
 if TYPE_CHECKING:
-    from warmpool._pool import Work
-
-
-class BackPressureError(SubmitError):
-    """The model's queue is full; the invocation was not accepted (retry later)."""
+    from warmpool.local._pool import Work
 
 
 class ReplicaState(enum.Enum):
@@ -50,7 +46,7 @@ def default_engine_factory(spec: ModelSpec, log_dir: Path) -> EngineHost:
     if spec.engine == "cpu":
         path = spec.model_path
         if path is None:
-            from warmpool._tiny_model import ensure_tiny_model  # torch is imported only here
+            from warmpool.cpu_engine._tiny_model import ensure_tiny_model  # torch is imported only here
 
             path = str(ensure_tiny_model())
         return CpuEngineHost(
@@ -62,7 +58,7 @@ def default_engine_factory(spec: ModelSpec, log_dir: Path) -> EngineHost:
             log_dir=log_dir,
         )
     if spec.engine == "sglang":
-        from warmpool._sglang import SGLangEngineHost
+        from warmpool.engines._sglang import SGLangEngineHost
 
         return SGLangEngineHost.from_spec(spec, log_dir=log_dir)
     raise EngineError(f"Engine kind {spec.engine!r} of model {spec.ref!r} is not available in this pool.")

@@ -27,12 +27,20 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from registry._registry import Registry
-from runtime._errors import EngineError, FaasError, InvocationTimeout
-from runtime._execute import error_info, execute
-from runtime._model import Model
-from runtime._store import ObjectStore, store_from_config
-from runtime._wire import ErrorKind, Invocation, Result
+from registry import Registry
+from runtime import (
+    EngineError,
+    ErrorKind,
+    FaasError,
+    Invocation,
+    InvocationTimeout,
+    Model,
+    ObjectStore,
+    Result,
+    error_info,
+    execute,
+    store_from_config,
+)
 
 
 class Dispatch(BaseModel):

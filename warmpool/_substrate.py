@@ -3,9 +3,9 @@
 A substrate is the pool surface the client uses. Two implementations satisfy
 :class:`Substrate` structurally (neither inherits from it):
 
-- ``local``: :class:`warmpool._pool.Pool`, engines and workers as child
+- ``local``: :class:`warmpool.local._pool.Pool`, engines and workers as child
   processes of this one;
-- ``globus-compute``: :class:`warmpool._gce.GlobusComputePool`, one Globus
+- ``globus-compute``: :class:`warmpool.globus_compute._pool.GlobusComputePool`, one Globus
   Compute engine (Parsl HighThroughputExecutor) per model, whose blocks are
   engine hosts on cluster nodes.
 
@@ -23,9 +23,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from registry._specs import FunctionSpec, ModelSpec
-from runtime._store import ObjectStore
-from runtime._wire import Invocation, Result
+from registry import FunctionSpec, ModelSpec
+from runtime import Invocation, ObjectStore, Result, SubstrateConfigError
 from warmpool._replica import Replica
 
 SubstrateKind = Literal["local", "globus-compute"]
@@ -91,10 +90,6 @@ class Substrate(Protocol):
         ...
 
 
-class SubstrateConfigError(ValueError):
-    """A substrate configuration file is missing, malformed or names something that does not exist."""
-
-
 class ProviderConfig(BaseModel):
     """The Parsl execution provider of a Globus Compute substrate's engines.
 
@@ -157,7 +152,7 @@ class SubstrateConfig(BaseModel):
         kind: ``local`` (in-process pool) or ``globus-compute`` (Globus Compute
             engines, one per model).
         options: Keyword arguments of the substrate's constructor (see
-            :class:`warmpool._pool.Pool` and :class:`warmpool._gce.GlobusComputePool`).
+            :class:`warmpool.local._pool.Pool` and :class:`warmpool.globus_compute._pool.GlobusComputePool`).
         provider: For ``globus-compute``: the Parsl provider of every engine
             (default: ``LocalProvider``, blocks are processes on this machine).
     """
@@ -230,11 +225,11 @@ def make_substrate(kind: SubstrateKind, store: ObjectStore, **options: Any) -> S
         ValueError: ``kind`` names no substrate.
     """
     if kind == "local":
-        from warmpool._pool import Pool
+        from warmpool.local._pool import Pool
 
         return Pool(store, **options)
     if kind == "globus-compute":
-        from warmpool._gce import GlobusComputePool  # imports parsl: only when asked for
+        from warmpool.globus_compute._pool import GlobusComputePool  # imports parsl: only when asked for
 
         return GlobusComputePool(store, **options)
     raise ValueError(f"Unknown substrate kind {kind!r}; expected 'local' or 'globus-compute'.")

@@ -40,9 +40,9 @@ from globus_compute_sdk import Executor
 from globus_compute_sdk.sdk import executor as sdk_executor
 from pika.spec import Basic, BasicProperties
 
-from faas._gc_cloud import GlobusComputeCloudClient, SdkExecutor
+from faas.clients._gc_cloud import GlobusComputeCloudClient, SdkExecutor
 from registry import ModelSpec, Registry
-from runtime._store import store_from_url
+from runtime._store_factory import store_from_url
 from tests._s3_servers import S3Server
 from tests.warmpool._cpu_engine_proc import running_engine
 

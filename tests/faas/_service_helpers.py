@@ -10,7 +10,7 @@ Use in a test module::
             assert list(fn.map(range(2000))) == [2 * i for i in range(2000)]
         assert counter.total < 20, counter.by_route
 
-``faas_service`` starts ``python -m faas._cli serve`` on 127.0.0.1 (a free
+``faas_service`` starts ``python -m faas.cli serve`` on 127.0.0.1 (a free
 port, its own store and state directories, a token file with the tenants of
 ``tests.faas._service_proc.TOKENS``), waits for ``/health`` with a deadline,
 and stops it (SIGTERM, then SIGKILL) at the end of the module. It is the

@@ -21,7 +21,7 @@ TOKENS = {"alice": "alice-token-0123456789abcdef", "bob": "bob-token-0123456789a
 
 
 class ServiceProc:
-    """``python -m faas._cli serve`` on 127.0.0.1 with a free port, its own store and state.
+    """``python -m faas.cli serve`` on 127.0.0.1 with a free port, its own store and state.
 
     Args:
         root: Directory for the store, state, token file and logs.
@@ -81,7 +81,7 @@ class ServiceProc:
                 [
                     sys.executable,
                     "-m",
-                    "faas._cli",
+                    "faas.cli",
                     "serve",
                     "--host",
                     "127.0.0.1",

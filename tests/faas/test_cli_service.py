@@ -1,4 +1,4 @@
-"""The function and invocation commands (faas/_cli_service.py) against the embedded client."""
+"""The function and invocation commands (faas/cli/_service.py) against the embedded client."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 import faas
-from faas._cli_service import register_commands
+from faas.cli._service import register_commands
 
 MODULE = '''
 import os

@@ -22,7 +22,7 @@ import pytest
 
 import faas
 from tests.faas._service_proc import TOKENS, ServiceProc
-from warmpool._tiny_model import KNOWN_COMPLETIONS
+from warmpool.cpu_engine._tiny_model import KNOWN_COMPLETIONS
 
 PROMPT = "The quick brown"
 
@@ -108,7 +108,7 @@ def remote(request: pytest.FixtureRequest, tmp: pytest.TempPathFactory) -> Itera
 def cloud(request: pytest.FixtureRequest, tmp: pytest.TempPathFactory) -> Iterator[Backend]:
     pytest.importorskip("globus_compute_sdk")
     pytest.importorskip("globus_compute_endpoint")
-    from faas._gc_cloud import GlobusComputeCloudClient
+    from faas.clients._gc_cloud import GlobusComputeCloudClient
     from tests._s3_servers import aws_env
     from tests.faas._gc_cloud_helpers import (
         ENDPOINT,

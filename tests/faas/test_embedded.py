@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 import faas
-from faas._quickstart import child_pids
-from warmpool._pool import pid_alive
-from warmpool._tiny_model import KNOWN_COMPLETIONS
+from faas.cli._quickstart import child_pids
+from warmpool.cpu_engine._tiny_model import KNOWN_COMPLETIONS
+from warmpool.local._pool import pid_alive
 
 PROMPT = "The quick brown"
 EXPECTED = KNOWN_COMPLETIONS[PROMPT]
@@ -237,7 +237,7 @@ def test_pool_status_cli_reads_the_store(client: faas.Client) -> None:
 
     from typer.testing import CliRunner
 
-    from faas._cli import app
+    from faas.cli._main import app
 
     def report() -> dict[str, Any] | None:
         out = CliRunner().invoke(app, ["pool", "status", "--json", "--store", client.store.url()])

@@ -28,15 +28,15 @@ from globus_compute_endpoint.endpoint.config.utils import load_config_yaml, rend
 from globus_compute_endpoint.endpoint.identity_mapper import MappedPosixIdentity
 from globus_compute_sdk.serialize import ComputeSerializer, DillCode
 
-from faas._endpoint import EndpointOptions, render_endpoint_config
 from registry import ModelSpec, Registry
 from runtime import Invocation, Result, dumps, loads, new_id, store_from_url
 from tests.warmpool._pool_helpers import generate, register, wait_for
-from warmpool._block import block_dirs, read_status
-from warmpool._gce_engine import submit_task
-from warmpool._gce_task import run_invocation
-from warmpool._pool import pid_alive
 from warmpool._runner import Dispatch
+from warmpool.globus_compute._endpoint_config import EndpointOptions, render_endpoint_config
+from warmpool.globus_compute._engine import submit_task
+from warmpool.globus_compute.block import block_dirs, read_status
+from warmpool.globus_compute.task import run_invocation
+from warmpool.local._pool import pid_alive
 
 
 def test_rendered_workstation_config_starts_the_engine_and_answers(

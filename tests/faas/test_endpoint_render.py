@@ -29,10 +29,13 @@ from globus_compute_endpoint.endpoint.config.utils import (
 )
 from globus_compute_endpoint.endpoint.identity_mapper import MappedPosixIdentity
 
-from faas._cli_endpoint import endpoint_app
-from faas._endpoint import (
+from faas.cli._endpoint import endpoint_app
+from registry import Registry
+from registry._specs import ModelSpec
+from runtime import store_from_url
+from runtime._errors import EndpointRenderError
+from warmpool.globus_compute._endpoint_config import (
     EndpointOptions,
-    EndpointRenderError,
     endpoint_config,
     engine_geometry,
     load_spec_file,
@@ -40,10 +43,7 @@ from faas._endpoint import (
     render_examples,
     to_yaml,
 )
-from registry import Registry
-from registry._specs import ModelSpec
-from runtime import store_from_url
-from warmpool._gce_launcher import JINJA_BLOCK_ID
+from warmpool.globus_compute._launcher import JINJA_BLOCK_ID
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra" / "globus-compute"
@@ -126,8 +126,10 @@ def assert_block_launch_cmd(config: Any) -> None:
     """Every node runs the worker pool behind the engine-host wrapper, which reads FAAS_MODEL."""
     cmd = config.engine.executor.launch_cmd
     wrapper, _, pool = cmd.partition(" --exec ")
-    assert wrapper.split() == ["globus-compute-endpoint", "python-exec", "warmpool._block", "--run-dir",
-                               "{logdir}", "--nodes-per-block={nodes_per_block}"]  # fmt: skip
+    assert wrapper.split() == [
+        "globus-compute-endpoint", "python-exec", "warmpool.globus_compute.block", "--run-dir", "{logdir}",
+        "--nodes-per-block={nodes_per_block}",
+    ]  # fmt: skip
     assert pool.startswith(
         "globus-compute-endpoint python-exec parsl.executors.high_throughput.process_worker_pool "
     )

@@ -32,13 +32,9 @@ from typing import Any
 import pytest
 
 import faas
-from faas._gc_cloud import (
-    ENDPOINT_ENV,
-    GlobusComputeCloudClient,
-    GlobusComputeConfigError,
-    run_cloud_invocation,
-)
+from faas.clients._gc_cloud import ENDPOINT_ENV, GlobusComputeCloudClient, run_cloud_invocation
 from runtime import InvocationError, InvocationTimeout, Model, NotFoundError
+from runtime._errors import GlobusComputeConfigError
 from runtime._records import RecordStore
 from runtime._wire import Invocation
 from tests._s3_servers import S3Server, aws_env
@@ -307,7 +303,7 @@ def test_run_cloud_invocation_counts_the_deadline_from_the_task_start(
         seen.append(json.loads(dispatch_json))
         return "{}"
 
-    monkeypatch.setattr("faas._gc_cloud.run_invocation", fake_run)
+    monkeypatch.setattr("faas.clients._gc_cloud.run_invocation", fake_run)
     before = time.time()
     run_cloud_invocation("{}", json.dumps({"model_name": None, "timeout": 30}))
     run_cloud_invocation("{}", json.dumps({"model_name": None, "timeout": None}))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from warmpool._tiny_model import KNOWN_COMPLETIONS
+from warmpool.cpu_engine._tiny_model import KNOWN_COMPLETIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -96,7 +96,7 @@ def test_replay_reproduces_greedy_output_via_cli(client: faas.Client) -> None:
     client.flush_records(30)
     env = {**os.environ, "COLUMNS": "200"}
     out = subprocess.run(
-        [sys.executable, "-m", "faas._cli", "replay", fut.invocation_id, "--store", client.store.url()],
+        [sys.executable, "-m", "faas.cli", "replay", fut.invocation_id, "--store", client.store.url()],
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
@@ -104,7 +104,7 @@ def test_replay_reproduces_greedy_output_via_cli(client: faas.Client) -> None:
     assert report["matches"] is True and report["value"] == original
     assert report["replay"] != fut.invocation_id
     shown = subprocess.run(
-        [sys.executable, "-m", "faas._cli", "provenance", report["replay"], "--store", client.store.url()],
+        [sys.executable, "-m", "faas.cli", "provenance", report["replay"], "--store", client.store.url()],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert shown.returncode == 0, shown.stderr
@@ -118,7 +118,7 @@ def test_replay_of_greedy_logprobs_and_hidden_states_matches_via_cli(client: faa
     assert original.hidden_states.shape[0] == original.prompt_tokens + 7
     client.flush_records(30)
     out = subprocess.run(
-        [sys.executable, "-m", "faas._cli", "replay", fut.invocation_id, "--store", client.store.url()],
+        [sys.executable, "-m", "faas.cli", "replay", fut.invocation_id, "--store", client.store.url()],
         capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
@@ -136,7 +136,7 @@ def test_replay_mismatch_exits_1_and_names_the_field(client: faas.Client) -> Non
     fut.result(60)
     client.flush_records(30)
     out = subprocess.run(
-        [sys.executable, "-m", "faas._cli", "replay", fut.invocation_id, "--store", client.store.url(),
+        [sys.executable, "-m", "faas.cli", "replay", fut.invocation_id, "--store", client.store.url(),
          "--rtol", "0", "--atol", "0"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip

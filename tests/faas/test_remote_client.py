@@ -1,7 +1,7 @@
 """faas.RemoteClient against a boundary stub of the service, plus the embedded client's parity methods.
 
 BOUNDARY STUB: ``StubService`` below is a small FastAPI app that speaks the
-HTTP contract of ``faas/_service_api.py`` (same routes and bodies) and runs
+HTTP contract of ``faas/service/_api.py`` (same routes and bodies) and runs
 the registered functions in a thread pool. It exists ONLY to test the client's
 error mapping, SSE parsing, reconnection and request counts at the edges that
 a real ``faas serve`` does not produce on demand (broken streams, 503s, junk
@@ -28,8 +28,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 import faas
-import faas._default_client
-from faas._service_api import (
+import faas.clients._default
+from faas.service._api import (
     FINAL_STATES,
     BatchRequest,
     BatchView,
@@ -535,7 +535,7 @@ def test_tokens_never_show(
 def test_faas_url_selects_the_remote_client(
     stub_service: tuple[StubService, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(faas._default_client, "_default", None)
+    monkeypatch.setattr(faas.clients._default, "_default", None)
     monkeypatch.setenv("FAAS_URL", stub_service[1])
     monkeypatch.setenv("FAAS_TOKEN", TOKEN)
     client = faas.get_client()

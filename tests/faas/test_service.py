@@ -137,7 +137,7 @@ def test_tenant_b_cannot_see_or_touch_tenant_a(service: ServiceProc) -> None:
         # Staged objects: alice's staged argument cannot be named by bob.
         session = alice.get("/v1/session").json()
         from runtime._staging import stage_args
-        from runtime._store import store_from_config
+        from runtime._store_factory import store_from_config
 
         blob, refs = stage_args(store_from_config(session["store"]), (b"x" * 2_000_000,), {}, 1024, what="a")
         body = {"function": "echo_a", "args": __import__("base64").b64encode(blob).decode()}

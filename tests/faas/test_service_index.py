@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from faas._service_index import Index
+from faas.service._index import Index
 from runtime import new_id
 from runtime._wire import Invocation
 

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 import faas
-from faas._cli import app
+from faas.cli._main import app
 from faas.triggers import BindingError, Bindings, TriggerRunner, TriggerState, parse_message
 from tests.faas._trigger_helpers import drive, executions, log_execution, wait_for
 

@@ -135,12 +135,12 @@ class Golden:
 def generate(root: Path) -> None:
     """Write every golden artifact under ``root``."""
     import faas
-    from faas._gc_cloud import run_cloud_invocation
     from faas._provenance import build_provenance
-    from faas._service_api import InvocationView, ResultView, SubmitRequest
-    from faas._trigger_buckets import ObjectEvent
-    from faas._trigger_state import Claim, TriggerState
-    from faas._trigger_work import Committer
+    from faas.clients._gc_cloud import run_cloud_invocation
+    from faas.service._api import InvocationView, ResultView, SubmitRequest
+    from faas.triggers._buckets import ObjectEvent
+    from faas.triggers._state import Claim, TriggerState
+    from faas.triggers._work import Committer
     from registry import Bindings, ModelSpec, Registry, TriggerBinding
     from runtime import _serde
     from runtime._execute import error_info, execute
@@ -150,8 +150,8 @@ def generate(root: Path) -> None:
     from runtime._staging import Ref, stage_args, stage_object, stage_value
     from runtime._store import LocalStore
     from runtime._wire import Invocation, OutputTarget, Result
-    from warmpool._gce_task import run_invocation
     from warmpool._runner import Dispatch
+    from warmpool.globus_compute.task import run_invocation
 
     golden = Golden(root)
     store = LocalStore(root / "store")
@@ -395,11 +395,16 @@ def generate(root: Path) -> None:
     # -- the Globus Compute task functions, as their serializers send them (by module and name) --
     from globus_compute_sdk.serialize import ComputeSerializer, DillCode
 
-    engine_serde = ComputeSerializer(strategy_code=DillCode())  # warmpool._gce_engine.ModelEngine
+    engine_serde = ComputeSerializer(strategy_code=DillCode())  # warmpool.globus_compute._engine.ModelEngine
     cloud_serde = ComputeSerializer()  # the SDK Executor's default (globus_compute_sdk.Client)
     for stem, serde, task, name in (
-        ("run_invocation", engine_serde, run_invocation, "warmpool._gce_task.run_invocation"),
-        ("run_cloud_invocation", cloud_serde, run_cloud_invocation, "faas._gc_cloud.run_cloud_invocation"),
+        ("run_invocation", engine_serde, run_invocation, "warmpool.globus_compute.task.run_invocation"),
+        (
+            "run_cloud_invocation",
+            cloud_serde,
+            run_cloud_invocation,
+            run_cloud_invocation.__module__ + ".run_cloud_invocation",
+        ),
     ):
         golden.pickle(f"gc/{stem}.txt", "gc", "gc_task", serde.serialize(task).encode(), function=name)
 

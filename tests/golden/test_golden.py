@@ -58,10 +58,10 @@ READERS: dict[str, str] = {
     "FunctionSpec": "registry.FunctionSpec",
     "ModelSpec": "registry.ModelSpec",
     "TriggerBinding": "registry.TriggerBinding",
-    "Claim": "faas._trigger_state.Claim",
+    "Claim": "faas.triggers._state.Claim",
     "Dispatch": "warmpool._runner.Dispatch",
-    "InvocationView": "faas._service_api.InvocationView",
-    "SubmitRequest": "faas._service_api.SubmitRequest",
+    "InvocationView": "faas.service._api.InvocationView",
+    "SubmitRequest": "faas.service._api.SubmitRequest",
 }
 PLAIN_JSON = {"alias", "done", "dead", "retry", "cloud_dispatch", "staged-bytes"}
 
@@ -467,7 +467,7 @@ def test_provenance_of_an_engine_call() -> None:
 
 
 def test_trigger_state_in_the_golden_store(store: runtime.LocalStore) -> None:
-    from faas._trigger_state import TriggerState, event_from
+    from faas.triggers._state import TriggerState, event_from
 
     binding = registry.Bindings(store).get("golden-binding")
     dedup = MANIFEST["trigger"]["dedup_ids"]

@@ -15,7 +15,7 @@ from runtime import _serde
 from runtime._capture import Capture, capturing, install
 from runtime._execute import execute
 from runtime._records import RecordStore
-from runtime._store import store_from_url
+from runtime._store_factory import store_from_url
 from runtime._wire import Invocation
 
 

@@ -20,7 +20,8 @@ from botocore.awsrequest import AWSResponse
 
 from runtime._errors import IntegrityError, ObjectExists, ObjectNotFound, StoreAuthError, StoreError
 from runtime._s3 import S3Store
-from runtime._store import LocalStore, ObjectStore, store_from_config, store_from_url
+from runtime._store import LocalStore, ObjectStore
+from runtime._store_factory import store_from_config, store_from_url
 from tests._s3_servers import S3Server
 
 # moto_server and seaweedfs_server are session fixtures from tests/conftest.py (one instance each).

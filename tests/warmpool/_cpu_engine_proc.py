@@ -35,9 +35,9 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def start(model: Path, tmp: Path, *extra: str) -> subprocess.Popen[bytes]:
-    """Launch ``python -m warmpool._cpu_engine`` writing its port to ``tmp/port``."""
+    """Launch ``python -m warmpool.cpu_engine`` writing its port to ``tmp/port``."""
     log = (tmp / "engine.log").open("wb")
-    argv = [sys.executable, "-m", "warmpool._cpu_engine", "--model-path", str(model)]
+    argv = [sys.executable, "-m", "warmpool.cpu_engine", "--model-path", str(model)]
     argv += ["--port", "0", "--port-file", str(tmp / "port"), *extra]
     return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.warmpool._cpu_engine_proc import START_TIMEOUT_S, running_engine, start, stop, wait_until
-from warmpool._tiny_model import KNOWN_COMPLETIONS
+from warmpool.cpu_engine._tiny_model import KNOWN_COMPLETIONS
 
 
 @dataclass

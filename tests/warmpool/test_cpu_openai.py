@@ -23,7 +23,7 @@ import pytest
 
 from tests.warmpool._cpu_engine_proc import running_engine, wait_until
 from tests.warmpool.test_model_modes import assert_same_shape
-from warmpool._tiny_model import KNOWN_COMPLETIONS
+from warmpool.cpu_engine._tiny_model import KNOWN_COMPLETIONS
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sglang"
 PROMPTS = list(KNOWN_COMPLETIONS)[:3]

@@ -21,8 +21,8 @@ import openai
 import pytest
 
 from tests.warmpool._cpu_engine_proc import running_engine
-from warmpool import _cpu_fields as F
-from warmpool._tiny_model import KNOWN_COMPLETIONS
+from warmpool.cpu_engine import _fields as F
+from warmpool.cpu_engine._tiny_model import KNOWN_COMPLETIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "sglang"

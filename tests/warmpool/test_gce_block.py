@@ -1,4 +1,4 @@
-"""The block wrapper (``python -m warmpool._block``): launch command, groups, multi-node, parent watch.
+"""The block wrapper (``python -m warmpool.globus_compute.block``): launch command, groups, nodes, parent.
 
 The wrapper runs as a real process with the real CPU engine on the tiny
 model; the "worker pool" it wraps is a small script that reports what a worker
@@ -20,12 +20,12 @@ import pytest
 
 from registry import ModelSpec
 from tests.warmpool._pool_helpers import wait_for
-from warmpool._block import accelerator_groups, block_dirs, multinode_spec, read_status
-from warmpool._engine_host import CpuEngineHost, SubprocessEngineHost
-from warmpool._gce_launcher import HTEX_LAUNCH_CMD, JINJA_BLOCK_ID, block_launch_cmd
-from warmpool._gce_task import engine_url_for
-from warmpool._multinode import NodePlacement
-from warmpool._pool import pid_alive
+from warmpool.engines._host import CpuEngineHost, SubprocessEngineHost
+from warmpool.engines._placement import NodePlacement
+from warmpool.globus_compute._launcher import HTEX_LAUNCH_CMD, JINJA_BLOCK_ID, block_launch_cmd
+from warmpool.globus_compute.block import accelerator_groups, block_dirs, multinode_spec, read_status
+from warmpool.globus_compute.task import engine_url_for
+from warmpool.local._pool import pid_alive
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 REPORT = textwrap.dedent(
     """
     import json, os, sys, httpx
-    from warmpool._gce_task import engine_url_for
+    from warmpool.globus_compute.task import engine_url_for
     out = {"url": os.environ.get("FAAS_ENGINE_URL"), "urls": os.environ.get("FAAS_ENGINE_URLS"),
            "error": os.environ.get("FAAS_ENGINE_ERROR"), "by_group": {}}
     for group in sys.argv[2:]:
@@ -86,7 +86,7 @@ def test_block_launch_cmd_formats_like_htex() -> None:
     once = cmd.format(**values)  # initialize_scaling
     final = once.format(block_id="3")  # _get_launch_command
     assert final.startswith(
-        f"{sys.executable} -m warmpool._block --run-dir /r/{{x}} --nodes-per-block=<nodes"
+        f"{sys.executable} -m warmpool.globus_compute.block --run-dir /r/{{x}} --nodes-per-block=<nodes"
     )
     assert "--model-file /m.json" in final and "--parent-pid 7" in final and "--failed-linger 3.0" in final
     assert f"--exec {sys.executable} -m parsl.executors.high_throughput.process_worker_pool" in final
@@ -120,7 +120,7 @@ def test_multinode_spec_carries_the_placement() -> None:
     args = multinode_spec(spec, placement).engine_args
     assert args == {"tp": 8, "pp": 4, "nnodes": 4, "node_rank": 2, "dist_init_addr": "nid001:50000"}
     assert multinode_spec(spec, NodePlacement(1, 0, "h")) is spec
-    from warmpool._sglang import sglang_argv
+    from warmpool.engines._sglang import sglang_argv
 
     argv = sglang_argv(multinode_spec(spec, placement), port=30000, host="0.0.0.0")
     assert argv[argv.index("--node-rank") + 1] == "2" and argv[argv.index("--nnodes") + 1] == "4"
@@ -134,7 +134,7 @@ def _run_block(
     args: list[str], env: dict[str, str], timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "warmpool._block", *args],
+        [sys.executable, "-m", "warmpool.globus_compute.block", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -258,7 +258,7 @@ def test_block_stops_when_its_parent_pid_is_gone(tiny_model_path: Path, tmp_path
     pool = [sys.executable, "-c", "import time; time.sleep(300)"]
     args = ["--run-dir", str(tmp_path / "run"), "--model-file", str(_tiny(tiny_model_path, tmp_path)),
             "--parent-pid", str(parent.pid), "--exec", *pool]  # fmt: skip
-    block = subprocess.Popen([sys.executable, "-m", "warmpool._block", *args], env=_env())
+    block = subprocess.Popen([sys.executable, "-m", "warmpool.globus_compute.block", *args], env=_env())
     try:
 
         def ready() -> dict[str, Any] | None:
@@ -284,8 +284,8 @@ def test_watch_only_passes_stdin_and_stops_with_parent(tmp_path: Path) -> None:
     parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     child = "import sys, time; print(sys.stdin.readline().strip(), flush=True); time.sleep(300)"
     watch = subprocess.Popen(
-        [sys.executable, "-m", "warmpool._block", "--watch-only", "--parent-pid", str(parent.pid),
-         "--exec", sys.executable, "-c", child],
+        [sys.executable, "-m", "warmpool.globus_compute.block", "--watch-only", "--parent-pid",
+         str(parent.pid), "--exec", sys.executable, "-c", child],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env(),
     )  # fmt: skip
     try:
@@ -305,4 +305,4 @@ def test_watch_only_passes_stdin_and_stops_with_parent(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad", [["--run-dir", "x"], ["--exec"]])
 def test_usage_errors(bad: list[str]) -> None:
     done = _run_block(bad, _env(), timeout=30)
-    assert done.returncode != 0 and "warmpool._block" in done.stderr
+    assert done.returncode != 0 and "warmpool.globus_compute.block" in done.stderr

@@ -1,7 +1,7 @@
 """A SIGKILLed process holding a GlobusComputePool leaves no interchange, block or engine behind.
 
 The blocks get ``--parent-pid`` (the pool's pid) and the interchange runs under
-``warmpool._block --watch-only``; both stop when that pid is gone.
+``warmpool.globus_compute.block --watch-only``; both stop when that pid is gone.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     from registry import ModelSpec, Registry
     from runtime import store_from_url
     from tests.warmpool._pool_helpers import generate, register, submit
-    from warmpool._gce import GlobusComputePool
+    from warmpool.globus_compute._pool import GlobusComputePool
     if __name__ == "__main__":
         registry = Registry(store_from_url(sys.argv[1]))
         spec = ModelSpec(name="tiny-llama", version="orphan", model_path=sys.argv[2])

@@ -1,7 +1,7 @@
 """The globus-compute substrate on a real GlobusComputeEngine (LocalProvider, 127.0.0.1), offline.
 
 Blocks are real HTEX worker pools launched through parsl's LocalProvider; each
-block's wrapper (``python -m warmpool._block``) starts the real CPU engine on
+block's wrapper (``python -m warmpool.globus_compute.block``) starts the real CPU engine on
 the tiny model. Nothing is faked.
 """
 
@@ -18,10 +18,10 @@ from registry import ModelSpec, Registry
 from runtime import LocalStore, loads
 from tests.warmpool._pool_helpers import generate, register, submit, wait_for
 from warmpool import ReplicaState
-from warmpool._block import block_dirs, read_status
-from warmpool._gce import GlobusComputePool
-from warmpool._pool import Pool, pid_alive
 from warmpool._substrate import Substrate, SubstrateConfig, make_substrate
+from warmpool.globus_compute._pool import GlobusComputePool
+from warmpool.globus_compute.block import block_dirs, read_status
+from warmpool.local._pool import Pool, pid_alive
 
 pytest.importorskip("globus_compute_endpoint")
 

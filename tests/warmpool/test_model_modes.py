@@ -18,7 +18,7 @@ import pytest
 
 from runtime import ChatResult, GenerateResult, Model, SubmitError, TextStream, UnsupportedFeatureError
 from tests.warmpool._cpu_engine_proc import running_engine, wait_until
-from warmpool._tiny_model import KNOWN_COMPLETIONS
+from warmpool.cpu_engine._tiny_model import KNOWN_COMPLETIONS
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sglang"
 HIDDEN = 64  # the tiny Llama's hidden size

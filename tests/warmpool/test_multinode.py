@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 
 from registry._specs import ModelSpec
-from warmpool._multinode import (
+from runtime._errors import PlacementError
+from warmpool.engines._placement import (
     NodePlacement,
-    PlacementError,
     expand_hostlist,
     placement_from_env,
     sglang_multinode_args,
 )
-from warmpool._sglang import sglang_argv
+from warmpool.engines._sglang import sglang_argv
 
 # -- hostlists ---------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 from tests.warmpool._pool_helpers import wait_for
-from warmpool._pool import pid_alive
+from warmpool.local._pool import pid_alive
 
 SCRIPT = textwrap.dedent(
     """

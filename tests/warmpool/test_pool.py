@@ -14,7 +14,7 @@ from registry import ModelSpec, Registry
 from runtime import LocalStore, loads
 from tests.warmpool._pool_helpers import FakeClock, generate, nap, register, submit, wait_for
 from warmpool import BackPressureError, Pool, ReplicaState
-from warmpool._pool import pid_alive
+from warmpool.local._pool import pid_alive
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ import pytest
 
 from registry import ModelSpec
 from runtime import EngineError
-from warmpool._pool import pid_alive
-from warmpool._sglang import SGLangEngineHost, free_port, sglang_argv
+from warmpool.engines._sglang import SGLangEngineHost, free_port, sglang_argv
+from warmpool.local._pool import pid_alive
 
 
 def spec(**engine_args: object) -> ModelSpec:
@@ -81,7 +81,7 @@ STANDIN = textwrap.dedent(
     p.add_argument("--served-model-name"); p.add_argument("--tp-size")
     args, _ = p.parse_known_args()
     print("stand-in sglang: tp", args.tp_size, flush=True)
-    os.execv(sys.executable, [sys.executable, "-m", "warmpool._cpu_engine", "--model-path", args.model_path,
+    os.execv(sys.executable, [sys.executable, "-m", "warmpool.cpu_engine", "--model-path", args.model_path,
              "--host", args.host, "--port", args.port, "--served-model-name", args.served_model_name])
     """
 )

@@ -79,7 +79,7 @@ def test_faas_serve_refuses_a_bad_substrate_with_a_clear_error(
     tmp_path: Path, argv: list[str], message: str
 ) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "faas._cli", "serve", "--port", "0", "--store", str(tmp_path / "s"),
+        [sys.executable, "-m", "faas.cli", "serve", "--port", "0", "--store", str(tmp_path / "s"),
          "--state-dir", str(tmp_path / "state"), *argv],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Tests for the offline tiny Llama builder (warmpool._tiny_model)."""
+"""Tests for the offline tiny Llama builder (warmpool.cpu_engine._tiny_model)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from warmpool import _tiny_model as tm
+from warmpool.cpu_engine import _tiny_model as tm
 
 MAX_NEW = 32
 
@@ -232,7 +232,7 @@ def test_failed_build_raises_and_leaves_nothing(tmp_path: Path, monkeypatch: pyt
 
 def test_import_is_cheap() -> None:
     code = (
-        "import sys, warmpool._tiny_model; "
+        "import sys, warmpool.cpu_engine._tiny_model; "
         "heavy = {'torch', 'transformers', 'tokenizers'} & set(sys.modules); "
         "assert not heavy, heavy"
     )

@@ -1,0 +1,358 @@
+"""The pool service's HTTP API (FastAPI): a thin skin over :class:`ServiceCore`.
+
+Blocking work (SQLite, the store) runs in Starlette's thread pool; waiting
+(long-polled results, event streams) is asynchronous, woken by the core's
+result listeners, so thousands of waiting clients cost no threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from faas.service._api import (
+    FINAL_STATES,
+    BatchRequest,
+    BatchView,
+    BindRequest,
+    CancelView,
+    ErrorBody,
+    InvocationView,
+    Item,
+    RegisterFunction,
+    ResultView,
+    SessionInfo,
+    SubmitRequest,
+    WatchRequest,
+)
+from faas.service._auth import Tenant
+from faas.service._core import Listener, ServiceCore
+from faas.service._metrics import render_metrics
+from faas.service._triggers import TriggerHost
+from registry import FunctionSpec, ModelSpec, TriggerBinding
+from runtime import (
+    AuthError,
+    BackPressureError,
+    FaasError,
+    NotFoundError,
+    PoolClosedError,
+    QuotaExceededError,
+    SubmitError,
+)
+
+log = logging.getLogger("faas.service")
+
+PING_SECONDS = 15.0
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": why}
+    for code, why in (
+        (400, "Bad request"),
+        (401, "Missing or wrong token"),
+        (404, "Not found (or another tenant's)"),
+        (429, "Quota or back-pressure"),
+        (503, "Shutting down"),
+    )
+}
+
+
+def _status_of(exc: BaseException) -> int:
+    if isinstance(exc, AuthError):
+        return 401
+    if isinstance(exc, (NotFoundError, LookupError)):
+        return 404
+    if isinstance(exc, (QuotaExceededError, BackPressureError)):
+        return 429
+    if isinstance(exc, PoolClosedError):
+        return 503
+    if isinstance(exc, (SubmitError, ValueError)):
+        return 400
+    return 500
+
+
+def _error(status: int, type_name: str, message: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": {"type": type_name, "message": message}}, status, headers=headers)
+
+
+def _tenant(request: Request) -> Tenant:
+    """The request's tenant, from its bearer token (a FastAPI dependency)."""
+    core: ServiceCore = request.app.state.core
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    bearer = token.strip() if scheme.lower() == "bearer" else None
+    found = core.auth.authenticate(bearer)
+    if found is None:
+        why = "is not valid" if bearer else "is missing"
+        raise AuthError(f"The bearer token {why}; pass 'Authorization: Bearer <token>'.", 401)
+    return found
+
+
+Who = Annotated[Tenant, Depends(_tenant)]
+
+
+def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
+    """The FastAPI application serving ``core``.
+
+    Args:
+        core: The service core (started by the app's lifespan when ``manage``).
+        manage: Start the core when the app starts and shut it down when it stops.
+    """
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if manage:
+            await run_in_threadpool(core.start)
+        try:
+            yield
+        finally:
+            if manage:
+                await run_in_threadpool(core.shutdown)
+
+    app = FastAPI(
+        title="tpm-faas pool service",
+        version=_version(),
+        description="Register functions, submit invocations, stream their results. See docs/service.md.",
+        lifespan=lifespan,
+    )
+    app.state.core = core
+
+    @app.exception_handler(FaasError)
+    async def faas_error(_request: Request, exc: FaasError) -> JSONResponse:
+        status = _status_of(exc)
+        if status == 500:
+            log.error("Request failed: %s: %s", type(exc).__name__, exc)
+        return _error(status, type(exc).__name__, str(exc))
+
+    @app.get("/health", tags=["service"])
+    def health() -> dict[str, Any]:
+        """Liveness and a one-line summary of the pool."""
+        status = core.pool.status()
+        return {"status": "ok", "pool": status["pool"], "models": sorted(status["models"])}
+
+    @app.get("/metrics", tags=["service"], response_class=PlainTextResponse)
+    def metrics() -> Response:
+        """Prometheus metrics of the service and its pool."""
+        body, content_type = render_metrics(core)
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/session", tags=["session"], responses=_ERRORS)
+    def session(who: Who) -> SessionInfo:
+        """Your tenant, your view of the store, your limits."""
+        return core.session(who)
+
+    @app.post("/v1/functions", tags=["functions"], responses=_ERRORS)
+    def register(who: Who, body: RegisterFunction) -> FunctionSpec:
+        """Register a function (its cloudpickle artifact) under your tenant."""
+        return core.register(who, body)
+
+    @app.get("/v1/functions", tags=["functions"], responses=_ERRORS)
+    def functions(who: Who) -> list[FunctionSpec]:
+        """Your functions (latest version of each)."""
+        return core.list_functions(who)
+
+    @app.get("/v1/functions/{ref}", tags=["functions"], responses=_ERRORS)
+    def function(who: Who, ref: str) -> FunctionSpec:
+        """One of your functions: ``name``, ``name@version`` or a digest."""
+        return core.function(who, ref)
+
+    @app.get("/v1/models", tags=["functions"], responses=_ERRORS)
+    def models(who: Who) -> list[ModelSpec]:
+        """The models this service serves."""
+        return core.models.list_models()
+
+    @app.post("/v1/invocations", tags=["invocations"], responses=_ERRORS)
+    async def submit(who: Who, body: SubmitRequest) -> InvocationView:
+        """Submit one invocation; with ``wait`` > 0, also wait that long for its result."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[ResultView] = loop.create_future()
+
+        def put(view: ResultView) -> None:
+            if not waiter.done():
+                waiter.set_result(view)
+
+        listener = _listener(loop, put)
+        item = Item(args=body.args, refs=body.refs)
+
+        def accept() -> tuple[str, list[ResultView]]:
+            # One trip to the thread pool: accept, and listen before the result can arrive.
+            invocation_id = core.submit(who, body.function, [item]).ids[0]
+            return invocation_id, core.listen(who, [invocation_id], listener) if body.wait > 0 else []
+
+        invocation_id, done = await run_in_threadpool(accept)
+        try:
+            if body.wait > 0 and not done:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter, body.wait)
+        finally:
+            core.unlisten([invocation_id], listener)
+        if done or waiter.done():
+            return core.view(who, invocation_id)  # the result is in memory: no need for a thread
+        return await run_in_threadpool(core.view, who, invocation_id)
+
+    @app.post("/v1/batches", tags=["invocations"], responses=_ERRORS)
+    def submit_batch(who: Who, body: BatchRequest) -> BatchView:
+        """Submit many invocations of one function; stream their results from the batch's events."""
+        return core.submit(who, body.function, body.items, batch=True)
+
+    @app.get(
+        "/v1/batches/{batch_id}/events",
+        tags=["invocations"],
+        responses=_ERRORS,
+        response_class=StreamingResponse,
+    )
+    async def batch_events(who: Who, batch_id: str) -> StreamingResponse:
+        """Server-sent events: one ``result`` per invocation of the batch as it finishes, then ``end``."""
+        ids = await run_in_threadpool(core.batch_ids, who, batch_id)
+        return await _stream(core, who, ids)
+
+    @app.post("/v1/watch", tags=["invocations"], responses=_ERRORS, response_class=StreamingResponse)
+    async def watch(who: Who, body: WatchRequest) -> StreamingResponse:
+        """Server-sent events: one ``result`` per listed invocation as it finishes, then ``end``."""
+        return await _stream(core, who, list(dict.fromkeys(body.ids)))
+
+    @app.get("/v1/invocations", tags=["invocations"], responses=_ERRORS)
+    def invocations(
+        who: Who,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+        status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
+    ) -> list[InvocationView]:
+        """Your invocations, newest first."""
+        return core.list(who, limit, status)
+
+    @app.get("/v1/invocations/{invocation_id}", tags=["invocations"], responses=_ERRORS)
+    def invocation(who: Who, invocation_id: str) -> InvocationView:
+        """What is known about one invocation (with its result once finished)."""
+        return core.view(who, invocation_id)
+
+    @app.get("/v1/invocations/{invocation_id}/result", tags=["invocations"], responses=_ERRORS)
+    async def result(
+        who: Who, invocation_id: str, timeout: Annotated[float, Query(ge=0, le=300)] = 30.0
+    ) -> ResultView:
+        """The result, waiting up to ``timeout`` seconds; a non-final ``status`` means it is not done."""
+        view = await _wait_one(core, who, invocation_id, timeout)
+        if view is not None:
+            return view
+        current = await run_in_threadpool(core.view, who, invocation_id)
+        return ResultView(id=invocation_id, status=current.status)
+
+    @app.post("/v1/invocations/{invocation_id}/cancel", tags=["invocations"], responses=_ERRORS)
+    def cancel(who: Who, invocation_id: str) -> CancelView:
+        """Cancel a queued or running invocation."""
+        return core.cancel(who, invocation_id)
+
+    @app.get(
+        "/v1/invocations/{invocation_id}/logs",
+        tags=["invocations"],
+        responses=_ERRORS,
+        response_class=PlainTextResponse,
+    )
+    def logs(who: Who, invocation_id: str) -> PlainTextResponse:
+        """Captured stdout and stderr of a finished invocation."""
+        return PlainTextResponse(core.logs(who, invocation_id))
+
+    @app.get("/v1/pool", tags=["service"], responses=_ERRORS)
+    def pool(who: Who) -> dict[str, Any]:
+        """The pool: models, replicas, workers, counters."""
+        return core.pool.status()
+
+    @app.post("/v1/triggers", tags=["triggers"], responses=_ERRORS)
+    def bind(who: Who, body: BindRequest) -> TriggerBinding:
+        """Bind one of your functions to new objects under a bucket prefix; the service runs it."""
+        return _trigger_host(core).bind(who, body)
+
+    @app.get("/v1/triggers", tags=["triggers"], responses=_ERRORS)
+    def triggers(who: Who) -> list[TriggerBinding]:
+        """Your trigger bindings."""
+        return _trigger_host(core).bindings(who)
+
+    return app
+
+
+def _trigger_host(core: ServiceCore) -> TriggerHost:
+    if core.triggers is None:
+        raise NotFoundError("This service runs no trigger bindings (it was started with --no-triggers).", 404)
+    return core.triggers
+
+
+def _listener(loop: asyncio.AbstractEventLoop, put: Callable[[ResultView], Any]) -> Listener:
+    def listener(view: ResultView) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody waits any more
+            loop.call_soon_threadsafe(put, view)
+
+    return listener
+
+
+async def _wait_one(core: ServiceCore, who: Tenant, invocation_id: str, timeout: float) -> ResultView | None:
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[ResultView] = loop.create_future()
+
+    def put(view: ResultView) -> None:
+        if not waiter.done():
+            waiter.set_result(view)
+
+    listener = _listener(loop, put)
+    done = await run_in_threadpool(core.listen, who, [invocation_id], listener)
+    if done:
+        core.unlisten([invocation_id], listener)
+        return done[0]
+    try:
+        return await asyncio.wait_for(waiter, timeout) if timeout > 0 else None
+    except TimeoutError:
+        return None
+    finally:
+        core.unlisten([invocation_id], listener)
+
+
+async def _stream(core: ServiceCore, who: Tenant, ids: list[str]) -> StreamingResponse:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[ResultView] = asyncio.Queue()
+    listener = _listener(loop, queue.put_nowait)
+    finished = await run_in_threadpool(core.listen, who, ids, listener)  # raises 404 before streaming
+
+    async def events() -> AsyncIterator[bytes]:
+        sent: set[str] = set()
+        try:
+            for view in finished:
+                sent.add(view.id)
+                yield _event("result", view.model_dump_json())
+            while len(sent) < len(ids):
+                try:
+                    view = await asyncio.wait_for(queue.get(), PING_SECONDS)
+                except TimeoutError:
+                    yield b": ping\n\n"
+                    continue
+                if view.id in sent or view.status not in FINAL_STATES:
+                    continue
+                sent.add(view.id)
+                yield _event("result", view.model_dump_json())
+            yield _event("end", json.dumps({"count": len(sent)}))
+        finally:
+            core.unlisten(ids, listener)
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+def _event(name: str, data: str) -> bytes:
+    return f"event: {name}\ndata: {data}\n\n".encode()
+
+
+def _version() -> str:
+    from faas import __version__
+
+    return __version__
+
+
+Handler = Callable[[Request], Awaitable[Response]]

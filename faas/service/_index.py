@@ -1,0 +1,199 @@
+"""The service's local index of invocations (SQLite, write-ahead log).
+
+The object store holds the truth about each invocation (its commit-once
+request and result records); the index is what makes a restart cheap and
+exact: which invocations were accepted and not yet finished, in what order,
+for which tenant, with the full Invocation to run again. A row is committed
+before ``submit`` answers, so an accepted invocation survives a SIGKILL of the
+service; a result is committed here (the row's final state and its result
+record) before anyone is told, and copied to the store's commit-once record
+afterwards (WAL with ``synchronous=NORMAL`` is durable against a process crash;
+an OS crash may lose the last transactions, which the client then sees as
+unknown ids).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime import Invocation
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS invocations (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    batch TEXT,
+    function_name TEXT NOT NULL,
+    function_digest TEXT NOT NULL,
+    model TEXT,
+    state TEXT NOT NULL,
+    submitted_at REAL NOT NULL,
+    finished_at REAL,
+    payload TEXT NOT NULL,
+    result TEXT,
+    recorded INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS by_tenant ON invocations (tenant, submitted_at);
+CREATE INDEX IF NOT EXISTS by_state ON invocations (state);
+CREATE INDEX IF NOT EXISTS by_batch ON invocations (batch);
+CREATE INDEX IF NOT EXISTS by_recorded ON invocations (recorded) WHERE recorded = 0;
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One indexed invocation."""
+
+    id: str
+    tenant: str
+    batch: str | None
+    function_name: str
+    function_digest: str
+    model: str | None
+    state: str
+    submitted_at: float
+    finished_at: float | None
+    payload: str
+    result: str | None = None
+    recorded: int = 0
+
+    def invocation(self) -> Invocation:
+        """The Invocation as accepted."""
+        return Invocation.model_validate_json(self.payload)
+
+
+class Index:
+    """Thread-safe SQLite index of accepted invocations.
+
+    Args:
+        path: The database file; its directory is created.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    def add(self, tenant: str, invocations: list[Invocation], batch: str | None = None) -> None:
+        """Record accepted invocations (one transaction)."""
+        rows = [
+            (
+                inv.id,
+                tenant,
+                batch,
+                inv.function_name,
+                inv.function_digest,
+                inv.model,
+                "queued",
+                inv.submitted_at,
+                inv.model_dump_json(),
+            )
+            for inv in invocations
+        ]
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT INTO invocations (id, tenant, batch, function_name, function_digest, model, "
+                    "state, submitted_at, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def finish_many(self, items: list[tuple[str, str, str]]) -> list[bool]:
+        """Commit final results ``(id, state, result record JSON)`` in one transaction.
+
+        This is the commit point of a result: the first final state of an id
+        wins, later ones change nothing. Returns, per item, whether it won.
+        """
+        now = time.time()
+        won = []
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                for invocation_id, state, result in items:
+                    cur = self._db.execute(
+                        "UPDATE invocations SET state = ?, finished_at = ?, result = ? "
+                        "WHERE id = ? AND state IN ('queued', 'running')",
+                        (state, now, result, invocation_id),
+                    )
+                    won.append(cur.rowcount == 1)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return won
+
+    def mark_recorded(self, invocation_ids: list[str]) -> None:
+        """The store holds these results' records now: drop the local copies."""
+        with self._lock:
+            self._db.executemany(
+                "UPDATE invocations SET recorded = 1, result = NULL WHERE id = ?",
+                [(i,) for i in invocation_ids],
+            )
+
+    def unrecorded(self) -> list[Row]:
+        """Finished invocations whose result record is not in the store yet."""
+        with self._lock:
+            cur = self._db.execute(
+                f"SELECT {_COLUMNS} FROM invocations WHERE recorded = 0 AND result IS NOT NULL ORDER BY rowid"
+            )
+            return [Row(*r) for r in cur.fetchall()]
+
+    def get(self, invocation_id: str) -> Row | None:
+        """The row of one invocation, or None."""
+        with self._lock:
+            cur = self._db.execute(f"SELECT {_COLUMNS} FROM invocations WHERE id = ?", (invocation_id,))
+            found = cur.fetchone()
+        return Row(*found) if found else None
+
+    def batch(self, batch_id: str) -> list[Row]:
+        """The rows of one batch, in submission order."""
+        with self._lock:
+            cur = self._db.execute(
+                f"SELECT {_COLUMNS} FROM invocations WHERE batch = ? ORDER BY rowid", (batch_id,)
+            )
+            return [Row(*r) for r in cur.fetchall()]
+
+    def unfinished(self) -> Iterator[Row]:
+        """Every accepted invocation without a final state, oldest first."""
+        with self._lock:
+            cur = self._db.execute(
+                f"SELECT {_COLUMNS} FROM invocations WHERE state IN ('queued', 'running') ORDER BY rowid"
+            )
+            rows = [Row(*r) for r in cur.fetchall()]
+        yield from rows
+
+    def list(self, tenant: str, limit: int = 100, state: str | None = None) -> list[Row]:
+        """A tenant's invocations, newest first."""
+        query = f"SELECT {_COLUMNS} FROM invocations WHERE tenant = ?"
+        args: tuple[object, ...] = (tenant,)
+        if state is not None:
+            query += " AND state = ?"
+            args = (*args, state)
+        with self._lock:
+            cur = self._db.execute(query + " ORDER BY rowid DESC LIMIT ?", (*args, limit))
+            return [Row(*r) for r in cur.fetchall()]
+
+
+_COLUMNS = (
+    "id, tenant, batch, function_name, function_digest, model, state, submitted_at, finished_at, payload, "
+    "result, recorded"
+)

@@ -1,0 +1,132 @@
+"""``faas serve``: run the pool as a long-lived HTTP service."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from faas.service._auth import Authenticator, load_authenticator
+from faas.service._core import ServiceCore
+from faas.service._triggers import TriggerHost
+from runtime import ServeConfigError, SubstrateConfigError, cache_dir, default_store_url, store_from_url
+from warmpool import SubstrateConfig, SubstrateKind, load_substrate_config
+
+log = logging.getLogger("faas.service")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_core(
+    *,
+    store: str | None = None,
+    state_dir: Path | None = None,
+    tokens: str | None = None,
+    auth: Authenticator | None = None,
+    host: str = "127.0.0.1",
+    substrate: SubstrateKind | None = None,
+    substrate_config: Path | None = None,
+    triggers: bool = True,
+    **pool_options: Any,
+) -> ServiceCore:
+    """Build (not start) the service core from ``faas serve``'s options.
+
+    Args:
+        store: Store URL (default: ``$FAAS_STORE`` or the cache).
+        state_dir: Where the invocation index lives.
+        tokens: Token file (else ``$FAAS_TOKENS``).
+        auth: An authenticator (instead of ``tokens``).
+        host: The address the service binds (open access only on loopback).
+        substrate: ``local`` or ``globus-compute`` (overrides the config file's kind).
+        substrate_config: A TOML/JSON substrate file (options and, for Globus
+            Compute, the Parsl provider; see :func:`warmpool.load_substrate_config`).
+        triggers: Run the tenants' trigger bindings (see
+            :class:`faas.service._triggers.TriggerHost`).
+        pool_options: Substrate options given on the command line.
+
+    Raises:
+        ServeConfigError: Open access (no tokens) on an address other than loopback.
+        AuthConfigError: The tokens are malformed.
+        SubstrateConfigError: The substrate file is unreadable or invalid.
+    """
+    auth = auth or load_authenticator(tokens)
+    if not auth.requires_token and not _loopback(host):
+        raise ServeConfigError(
+            f"Refusing to serve on {host} without tokens: anyone who can reach it could run code. "
+            "Give --tokens FILE (or $FAAS_TOKENS), or bind 127.0.0.1."
+        )
+    store_obj = store_from_url(store or default_store_url())
+    state = state_dir or Path(os.environ.get("FAAS_STATE_DIR") or cache_dir() / "service")
+    if substrate_config is not None:
+        config = load_substrate_config(substrate_config, kind=substrate)
+    elif substrate in (None, "local", "globus-compute"):
+        config = SubstrateConfig(kind=substrate or "local")
+    else:
+        raise SubstrateConfigError(f"Unknown substrate {substrate!r}; expected 'local' or 'globus-compute'.")
+    host_obj = TriggerHost() if triggers else None
+    return ServiceCore(store_obj, auth, state_dir=state, substrate=config, triggers=host_obj, **pool_options)
+
+
+def serve(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8470,
+    log_level: str = "info",
+    access_log: bool = False,
+    port_file: Path | None = None,
+    **options: Any,
+) -> None:
+    """Run the service until SIGINT or SIGTERM.
+
+    Unfinished invocations stay in the index when it stops and run again when
+    it starts next, under the same ids.
+
+    Args:
+        host: Address to bind (default loopback).
+        port: Port (0 picks a free one; see ``port_file``).
+        log_level: uvicorn's log level.
+        access_log: Log each request line (method, path, status; never headers).
+        port_file: Write the bound port here once listening (for scripts and tests).
+        options: See :func:`build_core`.
+    """
+    import uvicorn
+
+    from faas.service._app import create_app
+
+    core = build_core(host=host, **options)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and
+    # without it every response waits ~40 ms on Nagle and delayed ACKs.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(core), log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5
+    )
+    server = uvicorn.Server(config)
+    if port_file is not None:
+        original = server.startup
+
+        async def startup(sockets: list[socket.socket] | None = None) -> None:
+            await original(sockets)
+            tmp = port_file.with_suffix(".tmp")
+            tmp.write_text(str(bound))
+            tmp.replace(port_file)  # readers never see a half-written file
+
+        server.startup = startup  # type: ignore[method-assign]
+    log.info(
+        "faas serve on http://%s:%d (store %s, substrate %s)",
+        host, bound, core.store.url(), core.pool.status().get("substrate", "local"),
+    )  # fmt: skip
+    server.run(sockets=[sock])

@@ -1,0 +1,69 @@
+"""The pool service's in-memory state: tenants' queues and helpers shared by the core."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+from faas.service._api import InvocationView, ResultView
+from faas.service._auth import Tenant
+from faas.service._index import Row
+from registry import FunctionSpec, ModelSpec, Registry
+from runtime import Invocation, ObjectStore, RecordStore, RecordWriter, ResultRecord
+
+
+@dataclass(eq=False)
+class Pending:
+    """An accepted invocation with what the pool needs to run it."""
+
+    invocation: Invocation
+    spec: FunctionSpec
+    model: ModelSpec | None
+
+
+@dataclass(eq=False)
+class TenantState:
+    """One tenant: its store view, registry, records, queue and in-flight count."""
+
+    tenant: Tenant
+    store: ObjectStore
+    registry: Registry
+    records: RecordStore
+    writer: RecordWriter
+    queue: collections.deque[Pending] = field(default_factory=collections.deque)
+    running: int = 0
+    specs: dict[str, tuple[FunctionSpec, float]] = field(default_factory=dict)
+
+
+def view_of(record: ResultRecord) -> ResultView:
+    value = record.value.to_wire() if record.value is not None and record.status == "succeeded" else None
+    return ResultView(id=record.invocation_id, status=record.status, value=value, error=record.error)
+
+
+def digest(artifact: bytes) -> str:
+    from runtime import digest_of
+
+    return digest_of(artifact)
+
+
+def plausible_id(value: str) -> bool:
+    return 0 < len(value) <= 64 and value.isalnum()
+
+
+def stub_spec(inv: Invocation) -> FunctionSpec:
+    return FunctionSpec(name=inv.function_name, digest=inv.function_digest)
+
+
+def row_view(row: Row, status: str, result: ResultView | None = None) -> InvocationView:
+    """The API's view of an indexed invocation."""
+    return InvocationView(
+        id=row.id,
+        status=status,  # type: ignore[arg-type]
+        function_name=row.function_name,
+        function_digest=row.function_digest,
+        model=row.model,
+        batch=row.batch,
+        submitted_at=row.submitted_at,
+        finished_at=row.finished_at,
+        result=result,
+    )

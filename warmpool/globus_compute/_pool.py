@@ -1,0 +1,498 @@
+"""The ``globus-compute`` substrate: warm pools on Globus Compute engines.
+
+:class:`GlobusComputePool` satisfies :class:`warmpool._substrate.Substrate`. Each
+model version gets its own GlobusComputeEngine (:class:`ModelEngine`), created
+on first use, or at :meth:`~GlobusComputePool.start` for models with
+``min_replicas >= 1``; functions without a model share one more engine whose
+blocks start no engine. A block is an engine host: its node-local engine is up
+before its workers take tasks, and every worker on the node is a thin client
+of it. Invocations are Globus Compute tasks; the HighThroughputExecutor's
+interchange queues them while a block starts, so the pool itself keeps no
+queue, only the invocations in flight (for timeouts, cancellation, retries and
+back-pressure).
+
+- Timeouts are enforced here, from submission; the task also gets the
+  deadline and returns at it (aborting its engine requests), freeing its worker.
+- Cancellation is best effort: the invocation finishes as cancelled at once; a
+  task already handed to the executor still runs, and its answer is dropped.
+- An invocation lost with its worker or block, or to an engine that died under
+  it, is sent again within its ``retries``, like the local pool does.
+- A block whose engine failed to start is a failed replica (with the engine's
+  log tail); invocations of that model still waiting fail at once with that error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from registry import FunctionSpec, ModelSpec
+from runtime import (
+    BackPressureError,
+    EngineError,
+    EngineLost,
+    ErrorKind,
+    Invocation,
+    InvocationCancelled,
+    ObjectStore,
+    PoolClosedError,
+    Result,
+    WorkerLost,
+)
+from warmpool._book import Book, Entry
+from warmpool._metrics import ModelMetrics
+from warmpool._replica import Replica, ReplicaState
+from warmpool._runner import Dispatch
+from warmpool.globus_compute._engine import BlockTaskError, ModelEngine, ProviderFactory, local_provider
+
+log = logging.getLogger("faas.pool")
+
+_NO_MODEL = "-"  # key of the engine that runs functions without a model
+
+
+@dataclass(eq=False)
+class GceWork(Entry):
+    """One invocation in flight on a Globus Compute engine: the book's entry and its task."""
+
+    future: Any = None
+
+
+class GlobusComputePool:
+    """A warm pool whose engines and workers run as Globus Compute engine blocks.
+
+    Args:
+        store: The object store functions and staged values live in.
+        run_dir: Where engines keep block status files, submit scripts and logs
+            (default: a new temporary directory, removed by nobody: it holds the logs).
+        workers_per_node: HTEX workers per block of a model (default: the model's
+            ``max_inflight``); each runs one invocation at a time against the engine.
+        workers: HTEX workers per block of the engine for functions without a model.
+        provider_factory: Builds each engine's Parsl provider from the model spec
+            (default: LocalProvider); block counts and the launcher are set by the pool.
+        engine_factory: Builds the engine host on the node: a ``module:function``
+            string, or a module-level function (passed by its import path).
+        address: Address workers reach the interchange on (None: every address of this host).
+        strategy_period: Seconds between scaler runs (short, so a cold start does not wait).
+        failed_block_linger: Seconds a block whose engine failed keeps answering with
+            that error before it exits (a later invocation then gets a fresh block).
+        heartbeat_period: Seconds between worker pool heartbeats.
+        heartbeat_threshold: Seconds without heartbeats before a block's tasks count as lost.
+        monitor_interval: Seconds between checks of deadlines and block status files.
+        status_interval: Seconds between status snapshots written to the store; None: none.
+        engine_options: Extra GlobusComputeEngine keyword arguments.
+        threads_per_worker: Accepted for the local pool's signature; an HTEX worker
+            runs one task at a time, so concurrency comes from ``workers_per_node``.
+        log_dir: Used as ``run_dir`` when that is not given.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        run_dir: Path | str | None = None,
+        workers_per_node: int | None = None,
+        workers: int = 2,
+        provider_factory: ProviderFactory = local_provider,
+        engine_factory: str | Callable[..., Any] = "warmpool:default_engine_factory",
+        address: str | None = None,
+        strategy_period: float = 0.5,
+        failed_block_linger: float = 30.0,
+        heartbeat_period: int = 5,
+        heartbeat_threshold: int = 20,
+        monitor_interval: float = 0.25,
+        status_interval: float | None = 2.0,
+        engine_options: dict[str, Any] | None = None,
+        threads_per_worker: int = 1,
+        log_dir: Path | None = None,
+    ) -> None:
+        if workers < 1 or (workers_per_node is not None and workers_per_node < 1):
+            raise ValueError("A Globus Compute pool needs at least one worker per block.")
+        self.store = store
+        self.id = f"{socket.gethostname()}-{os.getpid()}-gce-{id(self) & 0xFFFF:04x}"
+        self.run_dir = Path(run_dir or log_dir or tempfile.mkdtemp(prefix="faas-gce-"))
+        self._workers_per_node = workers_per_node
+        self._workers = workers
+        self._provider_factory = provider_factory
+        self._engine_factory = _import_path(engine_factory)
+        self._engine_kw: dict[str, Any] = {
+            "address": address,
+            "strategy_period": strategy_period,
+            "failed_block_linger": failed_block_linger,
+            "heartbeat_period": heartbeat_period,
+            "heartbeat_threshold": heartbeat_threshold,
+            "engine_options": engine_options,
+        }
+        self._monitor_interval = monitor_interval
+        self._status_interval = status_interval
+        self._lock = threading.RLock()
+        self._engines: dict[str, ModelEngine] = {}
+        self._engine_locks: dict[str, threading.Lock] = {}
+        self._metrics: dict[str, ModelMetrics] = {}
+        self._specs: dict[str, ModelSpec] = {}
+        self._book: Book[GceWork] = Book(self._lock, time.monotonic, self._metrics_of)
+        self._works = self._book.works
+        self._failed_seen: set[str] = set()
+        self._ready_seen: set[str] = set()
+        self._closed = False
+        self._started = False
+        self._stopping = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self.counters = self._book.counters
+
+    # -- lifecycle -----------------------------------------------------------
+    def start(self, models: list[ModelSpec] | None = None) -> GlobusComputePool:
+        """Start the monitor, and the engines of models with ``min_replicas >= 1``."""
+        with self._lock:
+            if self._closed:
+                raise PoolClosedError("The pool has been shut down.")
+            if not self._started:
+                self._started = True
+                self._monitor = threading.Thread(
+                    target=self._monitor_loop, name="faas-gce-monitor", daemon=True
+                )
+                self._monitor.start()
+        for spec in models or []:
+            if spec.min_replicas >= 1:
+                self._engine(spec)
+        return self
+
+    def __enter__(self) -> GlobusComputePool:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Fail what is left, scale every block in (stopping its engine) and reap what remains."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stopping.set()
+            leftovers = self._book.unfinished()
+            engines = list(self._engines.values())
+        for work in leftovers:
+            self._book.fail(work, PoolClosedError("The pool shut down first."), "cancelled")
+        for engine in engines:
+            engine.shutdown(timeout)
+        if self._monitor is not None:
+            self._monitor.join(timeout)
+        if self._status_interval is not None:
+            with contextlib.suppress(Exception):
+                self.store.delete(f"pools/{self.id}/status.json")
+
+    # -- public API ------------------------------------------------------------
+    def submit(
+        self,
+        invocation: Invocation,
+        spec: FunctionSpec,
+        model: ModelSpec | None,
+        on_done: Callable[[Result], None],
+    ) -> None:
+        """Send an invocation to its model's engine; ``on_done`` receives its final Result once.
+
+        Raises:
+            PoolClosedError: The pool is shut down.
+            BackPressureError: The model has ``max_queue`` invocations waiting; nothing was sent.
+        """
+        with self._lock:
+            if self._closed:
+                raise PoolClosedError("The pool has been shut down; no new invocations are accepted.")
+        if not self._started:
+            self.start()
+        engine = self._engine(model)
+        key = model.ref if model else _NO_MODEL
+        now = time.monotonic()
+        work = GceWork(invocation, spec, model, on_done, submitted=now)
+        with self._lock:
+            metrics = self._metrics[key]
+            if model is not None:
+                inflight = sum(1 for w in self._works.values() if w.model is not None and w.model.ref == key)
+                if inflight >= model.max_queue + model.max_inflight * model.max_replicas:
+                    metrics.rejected += 1
+                    raise BackPressureError(
+                        f"The queue of model {key} is full ({inflight} invocations in flight); "
+                        "nothing was submitted. Retry later or raise max_queue/max_replicas."
+                    )
+                work.cold = not any(r.state is ReplicaState.READY for r in engine.replicas())
+                metrics.warm_hits += 0 if work.cold else 1
+            metrics.submitted += 1
+            self._book.open(work)
+        self._send(work, engine)
+
+    def cancel(self, invocation_id: str) -> bool:
+        """Finish an invocation as cancelled; a task already sent runs on and is ignored."""
+        work = self._book.get(invocation_id)
+        if work is None:
+            return False
+        return self._book.fail(work, InvocationCancelled("The invocation was cancelled."), "cancelled")
+
+    def state(self, invocation_id: str) -> str | None:
+        """``waiting_for_engine`` until the model has a ready block, then ``running``."""
+        with self._lock:
+            work = self._book.get(invocation_id)
+            if work is None:
+                return None
+            engine = self._engines.get(work.model.ref if work.model else _NO_MODEL)
+        if (
+            work.model is not None
+            and engine is not None
+            and not any(r.state is ReplicaState.READY for r in engine.replicas())
+        ):
+            return "waiting_for_engine"
+        return "running"
+
+    def prefer_warm(self, spec: ModelSpec) -> ModelSpec:
+        """Keep an alias's traffic on a warm version while the new version's block starts."""
+        if self._ready(spec):
+            return spec
+        with self._lock:
+            warm = [s for ref, s in self._specs.items() if s.name == spec.name and ref != spec.ref]
+        warm = [s for s in warm if self._ready(s)]
+        if not warm:
+            return spec
+        engine = self._engine(spec)
+        if not any(r.live for r in engine.replicas()):
+            engine.submit(_probe())  # an outstanding task makes the scaler start a block
+        return warm[0]
+
+    def engine_url(self, model: ModelSpec, timeout: float | None = None) -> str:
+        """Ensure a block of ``model`` runs with its engine ready; return the engine's URL.
+
+        Raises:
+            EngineError: The engine failed to start, or was not ready within ``timeout``
+                (default: the model's ``startup_timeout`` plus a minute for the block).
+        """
+        engine = self._engine(model)
+        ready = [r for r in engine.replicas() if r.state is ReplicaState.READY and r.url]
+        if ready:
+            return str(ready[0].url)
+        wait = timeout or model.startup_timeout + 60
+        future = engine.submit(_probe())  # the probe task runs in a block of this engine
+        try:
+            return str(engine.unpack(future.result(timeout=wait)))
+        except TimeoutError:
+            raise EngineError(f"No engine of {model.ref} became ready within {wait:.0f} s.") from None
+        except BlockTaskError as exc:
+            failed = [r.error for r in engine.replicas() if r.state is ReplicaState.FAILED and r.error]
+            raise EngineError(failed[-1] if failed else f"The engine of {model.ref} failed: {exc}") from None
+
+    def replicas(self, model: str | None = None) -> list[Replica]:
+        """Engine replicas (one per block and node), including stopped and failed ones."""
+        with self._lock:
+            engines = [(ref, e) for ref, e in self._engines.items() if model in (None, ref)]
+        return [r for _, e in engines for r in e.replicas()]
+
+    def block_pids(self) -> list[int]:
+        """Process ids of every block's wrapper, worker pool and engine on this host."""
+        with self._lock:
+            engines = list(self._engines.values())
+        return [p for e in engines for p in e.block_pids()]
+
+    def status(self) -> dict[str, Any]:
+        """Models (in flight, replicas, metrics, settings), counters, as a JSON-able dict."""
+        self._watch_blocks()  # count blocks that came up since the monitor's last pass
+        with self._lock:
+            engines = dict(self._engines)
+            works = list(self._works.values())
+            counters = dict(self.counters)
+        models: dict[str, Any] = {}
+        for ref, engine in engines.items():
+            spec = engine.spec
+            if spec is None:
+                continue
+            models[ref] = {
+                "model": ref,
+                "substrate": "globus-compute",
+                "run_dir": str(engine.run_dir),
+                "queue_depth": 0,  # waiting tasks sit in the engine's interchange
+                "inflight": sum(1 for w in works if w.model is not None and w.model.ref == ref),
+                "replicas": [r.describe() for r in engine.replicas()],
+                "metrics": self._metrics[ref].describe(),
+                "settings": {
+                    k: getattr(spec, k)
+                    for k in ("min_replicas", "max_replicas", "max_inflight", "max_queue", "idle_timeout")
+                }
+                | {"workers_per_node": engine.workers_per_node},
+            }
+        return {"pool": self.id, "substrate": "globus-compute", "time": time.time(), "counters": counters,
+                "models": models, "workers": []}  # fmt: skip
+
+    # -- engines -----------------------------------------------------------------
+    def _engine(self, spec: ModelSpec | None) -> ModelEngine:
+        key = spec.ref if spec is not None else _NO_MODEL
+        with self._lock:
+            engine = self._engines.get(key)
+            if engine is not None:
+                return engine
+            lock = self._engine_locks.setdefault(key, threading.Lock())
+        with lock:  # one engine per model, built outside the pool lock (starting it takes a moment)
+            with self._lock:
+                if self._closed:
+                    raise PoolClosedError("The pool has been shut down.")
+                engine = self._engines.get(key)
+            if engine is not None:
+                return engine
+            name = key.replace("@", "-").replace("/", "-")
+            workers = self._workers if spec is None else (self._workers_per_node or spec.max_inflight)
+            engine = ModelEngine(
+                spec,
+                self.run_dir / name,
+                workers_per_node=workers,
+                provider_factory=self._provider_factory,
+                engine_factory=self._engine_factory,
+                **self._engine_kw,
+            )
+            engine.start()
+            with self._lock:
+                self._engines[key] = engine
+                self._metrics[key] = ModelMetrics()
+                if spec is not None:
+                    self._specs[key] = spec
+            return engine
+
+    def _ready(self, spec: ModelSpec) -> bool:
+        with self._lock:
+            engine = self._engines.get(spec.ref)
+        return engine is not None and any(r.state is ReplicaState.READY for r in engine.replicas())
+
+    # -- tasks ---------------------------------------------------------------------
+    def _send(self, work: GceWork, engine: ModelEngine) -> None:
+        inv = work.invocation
+        deadline = None
+        if work.deadline is not None:
+            deadline = time.time() + (work.deadline - time.monotonic())
+        dispatch = Dispatch(
+            invocation=inv,
+            model_name=work.model.ref if work.model else None,
+            model_param=work.spec.model_param,
+            model_param_index=work.spec.model_param_index,
+            model_modes=frozenset(work.model.modes) if work.model else None,
+            store=self.store.config() if inv.store is None else None,
+            deadline=deadline,
+        )
+        attempt = inv.attempt
+        try:
+            future = engine.submit(None, dispatch.model_dump_json())
+        except Exception as exc:
+            self._book.fail(work, WorkerLost(f"The Globus Compute engine refused the task: {exc}"), "system")
+            return
+        work.future = future
+        future.add_done_callback(lambda f: self._on_task_done(work, engine, attempt, f))
+
+    def _on_task_done(self, work: GceWork, engine: ModelEngine, attempt: int, future: Any) -> None:
+        if work.finished or work.invocation.attempt != attempt:
+            return  # a late answer for an attempt that was timed out, cancelled or retried
+        try:
+            result = Result.model_validate_json(engine.unpack(future.result()))
+        except BlockTaskError as exc:
+            with self._lock:
+                self.counters["workers_lost"] += 1
+            self._lost(
+                work,
+                WorkerLost(f"The Globus Compute worker running this invocation was lost: {exc}"),
+                "worker_lost",
+            )
+            return
+        except Exception as exc:
+            self._book.fail(work, exc, "system")
+            return
+        error = result.error
+        if error is not None and error.kind == "engine_lost" and error.type_name.endswith("EngineLost"):
+            self._lost(work, EngineLost(error.message), "engine_lost")
+            return
+        self._book.finish(work, result, _cold_start)
+
+    def _lost(self, work: GceWork, exc: Exception, kind: ErrorKind) -> None:
+        """Send an invocation lost through no fault of its own again, or fail it."""
+        with self._lock:
+            if work.finished or self._closed:
+                return
+            retry = self._book.retry(work)
+        if retry:
+            self._send(work, self._engine(work.model))
+        else:
+            self._book.fail(work, exc, kind)
+
+    def _metrics_of(self, work: GceWork) -> ModelMetrics | None:
+        return self._metrics.get(work.model.ref if work.model else _NO_MODEL)
+
+    # -- monitor -------------------------------------------------------------------
+    def _monitor_loop(self) -> None:
+        last_status = 0.0
+        while not self._stopping.wait(self._monitor_interval):
+            try:
+                self._expire()
+                self._watch_blocks()
+                if (
+                    self._status_interval is not None
+                    and time.monotonic() - last_status >= self._status_interval
+                ):
+                    last_status = time.monotonic()
+                    self.store.put(
+                        f"pools/{self.id}/status.json", json.dumps(self.status(), default=str).encode()
+                    )
+            except Exception:  # the monitor must outlive one bad pass
+                log.exception("Globus Compute pool monitor pass failed")
+
+    def _expire(self) -> None:
+        for work in self._book.due():
+            self._book.expire(work)
+
+    def _watch_blocks(self) -> None:
+        with self._lock:
+            engines = [(ref, e) for ref, e in self._engines.items() if e.spec is not None]
+        for ref, engine in engines:
+            replicas = engine.replicas()
+            metrics = self._metrics[ref]
+            newly_failed: list[Replica] = []
+            with self._lock:  # the monitor and status() both count; once per block
+                for r in replicas:
+                    name = f"{ref}/{r.id}"
+                    if r.ready_at is not None and name not in self._ready_seen:
+                        self._ready_seen.add(name)
+                        metrics.cold_starts += 1
+                        if r.cold_start_s is not None:
+                            metrics.cold_start_seconds.add(r.cold_start_s)
+                    if r.state is ReplicaState.FAILED and name not in self._failed_seen:
+                        self._failed_seen.add(name)
+                        metrics.engine_failures += 1
+                        newly_failed.append(r)
+            if newly_failed and not any(r.state is ReplicaState.READY for r in replicas):
+                error = EngineError(newly_failed[-1].error or f"The engine of {ref} failed to start.")
+                with self._lock:
+                    waiting = [w for w in self._works.values() if w.model is not None and w.model.ref == ref]
+                for work in waiting:  # nothing ready will serve them: fail rather than hang
+                    self._book.fail(work, error, "engine_lost")
+
+
+def _probe() -> Callable[[], str]:
+    from warmpool.globus_compute.task import engine_url
+
+    return engine_url
+
+
+def _import_path(factory: str | Callable[..., Any]) -> str:
+    if isinstance(factory, str):
+        return factory
+    module, name = getattr(factory, "__module__", ""), getattr(factory, "__qualname__", "")
+    if not module or not name or "<" in name:
+        raise ValueError(
+            f"The engine factory {factory!r} must be a module-level function (blocks import it by name)."
+        )
+    return f"{module}:{name}"
+
+
+def _cold_start(work: GceWork, result: Result) -> None:
+    if work.cold and result.engine and result.cold_start_seconds is None:
+        result.cold_start_seconds = result.engine.get("cold_start_s")

@@ -1,0 +1,325 @@
+"""The set of worker processes the pool dispatches to.
+
+Each worker is a plain subprocess running ``python -m warmpool.local.worker`` (never
+multiprocessing's spawn, which re-imports the caller's ``__main__``), connected
+by an inherited socketpair. A worker says :class:`~warmpool.local._worker.Ready` once
+it has imported everything and opened the store; one that exits before that
+failed to start, and the set stops replacing workers that cannot start (see
+:meth:`WorkerSet.start_error`) instead of restarting them in a loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import IO, TYPE_CHECKING, Any
+
+from runtime import Result, WorkerStartError
+from warmpool._runner import Abort, Dispatch
+from warmpool.local._worker import Ready, Start
+
+if TYPE_CHECKING:
+    from warmpool.local._pool import Work
+
+log = logging.getLogger("faas.pool")
+
+WORKER_MODULE = "warmpool.local.worker"
+"""The module a worker runs (``python -m``): an entry point, so a public name."""
+
+STDERR_TAIL_LINES = 40
+"""Lines of a worker's stderr kept to explain why it failed to start."""
+
+START_FAILURES_AFTER_READY = 3
+"""Start failures in a row that stop replacements once a worker has ever started.
+
+Before any worker has started, the first failure stops them: the environment
+is broken (a bad import path, a shadowed module), and retrying only delays the error."""
+
+
+def worker_env(path: list[str]) -> dict[str, str]:
+    """The environment of a worker: ours, with ``path`` (our ``sys.path``) as ``PYTHONPATH``.
+
+    Functions from importable user modules are pickled by reference, so the
+    worker must import what the caller can. ``''`` (the current directory at
+    import time) becomes the directory now, so it survives a later ``chdir``.
+    """
+    cwd = os.getcwd()
+    entries = [p or cwd for p in path]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(entries))}
+
+
+@dataclass(eq=False)
+class WorkerProc:
+    """One worker process and what it runs.
+
+    Attributes:
+        index: Sequence number (for names and logs).
+        process: The worker subprocess.
+        conn: The parent's end of the socketpair.
+        inflight: Invocations sent to it and not yet answered, by id.
+        abandoned: Invocations it still runs after they timed out or were cancelled.
+        retiring: Takes no new work; stopped once its work drains.
+        ready: It said Ready (imported everything, opened the store).
+        stderr_tail: The last lines it wrote to stderr.
+    """
+
+    index: int
+    process: subprocess.Popen[bytes]
+    conn: Connection
+    inflight: dict[str, Work] = field(default_factory=dict)
+    abandoned: int = 0
+    retiring: bool = False
+    ready: bool = False
+    exited: bool = False  # set by the reader thread when the socket closes (no waitpid per dispatch)
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    stderr_tail: collections.deque[str] = field(
+        default_factory=lambda: collections.deque(maxlen=STDERR_TAIL_LINES)
+    )
+    stderr_thread: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The process id."""
+        return self.process.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """The exit status once reaped (negative: killed by that signal)."""
+        return self.process.returncode
+
+    def reap(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the process to exit; True once it has."""
+        try:
+            self.process.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def stop(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s, then SIGKILL and reap."""
+        if not self.reap(timeout):
+            with contextlib.suppress(OSError):
+                self.process.kill()
+            self.reap(5)
+
+    def send(self, msg: Start | Dispatch | Abort | None) -> bool:
+        """Send a message; False if the pipe is closed (the worker died)."""
+        try:
+            with self.send_lock:
+                self.conn.send(msg)
+            return True
+        except (OSError, ValueError):
+            return False
+
+
+class WorkerSet:
+    """Spawns, feeds and replaces the pool's worker processes.
+
+    Args:
+        store_config: ``ObjectStore.config()`` the workers open.
+        size: Worker processes to keep.
+        threads: Invocations each worker runs at once.
+        lock: The pool's lock, guarding every worker's ``inflight``.
+        on_result: Called (without the lock) for every Result a worker sends.
+        on_exit: Called (without the lock) when a worker process ends, with the
+            invocations it still had.
+    """
+
+    def __init__(
+        self,
+        store_config: dict[str, Any],
+        size: int,
+        threads: int,
+        lock: threading.RLock,
+        on_result: Callable[[WorkerProc, Result], None],
+        on_exit: Callable[[WorkerProc, list[Work]], None],
+    ) -> None:
+        self._store_config = store_config
+        self.size = size
+        self.threads = threads
+        self._lock = lock
+        self._on_result = on_result
+        self._on_exit = on_exit
+        self._counter = 0
+        self._start_failures = 0  # in a row; reset by every Ready
+        self._ever_ready = False
+        self._start_error: WorkerStartError | None = None
+        self.workers: list[WorkerProc] = []
+        self.closed = False
+
+    @property
+    def spawned(self) -> int:
+        """Worker processes started so far."""
+        return self._counter
+
+    def start_error(self) -> WorkerStartError | None:
+        """Why no worker can run work, once workers fail to start and none is left (caller holds the lock)."""
+        if self._start_error is None or any(not w.exited for w in self.active()):
+            return None
+        return self._start_error
+
+    def start(self) -> None:
+        """Spawn the workers."""
+        with self._lock:
+            while len(self.active()) < self.size:
+                self.spawn()
+
+    def active(self) -> list[WorkerProc]:
+        """Workers that accept new work."""
+        return [w for w in self.workers if not w.retiring]
+
+    def spawn(self) -> WorkerProc:
+        """Start one worker process, its reader and stderr threads (caller holds the lock)."""
+        # Both ends are non-inheritable: only this child gets its end (pass_fds),
+        # so the socket closes, and the worker exits, when this process dies.
+        parent, child = socket.socketpair()
+        with child:
+            try:
+                proc = self._popen(child)
+            except BaseException:
+                parent.close()
+                raise
+        worker = WorkerProc(index=self._counter, process=proc, conn=Connection(parent.detach()))
+        self._counter += 1
+        self.workers.append(worker)
+        worker.send(Start(self._store_config, self.threads))  # buffered until the worker reads it
+        assert proc.stderr is not None
+        worker.stderr_thread = threading.Thread(
+            target=_relay_stderr, args=(proc.stderr, worker.stderr_tail),
+            name=f"faas-stderr-{worker.index}", daemon=True,
+        )  # fmt: skip
+        worker.stderr_thread.start()
+        threading.Thread(
+            target=self._read, args=(worker,), name=f"faas-reader-{worker.index}", daemon=True
+        ).start()
+        return worker
+
+    @staticmethod
+    def _popen(child: socket.socket) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            # -P: no current directory in front of sys.path; the worker gets ours.
+            [sys.executable, "-P", "-m", WORKER_MODULE, "--fd", str(child.fileno()),
+             "--parent-pid", str(os.getpid())],
+            pass_fds=(child.fileno(),),
+            stdin=subprocess.DEVNULL,  # a script read from stdin must stay the caller's
+            stderr=subprocess.PIPE,
+            env=worker_env(sys.path),
+        )  # fmt: skip
+
+    def pick(self) -> WorkerProc | None:
+        """The accepting worker with the fewest invocations in flight (caller holds the lock).
+
+        None when workers fail to start and none is left (see :meth:`start_error`).
+        """
+        candidates = [w for w in self.active() if not w.exited]
+        if not candidates:
+            if self._start_error is not None:
+                return None
+            candidates = [self.spawn()]
+        return min(candidates, key=lambda w: len(w.inflight))
+
+    def _read(self, worker: WorkerProc) -> None:
+        with contextlib.suppress(EOFError, OSError):
+            if isinstance(worker.conn.recv(), Ready):
+                worker.ready = True
+                with self._lock:
+                    self._ever_ready = True
+                    self._start_failures = 0
+        while worker.ready:
+            try:
+                result: Result = worker.conn.recv()
+            except (EOFError, OSError):
+                break
+            self._on_result(worker, result)
+        worker.exited = True
+        worker.reap(5)
+        if worker.stderr_thread is not None:
+            worker.stderr_thread.join(2)  # the whole tail, before it explains anything
+        with self._lock:
+            if worker in self.workers:
+                self.workers.remove(worker)
+            lost = list(worker.inflight.values())
+            worker.inflight.clear()
+            if not self.closed and not worker.retiring:
+                log.warning(
+                    "Worker %s (pid %s) exited with code %s %s, holding %d invocations",
+                    worker.index,
+                    worker.pid,
+                    worker.exitcode,
+                    "after it started" if worker.ready else "before it started",
+                    len(lost),
+                )
+                if not worker.ready:
+                    self._count_start_failure(worker)
+            if not self.closed and self._start_error is None and len(self.active()) < self.size:
+                self.spawn()
+        self._on_exit(worker, lost)
+
+    def _count_start_failure(self, worker: WorkerProc) -> None:
+        """Stop replacing workers once they keep failing to start (caller holds the lock)."""
+        self._start_failures += 1
+        limit = START_FAILURES_AFTER_READY if self._ever_ready else 1
+        if self._start_failures >= limit and self._start_error is None:
+            code = worker.exitcode
+            how = f"exited with code {code}"
+            if code is not None and code < 0:
+                how = f"was killed by signal {-code}"
+            tail = "\n".join(worker.stderr_tail) or "(it wrote nothing to stderr)"
+            self._start_error = WorkerStartError(
+                f"A worker process (pid {worker.pid}, `{sys.executable} -m {WORKER_MODULE}`) {how} "
+                f"before it was ready; no more workers are started. Its stderr ends:\n{tail}"
+            )
+            # Its stderr was relayed to ours already; the error carries the tail.
+            log.error("Workers fail to start (the last %s); no more are started", how)
+
+    def abandon(self, worker: WorkerProc, invocation_id: str, attempt: int) -> None:
+        """Tell a worker to drop an invocation attempt; recycle it once half its threads are stuck."""
+        worker.send(Abort(invocation_id=invocation_id, attempt=attempt))
+        with self._lock:
+            worker.abandoned += 1
+            # A thread stuck in user code cannot be killed; once half a worker's
+            # threads are stuck, replace the worker after its live work drains.
+            if worker.abandoned * 2 >= self.threads and not worker.retiring and not self.closed:
+                worker.retiring = True
+                if self._start_error is None:
+                    self.spawn()
+                threading.Thread(target=self._retire, args=(worker,), daemon=True).start()
+
+    def _retire(self, worker: WorkerProc) -> None:
+        deadline = time.monotonic() + 600
+        while worker.inflight and time.monotonic() < deadline and not self.closed:
+            time.sleep(0.1)  # polling a drain, not synchronisation
+        worker.send(None)
+        worker.stop(5)
+
+    def shutdown(self, timeout: float) -> None:
+        """Ask every worker to exit, then kill stragglers and reap them all."""
+        with self._lock:
+            self.closed = True
+            workers = list(self.workers)
+        for w in workers:
+            w.send(None)
+        deadline = time.monotonic() + timeout
+        for w in workers:
+            w.stop(max(0.0, deadline - time.monotonic()))
+            with contextlib.suppress(OSError):
+                w.conn.close()
+
+
+def _relay_stderr(stream: IO[bytes], tail: collections.deque[str]) -> None:
+    """Copy a worker's stderr to ours (as if inherited), keeping its last lines."""
+    with stream:
+        for line in iter(stream.readline, b""):
+            with contextlib.suppress(OSError):
+                os.write(2, line)
+            tail.append(line.decode(errors="replace").rstrip("\n"))
