@@ -17,9 +17,7 @@ from runtime import (
     Invocation,
     Model,
     ObjectStore,
-    OutputTarget,
     PoolClosedError,
-    StagedRef,
     StoreError,
     SubmitError,
     default_store_url,
@@ -138,26 +136,10 @@ class Client(RecordingClient):
             model = self.pool.prefer_warm(model)  # an alias moved: warm the new version first
         return model
 
-    def submit_spec(
-        self,
-        spec: FunctionSpec,
-        model: ModelSpec | None,
-        blob: bytes,
-        refs: tuple[StagedRef, ...] = (),
-        *,
-        output: OutputTarget | None = None,
-    ) -> Future[Any]:
-        """Submit a registered function version with already serialised (or staged) arguments.
-
-        This is what ``submit`` does after validation, what ``faas replay``
-        uses to run an invocation again with its stored inputs, and what a
-        trigger runner uses (with ``output``: the worker writes the output).
-
-        Raises:
-            PoolClosedError: The client is shut down (nothing is recorded).
-        """
-        self.pool  # noqa: B018 (start the pool, or refuse, before anything is recorded)
-        return super().submit_spec(spec, model, blob, refs, output=output)
+    def _check_open(self) -> None:
+        """Refuse when shut down; start the pool (or refuse) before anything is recorded."""
+        super()._check_open()
+        self.pool  # noqa: B018
 
     def _dispatch(
         self, invocation: Invocation, spec: FunctionSpec, model: ModelSpec | None, future: Future[Any]
