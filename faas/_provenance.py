@@ -1,7 +1,8 @@
 """Build provenance records, and replay an invocation from its records.
 
-The client builds a :class:`runtime._provenance.ProvenanceRecord` when a
-result arrives and records it with the result, in the same commit-once object
+The pool builds a :class:`runtime.ProvenanceRecord` when an invocation
+finishes (:func:`warmpool.build_provenance`, called by its book); clients and
+the service record it with the result, in the same commit-once object
 (``invocations/<id>/result.json``, field ``provenance``), so it costs no
 extra write. ``faas provenance ID``
 prints it; ``faas replay ID`` runs the same function version on the same
@@ -11,96 +12,22 @@ field (``faas._replay_compare``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from faas._replay_compare import Comparison, Difference, Tolerance, compare
-from registry import FunctionSpec, ModelSpec
 from runtime import (
-    Determinism,
-    EngineCall,
-    FunctionProvenance,
-    Invocation,
-    ModelProvenance,
     ObjectNotFound,
     ObjectStore,
     ProvenanceRecord,
-    Result,
-    Timings,
-    determinism_of,
-    is_marker,
-    parse_marker,
     unstage_value,
 )
-
-
-def wire_digest(data: bytes | None) -> str | None:
-    """sha256 of a value as stored: the staged object's digest, or the inline bytes'."""
-    if data is None:
-        return None
-    if is_marker(data):
-        return parse_marker(data).sha256
-    return hashlib.sha256(data).hexdigest()
-
-
-_NO_ENGINE = Determinism(greedy=True, seeded=True, reproducible=True, notes="No engine call was made.")
 
 
 def provenance_key(invocation_id: str) -> str:
     """Store key of the result record that carries an invocation's provenance."""
     return f"invocations/{invocation_id}/result.json"
-
-
-def build_provenance(
-    invocation: Invocation, spec: FunctionSpec, model: ModelSpec | None, result: Result
-) -> ProvenanceRecord:
-    """The provenance of one finished invocation."""
-    calls = [EngineCall.model_validate(c) for c in result.engine_calls]
-    engine = result.engine or {}
-    model_prov = None
-    if model is not None:
-        model_prov = ModelProvenance(
-            name=model.name,
-            version=model.version,
-            weights_path=engine.get("model_path") or model.model_path,
-            weights_digest=model.weights_digest,
-            engine_kind=model.engine,
-            engine_version=engine.get("version"),
-            engine_args=dict(engine.get("args") or model.engine_args),
-            engine_url=engine.get("url"),
-        )
-    if result.error is None:
-        status = "succeeded"
-    else:
-        status = "cancelled" if result.error.kind == "cancelled" else "failed"
-    execution = result.finished_at - result.started_at if result.started_at and result.finished_at else None
-    return ProvenanceRecord(
-        invocation_id=invocation.id,
-        status=status,
-        attempt=result.attempt,
-        function=FunctionProvenance(
-            name=spec.name, version=spec.version, digest=spec.digest,
-            module=spec.module, qualname=spec.qualname,
-        ),
-        model=model_prov,
-        engine_calls=calls,
-        input_digest=wire_digest(invocation.args) or "",
-        output_digest=wire_digest(result.value),
-        timings=Timings(
-            submitted_at=invocation.submitted_at,
-            queued_s=result.queue_seconds,
-            cold_start_s=result.cold_start_seconds,
-            execution_s=execution,
-            engine_s=sum(c.engine_seconds for c in calls),
-        ),
-        prompt_tokens=sum(c.prompt_tokens for c in calls),
-        completion_tokens=sum(c.completion_tokens for c in calls),
-        worker_host=result.worker_host,
-        worker_pid=result.worker_pid,
-        determinism=determinism_of(calls) if calls else _NO_ENGINE,
-    )  # fmt: skip
 
 
 def read_provenance(store: ObjectStore, invocation_id: str) -> ProvenanceRecord:

@@ -1,6 +1,7 @@
 """Where work runs: engine hosts, replicas, workers and the pool."""
 
 from runtime import BackPressureError, SubstrateConfigError
+from warmpool._provenance import build_provenance, ensure_provenance, wire_digest
 from warmpool._replica import EngineFactory, ModelPool, Replica, ReplicaState, default_engine_factory
 from warmpool._substrate import (
     ProviderConfig,
@@ -29,7 +30,10 @@ __all__ = [
     "SubstrateConfigError",
     "SubstrateKind",
     "Work",
+    "build_provenance",
     "default_engine_factory",
+    "ensure_provenance",
     "load_substrate_config",
     "make_substrate",
+    "wire_digest",
 ]

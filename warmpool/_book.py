@@ -13,7 +13,8 @@ once, here:
   own (a dead worker, block or engine) runs again under the next attempt
   number, within its ``retries``;
 - **the exactly-once finish** (:meth:`Book.finish`): the first Result wins,
-  counters and per-model metrics are charged, and ``on_done`` runs once,
+  counters and per-model metrics are charged, its provenance is built
+  (:func:`warmpool.build_provenance`), and ``on_done`` runs once,
   outside the lock; every later answer for the same invocation is dropped;
 - **failures** that never reached user code (:func:`failure`), shaped alike.
 """
@@ -31,6 +32,7 @@ from typing import Generic, TypeVar
 from registry import FunctionSpec, ModelSpec
 from runtime import ErrorKind, Invocation, InvocationTimeout, Result, error_info
 from warmpool._metrics import ModelMetrics
+from warmpool._provenance import ensure_provenance
 
 log = logging.getLogger("faas.pool")
 
@@ -172,6 +174,7 @@ class Book(Generic[W]):
             metrics = self._metrics_for(work)
             if metrics is not None:
                 _count(metrics, result)
+        ensure_provenance(work.invocation, work.spec, work.model, result)  # once, for every substrate
         try:
             work.on_done(result)
         except Exception:

@@ -23,7 +23,6 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Literal
 
 from faas._future import Future
-from faas._provenance import build_provenance
 from faas.clients._protocol import Calls
 from registry import Registry
 from runtime import (
@@ -46,6 +45,7 @@ from runtime import (
     stage_object,
     unstage_value,
 )
+from warmpool import ensure_provenance
 
 if TYPE_CHECKING:
     from typing import Self
@@ -335,11 +335,7 @@ class RecordingClient(ClientBase):
     ) -> None:
         """Complete an invocation: provenance and result record (unless not ``record``), then the future."""
         if record:
-            try:
-                prov = build_provenance(invocation, spec, model, result)
-                result.provenance = prov.model_dump(mode="json")
-            except Exception:  # provenance must never cost the result
-                log.exception("Could not build the provenance of invocation %s", result.invocation_id)
+            ensure_provenance(invocation, spec, model, result)  # the pool's book built it, the cloud did not
             try:
                 self._record(result)
             except Exception:  # a record that cannot be queued must not lose the result

@@ -19,11 +19,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from faas._provenance import build_provenance
 from faas.service._api import ResultView
 from faas.service._index import Index
 from faas.service._state import Pending, TenantState, view_of
 from runtime import Result, ResultRecord, StoreError
+from warmpool import ensure_provenance
 
 log = logging.getLogger("faas.service")
 
@@ -95,12 +95,8 @@ class ResultCommitter:
     def _commit(self, batch: list[tuple[TenantState, Pending, Result]]) -> None:
         records = []
         for _ts, pending, result in batch:
-            inv = pending.invocation
-            try:
-                prov = build_provenance(inv, pending.spec, pending.model, result)
-                result.provenance = prov.model_dump(mode="json")
-            except Exception:  # provenance must never cost the result
-                log.exception("Could not build the provenance of invocation %s", inv.id)
+            # The substrate's book built it; results made here (recovery, cancelled in the queue) get it now.
+            ensure_provenance(pending.invocation, pending.spec, pending.model, result)
             records.append(ResultRecord.of(result))
         won = self.index.finish_many(
             [(r.invocation_id, r.status, r.model_dump_json(exclude_none=True)) for r in records]

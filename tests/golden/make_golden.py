@@ -135,7 +135,6 @@ class Golden:
 def generate(root: Path) -> None:
     """Write every golden artifact under ``root``."""
     import faas
-    from faas._provenance import build_provenance
     from faas.clients._gc_cloud import run_cloud_invocation
     from faas.service._api import InvocationView, ResultView, SubmitRequest
     from faas.triggers._buckets import ObjectEvent
@@ -150,6 +149,7 @@ def generate(root: Path) -> None:
     from runtime._staging import Ref, stage_args, stage_object, stage_value
     from runtime._store import LocalStore
     from runtime._wire import Invocation, OutputTarget, Result
+    from warmpool import build_provenance
     from warmpool._runner import Dispatch
     from warmpool.globus_compute.task import run_invocation
 
