@@ -106,9 +106,7 @@ def build_api_reference() -> ApiReference:
             if first:
                 home[key] = f"{face}.{name}"
                 src = f"api/{face}/{name}.md"
-                ref.pages.append(
-                    ApiPage(src, name, f"# `{face}.{name}`\n\n::: {face}.{name}\n")
-                )
+                ref.pages.append(ApiPage(src, name, _object_page(f"{face}.{name}")))
                 face_nav.append({name: src})
             target_face, _, target_name = home[key].rpartition(".")
             line = (inspect.getdoc(obj) or "").strip().splitlines()[0:1]
@@ -132,6 +130,23 @@ def build_api_reference() -> ApiReference:
     ref.pages.append(ApiPage("api/index.md", "API reference", "\n".join(index_lines) + "\n"))
     ref.nav.insert(0, "api/index.md")
     return ref
+
+
+def _object_page(identifier: str) -> str:
+    """One object's page: its docstring rendered by mkdocstrings, its full public name as the title."""
+    return "\n".join(
+        [
+            f"::: {identifier}",
+            "    options:",
+            "      heading_level: 1",
+            "      show_root_full_path: true",
+            "",
+        ]
+    )
+
+
+_ROLE = re.compile(r":(?:class|meth|func|data|attr|mod|exc|obj):(<code>)")
+_CODE = re.compile(r"<code>[^<]*</code>")
 
 
 def _escape_cell(text: str) -> str:
@@ -166,6 +181,16 @@ def on_files(files: Any, config: Any) -> Any:
     for page in _REFERENCE.pages:
         files.append(File.generated(config, page.src_uri, content=page.markdown))
     return files
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
+    r"""Render the Sphinx roles some docstrings use (``:class:`X```) as plain code spans.
+
+    Also unescape ``\|`` in code spans: GitHub needs the escape for a pipe in a
+    table cell's code, Python-Markdown's tables keep the backslash.
+    """
+    html = _ROLE.sub(r"\1", html)
+    return _CODE.sub(lambda m: m.group(0).replace("\\|", "|"), html)
 
 
 if __name__ == "__main__":

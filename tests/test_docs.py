@@ -203,6 +203,19 @@ def test_docs_build_strict(site: Path) -> None:
     assert (site / "search" / "search_index.json").stat().st_size > 10_000
     for page in ("user-guide", "modes", "modes/generate", "service", "cluster", "errors", "triggers"):
         assert (site / page / "index.html").is_file(), page
+    generate = (site / "modes" / "generate" / "index.html").read_text(encoding="utf-8")
+    assert "<code>int | str | None</code>" in generate  # a table cell's escaped pipe, unescaped
+    # Hidden checks stay hidden: only inside an HTML comment.
+    assert "fragments.remote()" in generate
+    assert "fragments.remote()" not in re.sub(r"<!--.*?-->", "", generate, flags=re.S)
+
+
+def test_api_pages_show_no_sphinx_roles(site: Path) -> None:
+    """Docstrings' ``:class:`X``` roles are rendered as code, not as ``:class:`` text."""
+    pages = list((site / "api").rglob("index.html"))
+    assert len(pages) > 100
+    roles = re.compile(r":(class|meth|func|data|attr|mod|exc|obj):<code>")
+    assert not [str(p.relative_to(site)) for p in pages if roles.search(p.read_text(encoding="utf-8"))]
 
 
 def _headings(html: str) -> list[str]:
