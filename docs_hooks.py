@@ -111,7 +111,7 @@ def build_api_reference() -> ApiReference:
             target_face, _, target_name = home[key].rpartition(".")
             line = (inspect.getdoc(obj) or "").strip().splitlines()[0:1]
             doc = _escape_cell(line[0]) if line else ""
-            note = "" if first else f" (also `{target_face}.{target_name}`)"
+            note = "" if first else f" (documented as `{target_face}.{target_name}`)"
             rows[kind].append(f"| [`{name}`]({target_face}/{target_name}.md){note} | {doc} |")
         for kind, title in (("class", "Classes"), ("function", "Functions"), ("attribute", "Attributes")):
             if rows[kind]:
