@@ -155,23 +155,42 @@ def test_doc_examples_counted(docs_pool: None) -> None:
     assert counts["ran"] >= 17
 
 
+def _private_imports(source: str) -> list[str]:
+    """The private modules and names that ``source`` imports."""
+    hidden = []
+    for node in _imports(source):
+        names = [alias.name for alias in node.names]
+        modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else names
+        hidden += [m for m in modules if any(part.startswith("_") for part in m.split("."))]
+        if isinstance(node, ast.ImportFrom):
+            hidden += [n for n in names if n.startswith("_")]
+    return hidden
+
+
 def test_examples_import_no_private_module() -> None:
     private = []
     for path in DOC_FILES:
-        run = _parse(path)
-        for example in run.examples:
-            if not _is_code(example):
-                continue
-            for node in _imports(str(example.parsed)):
-                modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-                names = [alias.name for alias in node.names]
-                dotted = modules + ([] if isinstance(node, ast.ImportFrom) else names)
-                hidden = [m for m in dotted if any(part.startswith("_") for part in m.split("."))]
-                if isinstance(node, ast.ImportFrom):
-                    hidden += [n for n in names if n.startswith("_")]
-                if hidden:
-                    private.append(f"{path.relative_to(ROOT)}:{example.line}: {hidden}")
+        for example in _parse(path).examples:
+            if _is_code(example) and (hidden := _private_imports(str(example.parsed))):
+                private.append(f"{path.relative_to(ROOT)}:{example.line}: {hidden}")
     assert not private, private
+
+
+def test_the_checks_catch_what_they_should(tmp_path: Path) -> None:
+    """The harness itself: private imports are found; a skipped example with a bad import fails."""
+    assert _private_imports("import faas._function\nfrom runtime import _serde\nfrom faas import Model") == [
+        "faas._function",
+        "_serde",
+    ]
+    assert _private_imports("import faas\nfrom faas.triggers import TriggerRunner") == []
+    doc = tmp_path / "doc.md"
+    doc.write_text('<!-- skip: next "not here" -->\n```python\nimport faas.no_such_module\n```\n')
+    with pytest.raises(ModuleNotFoundError):
+        _evaluate_through(doc, 1)
+    broken = tmp_path / "broken.md"
+    broken.write_text('<!-- skip: next "not here" -->\n```python\ndef broken(:\n```\n')
+    with pytest.raises(SyntaxError):
+        _evaluate_through(broken, 1)
 
 
 def test_every_python_fence_is_an_example() -> None:
