@@ -114,7 +114,7 @@ def replay(
 ) -> ReplayReport:
     """Run an invocation again: same function version, pinned model version, same stored inputs.
 
-    The outputs are compared by :func:`faas._replay_compare.compare`: text, token ids and
+    The outputs are compared field by field: text, token ids and
     other exact values must be equal, floats (logprobs, hidden states, embeddings) agree
     within ``tolerance``, and timing fields and request ids are not compared.
 

@@ -152,7 +152,7 @@ class SubstrateConfig(BaseModel):
         kind: ``local`` (in-process pool) or ``globus-compute`` (Globus Compute
             engines, one per model).
         options: Keyword arguments of the substrate's constructor (see
-            :class:`warmpool.local._pool.Pool` and :class:`warmpool.globus_compute._pool.GlobusComputePool`).
+            :class:`warmpool.local.Pool` and :class:`warmpool.globus_compute.GlobusComputePool`).
         provider: For ``globus-compute``: the Parsl provider of every engine
             (default: ``LocalProvider``, blocks are processes on this machine).
     """

@@ -125,7 +125,7 @@ class _Work:
 class GlobusComputeCloudClient(RecordingClient):
     """Submits invocations through the Globus Compute cloud to one endpoint.
 
-    It implements the client protocol (``faas.clients._protocol.FaasClient``)
+    It implements the client protocol (``faas.FaasClient``)
     like :class:`faas.Client`; requests and results are recorded in the store.
 
     Args:

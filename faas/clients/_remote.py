@@ -90,7 +90,7 @@ _JSON = {"Content-Type": "application/json"}
 class RemoteClient(ClientBase):
     """Submits invocations to a pool service (``faas serve``) over HTTP.
 
-    It implements the client protocol (``faas.clients._protocol.FaasClient``)
+    It implements the client protocol (``faas.FaasClient``)
     like the embedded :class:`faas.Client`, so ``.remote``, ``.submit``,
     ``.map`` and ``.aio`` work unchanged when ``FAAS_URL`` names a service.
     The service keeps the invocations' records; this client keeps only the

@@ -69,7 +69,7 @@ def sglang_argv(
         nnodes: Overrides ``engine_args["nnodes"]``.
         dist_init_addr: Overrides ``engine_args["dist_init_addr"]`` (``head:port``).
         placement: This node's place in a multi-node block (see
-            :func:`warmpool.engines._placement.placement_from_env`); for more than one
+            :func:`warmpool.engines.placement_from_env`); for more than one
             node it sets ``--nnodes``, ``--node-rank`` and ``--dist-init-addr``,
             unless the explicit arguments above are given.
         python: Interpreter to run.
