@@ -50,11 +50,22 @@ def guard(model_name: str, allowed: frozenset[str] | None, path: str, body: dict
         )
 
 
+ENGINE_SHARE_KEY = "engine_share_seconds"
+"""``meta_info`` key of a request's share of the engine's busy time (the CPU engine's; SGLang has none)."""
+
+
 def call_record(path: str, body: dict[str, Any], response: Any, started: float) -> dict[str, Any]:
-    """What one engine call asked for and got back, for provenance (no prompt or output text)."""
+    """What one engine call asked for and got back, for provenance and usage (no prompt or output text).
+
+    ``engine_seconds`` is the engine's own latency (the longest ``e2e_latency`` of the
+    call's sequences); ``engine_share_seconds`` is the call's part of the engine's busy
+    time when the engine reports it per sequence (the CPU engine does), else None.
+    """
     items = response if isinstance(response, list) else [response]
     metas = [i.get("meta_info", {}) for i in items if isinstance(i, dict)]
     usage = response.get("usage", {}) if isinstance(response, dict) else {}
+    shares = [m.get(ENGINE_SHARE_KEY) for m in metas]
+    details = usage.get("prompt_tokens_details") or {}
     return {
         "path": path,
         "sampling_params": body.get("sampling_params"),
@@ -65,6 +76,9 @@ def call_record(path: str, body: dict[str, Any], response: Any, started: float) 
         "prompt_tokens": sum(int(m.get("prompt_tokens", 0)) for m in metas) or usage.get("prompt_tokens", 0),
         "completion_tokens": sum(int(m.get("completion_tokens", 0)) for m in metas)
         or usage.get("completion_tokens", 0),
+        "cached_tokens": sum(int(m.get("cached_tokens", 0) or 0) for m in metas)
+        or int(details.get("cached_tokens", 0) or 0),
         "engine_seconds": max((float(m.get("e2e_latency", 0.0)) for m in metas), default=0.0),
+        "engine_share_seconds": sum(float(s) for s in shares) if metas and None not in shares else None,
         "wall_seconds": time.time() - started,
     }
