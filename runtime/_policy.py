@@ -54,6 +54,21 @@ ENGINE_SHARE_KEY = "engine_share_seconds"
 """``meta_info`` key of a request's share of the engine's busy time (the CPU engine's; SGLang has none)."""
 
 
+def _share(metas: list[dict[str, Any]]) -> float | None:
+    """The call's share of the engine's busy time: its sequences' shares, if every one has one."""
+    shares = [m.get(ENGINE_SHARE_KEY) for m in metas]
+    if not metas or any(s is None for s in shares):
+        return None
+    return sum(float(s) for s in shares if s is not None)
+
+
+def _cached(metas: list[dict[str, Any]], usage: dict[str, Any]) -> int:
+    """Prompt tokens served from the engine's prefix cache (native ``meta_info`` or OpenAI usage)."""
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    cached = sum(int(m.get("cached_tokens") or 0) for m in metas)
+    return cached or (int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0)
+
+
 def call_record(path: str, body: dict[str, Any], response: Any, started: float) -> dict[str, Any]:
     """What one engine call asked for and got back, for provenance and usage (no prompt or output text).
 
@@ -64,8 +79,6 @@ def call_record(path: str, body: dict[str, Any], response: Any, started: float) 
     items = response if isinstance(response, list) else [response]
     metas = [i.get("meta_info", {}) for i in items if isinstance(i, dict)]
     usage = response.get("usage", {}) if isinstance(response, dict) else {}
-    shares = [m.get(ENGINE_SHARE_KEY) for m in metas]
-    details = usage.get("prompt_tokens_details") or {}
     return {
         "path": path,
         "sampling_params": body.get("sampling_params"),
@@ -76,9 +89,8 @@ def call_record(path: str, body: dict[str, Any], response: Any, started: float) 
         "prompt_tokens": sum(int(m.get("prompt_tokens", 0)) for m in metas) or usage.get("prompt_tokens", 0),
         "completion_tokens": sum(int(m.get("completion_tokens", 0)) for m in metas)
         or usage.get("completion_tokens", 0),
-        "cached_tokens": sum(int(m.get("cached_tokens", 0) or 0) for m in metas)
-        or int(details.get("cached_tokens", 0) or 0),
+        "cached_tokens": _cached(metas, usage),
         "engine_seconds": max((float(m.get("e2e_latency", 0.0)) for m in metas), default=0.0),
-        "engine_share_seconds": sum(float(s) for s in shares) if metas and None not in shares else None,
+        "engine_share_seconds": _share(metas),
         "wall_seconds": time.time() - started,
     }
