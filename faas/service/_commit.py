@@ -115,9 +115,11 @@ class ResultCommitter:
                 log.exception("Could not build the provenance of invocation %s", inv.id)
             records.append(ResultRecord.of(result))
             try:
-                usage.append(usage_row(inv, pending.spec, pending.model, result, ts.tenant.name))
+                usage.append(
+                    usage_row(pending.invocation, pending.spec, pending.model, result, ts.tenant.name)
+                )
             except Exception:  # nor must its usage row
-                log.exception("Could not build the usage row of invocation %s", inv.id)
+                log.exception("Could not build the usage row of invocation %s", result.invocation_id)
                 usage.append(None)
         won = self.index.finish_many(
             [(r.invocation_id, r.status, r.model_dump_json(exclude_none=True)) for r in records], usage

@@ -3,7 +3,8 @@
 One service for the module: alice has no budget (the ledger is compared with the
 engine's own counters over her runs), bob has a tiny per-minute token budget on a
 5-second "minute" (``FAAS_BUDGET_MINUTE_SECONDS``), so refusal and re-admission
-take seconds.
+take seconds. The tests run in order on the same service: later ones read the rows earlier
+ones made.
 """
 
 from __future__ import annotations
@@ -159,6 +160,10 @@ def test_usage_is_scoped_to_the_tenant_and_sums_by_model_function_and_day(servic
         assert future["rows"] == [] and future["total"]["invocations"] == 0
         assert alice.get("/v1/usage", params={"by": "nope"}).status_code == 422
         assert httpx.get(service.url + "/v1/usage").status_code == 401
+    # Each tenant's rows are also objects in its part of the store (written after the result records).
+    for tenant, rows in (("alice", mine["rows"]), ("bob", theirs["rows"])):
+        root, count = service.store / "tenants" / tenant / "usage", len(rows)
+        wait_for(lambda r=root, n=count: len(list(r.rglob("*.json"))) == n, 30, f"{tenant}'s usage objects")
 
 
 def _faas_usage(service: ServiceProc, *argv: str) -> str:
