@@ -10,7 +10,8 @@ What counts (see docs/provenance.md, "What replay compares"):
 - Run-specific fields of engine responses, never: inside a ``meta_info`` mapping (SGLang's
   ``/generate`` and ``/encode``) or an OpenAI-style response body (one with an ``object``
   key such as ``chat.completion``), timing fields (names containing ``latency``, ``time``,
-  ``delay``, ``duration`` or ``throughput``, or ending in ``_ts``/``_s``), request ids
+  ``delay``, ``duration``, ``throughput`` or ``seconds`` (the CPU engine's
+  ``engine_share_seconds``), or ending in ``_ts``/``_s``), request ids
   (``id``), ``created``, and scheduler counters (``cached_tokens``, ``cached_tokens_details``,
   ``total_retractions``). They are listed as ignored, not as differences.
 
@@ -33,7 +34,7 @@ import numpy as np
 DEFAULT_RTOL = 1e-3
 DEFAULT_ATOL = 1e-4
 
-_TIMING = re.compile(r"latency|time|delay|duration|throughput|_ts$|_s$")
+_TIMING = re.compile(r"latency|time|delay|duration|throughput|seconds|_ts$|_s$")
 _RUN_SPECIFIC = {"id", "created", "cached_tokens", "cached_tokens_details", "total_retractions"}
 _PER_ARRAY = 5  # differing elements listed per array; the rest are counted
 

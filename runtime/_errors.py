@@ -10,6 +10,7 @@ FaasError
 │   ├── SerializationError      an argument or function cannot be pickled
 │   ├── FunctionDefinitionError the decorated object is not a usable function
 │   ├── QuotaExceededError      the tenant's in-flight or queue quota is full
+│   │   └── BudgetExceededError the tenant used its token budget for a window; carries retry_after
 │   ├── BackPressureError       the model's queue is full (retry later)
 │   ├── BindingError            a trigger binding is malformed
 │   └── UnknownBindingError     no trigger binding under that name
@@ -91,6 +92,21 @@ class FunctionDefinitionError(SubmitError, TypeError):
 
 class QuotaExceededError(SubmitError):
     """The tenant has as many invocations in flight or queued as its quota allows."""
+
+
+class BudgetExceededError(QuotaExceededError):
+    """The tenant has used its token budget for a window; nothing was accepted.
+
+    Attributes:
+        retry_after: Seconds until the window has room again (the HTTP ``Retry-After``).
+    """
+
+    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[Any, ...]:  # errors cross processes pickled
+        return (type(self), (str(self), self.retry_after))
 
 
 class InvocationError(FaasError):

@@ -468,7 +468,8 @@ class Model:
         except Exception:
             self._release(rids)
             raise
-        self.calls.append(call_record(path, body, {}, time.time()))
+        record = call_record(path, body, {}, time.time())  # tokens filled in when the stream ends
+        self.calls.append(record)
         try:
             response = self._client.send(self._client.build_request("POST", path, json=body), stream=True)
         except httpx.TransportError as exc:
@@ -482,7 +483,7 @@ class Model:
                 self._release(rids)
             self._raise_for_status(path, response)
         what = f"The engine for model {self.name!r} ({path})"
-        return TextStream(response, decoder, what=what, on_close=lambda: self._release(rids))
+        return TextStream(response, decoder, what=what, on_close=lambda: self._release(rids), call=record)
 
     def _raise_for_status(self, path: str, response: httpx.Response) -> None:
         """Raise the typed error for an error response (SGLang's native or OpenAI error body)."""

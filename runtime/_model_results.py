@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,6 +26,7 @@ import httpx
 import numpy as np
 
 from runtime._errors import EngineError, EngineLost
+from runtime._policy import call_record
 
 
 def _logprob_values(entries: Sequence[Any] | None) -> np.ndarray | None:
@@ -281,8 +283,16 @@ class TextStream(Iterator[str]):
     """
 
     def __init__(
-        self, response: httpx.Response, decoder: _Decoder, *, what: str, on_close: Callable[[], None]
+        self,
+        response: httpx.Response,
+        decoder: _Decoder,
+        *,
+        what: str,
+        on_close: Callable[[], None],
+        call: dict[str, Any] | None = None,
     ) -> None:
+        self._call = call  # the call's record: time to first text, then tokens once it ends
+        self._started = time.time()
         self._response = response
         self._decoder = decoder
         self._what = what
@@ -314,6 +324,7 @@ class TextStream(Iterator[str]):
             payload = line[len("data:") :].strip()
             if payload == "[DONE]":
                 self.result = self._decoder.result()
+                self._record_usage()
                 self.close()
                 break
             try:
@@ -328,8 +339,28 @@ class TextStream(Iterator[str]):
                 )
             delta = self._decoder.feed(event)
             if delta:
+                if self._call is not None and self._call.get("ttft_seconds") is None:
+                    self._call["ttft_seconds"] = time.time() - self._started
                 return delta
         raise StopIteration
+
+    def _record_usage(self) -> None:
+        """Fill the call's record from the stream's last event (native) or its usage chunk (chat)."""
+        if self._call is None:
+            return
+        last = getattr(self._decoder, "last", None)
+        final = (
+            dict(last) if isinstance(last, Mapping) else {"usage": dict(getattr(self._decoder, "usage", {}))}
+        )
+        done = call_record("", {}, final, self._started)
+        keys = (
+            "prompt_tokens",
+            "completion_tokens",
+            "cached_tokens",
+            "engine_seconds",
+            "engine_share_seconds",
+        )
+        self._call.update({k: done[k] for k in (*keys, "wall_seconds")})
 
     def close(self) -> None:
         """Close the connection (the engine then aborts the request if it still runs)."""

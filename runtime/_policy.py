@@ -50,8 +50,32 @@ def guard(model_name: str, allowed: frozenset[str] | None, path: str, body: dict
         )
 
 
+ENGINE_SHARE_KEY = "engine_share_seconds"
+"""``meta_info`` key of a request's share of the engine's busy time (the CPU engine's; SGLang has none)."""
+
+
+def _share(metas: list[dict[str, Any]]) -> float | None:
+    """The call's share of the engine's busy time: its sequences' shares, if every one has one."""
+    shares = [m.get(ENGINE_SHARE_KEY) for m in metas]
+    if not metas or any(s is None for s in shares):
+        return None
+    return sum(float(s) for s in shares if s is not None)
+
+
+def _cached(metas: list[dict[str, Any]], usage: dict[str, Any]) -> int:
+    """Prompt tokens served from the engine's prefix cache (native ``meta_info`` or OpenAI usage)."""
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    cached = sum(int(m.get("cached_tokens") or 0) for m in metas)
+    return cached or (int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0)
+
+
 def call_record(path: str, body: dict[str, Any], response: Any, started: float) -> dict[str, Any]:
-    """What one engine call asked for and got back, for provenance (no prompt or output text)."""
+    """What one engine call asked for and got back, for provenance and usage (no prompt or output text).
+
+    ``engine_seconds`` is the engine's own latency (the longest ``e2e_latency`` of the
+    call's sequences); ``engine_share_seconds`` is the call's part of the engine's busy
+    time when the engine reports it per sequence (the CPU engine does), else None.
+    """
     items = response if isinstance(response, list) else [response]
     metas = [i.get("meta_info", {}) for i in items if isinstance(i, dict)]
     usage = response.get("usage", {}) if isinstance(response, dict) else {}
@@ -65,6 +89,8 @@ def call_record(path: str, body: dict[str, Any], response: Any, started: float) 
         "prompt_tokens": sum(int(m.get("prompt_tokens", 0)) for m in metas) or usage.get("prompt_tokens", 0),
         "completion_tokens": sum(int(m.get("completion_tokens", 0)) for m in metas)
         or usage.get("completion_tokens", 0),
+        "cached_tokens": _cached(metas, usage),
         "engine_seconds": max((float(m.get("e2e_latency", 0.0)) for m in metas), default=0.0),
+        "engine_share_seconds": _share(metas),
         "wall_seconds": time.time() - started,
     }

@@ -43,7 +43,14 @@ class ModelProvenance(BaseModel):
 
 
 class EngineCall(BaseModel):
-    """One request the function sent to the engine (no prompt or output text)."""
+    """One request the function sent to the engine (no prompt or output text).
+
+    Attributes:
+        engine_seconds: The engine's latency for the call (its longest sequence's ``e2e_latency``).
+        engine_share_seconds: The call's part of the engine's busy time, when the engine
+            reports it (the CPU engine splits each step's time over its rows by tokens); None otherwise.
+        ttft_seconds: Seconds from sending a streamed call to its first text (None unless streamed).
+    """
 
     path: str
     sampling_params: Any = None
@@ -51,7 +58,10 @@ class EngineCall(BaseModel):
     rid: Any = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     engine_seconds: float = 0.0
+    engine_share_seconds: float | None = None
+    ttft_seconds: float | None = None
     wall_seconds: float = 0.0
 
 

@@ -275,6 +275,9 @@ class RecordStore:
         return record
 
 
+_Item = Invocation | Result | tuple[str, bytes]
+
+
 class RecordWriter:
     """Writes records on background threads, never dropping one.
 
@@ -296,9 +299,7 @@ class RecordWriter:
         self.records = records
         self._retry_delay = retry_delay
         self._max_pending = max_pending
-        self._queues: list[collections.deque[Invocation | Result]] = [
-            collections.deque() for _ in range(threads)
-        ]
+        self._queues: list[collections.deque[_Item]] = [collections.deque() for _ in range(threads)]
         self._cond = threading.Condition()
         self._pending = 0  # queued or being written
         self._failure: StoreError | None = None
@@ -318,7 +319,7 @@ class RecordWriter:
         """Queue the result record of ``result``."""
         self._put(result.invocation_id, result)
 
-    def _put(self, invocation_id: str, item: Invocation | Result) -> None:
+    def _put(self, invocation_id: str, item: _Item) -> None:
         with self._cond:
             while self._pending >= self._max_pending and not self._closed:
                 self._cond.wait()  # back-pressure: the store is slower than the submitters
@@ -328,14 +329,23 @@ class RecordWriter:
             self._pending += 1
             self._cond.notify_all()
 
-    def _write(self, item: Invocation | Result) -> None:
-        if isinstance(item, Invocation):
+    def put_once(self, invocation_id: str, key: str, data: bytes) -> None:
+        """Queue a commit-once object of ``invocation_id`` (written after its records queued before it)."""
+        self._put(invocation_id, (key, data))
+
+    def _write(self, item: _Item) -> None:
+        if isinstance(item, tuple):
+            try:
+                self.records.store.put(item[0], item[1], if_absent=True)
+            except ObjectExists:
+                log.info("%s was already written; kept the first.", item[0])
+        elif isinstance(item, Invocation):
             if not self.records.write_request(item):
                 log.warning("Invocation %s was already recorded; kept the first request record.", item.id)
         elif not self.records.write_result(item):
             log.warning("Invocation %s already has a result record; kept the first.", item.invocation_id)
 
-    def _run(self, queue: collections.deque[Invocation | Result]) -> None:
+    def _run(self, queue: collections.deque[_Item]) -> None:
         delay = self._retry_delay
         while True:
             with self._cond:

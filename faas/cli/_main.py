@@ -100,6 +100,11 @@ from faas.cli._service import register_commands as _register_service_commands  #
 
 _register_service_commands(app)
 
+# -- usage ledger (faas/cli/_usage.py) ----------------------------------------------------
+from faas.cli._usage import usage as _usage  # noqa: E402
+
+app.command("usage")(_usage)
+
 # -- endpoint configs (faas/cli/_endpoint.py) ---------------------------------------------
 from faas.cli._endpoint import endpoint_app  # noqa: E402
 

@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Literal
 
 from faas._future import Future
+from faas._usage import usage_key, usage_row, write_usage
 from faas.clients._protocol import Calls
 from registry import Registry
 from runtime import (
@@ -57,6 +58,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("faas.client")
 
 RecordsMode = Literal["async", "sync", "off"]
+LOCAL_TENANT = "default"
+"""The tenant name of usage rows written by the clients that keep their own records."""
 
 
 class ClientBase(ABC):
@@ -340,7 +343,23 @@ class RecordingClient(ClientBase):
                 self._record(result)
             except Exception:  # a record that cannot be queued must not lose the result
                 log.exception("Could not record the result of invocation %s", result.invocation_id)
+            try:
+                self._record_usage(invocation, spec, model, result)
+            except Exception:  # nor must its usage row
+                log.exception("Could not record the usage of invocation %s", result.invocation_id)
         future._resolve(result)
+
+    def _record_usage(
+        self, invocation: Invocation, spec: FunctionSpec, model: ModelSpec | None, result: Result
+    ) -> None:
+        """Write the invocation's usage row (``usage/<day>/<hour>/<id>.json``) after its result record."""
+        if self._records_mode == "off":
+            return
+        row = usage_row(invocation, spec, model, result, LOCAL_TENANT)
+        if self._recorder is not None:
+            self._recorder.put_once(row.invocation_id, usage_key(row), row.model_dump_json().encode())
+        else:
+            write_usage(self.store, row)
 
     def _check_open(self) -> None:
         if self._closed:

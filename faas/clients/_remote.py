@@ -15,12 +15,13 @@ import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from faas._future import Future
+from faas._usage import GroupBy, UsageReport
 from faas.clients._base import ClientBase
 from faas.clients._protocol import Calls
 from faas.clients._watch import Watcher
@@ -44,6 +45,7 @@ from runtime import (
     AuthError,
     BackPressureError,
     BindingError,
+    BudgetExceededError,
     ErrorInfo,
     FaasError,
     FunctionDefinitionError,
@@ -306,6 +308,26 @@ class RemoteClient(ClientBase):
             raise ServiceError(f"{self.label} answered /v1/pool with a {type(data).__name__}, not an object.")
         return data
 
+    def usage(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        by: GroupBy | None = None,
+        limit: int = 1000,
+    ) -> UsageReport:
+        """The tenant's usage ledger: rows (newest first) or their sums ``by`` model, function, hour or day.
+
+        Args:
+            since: Rows that finished at or after this time (epoch seconds).
+            until: Rows that finished before this time.
+            by: Sum the rows by this key instead of listing them.
+            limit: Most rows listed.
+        """
+        params: dict[str, Any] = {"limit": limit}
+        params.update({k: v for k, v in (("since", since), ("until", until), ("by", by)) if v is not None})
+        return self._get("/v1/usage?" + urlencode(params), UsageReport)
+
     def bind_trigger(
         self, spec: FunctionSpec, *, name: str | None = None, reprocess: bool = False, **options: Any
     ) -> TriggerBinding:
@@ -462,7 +484,8 @@ def error_for_response(response: httpx.Response, label: str = "the faas service"
     """The typed error for an error response of the service (its body must have been read).
 
     401 and 403 give AuthError, 404 NotFoundError (UnknownModelError when the
-    service names it), 429 QuotaExceededError (or BackPressureError when the
+    service names it), 429 QuotaExceededError (or BackPressureError, or
+    BudgetExceededError with ``retry_after`` from ``Retry-After``, when the
     service names it), 400/413/422 SubmitError or the subclass the service
     names, 503 PoolClosedError, anything else ServiceError. The message is
     the service's own; every error carries the status as ``status_code``.
@@ -476,6 +499,8 @@ def error_for_response(response: httpx.Response, label: str = "the faas service"
         error = UnknownModelError(message)
     elif status == 404:
         error = NotFoundError(message, status)
+    elif status == 429 and type_name == BudgetExceededError.__name__:
+        error = BudgetExceededError(message, retry_after=_retry_after(response))
     elif status == 429:
         error = (
             BackPressureError(message) if type_name == "BackPressureError" else QuotaExceededError(message)
@@ -489,6 +514,13 @@ def error_for_response(response: httpx.Response, label: str = "the faas service"
     if not isinstance(error, ServiceError):
         setattr(error, "status_code", status)  # noqa: B010 (not a declared attribute of these types)
     return error
+
+
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        return max(0.0, float(response.headers.get("retry-after", "0")))
+    except ValueError:  # an HTTP date: not what this service sends
+        return 0.0
 
 
 def _error_body(response: httpx.Response, label: str) -> tuple[str, str]:

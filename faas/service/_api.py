@@ -22,11 +22,12 @@ Routes (JSON unless noted; every ``/v1`` route needs ``Authorization: Bearer
     GET  /v1/pool                           the pool's status (models, replicas, workers, counters)
     POST /v1/triggers                       BindRequest -> TriggerBinding (the service runs it)
     GET  /v1/triggers                       [TriggerBinding] (yours)
+    GET  /v1/usage                          UsageReport: your usage rows, or their sums (``by``)
 
 Errors come back as ``{"error": {"type": ..., "message": ...}}`` with 400 (bad
 request), 401 (missing or wrong token), 404 (unknown, or another tenant's),
-413 (inline value too large: stage it), 429 (quota or back-pressure) or 503
-(shutting down).
+413 (inline value too large: stage it), 429 (quota, token budget with
+``Retry-After``, or back-pressure) or 503 (shutting down).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from faas._usage import UsageGroup, UsageReport, UsageRow
 from registry import FunctionSpec, ModelSpec, TriggerBinding
 from runtime import ErrorInfo, StagedRef
 
@@ -58,10 +60,16 @@ class Limits(BaseModel):
             more wait in the tenant's queue.
         max_queued: Invocations waiting in the tenant's queue; a submit beyond
             this is refused with 429.
+        tokens_per_minute: Token budget (prompt + completion) over a sliding
+            minute; while the tenant's finished invocations used this many, a
+            submit is refused with 429 and ``Retry-After`` (None: no budget).
+        tokens_per_30d: The same over a sliding 30 days.
     """
 
     max_inflight: int = Field(256, ge=1)
     max_queued: int = Field(100_000, ge=0)
+    tokens_per_minute: int | None = Field(None, ge=0)
+    tokens_per_30d: int | None = Field(None, ge=0)
 
 
 class SessionInfo(BaseModel):
@@ -239,5 +247,8 @@ __all__ = [
     "State",
     "SubmitRequest",
     "TriggerBinding",
+    "UsageGroup",
+    "UsageReport",
+    "UsageRow",
     "WatchRequest",
 ]

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -19,6 +20,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from faas._usage import GroupBy
 from faas.service._api import (
     FINAL_STATES,
     BatchRequest,
@@ -32,6 +34,7 @@ from faas.service._api import (
     ResultView,
     SessionInfo,
     SubmitRequest,
+    UsageReport,
     WatchRequest,
 )
 from faas.service._auth import Tenant
@@ -42,6 +45,7 @@ from registry import FunctionSpec, ModelSpec, TriggerBinding
 from runtime import (
     AuthError,
     BackPressureError,
+    BudgetExceededError,
     FaasError,
     NotFoundError,
     PoolClosedError,
@@ -58,7 +62,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (400, "Bad request"),
         (401, "Missing or wrong token"),
         (404, "Not found (or another tenant's)"),
-        (429, "Quota or back-pressure"),
+        (429, "Quota, token budget (with Retry-After) or back-pressure"),
         (503, "Shutting down"),
     )
 }
@@ -78,8 +82,9 @@ def _status_of(exc: BaseException) -> int:
     return 500
 
 
-def _error(status: int, type_name: str, message: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def _error(status: int, type_name: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse({"error": {"type": type_name, "message": message}}, status, headers=headers)
 
 
@@ -130,7 +135,10 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
         status = _status_of(exc)
         if status == 500:
             log.error("Request failed: %s: %s", type(exc).__name__, exc)
-        return _error(status, type(exc).__name__, str(exc))
+        headers = None
+        if isinstance(exc, BudgetExceededError):  # whole seconds, at least 1 (RFC 9110)
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+        return _error(status, type(exc).__name__, str(exc), headers)
 
     @app.get("/health", tags=["service"])
     def health() -> dict[str, Any]:
@@ -263,6 +271,17 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
     def pool(who: Who) -> dict[str, Any]:
         """The pool: models, replicas, workers, counters."""
         return core.pool.status()
+
+    @app.get("/v1/usage", tags=["usage"], responses=_ERRORS)
+    def usage(
+        who: Who,
+        since: Annotated[float | None, Query(ge=0, le=1e11)] = None,
+        until: Annotated[float | None, Query(ge=0, le=1e11)] = None,
+        by: GroupBy | None = None,
+        limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+    ) -> UsageReport:
+        """Your usage: a row per finished invocation (newest first), or sums by model, function or time."""
+        return core.ledger.report(who, since=since, until=until, by=by, limit=limit)
 
     @app.post("/v1/triggers", tags=["triggers"], responses=_ERRORS)
     def bind(who: Who, body: BindRequest) -> TriggerBinding:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from faas._usage import UsageRow, usage_row, write_usage
 from faas.service._api import ResultView
 from faas.service._index import Index
 from faas.service._state import Pending, TenantState, view_of
@@ -28,6 +29,7 @@ from warmpool import ensure_provenance
 log = logging.getLogger("faas.service")
 
 Committed = Callable[[list[tuple[TenantState, Pending, ResultView, bool]]], None]
+Charged = Callable[[list[UsageRow]], None]
 _STOP = object()
 
 
@@ -41,13 +43,22 @@ class ResultCommitter:
             when an earlier result of the same id had been committed.
         record_threads: Threads writing store records.
         max_batch: Most results per transaction.
+        on_usage: Called (on the committer thread) with the usage rows of the
+            results that won, once they are committed with them.
     """
 
     def __init__(
-        self, index: Index, on_committed: Committed, *, record_threads: int = 4, max_batch: int = 512
+        self,
+        index: Index,
+        on_committed: Committed,
+        *,
+        record_threads: int = 4,
+        max_batch: int = 512,
+        on_usage: Charged | None = None,
     ) -> None:
         self.index = index
         self._on_committed = on_committed
+        self._on_usage = on_usage
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._recorders = ThreadPoolExecutor(record_threads, thread_name_prefix="faas-record")
@@ -94,20 +105,37 @@ class ResultCommitter:
 
     def _commit(self, batch: list[tuple[TenantState, Pending, Result]]) -> None:
         records = []
-        for _ts, pending, result in batch:
+        usage: list[UsageRow | None] = []
+        for ts, pending, result in batch:
+            inv = pending.invocation
             # The substrate's book built it; results made here (recovery, cancelled in the queue) get it now.
-            ensure_provenance(pending.invocation, pending.spec, pending.model, result)
+            ensure_provenance(inv, pending.spec, pending.model, result)
             records.append(ResultRecord.of(result))
+            try:
+                usage.append(
+                    usage_row(pending.invocation, pending.spec, pending.model, result, ts.tenant.name)
+                )
+            except Exception:  # nor must its usage row
+                log.exception("Could not build the usage row of invocation %s", result.invocation_id)
+                usage.append(None)
         won = self.index.finish_many(
-            [(r.invocation_id, r.status, r.model_dump_json(exclude_none=True)) for r in records]
+            [(r.invocation_id, r.status, r.model_dump_json(exclude_none=True)) for r in records], usage
         )
         out = []
-        for (ts, pending, _result), record, first in zip(batch, records, won, strict=True):
+        charged = []
+        for (ts, pending, _result), record, row, first in zip(batch, records, usage, won, strict=True):
             if first:
-                self._recorders.submit(self._record, ts, record)
+                self._recorders.submit(self._record, ts, record, row)
                 out.append((ts, pending, view_of(record), True))
+                if row is not None:
+                    charged.append(row)
             else:
                 out.append((ts, pending, self._existing(ts, record.invocation_id), False))
+        if charged and self._on_usage is not None:
+            try:
+                self._on_usage(charged)
+            except Exception:  # budgets and counters must not hold up the results
+                log.exception("Could not charge %d usage rows.", len(charged))
         self._on_committed(out)
 
     def _existing(self, ts: TenantState, invocation_id: str) -> ResultView:
@@ -119,12 +147,14 @@ class ResultCommitter:
             raise StoreError(f"Invocation {invocation_id} is finished but its result record is missing.")
         return view_of(stored)
 
-    def _record(self, ts: TenantState, record: ResultRecord) -> None:
+    def _record(self, ts: TenantState, record: ResultRecord, usage: UsageRow | None = None) -> None:
         delay = 0.1
         while True:
             try:
                 if not ts.records.write_result_record(record):
                     log.info("Invocation %s already had a store record; kept it.", record.invocation_id)
+                if usage is not None:  # the tenant's own copy of its ledger row (the index has it already)
+                    write_usage(ts.store, usage)
                 self.index.mark_recorded([record.invocation_id])
                 return
             except StoreError as exc:

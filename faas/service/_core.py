@@ -43,6 +43,7 @@ from faas.service._api import (
 from faas.service._auth import Authenticator, Tenant
 from faas.service._commit import ResultCommitter
 from faas.service._index import Index, Row
+from faas.service._ledger import MINUTE, Ledger
 from faas.service._state import Pending, TenantState, digest, plausible_id, row_view, stub_spec, view_of
 from faas.service._triggers import TriggerHost, trigger_fields
 from registry import FunctionSpec, ModelSpec, Registry
@@ -87,6 +88,7 @@ class ServiceCore:
         staging_threshold: Bytes above which values travel by reference.
         result_threads: Threads writing result records to the store.
         triggers: Runs the tenants' trigger bindings once the core has started (None: none run).
+        budget_minute_seconds: Length of the token budgets' "minute" window (shorter in tests).
         pool_options: Defaults for the substrate's constructor (``options`` in
             ``substrate`` override them).
     """
@@ -105,6 +107,7 @@ class ServiceCore:
         staging_threshold: int | str | None = None,
         result_threads: int = 4,
         triggers: TriggerHost | None = None,
+        budget_minute_seconds: float = MINUTE,
         **pool_options: Any,
     ) -> None:
         self.store = store
@@ -121,7 +124,10 @@ class ServiceCore:
         self._listeners: dict[str, list[Listener]] = {}
         self._done: collections.OrderedDict[str, ResultView] = collections.OrderedDict()
         self._models: dict[str, tuple[ModelSpec, float]] = {}
-        self._committer = ResultCommitter(self.index, self._committed, record_threads=result_threads)
+        self.ledger = Ledger(self.index, minute_seconds=budget_minute_seconds)  # budgets, usage totals
+        self._committer = ResultCommitter(
+            self.index, self._committed, record_threads=result_threads, on_usage=self.ledger.charge
+        )
         self._closed = False
         self.triggers = triggers
         self.started_at = time.time()
@@ -291,9 +297,11 @@ class ServiceCore:
             NotFoundError: The tenant has no such function.
             SubmitError: A staged argument is missing from the tenant's store.
             QuotaExceededError: The tenant's queue quota would be exceeded (nothing accepted).
+            BudgetExceededError: The tenant has used a window's token budget (nothing accepted).
             BackPressureError: The model's queue in the pool is full.
             PoolClosedError: The service is shutting down.
         """
+        self.ledger.check(tenant)
         ts = self._tenant_state(tenant)
         spec = self.function(tenant, function)
         model = self.resolve_model(spec.model) if spec.model else None

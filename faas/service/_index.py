@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from faas._usage import UsageRow
 from runtime import Invocation
 
 _SCHEMA = """
@@ -42,7 +43,21 @@ CREATE INDEX IF NOT EXISTS by_tenant ON invocations (tenant, submitted_at);
 CREATE INDEX IF NOT EXISTS by_state ON invocations (state);
 CREATE INDEX IF NOT EXISTS by_batch ON invocations (batch);
 CREATE INDEX IF NOT EXISTS by_recorded ON invocations (recorded) WHERE recorded = 0;
+CREATE TABLE IF NOT EXISTS usage (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    finished_at REAL NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    engine_share_seconds REAL NOT NULL,
+    row TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_by_tenant ON usage (tenant, finished_at);
 """
+
+_UsageRows = list[UsageRow]  # the class's own ``list`` method shadows the builtin in its body
+_Buckets = list[tuple[str, float, int]]
 
 
 @dataclass(frozen=True)
@@ -117,24 +132,37 @@ class Index:
                 raise
             self._db.execute("COMMIT")
 
-    def finish_many(self, items: list[tuple[str, str, str]]) -> list[bool]:
+    def finish_many(
+        self, items: list[tuple[str, str, str]], usage: list[UsageRow | None] | None = None
+    ) -> list[bool]:
         """Commit final results ``(id, state, result record JSON)`` in one transaction.
 
         This is the commit point of a result: the first final state of an id
-        wins, later ones change nothing. Returns, per item, whether it won.
+        wins, later ones change nothing. A winner's usage row (``usage``, one
+        entry per item) is committed with it. Returns, per item, whether it won.
         """
         now = time.time()
         won = []
+        rows = usage if usage is not None else [None] * len(items)
         with self._lock:
             self._db.execute("BEGIN")
             try:
-                for invocation_id, state, result in items:
+                for (invocation_id, state, result), row in zip(items, rows, strict=True):
                     cur = self._db.execute(
                         "UPDATE invocations SET state = ?, finished_at = ?, result = ? "
                         "WHERE id = ? AND state IN ('queued', 'running')",
                         (state, now, result, invocation_id),
                     )
                     won.append(cur.rowcount == 1)
+                    if cur.rowcount == 1 and row is not None:
+                        self._db.execute(
+                            "INSERT OR IGNORE INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (
+                                row.invocation_id, row.tenant, row.finished_at, row.prompt_tokens,
+                                row.cached_tokens, row.completion_tokens, row.engine_share_seconds,
+                                row.model_dump_json(),
+                            ),
+                        )  # fmt: skip
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -191,6 +219,39 @@ class Index:
         with self._lock:
             cur = self._db.execute(query + " ORDER BY rowid DESC LIMIT ?", (*args, limit))
             return [Row(*r) for r in cur.fetchall()]
+
+    def usage(
+        self, tenant: str, since: float | None = None, until: float | None = None, limit: int | None = None
+    ) -> _UsageRows:
+        """A tenant's usage rows that finished in ``[since, until)``, newest first."""
+        query = "SELECT row FROM usage WHERE tenant = ? AND finished_at >= ? AND finished_at < ?"
+        end = until if until is not None else float("inf")
+        args: tuple[object, ...] = (tenant, since if since is not None else 0.0, end)
+        query += " ORDER BY finished_at DESC"
+        if limit is not None:
+            query, args = query + " LIMIT ?", (*args, limit)
+        with self._lock:
+            cur = self._db.execute(query, args)
+            return [UsageRow.model_validate_json(r[0]) for r in cur.fetchall()]
+
+    def usage_totals(self) -> dict[str, tuple[int, int, int, float]]:
+        """Per tenant, the sums of its usage rows: prompt, cached, completion tokens, engine share seconds."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT tenant, SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens), "
+                "SUM(engine_share_seconds) FROM usage GROUP BY tenant"
+            )
+            return {t: (int(p), int(c), int(n), float(e)) for t, p, c, n, e in cur.fetchall()}
+
+    def usage_buckets(self, since: float, bucket: float) -> _Buckets:
+        """Tokens (prompt + completion) per tenant and ``bucket``-second slot since ``since``."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT tenant, CAST(finished_at / ? AS INTEGER), SUM(prompt_tokens + completion_tokens) "
+                "FROM usage WHERE finished_at >= ? GROUP BY 1, 2",
+                (bucket, since),
+            )
+            return [(t, float(slot) * bucket, int(n)) for t, slot, n in cur.fetchall()]
 
 
 _COLUMNS = (

@@ -46,6 +46,18 @@ class _Collector:
             queued.add_metric([tenant], counts["queued"])
         yield running
         yield queued
+        tokens = CounterMetricFamily(
+            "faas_tenant_tokens", "Tokens of finished invocations per tenant.", labels=["tenant", "kind"]
+        )
+        engine = CounterMetricFamily(
+            "faas_tenant_engine_seconds", "Engine busy time charged to each tenant.", labels=["tenant"]
+        )
+        for tenant, (prompt, cached, completion, share) in sorted(core.ledger.totals().items()):
+            for kind, count in (("prompt", prompt), ("cached", cached), ("completion", completion)):
+                tokens.add_metric([tenant, kind], count)
+            engine.add_metric([tenant], share)
+        yield tokens
+        yield engine
         status: dict[str, Any] = core.pool.status()
         families = {
             name: CounterMetricFamily(f"faas_model_{name}", f"Pool metric {name}.", labels=["model"])

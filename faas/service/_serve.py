@@ -74,7 +74,25 @@ def build_core(
     else:
         raise SubstrateConfigError(f"Unknown substrate {substrate!r}; expected 'local' or 'globus-compute'.")
     host_obj = TriggerHost() if triggers else None
-    return ServiceCore(store_obj, auth, state_dir=state, substrate=config, triggers=host_obj, **pool_options)
+    # The token budgets' "minute" window; only tests shorten it.
+    minute = os.environ.get("FAAS_BUDGET_MINUTE_SECONDS", "").strip()
+    try:
+        minute_seconds = float(minute) if minute else 60.0
+    except ValueError:
+        raise ServeConfigError(
+            f"FAAS_BUDGET_MINUTE_SECONDS is not a number of seconds: {minute!r}."
+        ) from None
+    if not minute_seconds > 0:
+        raise ServeConfigError(f"FAAS_BUDGET_MINUTE_SECONDS must be positive, not {minute!r}.")
+    return ServiceCore(
+        store_obj,
+        auth,
+        state_dir=state,
+        substrate=config,
+        triggers=host_obj,
+        budget_minute_seconds=minute_seconds,
+        **pool_options,
+    )
 
 
 def serve(

@@ -24,8 +24,10 @@ def paths(original: object, replay: object, tol: Tolerance | None = None) -> lis
 
 def test_timings_and_request_ids_are_ignored_floats_within_tolerance_match() -> None:
     a = sglang("generate_logprobs.json")
+    a["meta_info"]["engine_share_seconds"] = 0.1  # the CPU engine's share of its busy time
     b = json.loads(json.dumps(a))
     b["meta_info"].update(id="another-rid", e2e_latency=9.5, cached_tokens=4, queue_time=1.0)
+    b["meta_info"]["engine_share_seconds"] = 0.4
     b["meta_info"]["output_token_logprobs"][1][0] += 1e-6
     result = compare(a, b)
     assert result.matches, result.differences
@@ -34,6 +36,7 @@ def test_timings_and_request_ids_are_ignored_floats_within_tolerance_match() -> 
         "meta_info.e2e_latency",
         "meta_info.cached_tokens",
         "meta_info.queue_time",
+        "meta_info.engine_share_seconds",
     } <= set(result.ignored)
 
 

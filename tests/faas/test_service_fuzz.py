@@ -63,6 +63,7 @@ OPERATIONS = {
     "GET /v1/pool",
     "POST /v1/triggers",
     "GET /v1/triggers",
+    "GET /v1/usage",
 }
 
 

@@ -187,6 +187,28 @@ def test_parse_generate_stream() -> None:
     assert not m._active  # the request id is released once the stream ends
 
 
+def test_streamed_calls_record_their_tokens_and_time_to_first_text() -> None:
+    m = handle(Recorder({"/generate": fixture("generate_stream.sse")}))
+    assert "".join(m.generate("x", stream=True)) == " Paris is lovely."
+    [call] = m.calls
+    assert (call["prompt_tokens"], call["completion_tokens"], call["engine_seconds"]) == (6, 5, 0.083)
+    assert call["ttft_seconds"] is not None and 0 <= call["ttft_seconds"] <= call["wall_seconds"]
+    assert call["engine_share_seconds"] is None  # SGLang reports no share of its busy time
+    m = handle(Recorder({"/v1/chat/completions": fixture("chat_stream.sse")}))
+    "".join(m.chat([{"role": "user", "content": "x"}], stream=True))
+    assert (m.calls[0]["prompt_tokens"], m.calls[0]["completion_tokens"]) == (24, 5)
+    # A call's share is recorded when the engine reports one per sequence (the CPU engine does).
+    m = handle(Recorder({"/generate": fixture("generate_batch.json")}))
+    m.generate(["a", "b"])
+    assert m.calls[0]["engine_share_seconds"] is None
+    shared = fixture("generate_batch.json")
+    for i, item in enumerate(shared):
+        item["meta_info"]["engine_share_seconds"] = 0.25 * (i + 1)
+    m = handle(Recorder({"/generate": shared}))
+    m.generate(["a", "b"])
+    assert m.calls[0]["engine_share_seconds"] == pytest.approx(0.75)
+
+
 def test_parse_chat_and_chat_stream() -> None:
     m = handle(Recorder({"/v1/chat/completions": fixture("chat_completion.json")}))
     r = m.chat([{"role": "user", "content": "Capital of France?"}], return_logprob=True, top_logprobs_num=2)

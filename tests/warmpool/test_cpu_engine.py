@@ -442,6 +442,30 @@ def test_server_info(engine: Engine) -> None:
     }  # fmt: skip
 
 
+def test_usage_counters_are_exact_and_shares_add_up_to_busy_time(engine: Engine) -> None:
+    def idle() -> bool:
+        stats = engine.stats()
+        return bool(stats["requests_running"] == stats["requests_waiting"] == 0)
+
+    _wait_until(idle, 60, "the engine to be idle")
+    before = engine.stats()
+    prompts = [f"The quick brown {'fox ' * i}" for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:  # concurrent: they share forward steps
+        outs = list(pool.map(lambda p: engine.greedy(p, max_new_tokens=4 + len(p) % 5), prompts))
+    outs += engine.greedy(["Once upon", "a time there"], max_new_tokens=3)
+    after = engine.stats()
+    metas = [o["meta_info"] for o in outs]
+    assert after["prompt_tokens_total"] - before["prompt_tokens_total"] == sum(
+        m["prompt_tokens"] for m in metas
+    )
+    generated = after["generation_tokens_total"] - before["generation_tokens_total"]
+    assert generated == sum(m["completion_tokens"] for m in metas)
+    busy = after["busy_seconds"] - before["busy_seconds"]
+    assert busy == pytest.approx(sum(m["engine_share_seconds"] for m in metas), rel=1e-6)
+    assert all(0 < m["engine_share_seconds"] <= m["e2e_latency"] for m in metas)
+    assert after["cached_tokens_total"] == 0
+
+
 def test_no_kv_cache_mode_gives_the_same_tokens(
     engine: Engine, tiny_model_path: Path, tmp_path: Path
 ) -> None:

@@ -53,6 +53,7 @@ class _Row:
         self.top_logprobs: list[list[list[Any]]] = []
         # SGLang's layout: the prompt's [T, H] states first, then one [H] vector per step.
         self.hidden: list[torch.Tensor] = []
+        self.share = 0.0  # engine seconds charged to this row (its tokens' part of each step)
         self.gen: torch.Generator | None = None
         if not req.params.greedy:
             # Per-request generator: the draw sequence depends on this request alone.
@@ -125,6 +126,10 @@ class Batcher:
             self.use_kv_cache = probe_kv_cache(self._run, self.pad_id, device)
         self._stats = {"requests_total": 0, "steps": 0, "rows_stepped": 0, "max_seen": 0}
         self._stats["tokens_generated"] = 0
+        # Exact usage counters of counted (non-health-check) requests, charged when each finishes,
+        # and the scheduler's busy time (every forward step and embedding group, timed).
+        self._usage = {"prompt_tokens_total": 0, "generation_tokens_total": 0}
+        self._busy = 0.0
 
     # ---- public API (any thread) -------------------------------------------------------
 
@@ -217,6 +222,8 @@ class Batcher:
         """Counters for ``/server_info``."""
         with self._cond:
             s = dict(self._stats)
+            usage = dict(self._usage)
+            busy = self._busy
             running = len(self._inflight) - len(self._waiting)
             waiting = len(self._waiting)
         return {
@@ -227,6 +234,9 @@ class Batcher:
             "mean_batch_size": s["rows_stepped"] / s["steps"] if s["steps"] else 0.0,
             "max_batch_size_seen": s["max_seen"],
             "tokens_generated": s["tokens_generated"],
+            **usage,
+            "cached_tokens_total": 0,  # no prefix cache
+            "busy_seconds": busy,
         }
 
     # ---- scheduler thread --------------------------------------------------------------
@@ -283,6 +293,7 @@ class Batcher:
 
     def _embed(self, reqs: list[EmbedRequest]) -> None:
         """Embed a group of inputs in one padded forward; failures fail the group, not the engine."""
+        t0 = time.perf_counter()
         try:
             seqs = [r.input_ids for r in reqs]
             vectors = embed_forward(self.model, seqs, self.pad_id, self.device, keep_kw=self._keep_kw)
@@ -293,10 +304,27 @@ class Batcher:
                 req.on_finish(EmbedOutput(req.rid, [], len(req.input_ids), 0.0, message))
             return
         now = time.perf_counter()
-        for req, vec in zip(reqs, vectors, strict=True):
-            req.on_finish(EmbedOutput(req.rid, vec, len(req.input_ids), now - req.created))
+        shares = self._charge(now - t0, [len(r.input_ids) for r in reqs])
+        with self._cond:
+            self._usage["prompt_tokens_total"] += sum(len(r.input_ids) for r in reqs)
+        for req, vec, share in zip(reqs, vectors, shares, strict=True):
+            req.on_finish(
+                EmbedOutput(req.rid, vec, len(req.input_ids), now - req.created, engine_share=share)
+            )
+
+    def _charge(self, seconds: float, weights: list[int]) -> list[float]:
+        """Add a step's time to the busy time; return each row's part, split by its tokens."""
+        with self._cond:
+            self._busy += seconds
+        total = sum(weights) or 1
+        return [seconds * w / total for w in weights]
 
     def _step(self, new: list[_Row]) -> None:
+        t0 = time.perf_counter()
+        # Tokens each row feeds this step: a new row its prompt, a cached row one, a recomputed row all.
+        fed = {id(r): len(r.tokens) for r in new}
+        if not self.use_kv_cache:
+            fed.update((id(r), len(r.tokens)) for r in self._rows)
         with torch.inference_mode():
             if self.use_kv_cache:
                 logits = self._forward_cached(new)
@@ -319,6 +347,9 @@ class Batcher:
             interval = row.req.params.stream_interval
             if row.req.on_update is not None and row.finish is None and len(row.out) % interval == 0:
                 row.req.on_update(self._output(row, None))
+        weights = [fed.get(id(r), 1) for r in rows]
+        for row, share in zip(rows, self._charge(time.perf_counter() - t0, weights), strict=True):
+            row.share += share
         self._retire()
 
     def _forward_full(self) -> torch.Tensor:
@@ -482,6 +513,10 @@ class Batcher:
             text = text.rstrip("\ufffd")  # hold back a partly generated UTF-8 character
             # Hold back a tail that may yet become a stop string, so streamed texts only grow.
             text = text[: len(text) - stop_prefix_len(text, p.stop)]
+        if finish is not None and row.req.counted:
+            with self._cond:
+                self._usage["prompt_tokens_total"] += len(row.req.input_ids)
+                self._usage["generation_tokens_total"] += len(row.out)
         return GenOutput(
             rid=row.req.rid,
             output_ids=list(row.out),
@@ -489,6 +524,7 @@ class Batcher:
             finish_reason=finish,
             prompt_tokens=len(row.req.input_ids),
             e2e_latency=time.perf_counter() - row.req.created,
+            engine_share=row.share,
             output_token_logprobs=list(row.token_logprobs) if row.req.return_logprob else None,
             output_top_logprobs=list(row.top_logprobs) if row.req.top_logprobs_num else None,
             hidden_states=[h.tolist() for h in row.hidden]

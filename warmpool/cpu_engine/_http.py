@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 UNSUPPORTED_TYPE = "unsupported_feature"
 WEIGHT_VERSION = "default"
+# meta_info key of a request's engine-time share (not SGLang's; runtime._policy.call_record reads it).
+ENGINE_SHARE = "engine_share_seconds"
 
 
 def error(status: int, message: str, kind: str | None = None) -> JSONResponse:
@@ -124,6 +126,7 @@ def to_json(batcher: Batcher, out: GenOutput, spec: GenerateSpec) -> dict[str, A
     """One output in SGLang's ``/generate`` response shape."""
     meta = _meta(out)
     meta.update(completion_tokens=len(out.output_ids), cached_tokens=0, e2e_latency=round(out.e2e_latency, 6))
+    meta[ENGINE_SHARE] = out.engine_share  # not SGLang's: this request's part of the engine's busy time
     if spec.return_logprob:
         meta["input_token_logprobs"] = []  # input logprobs are not computed here
         meta["output_token_logprobs"] = _with_text(batcher, out.output_token_logprobs, spec)
@@ -250,6 +253,7 @@ async def encode(engine: Engine, batcher: Batcher, request: Request) -> Response
     for out in outs:
         meta = _meta(out)
         meta["e2e_latency"] = round(out.e2e_latency, 6)
+        meta[ENGINE_SHARE] = out.engine_share
         results.append({"embedding": out.embedding, "meta_info": meta})
     return JSONResponse(results if spec.is_batch else results[0])
 

@@ -323,6 +323,8 @@ class GenOutput:
         hidden_states: If asked, SGLang's layout: the prompt's final-layer states
             (``[prompt_tokens][hidden]``) then one ``[hidden]`` vector per later step.
         error: Set when the engine itself failed (not the request's fault).
+        engine_share: Engine seconds charged to this request: each forward step's time split
+            over its rows by the tokens each fed that step.
     """
 
     rid: str
@@ -335,6 +337,7 @@ class GenOutput:
     output_top_logprobs: list[list[list[Any]]] | None = None
     hidden_states: list[Any] | None = None
     error: str | None = None
+    engine_share: float = 0.0
 
 
 @dataclass
@@ -374,6 +377,7 @@ class EmbedOutput:
     prompt_tokens: int
     e2e_latency: float
     error: str | None = None
+    engine_share: float = 0.0
 
 
 @dataclass
