@@ -55,7 +55,7 @@ def call_record(path: str, body: dict[str, Any], response: Any, started: float) 
     items = response if isinstance(response, list) else [response]
     metas = [i.get("meta_info", {}) for i in items if isinstance(i, dict)]
     usage = response.get("usage", {}) if isinstance(response, dict) else {}
-    return {
+    record: dict[str, Any] = {
         "path": path,
         "sampling_params": body.get("sampling_params"),
         "options": {
@@ -68,3 +68,12 @@ def call_record(path: str, body: dict[str, Any], response: Any, started: float) 
         "engine_seconds": max((float(m.get("e2e_latency", 0.0)) for m in metas), default=0.0),
         "wall_seconds": time.time() - started,
     }
+    # Prompt tokens served from the engine's prefix cache (fair admission charges them less);
+    # recorded only when the engine reports some, so older records keep their shape.
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    cached = sum(int(m.get("cached_tokens") or 0) for m in metas)
+    if not cached and isinstance(details, dict):
+        cached = int(details.get("cached_tokens") or 0)
+    if cached:
+        record["cached_tokens"] = cached
+    return record

@@ -1,6 +1,7 @@
 """Where work runs: engine hosts, replicas, workers and the pool."""
 
 from runtime import BackPressureError, SubstrateConfigError
+from warmpool._fair import Fairness, FairQueue, TokenWeights
 from warmpool._replica import EngineFactory, ModelPool, Replica, ReplicaState, default_engine_factory
 from warmpool._substrate import (
     ProviderConfig,
@@ -18,6 +19,8 @@ __all__ = [
     "CpuEngineHost",
     "EngineFactory",
     "EngineHost",
+    "FairQueue",
+    "Fairness",
     "ModelPool",
     "Pool",
     "ProviderConfig",
@@ -28,6 +31,7 @@ __all__ = [
     "SubstrateConfig",
     "SubstrateConfigError",
     "SubstrateKind",
+    "TokenWeights",
     "Work",
     "default_engine_factory",
     "load_substrate_config",
