@@ -36,7 +36,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from registry import FunctionSpec, ModelSpec, TriggerBinding
-from runtime import ErrorInfo, StagedRef
+from runtime import ErrorInfo, Priority, StagedRef
 
 _B64 = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64", extra="forbid")
 
@@ -58,10 +58,14 @@ class Limits(BaseModel):
             more wait in the tenant's queue.
         max_queued: Invocations waiting in the tenant's queue; a submit beyond
             this is refused with 429.
+        weight: The tenant's share of each shared engine relative to other
+            backlogged tenants (fair admission, weighted VTC): 3 gets three
+            times the tokens of a tenant with 1 while both wait.
     """
 
     max_inflight: int = Field(256, ge=1)
     max_queued: int = Field(100_000, ge=0)
+    weight: float = Field(1.0, gt=0, le=1_000_000)
 
 
 class SessionInfo(BaseModel):
@@ -95,17 +99,23 @@ class RegisterFunction(BaseModel):
     model_param_index: int = Field(0, ge=-1, le=0)
     timeout: float | None = Field(None, gt=0)
     retries: int = Field(0, ge=0, le=100)
+    priority: Priority | None = None
     module: str = Field("", max_length=500)
     qualname: str = Field("", max_length=500)
 
 
 class Item(BaseModel):
-    """The arguments of one invocation: serialised ``(args, kwargs)`` or a staging marker."""
+    """The arguments of one invocation: serialised ``(args, kwargs)`` or a staging marker.
+
+    Attributes:
+        priority: This call's priority (None: the function's).
+    """
 
     model_config = _B64
 
     args: bytes = Field(max_length=MAX_INLINE_BYTES)
     refs: list[StagedRef] = Field(default_factory=list, max_length=10_000)
+    priority: Priority | None = None
 
 
 class SubmitRequest(Item):

@@ -13,6 +13,7 @@ Token file (TOML or JSON)::
     tokens = ["sha256:9f86d0...", "a-plain-token"]   # prefer the sha256 form
     max_inflight = 64
     max_queued = 10000
+    weight = 3                # share of each shared engine (default 1)
 
 Tokens are compared by their sha256 in constant time, and are never logged or
 put into an error message.
@@ -151,7 +152,7 @@ class TokenAuth:
             if not isinstance(raw, dict) or "name" not in raw or not raw.get("tokens"):
                 raise AuthConfigError(f"Tenant entry {index} in {path} needs a 'name' and a 'tokens' list.")
             try:
-                limits = Limits(**{k: raw[k] for k in ("max_inflight", "max_queued") if k in raw})
+                limits = Limits(**{k: raw[k] for k in ("max_inflight", "max_queued", "weight") if k in raw})
             except ValueError as exc:
                 raise AuthConfigError(f"Tenant {raw['name']!r} in {path} has bad limits: {exc}") from None
             tenant = Tenant(str(raw["name"]), limits)
