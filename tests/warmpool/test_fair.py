@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections import deque
+from pathlib import Path
 
 import pytest
 
 from registry import FunctionSpec, ModelSpec
-from runtime import Invocation, Result, error_info, new_id
+from runtime import Invocation, LocalStore, Result, error_info, new_id
 from runtime._errors import InvocationTimeout
+from warmpool import Pool
 from warmpool._book import Entry
 from warmpool._fair import FairQueue, engine_priority, invocation_cost
 
@@ -237,3 +239,17 @@ def test_the_engine_gets_the_priority_only_where_it_schedules_by_it() -> None:
 def test_unknown_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="Unknown fairness policy"):
         FairQueue("lottery")  # type: ignore[arg-type]
+
+
+def test_a_pool_switches_every_models_policy(tmp_path: Path) -> None:
+    pool = Pool(LocalStore(tmp_path / "store"), tick_interval=None, status_interval=None)
+    try:
+        mp = pool._model_pool(ModelSpec(name="m"))
+        assert mp.queue.fairness == "vtc"
+        pool.set_fairness("fcfs")
+        assert mp.queue.fairness == "fcfs"
+        assert pool._model_pool(ModelSpec(name="n")).queue.fairness == "fcfs"  # and models added later
+        with pytest.raises(ValueError, match="Unknown fairness policy"):
+            pool.set_fairness("lottery")  # type: ignore[arg-type]
+    finally:
+        pool.shutdown()

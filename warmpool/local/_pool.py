@@ -218,6 +218,22 @@ class Pool:
             _lifecycle.apply_plan(self, mp)
             self._pump(mp)
 
+    def set_fairness(self, fairness: Fairness) -> None:
+        """Admit every model's waiting invocations by ``fairness`` from now on (``vtc`` or ``fcfs``).
+
+        Tenants' counters carry on; the fairness benchmark switches policies
+        between its phases to compare them on one engine.
+
+        Raises:
+            ValueError: An unknown policy.
+        """
+        if fairness not in ("vtc", "fcfs"):
+            raise ValueError(f"Unknown fairness policy {fairness!r}; expected 'vtc' or 'fcfs'.")
+        with self._lock:
+            self._fairness = fairness
+            for mp in self._models.values():
+                mp.queue.fairness = fairness
+
     def cancel(self, invocation_id: str) -> bool:
         """Cancel an invocation: it finishes as cancelled and its engine requests are aborted."""
         with self._lock:
