@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from faas.clients._protocol import default_client
-from runtime import FunctionDefinitionError, Model, SubmitError
+from runtime import FunctionDefinitionError, Model, Priority, SubmitError
 
 if TYPE_CHECKING:
     from faas._future import Future
@@ -19,6 +19,13 @@ if TYPE_CHECKING:
     from registry import FunctionSpec, TriggerBinding
 
 R = TypeVar("R")
+_PRIORITIES = ("interactive", "batch")
+
+
+def _check_priority(priority: object) -> Priority | None:
+    if priority is not None and priority not in _PRIORITIES:
+        raise FunctionDefinitionError(f"priority must be 'interactive', 'batch' or None; got {priority!r}.")
+    return priority  # type: ignore[return-value]
 
 
 def _model_parameter(fn: Callable[..., Any]) -> tuple[str | None, int]:
@@ -67,6 +74,8 @@ class Function(Generic[R]):
         retries: int,
         name: str | None,
         client: FaasClient | None = None,
+        priority: Priority | None = None,
+        origin: Function[R] | None = None,
     ) -> None:
         if not callable(fn) or isinstance(fn, type):
             raise FunctionDefinitionError(
@@ -93,6 +102,10 @@ class Function(Generic[R]):
         self.model = model
         self.timeout = float(timeout) if timeout is not None else None
         self.retries = retries
+        self.priority = _check_priority(priority)
+        # The decorated function a with_options() copy came from: the client registers
+        # that one (its priority is the registered default), once.
+        self.origin: Function[R] = origin if origin is not None else self
         self.name = name or _default_name(fn)
         self.model_param = param
         self.model_param_index = index
@@ -118,6 +131,34 @@ class Function(Generic[R]):
             retries=self.retries,
             name=self.name,
             client=client,
+            priority=self.priority,
+        )
+
+    def with_options(self, *, priority: Priority | None = None) -> Function[R]:
+        """A copy of this function whose calls run with other per-call options.
+
+        The copy is the same registered function (nothing is registered again);
+        only its invocations differ::
+
+            urgent = summarise.with_options(priority="interactive")
+            urgent.remote(text)
+
+        Args:
+            priority: ``interactive`` or ``batch`` for this copy's calls
+                (None: the decorator's).
+
+        Raises:
+            FunctionDefinitionError: An unknown priority.
+        """
+        return Function(
+            self.fn,
+            model=self.model,
+            timeout=self.timeout,
+            retries=self.retries,
+            name=self.name,
+            client=self._client,
+            priority=_check_priority(priority) or self.origin.priority,
+            origin=self.origin,
         )
 
     def bundle(self) -> tuple[bytes, FunctionSpec]:
@@ -140,6 +181,7 @@ class Function(Generic[R]):
             model_param_index=self.model_param_index,
             timeout=self.timeout,
             retries=self.retries,
+            priority=self.origin.priority,
             module=getattr(self.fn, "__module__", "") or "",
             qualname=getattr(self.fn, "__qualname__", "") or "",
         )
@@ -270,6 +312,7 @@ def function(
     timeout: float | None = None,
     retries: int = 0,
     name: str | None = None,
+    priority: Priority | None = None,
 ) -> Callable[[Callable[..., R]], Function[R]]:
     """Decorate a function so it runs in the warm pool.
 
@@ -287,6 +330,11 @@ def function(
             ``faas.InvocationTimeout``.
         retries: Times an invocation lost with its worker or engine is retried.
         name: Registered name (default: the function's qualified name).
+        priority: ``interactive`` or ``batch`` (default None, which counts as
+            interactive): within your tenant's share of an engine, interactive
+            invocations are admitted first, and the engine gets the priority
+            when it runs with priority scheduling. Override it per call with
+            :meth:`Function.with_options`.
 
     Raises:
         FunctionDefinitionError: Used without parentheses, on a non-callable,
@@ -299,6 +347,6 @@ def function(
         )
 
     def decorate(f: Callable[..., R]) -> Function[R]:
-        return Function(f, model=model, timeout=timeout, retries=retries, name=name)
+        return Function(f, model=model, timeout=timeout, retries=retries, name=name, priority=priority)
 
     return decorate

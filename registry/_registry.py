@@ -238,5 +238,5 @@ class Registry:
 
 
 def _same_options(a: FunctionSpec, b: FunctionSpec) -> bool:
-    keys = ("model", "model_param", "model_param_index", "timeout", "retries")
+    keys = ("model", "model_param", "model_param_index", "timeout", "retries", "priority")
     return all(getattr(a, k) == getattr(b, k) for k in keys)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from runtime import MODES, Invocation, OutputTarget, StagedRef, check_modes, new_id
+from runtime import MODES, Invocation, OutputTarget, Priority, StagedRef, check_modes, new_id
 
 
 class FunctionSpec(BaseModel):
@@ -22,6 +22,8 @@ class FunctionSpec(BaseModel):
         model_param_index: Its position (0 = passed first).
         timeout: Seconds an invocation may run, or None.
         retries: Retries for invocations lost to a dead worker or engine.
+        priority: ``interactive`` or ``batch``: the class of its invocations within
+            their tenant's share (None: interactive; a call may override it).
         module: Defining module, for display.
         qualname: Qualified name in that module, for display.
         created_at: Registration time (seconds since the epoch).
@@ -37,6 +39,7 @@ class FunctionSpec(BaseModel):
     model_param_index: int = 0
     timeout: float | None = None
     retries: int = 0
+    priority: Priority | None = None
     module: str = ""
     qualname: str = ""
     created_at: float = Field(default_factory=time.time)
@@ -56,8 +59,11 @@ class FunctionSpec(BaseModel):
         refs: tuple[StagedRef, ...] = (),
         id: str | None = None,
         output: OutputTarget | None = None,
+        priority: Priority | None = None,
+        tenant: str | None = None,
+        weight: float | None = None,
     ) -> Invocation:
-        """A new invocation of this version (timeout and retries from the spec).
+        """A new invocation of this version (timeout, retries and priority from the spec).
 
         Args:
             args: Serialised ``(args, kwargs)``, or a staging marker.
@@ -68,6 +74,9 @@ class FunctionSpec(BaseModel):
             id: Its id (default: a fresh one); triggers name their attempts, so
                 a restarted service re-attaches to the invocation it replays.
             output: Where the worker writes a trigger function's output.
+            priority: This call's priority (None: the spec's).
+            tenant: Whose share of the engine it is charged to (None: the default tenant).
+            weight: That tenant's fair-share weight (None: 1).
         """
         return Invocation(
             id=id or new_id(),
@@ -81,6 +90,9 @@ class FunctionSpec(BaseModel):
             stage_threshold=stage_threshold,
             refs=refs,
             output=output,
+            priority=priority or self.priority,
+            tenant=tenant,
+            weight=weight,
         )
 
 

@@ -92,7 +92,7 @@ from runtime._staging import (
 )
 from runtime._store import LocalStore, ObjectStore, new_id
 from runtime._store_factory import scoped_store, store_from_config, store_from_url
-from runtime._wire import ErrorInfo, ErrorKind, Invocation, OutputTarget, Result
+from runtime._wire import ErrorInfo, ErrorKind, Invocation, OutputTarget, Priority, Result
 
 __all__ = [
     "MODES",
@@ -135,6 +135,7 @@ __all__ = [
     "Outputs",
     "PlacementError",
     "PoolClosedError",
+    "Priority",
     "ProvenanceRecord",
     "QuotaExceededError",
     "RecordStore",

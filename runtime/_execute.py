@@ -58,6 +58,7 @@ def execute(
     model_param: str | None = None,
     model_param_index: int = 0,
     store: ObjectStore | None = None,
+    engine_priority: int | None = None,
 ) -> Result:
     """Run one invocation of ``fn`` and return its Result; never raises.
 
@@ -69,6 +70,9 @@ def execute(
         model_param_index: Position of that parameter; 0 means it is passed first.
         store: Where staged values live; default: the store named by
             ``invocation.store`` (one instance per process).
+        engine_priority: The engine's per-request ``priority`` for this
+            invocation's requests (None: not sent); the pool derives it from
+            ``invocation.priority`` and the engine's settings.
     """
     started = time.time()
     result = Result(
@@ -88,7 +92,7 @@ def execute(
                 raise FaasError(
                     f"Function {invocation.function_name!r} needs a model handle but none was given."
                 )
-            bound = model.bind(f"inv-{invocation.id}-{invocation.attempt}")
+            bound = model.bind(f"inv-{invocation.id}-{invocation.attempt}", priority=engine_priority)
             if model_param_index == 0:
                 args = (bound, *args)
             else:

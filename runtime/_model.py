@@ -141,6 +141,7 @@ class Model:
         )
         self._lock = threading.Lock()
         self._active: set[str] = set()  # shared with bind() clones, for abort_prefix()
+        self._priority: int | None = None  # set by bind() from the invocation's priority
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, url={self.url!r})"
@@ -149,10 +150,17 @@ class Model:
         """Close the keep-alive connections."""
         self._client.close()
 
-    def bind(self, request_prefix: str) -> Model:
-        """A handle sharing this one's connections whose request ids start with ``request_prefix``."""
+    def bind(self, request_prefix: str, *, priority: int | None = None) -> Model:
+        """A handle sharing this one's connections whose request ids start with ``request_prefix``.
+
+        Args:
+            request_prefix: Prefix of the bound handle's request ids.
+            priority: SGLang's per-request ``priority``, sent with every request of
+                the bound handle (None: the field is not sent).
+        """
         clone = copy.copy(self)
         clone._prefix = request_prefix
+        clone._priority = priority
         clone.calls = []  # each bound handle records its own invocation's engine calls
         return clone
 
@@ -450,8 +458,14 @@ class Model:
     def _unreachable(self, exc: Exception) -> EngineLost:
         return EngineLost(f"The engine for model {self.name!r} at {self.url} is unreachable: {exc}")
 
+    def _with_priority(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self._priority is None or "priority" in body:
+            return body
+        return {**body, "priority": self._priority}
+
     def _post(self, path: str, body: dict[str, Any]) -> Any:
         guard(self.name, self.allowed_modes, path, body)
+        body = self._with_priority(body)
         started = time.time()
         try:
             response = self._client.post(path, json=body)
@@ -470,6 +484,7 @@ class Model:
             raise
         record = call_record(path, body, {}, time.time())  # tokens filled in when the stream ends
         self.calls.append(record)
+        body = self._with_priority(body)
         try:
             response = self._client.send(self._client.build_request("POST", path, json=body), stream=True)
         except httpx.TransportError as exc:

@@ -79,7 +79,7 @@ def call_record(path: str, body: dict[str, Any], response: Any, started: float) 
     items = response if isinstance(response, list) else [response]
     metas = [i.get("meta_info", {}) for i in items if isinstance(i, dict)]
     usage = response.get("usage", {}) if isinstance(response, dict) else {}
-    return {
+    record: dict[str, Any] = {
         "path": path,
         "sampling_params": body.get("sampling_params"),
         "options": {
@@ -94,3 +94,4 @@ def call_record(path: str, body: dict[str, Any], response: Any, started: float) 
         "engine_share_seconds": _share(metas),
         "wall_seconds": time.time() - started,
     }
+    return record

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from runtime._staging import StagedRef
 
 ErrorKind = Literal["user", "timeout", "worker_lost", "engine_lost", "cancelled", "system"]
+Priority = Literal["interactive", "batch"]
+"""An invocation's class within its tenant's share: interactive work is admitted before batch work."""
 
 
 class OutputTarget(BaseModel):
@@ -68,6 +70,12 @@ class Invocation(BaseModel):
             takes ``$FAAS_STAGING_THRESHOLD`` or 1 MiB.
         refs: The staged objects the arguments refer to (for records and inspection).
         output: Set for a trigger invocation: the worker writes the return value there.
+        tenant: Whose share of a shared engine it is charged to (None: the one
+            default tenant of an embedded client).
+        weight: The tenant's weight in fair admission when it was accepted (None: 1).
+        priority: ``interactive`` or ``batch`` (None: interactive); orders the
+            tenant's own invocations, and is passed on to an engine that runs
+            with priority scheduling.
     """
 
     model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
@@ -85,6 +93,9 @@ class Invocation(BaseModel):
     stage_threshold: int | None = None
     refs: tuple[StagedRef, ...] = ()
     output: OutputTarget | None = None
+    tenant: str | None = None
+    weight: float | None = Field(None, gt=0)
+    priority: Priority | None = None
 
 
 class ErrorInfo(BaseModel):

@@ -1,6 +1,7 @@
 """Where work runs: engine hosts, replicas, workers and the pool."""
 
 from runtime import BackPressureError, SubstrateConfigError
+from warmpool._fair import Fairness, FairQueue, TokenWeights
 from warmpool._provenance import build_provenance, ensure_provenance, wire_digest
 from warmpool._replica import EngineFactory, ModelPool, Replica, ReplicaState, default_engine_factory
 from warmpool._substrate import (
@@ -19,6 +20,8 @@ __all__ = [
     "CpuEngineHost",
     "EngineFactory",
     "EngineHost",
+    "FairQueue",
+    "Fairness",
     "ModelPool",
     "Pool",
     "ProviderConfig",
@@ -29,6 +32,7 @@ __all__ = [
     "SubstrateConfig",
     "SubstrateConfigError",
     "SubstrateKind",
+    "TokenWeights",
     "Work",
     "build_provenance",
     "default_engine_factory",

@@ -11,7 +11,6 @@ import enum
 import itertools
 import tempfile
 import threading
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from registry import ModelSpec
 from runtime import BackPressureError, EngineError
+from warmpool._fair import Fairness, FairQueue
 from warmpool._metrics import ModelMetrics
 from warmpool.engines._host import CpuEngineHost, EngineHost
 
@@ -144,12 +144,13 @@ class ModelPool:
     Args:
         spec: The model version and its pool settings.
         clock: Monotonic clock.
+        fairness: How waiting invocations share the replicas' slots (see :mod:`warmpool._fair`).
     """
 
-    def __init__(self, spec: ModelSpec, clock: Callable[[], float]) -> None:
+    def __init__(self, spec: ModelSpec, clock: Callable[[], float], fairness: Fairness = "vtc") -> None:
         self.spec = spec
         self._clock = clock
-        self.queue: deque[Work] = deque()
+        self.queue: FairQueue[Work] = FairQueue(fairness)
         self.replicas: list[Replica] = []
         self.metrics = ModelMetrics()
         self.launching = 0  # replicas decided on but not yet in ``replicas``
@@ -170,22 +171,20 @@ class ModelPool:
         warm = any(r.state is ReplicaState.READY for r in self.replicas)
         if warm:
             self.metrics.warm_hits += 1
-        self.queue.append(work)
+        self.queue.push(work)
         return warm
 
     def next_dispatch(self) -> tuple[Work, Replica] | None:
-        """Pop the next queued invocation and the ready replica with the fewest in flight."""
-        while self.queue and self.queue[0].finished:
-            self.queue.popleft()
-        if not self.queue:
-            return None
+        """Pop the fair queue's next invocation and the ready replica with the fewest in flight."""
         ready = [
             r for r in self.replicas if r.state is ReplicaState.READY and r.inflight < self.spec.max_inflight
         ]
         if not ready:
             return None
+        work = self.queue.pop()
+        if work is None:
+            return None
         replica = min(ready, key=lambda r: r.inflight)
-        work = self.queue.popleft()
         now = self._clock()
         replica.inflight += 1
         replica.last_active = now
@@ -211,7 +210,7 @@ class ModelPool:
         n_live = len(live) + self.launching
         starting = self.launching > 0 or any(r.state is ReplicaState.STARTING for r in live)
         ready = [r for r in live if r.state is ReplicaState.READY]
-        queued = any(not w.finished for w in self.queue)
+        queued = self.queue.waiting()
         want = max(spec.min_replicas - n_live, 0)
         if (queued and not n_live) or (
             queued
@@ -246,6 +245,7 @@ class ModelPool:
             "inflight": sum(r.inflight for r in self.replicas if r.live),
             "replicas": [r.describe() for r in self.replicas],
             "metrics": self.metrics.describe(),
+            "fairness": self.queue.describe(),
             "settings": {
                 k: getattr(self.spec, k)
                 for k in ("min_replicas", "max_replicas", "max_inflight", "max_queue", "idle_timeout")

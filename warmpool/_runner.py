@@ -55,6 +55,8 @@ class Dispatch(BaseModel):
         model_modes: Inference modes the model allows (None: all).
         store: The store to load the function from when the invocation names none.
         deadline: When the pool stops waiting (epoch seconds); the runner returns then.
+        engine_priority: The engine's per-request ``priority`` for the invocation's
+            requests (None: not sent; see ``warmpool._fair.engine_priority``).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -67,6 +69,7 @@ class Dispatch(BaseModel):
     model_modes: frozenset[str] | None = None
     store: dict[str, Any] | None = None
     deadline: float | None = None
+    engine_priority: int | None = None
 
 
 class Abort(BaseModel):
@@ -153,6 +156,7 @@ class Runner:
                 model_param=dispatch.model_param,
                 model_param_index=dispatch.model_param_index,
                 store=store,
+                engine_priority=dispatch.engine_priority,
             )
 
         key = (inv.id, inv.attempt)

@@ -35,6 +35,7 @@ from runtime import (
     ObjectNotFound,
     OutputTarget,
     PoolClosedError,
+    Priority,
     RecordStore,
     RecordWriter,
     Ref,
@@ -115,6 +116,7 @@ class ClientBase(ABC):
             SerializationError: The function cannot be pickled.
             SubmitError: The registry (or the service) refused it.
         """
+        function = function.origin  # a with_options() copy is its decorated function, registered once
         with self._lock:
             cached = self._specs.get(id(function))
             if cached is not None and cached[0] is function:
@@ -275,7 +277,7 @@ class RecordingClient(ClientBase):
         model = self._model_for(function.model)
         blob, refs = stage_args(self.store, args, kwargs, self.staging_threshold, what=repr(function.name))
         spec = self.register(function)
-        return self.submit_spec(spec, model, blob, refs)
+        return self.submit_spec(spec, model, blob, refs, priority=function.priority)
 
     def submit_by_name(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
         """Submit an already registered function by reference (``name``, ``name@version`` or a digest).
@@ -301,12 +303,14 @@ class RecordingClient(ClientBase):
         refs: tuple[StagedRef, ...] = (),
         *,
         output: OutputTarget | None = None,
+        priority: Priority | None = None,
     ) -> Future[Any]:
         """Submit a registered function version with already serialised (or staged) arguments.
 
         This is what ``submit`` does after validation, what ``faas replay``
         uses to run an invocation again with its stored inputs, and what a
         trigger runner uses (with ``output``: the worker writes the output).
+        ``priority`` overrides the spec's for this call.
         """
         self._check_open()
         invocation = spec.invocation(
@@ -316,6 +320,7 @@ class RecordingClient(ClientBase):
             stage_threshold=self.staging_threshold,
             refs=refs,
             output=output,
+            priority=priority,
         )
         future = self._future(invocation.id)
         self._record(invocation)

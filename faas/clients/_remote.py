@@ -232,7 +232,9 @@ class RemoteClient(ClientBase):
         function.check_arguments(args, kwargs)
         spec = self.register(function)
         item = self._item(function, args, kwargs)
-        body = SubmitRequest(function=_ref(spec), args=item.args, refs=item.refs, wait=wait)
+        body = SubmitRequest(
+            function=_ref(spec), args=item.args, refs=item.refs, priority=item.priority, wait=wait
+        )
         timeout = wait + self.timeout if wait else None
         return self._settle(self._post("/v1/invocations", body, InvocationView, timeout=timeout))
 
@@ -392,7 +394,10 @@ class RemoteClient(ClientBase):
 
     # -- internals -----------------------------------------------------------------------------
     def _item(self, function: Function[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Item:
-        return self._item_named(function.name, args, kwargs)
+        item = self._item_named(function.name, args, kwargs)
+        if function.priority != function.origin.priority:  # a with_options() override for this call
+            item.priority = function.priority
+        return item
 
     def _item_named(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Item:
         blob, refs = stage_args(self.store, args, kwargs, self.staging_threshold, what=repr(name))

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from faas._usage import UsageGroup, UsageReport, UsageRow
 from registry import FunctionSpec, ModelSpec, TriggerBinding
-from runtime import ErrorInfo, StagedRef
+from runtime import ErrorInfo, Priority, StagedRef
 
 _B64 = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64", extra="forbid")
 
@@ -64,12 +64,16 @@ class Limits(BaseModel):
             minute; while the tenant's finished invocations used this many, a
             submit is refused with 429 and ``Retry-After`` (None: no budget).
         tokens_per_30d: The same over a sliding 30 days.
+        weight: The tenant's share of each shared engine relative to other
+            backlogged tenants (fair admission, weighted VTC): 3 gets three
+            times the tokens of a tenant with 1 while both wait.
     """
 
     max_inflight: int = Field(256, ge=1)
     max_queued: int = Field(100_000, ge=0)
     tokens_per_minute: int | None = Field(None, ge=0)
     tokens_per_30d: int | None = Field(None, ge=0)
+    weight: float = Field(1.0, gt=0, le=1_000_000)
 
 
 class SessionInfo(BaseModel):
@@ -103,17 +107,23 @@ class RegisterFunction(BaseModel):
     model_param_index: int = Field(0, ge=-1, le=0)
     timeout: float | None = Field(None, gt=0)
     retries: int = Field(0, ge=0, le=100)
+    priority: Priority | None = None
     module: str = Field("", max_length=500)
     qualname: str = Field("", max_length=500)
 
 
 class Item(BaseModel):
-    """The arguments of one invocation: serialised ``(args, kwargs)`` or a staging marker."""
+    """The arguments of one invocation: serialised ``(args, kwargs)`` or a staging marker.
+
+    Attributes:
+        priority: This call's priority (None: the function's).
+    """
 
     model_config = _B64
 
     args: bytes = Field(max_length=MAX_INLINE_BYTES)
     refs: list[StagedRef] = Field(default_factory=list, max_length=10_000)
+    priority: Priority | None = None
 
 
 class SubmitRequest(Item):

@@ -15,6 +15,7 @@ Token file (TOML or JSON)::
     max_queued = 10000
     tokens_per_minute = 200000     # token budgets (prompt + completion), sliding windows
     tokens_per_30d = 500000000
+    weight = 3                # share of each shared engine (default 1)
 
 Tokens are compared by their sha256 in constant time, and are never logged or
 put into an error message.

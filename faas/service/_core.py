@@ -248,6 +248,7 @@ class ServiceCore:
             model_param_index=req.model_param_index,
             timeout=req.timeout,
             retries=req.retries,
+            priority=req.priority,
             module=req.module,
             qualname=req.qualname,
         )
@@ -318,6 +319,9 @@ class ServiceCore:
                 store=store_config,
                 stage_threshold=self.threshold,
                 refs=tuple(item.refs),
+                priority=item.priority,
+                tenant=tenant.name,
+                weight=tenant.limits.weight,
                 **trigger_fields(item),
             )
             for item in items

@@ -6,10 +6,12 @@ on first use, or at :meth:`~GlobusComputePool.start` for models with
 ``min_replicas >= 1``; functions without a model share one more engine whose
 blocks start no engine. A block is an engine host: its node-local engine is up
 before its workers take tasks, and every worker on the node is a thin client
-of it. Invocations are Globus Compute tasks; the HighThroughputExecutor's
-interchange queues them while a block starts, so the pool itself keeps no
-queue, only the invocations in flight (for timeouts, cancellation, retries and
-back-pressure).
+of it. Invocations are Globus Compute tasks. The pool sends a model's engine
+only as many as its blocks can run at once (``max_inflight`` per ready block,
+plus one block's worth while another block may still start, so the scaler sees
+the demand); the rest wait here in the model's fair queue (the same
+:class:`~warmpool._fair.FairQueue` the local pool uses: weighted VTC across
+tenants, interactive before batch), not in the interchange's arrival order.
 
 - Timeouts are enforced here, from submission; the task also gets the
   deadline and returns at it (aborting its engine requests), freeing its worker.
@@ -50,6 +52,7 @@ from runtime import (
     WorkerLost,
 )
 from warmpool._book import Book, Entry
+from warmpool._fair import Fairness, FairQueue, engine_priority
 from warmpool._metrics import ModelMetrics
 from warmpool._replica import Replica, ReplicaState
 from warmpool._runner import Dispatch
@@ -58,6 +61,7 @@ from warmpool.globus_compute._engine import BlockTaskError, ModelEngine, Provide
 log = logging.getLogger("faas.pool")
 
 _NO_MODEL = "-"  # key of the engine that runs functions without a model
+_SENDING = object()  # GceWork.future between leaving the fair queue and the executor's answer
 
 
 @dataclass(eq=False)
@@ -93,6 +97,8 @@ class GlobusComputePool:
         threads_per_worker: Accepted for the local pool's signature; an HTEX worker
             runs one task at a time, so concurrency comes from ``workers_per_node``.
         log_dir: Used as ``run_dir`` when that is not given.
+        fairness: How tenants share each model's slots: ``vtc`` (weighted Virtual
+            Token Counter) or ``fcfs`` (arrival order); see :mod:`warmpool._fair`.
     """
 
     def __init__(
@@ -114,6 +120,7 @@ class GlobusComputePool:
         engine_options: dict[str, Any] | None = None,
         threads_per_worker: int = 1,
         log_dir: Path | None = None,
+        fairness: Fairness = "vtc",
     ) -> None:
         if workers < 1 or (workers_per_node is not None and workers_per_node < 1):
             raise ValueError("A Globus Compute pool needs at least one worker per block.")
@@ -139,6 +146,9 @@ class GlobusComputePool:
         self._engine_locks: dict[str, threading.Lock] = {}
         self._metrics: dict[str, ModelMetrics] = {}
         self._specs: dict[str, ModelSpec] = {}
+        self._fairness: Fairness = fairness
+        self._queues: dict[str, FairQueue[GceWork]] = {}  # per model: invocations not sent yet
+        self._sent: dict[str, int] = {}  # per model: tasks sent whose answer has not come back
         self._book: Book[GceWork] = Book(self._lock, time.monotonic, self._metrics_of)
         self._works = self._book.works
         self._failed_seen: set[str] = set()
@@ -182,7 +192,7 @@ class GlobusComputePool:
             leftovers = self._book.unfinished()
             engines = list(self._engines.values())
         for work in leftovers:
-            self._book.fail(work, PoolClosedError("The pool shut down first."), "cancelled")
+            self._book.fail(work, PoolClosedError("The pool shut down first."), "cancelled", self._settle)
         for engine in engines:
             engine.shutdown(timeout)
         if self._monitor is not None:
@@ -228,29 +238,36 @@ class GlobusComputePool:
                 metrics.warm_hits += 0 if work.cold else 1
             metrics.submitted += 1
             self._book.open(work)
-        self._send(work, engine)
+            if model is not None:
+                self._queue(key).push(work)
+        if model is None:
+            self._send(work, engine)
+        else:
+            self._pump(key, engine)
 
     def cancel(self, invocation_id: str) -> bool:
         """Finish an invocation as cancelled; a task already sent runs on and is ignored."""
         work = self._book.get(invocation_id)
         if work is None:
             return False
-        return self._book.fail(work, InvocationCancelled("The invocation was cancelled."), "cancelled")
+        exc = InvocationCancelled("The invocation was cancelled.")
+        return self._book.fail(work, exc, "cancelled", self._settle)
 
     def state(self, invocation_id: str) -> str | None:
-        """``waiting_for_engine`` until the model has a ready block, then ``running``."""
+        """``waiting_for_engine`` until the model has a ready block, then ``queued`` or ``running``."""
         with self._lock:
             work = self._book.get(invocation_id)
             if work is None:
                 return None
             engine = self._engines.get(work.model.ref if work.model else _NO_MODEL)
+            sent = work.future is not None
         if (
             work.model is not None
             and engine is not None
             and not any(r.state is ReplicaState.READY for r in engine.replicas())
         ):
             return "waiting_for_engine"
-        return "running"
+        return "running" if sent or work.model is None else "queued"
 
     def prefer_warm(self, spec: ModelSpec) -> ModelSpec:
         """Keep an alias's traffic on a warm version while the new version's block starts."""
@@ -306,17 +323,20 @@ class GlobusComputePool:
             engines = dict(self._engines)
             works = list(self._works.values())
             counters = dict(self.counters)
+            fairness = {ref: q.describe() for ref, q in self._queues.items()}
         models: dict[str, Any] = {}
         for ref, engine in engines.items():
             spec = engine.spec
             if spec is None:
                 continue
+            mine = [w for w in works if w.model is not None and w.model.ref == ref]
             models[ref] = {
                 "model": ref,
                 "substrate": "globus-compute",
                 "run_dir": str(engine.run_dir),
-                "queue_depth": 0,  # waiting tasks sit in the engine's interchange
-                "inflight": sum(1 for w in works if w.model is not None and w.model.ref == ref),
+                "queue_depth": sum(1 for w in mine if w.future is None),  # waiting in the fair queue
+                "inflight": sum(1 for w in mine if w.future is not None),
+                "fairness": fairness.get(ref),
                 "replicas": [r.describe() for r in engine.replicas()],
                 "metrics": self._metrics[ref].describe(),
                 "settings": {
@@ -366,6 +386,71 @@ class GlobusComputePool:
             engine = self._engines.get(spec.ref)
         return engine is not None and any(r.state is ReplicaState.READY for r in engine.replicas())
 
+    # -- fair queue -------------------------------------------------------------------
+    def _queue(self, key: str) -> FairQueue[GceWork]:
+        """The model's fair queue (caller holds the lock)."""
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = FairQueue(self._fairness)
+            self._sent[key] = 0
+        return queue
+
+    def _capacity(self, spec: ModelSpec, engine: ModelEngine) -> int:
+        """Tasks the model's engine may hold: its ready blocks' slots, and one block more while one may start.
+
+        A block runs ``max_inflight`` at once (fewer if it has fewer workers). The extra
+        block's worth waits in the interchange, where the scaler sees it and starts a
+        block (from zero, or out to ``max_replicas``).
+        """
+        ready = sum(1 for r in engine.replicas() if r.state is ReplicaState.READY)
+        per_block = min(spec.max_inflight, engine.workers_per_node)
+        return per_block * min(spec.max_replicas, ready + 1)
+
+    def _pump(self, key: str, engine: ModelEngine | None = None) -> None:
+        """Send the model's queued invocations, fairest first, while its engine has room."""
+        with self._lock:
+            engine = engine or self._engines.get(key)
+            spec = self._specs.get(key)
+        if engine is None or spec is None:
+            return
+        capacity = self._capacity(spec, engine)
+        batch: list[GceWork] = []
+        with self._lock:
+            if self._closed:
+                return
+            queue = self._queue(key)
+            while self._sent[key] < capacity:
+                work = queue.pop()
+                if work is None:
+                    break
+                self._sent[key] += 1
+                work.future = _SENDING  # counts as sent from here on (state, status)
+                batch.append(work)
+        for work in batch:
+            self._send(work, engine)
+
+    def _pump_all(self) -> None:
+        with self._lock:
+            keys = [k for k, q in self._queues.items() if q.waiting()]
+        for key in keys:
+            self._pump(key)
+
+    def _task_done(self, work: GceWork) -> None:
+        """A sent task of a model came back (whatever its outcome): its slot is free again."""
+        if work.model is None:
+            return
+        key = work.model.ref
+        with self._lock:
+            self._sent[key] = max(0, self._sent.get(key, 0) - 1)
+        self._pump(key)
+
+    def _settle(self, work: GceWork, result: Result) -> None:
+        """Under the lock, once a finish is certain: cold start, and the tenant's charge."""
+        _cold_start(work, result)
+        queue = self._queues.get(work.model.ref) if work.model is not None else None
+        if queue is not None:
+            queue.complete(work, result)
+
     # -- tasks ---------------------------------------------------------------------
     def _send(self, work: GceWork, engine: ModelEngine) -> None:
         inv = work.invocation
@@ -380,17 +465,27 @@ class GlobusComputePool:
             model_modes=frozenset(work.model.modes) if work.model else None,
             store=self.store.config() if inv.store is None else None,
             deadline=deadline,
+            engine_priority=engine_priority(inv, work.model),
         )
         attempt = inv.attempt
         try:
             future = engine.submit(None, dispatch.model_dump_json())
         except Exception as exc:
-            self._book.fail(work, WorkerLost(f"The Globus Compute engine refused the task: {exc}"), "system")
+            self._book.fail(
+                work, WorkerLost(f"The Globus Compute engine refused the task: {exc}"), "system", self._settle
+            )
+            self._task_done(work)
             return
         work.future = future
         future.add_done_callback(lambda f: self._on_task_done(work, engine, attempt, f))
 
     def _on_task_done(self, work: GceWork, engine: ModelEngine, attempt: int, future: Any) -> None:
+        try:
+            self._answer(work, engine, attempt, future)
+        finally:
+            self._task_done(work)
+
+    def _answer(self, work: GceWork, engine: ModelEngine, attempt: int, future: Any) -> None:
         if work.finished or work.invocation.attempt != attempt:
             return  # a late answer for an attempt that was timed out, cancelled or retried
         try:
@@ -405,13 +500,13 @@ class GlobusComputePool:
             )
             return
         except Exception as exc:
-            self._book.fail(work, exc, "system")
+            self._book.fail(work, exc, "system", self._settle)
             return
         error = result.error
         if error is not None and error.kind == "engine_lost" and error.type_name.endswith("EngineLost"):
             self._lost(work, EngineLost(error.message), "engine_lost")
             return
-        self._book.finish(work, result, _cold_start)
+        self._book.finish(work, result, self._settle)
 
     def _lost(self, work: GceWork, exc: Exception, kind: ErrorKind) -> None:
         """Send an invocation lost through no fault of its own again, or fail it."""
@@ -419,10 +514,14 @@ class GlobusComputePool:
             if work.finished or self._closed:
                 return
             retry = self._book.retry(work)
-        if retry:
-            self._send(work, self._engine(work.model))
-        else:
-            self._book.fail(work, exc, kind)
+            if retry and work.model is not None:
+                work.future = None
+                self._queue(work.model.ref).push(work, front=True)  # retries go first
+        if not retry:
+            self._book.fail(work, exc, kind, self._settle)
+        elif work.model is None:
+            self._send(work, self._engine(None))
+        # a model's retry is sent by the pump that follows this task's answer (_task_done)
 
     def _metrics_of(self, work: GceWork) -> ModelMetrics | None:
         return self._metrics.get(work.model.ref if work.model else _NO_MODEL)
@@ -434,6 +533,7 @@ class GlobusComputePool:
             try:
                 self._expire()
                 self._watch_blocks()
+                self._pump_all()  # blocks that became ready have room for queued invocations
                 if (
                     self._status_interval is not None
                     and time.monotonic() - last_status >= self._status_interval
@@ -447,7 +547,7 @@ class GlobusComputePool:
 
     def _expire(self) -> None:
         for work in self._book.due():
-            self._book.expire(work)
+            self._book.expire(work, self._settle)
 
     def _watch_blocks(self) -> None:
         with self._lock:
@@ -473,7 +573,7 @@ class GlobusComputePool:
                 with self._lock:
                     waiting = [w for w in self._works.values() if w.model is not None and w.model.ref == ref]
                 for work in waiting:  # nothing ready will serve them: fail rather than hang
-                    self._book.fail(work, error, "engine_lost")
+                    self._book.fail(work, error, "engine_lost", self._settle)
 
 
 def _probe() -> Callable[[], str]:

@@ -37,6 +37,7 @@ from runtime import (
     WorkerLost,
 )
 from warmpool._book import Book, Clock, Entry
+from warmpool._fair import Fairness, engine_priority
 from warmpool._metrics import ModelMetrics
 from warmpool._procs import pid_alive as pid_alive  # re-exported: tests and hosts import it here
 from warmpool._replica import (
@@ -88,6 +89,8 @@ class Pool:
         health_interval: Seconds between HTTP health probes of ready replicas.
         status_interval: Seconds between status snapshots written to the store
             (read by ``faas pool status``); None disables them.
+        fairness: How tenants share each model's slots: ``vtc`` (weighted Virtual
+            Token Counter, see :mod:`warmpool._fair`) or ``fcfs`` (arrival order).
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class Pool:
         tick_interval: float | None = 0.1,
         health_interval: float = 2.0,
         status_interval: float | None = 2.0,
+        fairness: Fairness = "vtc",
     ) -> None:
         if workers < 1 or threads_per_worker < 1:
             raise ValueError("A pool needs at least one worker with at least one thread.")
@@ -113,6 +117,7 @@ class Pool:
         self._tick_interval = tick_interval
         self._health_interval = health_interval
         self._status_interval = status_interval
+        self._fairness = fairness
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._workers = WorkerSet(
@@ -212,6 +217,22 @@ class Pool:
         else:
             _lifecycle.apply_plan(self, mp)
             self._pump(mp)
+
+    def set_fairness(self, fairness: Fairness) -> None:
+        """Admit every model's waiting invocations by ``fairness`` from now on (``vtc`` or ``fcfs``).
+
+        Tenants' counters carry on; the fairness benchmark switches policies
+        between its phases to compare them on one engine.
+
+        Raises:
+            ValueError: An unknown policy.
+        """
+        if fairness not in ("vtc", "fcfs"):
+            raise ValueError(f"Unknown fairness policy {fairness!r}; expected 'vtc' or 'fcfs'.")
+        with self._lock:
+            self._fairness = fairness
+            for mp in self._models.values():
+                mp.queue.fairness = fairness
 
     def cancel(self, invocation_id: str) -> bool:
         """Cancel an invocation: it finishes as cancelled and its engine requests are aborted."""
@@ -352,7 +373,7 @@ class Pool:
     def _model_pool(self, spec: ModelSpec) -> ModelPool:
         mp = self._models.get(spec.ref)
         if mp is None:
-            mp = self._models[spec.ref] = ModelPool(spec, self._clock)
+            mp = self._models[spec.ref] = ModelPool(spec, self._clock, self._fairness)
         return mp
 
     def _pump(self, mp: ModelPool) -> None:
@@ -391,6 +412,7 @@ class Pool:
                 model_param=work.spec.model_param,
                 model_param_index=work.spec.model_param_index,
                 model_modes=frozenset(work.model.modes) if work.model else None,
+                engine_priority=engine_priority(work.invocation, work.model),
             )
         )  # a dead worker's reader thread retries or fails this work
 
@@ -458,7 +480,7 @@ class Pool:
             self._detach(work)
             retry = self._book.retry(work) if charge else not work.finished
             if retry and work.model is not None:
-                self._models[work.model.ref].queue.appendleft(work)  # retries go first, never refused
+                self._models[work.model.ref].queue.push(work, front=True)  # retries go first, never refused
         if not retry:
             self._finish(work, None, exc, kind)
         elif work.model is None:
@@ -494,6 +516,9 @@ class Pool:
         """Release the work's slots and fill in what only the pool knows (under the lock)."""
         if work.replica is not None and work.cold:
             result.cold_start_seconds = work.replica.cold_start_s
+        mp = self._models.get(work.model.ref) if work.model else None
+        if mp is not None:
+            mp.queue.complete(work, result)  # charge the tenant what the engine reports
         self._detach(work)
         if result.queue_seconds is None:
             result.queue_seconds = work.queue_seconds
