@@ -81,8 +81,8 @@ class Abort(BaseModel):
     attempt: int = 0
 
 
-def _abort_prefix(inv: Invocation) -> str:
-    return f"inv-{inv.id}-{inv.attempt}-"
+def _abort_prefix(invocation_id: str, attempt: int) -> str:
+    return f"inv-{invocation_id}-{attempt}-"  # the request ids execute() gives the attempt
 
 
 class Runner:
@@ -98,6 +98,10 @@ class Runner:
         self._stores: dict[str, tuple[ObjectStore, Registry]] = {}
         self._handles: dict[tuple[str, str, frozenset[str] | None], Model] = {}
         self._running: dict[tuple[str, int], Model] = {}
+
+    def open_store(self, config: dict[str, Any]) -> ObjectStore:
+        """Open (and cache) a store; a worker opens its pool's store this way before it says Ready."""
+        return self._registry(config)[0]
 
     def _registry(self, config: dict[str, Any]) -> tuple[ObjectStore, Registry]:
         key = json.dumps(config, sort_keys=True, default=str)
@@ -120,7 +124,7 @@ class Runner:
         with self._lock:
             model = self._running.get((invocation_id, attempt))
         if model is not None:
-            model.abort_prefix(f"inv-{invocation_id}-{attempt}-")  # as _abort_prefix
+            model.abort_prefix(_abort_prefix(invocation_id, attempt))
 
     def run(self, dispatch: Dispatch, *, engine_error: str | None = None) -> Result:
         """Run one invocation and return its Result (never raises for the invocation's failures).
@@ -176,7 +180,7 @@ class Runner:
                 return box[0]
             # The pool has failed it already; free this worker and the engine's slots.
             if model is not None:
-                model.abort_prefix(_abort_prefix(inv))
+                model.abort_prefix(_abort_prefix(inv.id, inv.attempt))
             late = InvocationTimeout(f"The invocation of {inv.function_name!r} ran past its deadline.")
             return _failed(inv, late, "timeout", with_traceback=False)
         finally:

@@ -21,26 +21,13 @@ import numpy as np
 import openai
 import pytest
 
-from tests.warmpool._cpu_engine_proc import running_engine, wait_until
+from tests.warmpool._cpu_engine_proc import wait_until
 from tests.warmpool.test_model_modes import assert_same_shape
 from warmpool.cpu_engine._tiny_model import KNOWN_COMPLETIONS
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sglang"
 PROMPTS = list(KNOWN_COMPLETIONS)[:3]
 FOX = "The quick brown"
-
-
-@pytest.fixture(scope="module")
-def url(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("cpu-openai")
-    with running_engine(tiny_model_path, tmp, "--threads", "1", "--served-model-name", "tiny") as proc:
-        yield proc.url
-
-
-@pytest.fixture(scope="module")
-def http(url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=url, timeout=60) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

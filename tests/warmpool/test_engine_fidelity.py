@@ -20,7 +20,6 @@ import httpx
 import openai
 import pytest
 
-from tests.warmpool._cpu_engine_proc import running_engine
 from warmpool.cpu_engine import _fields as F
 from warmpool.cpu_engine._tiny_model import KNOWN_COMPLETIONS
 
@@ -52,19 +51,6 @@ TABLES = {
     "CompletionRequest": (F.COMPLETION_PARSED, F.COMPLETION_IGNORED, F.COMPLETION_UNSUPPORTED),
     "EmbeddingRequest": (F.EMBEDDING_PARSED, F.EMBEDDING_IGNORED, F.EMBEDDING_UNSUPPORTED),
 }
-
-
-@pytest.fixture(scope="module")
-def url(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("fidelity")
-    with running_engine(tiny_model_path, tmp, "--threads", "1", "--served-model-name", "tiny") as proc:
-        yield proc.url
-
-
-@pytest.fixture(scope="module")
-def http(url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=url, timeout=60) as c:
-        yield c
 
 
 def defaults(kind: str) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from runtime import store_from_config
 from warmpool._runner import Abort, Dispatch, Runner
 
 __all__ = ["Abort", "Dispatch", "Ready", "Start", "serve", "worker_main"]
@@ -68,7 +67,7 @@ def worker_main(conn: Connection, store_config: dict[str, Any], threads: int) ->
     # The one worker-side execution, shared with Globus Compute workers; the pool's
     # store is the fallback for invocations that name none of their own.
     runner = Runner(store_config)
-    store_from_config(store_config)  # fail before Ready if the store cannot be opened
+    runner.open_store(store_config)  # fail before Ready if the store cannot be opened
     send_lock = threading.Lock()
 
     def run(msg: Dispatch) -> None:
