@@ -68,6 +68,8 @@ from benchmarks._common import (
 
 ensure_repo_importable()
 
+import httpx  # noqa: E402
+
 import faas  # noqa: E402
 from registry import FunctionSpec, ModelSpec, Registry  # noqa: E402
 from runtime import LocalStore, Result, dumps  # noqa: E402
@@ -156,11 +158,38 @@ class Phase:
             self.refill.put(load)  # closed loop: the driver thread sends the next one
 
 
+def engine_stats(url: str | None) -> dict[str, float]:
+    """The engine's own counters (``/server_info``): generated tokens, steps, busy seconds."""
+    if url is None:
+        return {}
+    stats = httpx.get(url + "/server_info", timeout=10).json()["stats"]
+    return {k: float(stats[k]) for k in ("tokens_generated", "steps", "busy_seconds")}
+
+
+def engine_window(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """What the engine itself did in a phase's window: a profile beside the finished-call counts."""
+    if not before or not after:
+        return {}
+    gen, steps, busy = (after[k] - before[k] for k in ("tokens_generated", "steps", "busy_seconds"))
+    return {
+        "engine_generated_tokens_per_s": gen / seconds,
+        "engine_busy_fraction": busy / seconds,
+        "engine_rows_per_step": gen / steps if steps else 0.0,
+        "engine_generated_tokens_per_busy_s": gen / busy if busy else 0.0,
+    }
+
+
 def run_phase(
-    pool: Pool, spec: FunctionSpec, model: ModelSpec, loads: list[Load], seconds: float
+    pool: Pool,
+    spec: FunctionSpec,
+    model: ModelSpec,
+    loads: list[Load],
+    seconds: float,
+    engine_url: str | None = None,
 ) -> dict[str, Any]:
     """Run ``loads`` for ``seconds``; cancel what is left; summarise per tenant."""
     phase = Phase(pool, spec, model, loads)
+    before = engine_stats(engine_url)
     start = time.perf_counter()
     end = start + seconds
     for load in loads:
@@ -179,6 +208,7 @@ def run_phase(
         phase.running = False
         left = dict(phase.open_ids)
         ended = time.perf_counter()
+    window = engine_window(before, engine_stats(engine_url), ended - start)
     # A call still waiting at the end has waited at least this long (a lower bound on its latency).
     waited = {t: [ended - t0 for tenant, t0 in left.values() if tenant == t] for t in phase.submitted}
     for inv_id in left:
@@ -192,7 +222,9 @@ def run_phase(
             raise RuntimeError("the pool did not drain after the phase")
         time.sleep(0.05)
     fairness = pool.status()["models"][model.ref]["fairness"]
-    return summarise(phase.done, loads, seconds, model.max_inflight, fairness, phase.submitted, waited)
+    out = summarise(phase.done, loads, seconds, model.max_inflight, fairness, phase.submitted, waited)
+    out.update(window)
+    return out
 
 
 def summarise(
@@ -268,7 +300,7 @@ def run_all(args: argparse.Namespace, store: Path, spec: FunctionSpec, model: Mo
     runs: dict[str, list[dict[str, Any]]] = {policy: [] for policy in POLICIES}
     try:
         pool.start(models=[model])
-        pool.engine_url(model)
+        url = pool.engine_url(model)
         print(f"[fairness] engine ready in {time.perf_counter() - t0:.1f} s")
         # Warm-up: the engine's first batches and the workers' imports.
         run_phase(pool, spec, model, [Load("warm", args.long_tokens, outstanding=2 * args.batch)], 3.0)
@@ -279,13 +311,15 @@ def run_all(args: argparse.Namespace, store: Path, spec: FunctionSpec, model: Mo
                 for policy in order:
                     pool.set_fairness(policy)  # type: ignore[arg-type]
                     loads = plan(args, f"{policy}{rep}")[name]
-                    phases[policy][name] = out = run_phase(pool, spec, model, loads, args.seconds)
+                    phases[policy][name] = out = run_phase(pool, spec, model, loads, args.seconds, url)
                     a, b = (out["tenants"][load.tenant] for load in loads)
                     print(
                         f"[fairness] #{rep} {policy} {name}: A {a['finished']} calls / {a['service']:.0f} "
                         f"units, B {b['finished']} calls / {b['service']:.0f} units, "
                         f"B p50 {b['latency_with_unfinished']['p50_ms']:.0f} ms, "
-                        f"{out['generated_tokens_per_s']:.0f} generated tok/s"
+                        f"{out['generated_tokens_per_s']:.0f} generated tok/s "
+                        f"(engine: {out['engine_generated_tokens_per_s']:.0f} tok/s, busy "
+                        f"{out['engine_busy_fraction']:.0%}, {out['engine_rows_per_step']:.2f} rows/step)"
                     )
             for policy in POLICIES:
                 runs[policy].append(phases[policy])
@@ -320,6 +354,11 @@ def figures(phases: dict[str, Any]) -> dict[str, float]:
         "share31_a_over_b": share31,
         "share31_error": abs(share31 / 3.0 - 1.0),
         "flood_generated_tokens_per_s": phases["flood"]["generated_tokens_per_s"],
+        # The profile: what the engine itself did in the flood's window.
+        "flood_engine_generated_tokens_per_s": phases["flood"]["engine_generated_tokens_per_s"],
+        "flood_engine_busy_fraction": phases["flood"]["engine_busy_fraction"],
+        "flood_engine_rows_per_step": phases["flood"]["engine_rows_per_step"],
+        "flood_engine_tokens_per_busy_s": phases["flood"]["engine_generated_tokens_per_busy_s"],
     }
 
 
@@ -392,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
             ("1:1 A / B service", "share11_a_over_b"),
             ("3:1 A / B service", "share31_a_over_b"),
             ("flood generated tok/s", "flood_generated_tokens_per_s"),
+            ("flood: engine's own generated tok/s", "flood_engine_generated_tokens_per_s"),
+            ("flood: engine busy fraction", "flood_engine_busy_fraction"),
+            ("flood: engine rows per step", "flood_engine_rows_per_step"),
+            ("flood: engine tok/s while busy", "flood_engine_tokens_per_busy_s"),
         )
     ]
     print_table(
@@ -414,6 +457,12 @@ def main(argv: list[str] | None = None) -> int:
             "x",
         ),
     ]
+    # Each repeat ran its two flood phases back to back: their ratio shows the spread.
+    paired = [
+        ratio(v_run["flood_generated_tokens_per_s"], f_run["flood_generated_tokens_per_s"])
+        for f_run, v_run in zip(per_run["fcfs"], per_run["vtc"], strict=True)
+    ]
+    print("\nVTC / FCFS flood tok/s per repeat: " + ", ".join(f"{r:.2f}x" for r in paired))
     print("\ngoals:")
     for g in goals:
         print(g.line())
@@ -423,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             "config": {k: getattr(args, k) for k in vars(args)},
             "figures": figs,
             "figures_per_repeat": per_run,
+            "flood_throughput_ratio_per_repeat": paired,
             "phases": runs,
             "goals": [g.as_dict() for g in goals],
         },
