@@ -9,7 +9,8 @@ counters read it); the embedded and Globus Compute cloud clients write it to
 their store as one commit-once object per invocation under
 ``usage/<YYYY-MM-DD>/<HH>/<invocation id>.json`` (UTC hour it finished), so a
 listing by day reads only the days asked for. The service also writes that
-object to the tenant's part of its store.
+object to the tenant's part of its store (``tenants/<tenant>/usage/...``);
+:func:`read_store_usage` reads those parts too, for an operator on the machine.
 
 Columns worth a word:
 
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtime import EngineCall, Invocation, ObjectExists, Result
+from runtime import EngineCall, Invocation, ObjectExists, Result, scoped_store
 
 if TYPE_CHECKING:
     from registry import FunctionSpec, ModelSpec
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 Outcome = Literal["succeeded", "failed", "cancelled"]
 GroupBy = Literal["model", "function", "tenant", "hour", "day"]
 USAGE_PREFIX = "usage/"
+TENANTS_PREFIX = "tenants/"  # a service tenant's part of the store
 
 
 class UsageRow(BaseModel):
@@ -290,5 +292,55 @@ def read_usage(
             except (ValueError, KeyError):
                 continue
             if (since is None or row.finished_at >= since) and (until is None or row.finished_at < until):
+                rows.append(row)
+    return rows
+
+
+def store_tenants(store: ObjectStore) -> list[str]:
+    """The service tenants that have usage objects in a store (``tenants/<name>/usage/``), sorted.
+
+    It lists everything under ``tenants/`` once (the store protocol has no
+    delimiter listing), so it costs one listing of the service's tenants' objects.
+    """
+    names: set[str] = set()
+    for key in store.list(TENANTS_PREFIX):
+        name, _, rest = key[len(TENANTS_PREFIX) :].partition("/")
+        if rest.startswith(USAGE_PREFIX):
+            names.add(name)
+    return sorted(names)
+
+
+def read_store_usage(
+    store: ObjectStore,
+    *,
+    tenant: str | None = None,
+    all_tenants: bool = False,
+    since: float | None = None,
+    until: float | None = None,
+) -> list[UsageRow]:
+    """Usage rows of a store: its own ``usage/`` and, when asked, its service tenants' parts.
+
+    Args:
+        store: The store (an embedded client's, or a ``faas serve`` store).
+        tenant: Only this tenant's rows: those in ``usage/`` that name it and
+            those under ``tenants/<tenant>/usage/``.
+        all_tenants: Every row: ``usage/`` and every ``tenants/<name>/usage/``.
+        since: Rows that finished at or after this time.
+        until: Rows that finished before this time.
+
+    Raises:
+        ValueError: Both ``tenant`` and ``all_tenants`` were given.
+    """
+    if tenant is not None and all_tenants:
+        raise ValueError("Give either a tenant or all tenants, not both: they ask for different rows.")
+    rows = read_usage(store, since=since, until=until)
+    if tenant is not None:
+        rows = [r for r in rows if r.tenant == tenant]
+    names = store_tenants(store) if all_tenants else [tenant] if tenant is not None else []
+    seen = {r.invocation_id for r in rows}
+    for name in names:
+        for row in read_usage(scoped_store(store, TENANTS_PREFIX + name), since=since, until=until):
+            if row.invocation_id not in seen:  # a row is one object; never count it twice
+                seen.add(row.invocation_id)
                 rows.append(row)
     return rows

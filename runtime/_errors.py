@@ -29,6 +29,7 @@ FaasError
 ├── IntegrityError              bytes do not match their recorded digest
 ├── ServiceError                the pool service answered with an error
 │   ├── AuthError               missing or wrong bearer token (HTTP 401)
+│   │   └── ForbiddenError      a valid token that may not do what it asked (HTTP 403)
 │   └── NotFoundError           no such function or invocation for this tenant (HTTP 404)
 ├── StoreError                  the object store failed
 │   ├── ObjectNotFound          no object under that key
@@ -235,6 +236,13 @@ class ServiceError(FaasError):
 
 class AuthError(ServiceError, PermissionError):
     """The service rejected the request's bearer token (or there was none)."""
+
+
+class ForbiddenError(AuthError):
+    """The token is valid, but its tenant may not do what it asked (HTTP 403).
+
+    For example, reading another tenant's usage without an admin token.
+    """
 
 
 class NotFoundError(ServiceError, LookupError):

@@ -1,8 +1,10 @@
 """``faas usage``: the usage ledger as a table, CSV or JSON.
 
 With ``$FAAS_URL`` set it asks the service (``GET /v1/usage``: your tenant's
-rows); otherwise it reads the usage objects of the store (``--store``,
-``$FAAS_STORE`` or the cache) that the embedded client wrote.
+rows; with an admin token, ``--tenant T`` or ``--all-tenants``); otherwise it
+reads the usage objects of the store (``--store``, ``$FAAS_STORE`` or the
+cache) that the embedded client wrote, and with ``--tenant``/``--all-tenants``
+those a ``faas serve`` on that store wrote into its tenants' parts.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from faas._usage import GroupBy, UsageReport, parse_since, read_usage, report
+from faas._usage import GroupBy, UsageReport, parse_since, read_store_usage, report
 
 Format = Literal["table", "csv", "json"]
 
@@ -62,6 +64,7 @@ def _cell(value: Any, field: str) -> str:
 
 def _load(
     tenant: str | None,
+    all_tenants: bool,
     since: float | None,
     until: float | None,
     by: GroupBy | None,
@@ -71,19 +74,19 @@ def _load(
     if os.environ.get("FAAS_URL") and store is None:
         from faas.clients._remote import RemoteClient
 
-        with RemoteClient(os.environ["FAAS_URL"]) as client:
-            if tenant is not None and tenant != client.session.tenant:
-                raise typer.BadParameter(
-                    f"The service shows only your own tenant's usage ({client.session.tenant!r}), "
-                    f"not {tenant!r}.",
-                    param_hint="--tenant",
-                )
-            return client.usage(since=since, until=until, by=by, limit=limit)
+        with RemoteClient(os.environ["FAAS_URL"]) as client:  # the service decides who may see what (403)
+            return client.usage(
+                since=since, until=until, by=by, limit=limit, tenant=tenant, all_tenants=all_tenants
+            )
     from runtime import default_store_url, store_from_url
 
-    rows = read_usage(store_from_url(store or default_store_url()), since=since, until=until)
-    if tenant is not None:
-        rows = [r for r in rows if r.tenant == tenant]
+    rows = read_store_usage(
+        store_from_url(store or default_store_url()),
+        tenant=tenant,
+        all_tenants=all_tenants,
+        since=since,
+        until=until,
+    )
     return report(rows, since=since, until=until, by=by, limit=limit)
 
 
@@ -119,7 +122,14 @@ def render(rep: UsageReport, fmt: Format) -> str:
 
 
 def usage(
-    tenant: Annotated[str | None, typer.Option(help="Only this tenant's rows.")] = None,
+    tenant: Annotated[
+        str | None,
+        typer.Option(help="This tenant's rows (through a service: another tenant's needs an admin token)."),
+    ] = None,
+    all_tenants: Annotated[
+        bool,
+        typer.Option("--all-tenants", help="Every tenant's rows (through a service: needs an admin token)."),
+    ] = False,
     since: Annotated[
         str | None, typer.Option(help="From this time: '2h', '7d' (ago), '2026-12-01', ISO time or epoch.")
     ] = None,
@@ -129,7 +139,9 @@ def usage(
     limit: Annotated[int, typer.Option(help="Most rows listed (without --by).", min=1)] = 1000,
     store: Annotated[str | None, typer.Option(help="Read this store instead of $FAAS_URL's service.")] = None,
 ) -> None:
-    """The usage ledger: one row per finished invocation, or sums --by model, function, hour or day."""
+    """The usage ledger: a row per finished invocation, or sums --by model, function, tenant, hour or day."""
+    if tenant is not None and all_tenants:
+        raise typer.BadParameter("Give either --tenant or --all-tenants, not both.", param_hint="--tenant")
     if by is not None and by not in get_args(GroupBy):
         raise typer.BadParameter(f"{by!r} is not one of {', '.join(get_args(GroupBy))}.", param_hint="--by")
     if fmt not in get_args(Format):
@@ -142,7 +154,7 @@ def usage(
     from runtime import FaasError
 
     try:
-        rep = _load(tenant, start, end, cast(GroupBy | None, by), limit, store)
+        rep = _load(tenant, all_tenants, start, end, cast(GroupBy | None, by), limit, store)
     except FaasError as exc:
         typer.echo(f"{type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(2) from None

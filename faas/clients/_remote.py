@@ -48,6 +48,7 @@ from runtime import (
     BudgetExceededError,
     ErrorInfo,
     FaasError,
+    ForbiddenError,
     FunctionDefinitionError,
     NotFoundError,
     ObjectStore,
@@ -317,17 +318,31 @@ class RemoteClient(ClientBase):
         until: float | None = None,
         by: GroupBy | None = None,
         limit: int = 1000,
+        tenant: str | None = None,
+        all_tenants: bool = False,
     ) -> UsageReport:
-        """The tenant's usage ledger: rows (newest first) or their sums ``by`` model, function, hour or day.
+        """The usage ledger: rows (newest first) or their sums ``by`` model, function, tenant, hour or day.
+
+        Your own tenant's rows, unless an admin token asks for another
+        tenant's (``tenant``) or every tenant's (``all_tenants``).
 
         Args:
             since: Rows that finished at or after this time (epoch seconds).
             until: Rows that finished before this time.
             by: Sum the rows by this key instead of listing them.
             limit: Most rows listed.
+            tenant: Another tenant's rows (needs an admin token).
+            all_tenants: Every tenant's rows (needs an admin token).
+
+        Raises:
+            ForbiddenError: A token without admin asked for another tenant's or every tenant's rows.
         """
         params: dict[str, Any] = {"limit": limit}
         params.update({k: v for k, v in (("since", since), ("until", until), ("by", by)) if v is not None})
+        if tenant is not None:
+            params["tenant"] = tenant
+        if all_tenants:
+            params["all_tenants"] = "true"
         return self._get("/v1/usage?" + urlencode(params), UsageReport)
 
     def bind_trigger(
@@ -488,7 +503,7 @@ class RemoteClient(ClientBase):
 def error_for_response(response: httpx.Response, label: str = "the faas service") -> FaasError:
     """The typed error for an error response of the service (its body must have been read).
 
-    401 and 403 give AuthError, 404 NotFoundError (UnknownModelError when the
+    401 gives AuthError, 403 ForbiddenError (an AuthError), 404 NotFoundError (UnknownModelError when the
     service names it), 429 QuotaExceededError (or BackPressureError, or
     BudgetExceededError with ``retry_after`` from ``Retry-After``, when the
     service names it), 400/413/422 SubmitError or the subclass the service
@@ -498,7 +513,9 @@ def error_for_response(response: httpx.Response, label: str = "the faas service"
     status = response.status_code
     type_name, message = _error_body(response, label)
     error: FaasError
-    if status in (401, 403):
+    if status == 403:
+        error = ForbiddenError(message, status)
+    elif status == 401:
         error = AuthError(message, status)
     elif status == 404 and type_name == UnknownModelError.__name__:  # a SubmitError and a LookupError
         error = UnknownModelError(message)

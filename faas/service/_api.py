@@ -22,10 +22,12 @@ Routes (JSON unless noted; every ``/v1`` route needs ``Authorization: Bearer
     GET  /v1/pool                           the pool's status (models, replicas, workers, counters)
     POST /v1/triggers                       BindRequest -> TriggerBinding (the service runs it)
     GET  /v1/triggers                       [TriggerBinding] (yours)
-    GET  /v1/usage                          UsageReport: your usage rows, or their sums (``by``)
+    GET  /v1/usage                          UsageReport: your usage rows, or their sums (``by``);
+                                            admin tokens: ``tenant=T`` or ``all_tenants=true``
 
 Errors come back as ``{"error": {"type": ..., "message": ...}}`` with 400 (bad
-request), 401 (missing or wrong token), 404 (unknown, or another tenant's),
+request), 401 (missing or wrong token), 403 (a valid token that may not do
+that: another tenant's usage without admin), 404 (unknown, or another tenant's),
 413 (inline value too large: stage it), 429 (quota, token budget with
 ``Retry-After``, or back-pressure) or 503 (shutting down).
 """
@@ -86,6 +88,7 @@ class SessionInfo(BaseModel):
         staging_threshold: Values above this many bytes travel by reference.
         limits: The tenant's quotas.
         version: The service's package version.
+        admin: Whether the token is an operator's (may read every tenant's usage).
     """
 
     tenant: str
@@ -93,6 +96,7 @@ class SessionInfo(BaseModel):
     staging_threshold: int
     limits: Limits
     version: str
+    admin: bool = False
 
 
 class RegisterFunction(BaseModel):

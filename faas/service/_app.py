@@ -47,6 +47,7 @@ from runtime import (
     BackPressureError,
     BudgetExceededError,
     FaasError,
+    ForbiddenError,
     NotFoundError,
     PoolClosedError,
     QuotaExceededError,
@@ -61,6 +62,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for code, why in (
         (400, "Bad request"),
         (401, "Missing or wrong token"),
+        (403, "The token may not do that (e.g. another tenant's usage without admin)"),
         (404, "Not found (or another tenant's)"),
         (429, "Quota, token budget (with Retry-After) or back-pressure"),
         (503, "Shutting down"),
@@ -69,6 +71,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _status_of(exc: BaseException) -> int:
+    if isinstance(exc, ForbiddenError):
+        return 403
     if isinstance(exc, AuthError):
         return 401
     if isinstance(exc, (NotFoundError, LookupError)):
@@ -279,9 +283,17 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
         until: Annotated[float | None, Query(ge=0, le=1e11)] = None,
         by: GroupBy | None = None,
         limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+        tenant: Annotated[str | None, Query(pattern="^[a-z0-9][a-z0-9_-]{0,62}$")] = None,
+        all_tenants: bool = False,
     ) -> UsageReport:
-        """Your usage: a row per finished invocation (newest first), or sums by model, function or time."""
-        return core.ledger.report(who, since=since, until=until, by=by, limit=limit)
+        """Your usage: a row per finished invocation (newest first), or sums by model, function or time.
+
+        With an admin token, ``tenant`` reads another tenant's rows and ``all_tenants`` every tenant's
+        (``by=tenant`` sums them per tenant); without one, either is 403 (ForbiddenError).
+        """
+        names = (t.name for t in core.auth.tenants())
+        scope = core.ledger.scope(who, names, tenant=tenant, all_tenants=all_tenants)
+        return core.ledger.report(scope, since=since, until=until, by=by, limit=limit)
 
     @app.post("/v1/triggers", tags=["triggers"], responses=_ERRORS)
     def bind(who: Who, body: BindRequest) -> TriggerBinding:

@@ -17,6 +17,11 @@ Token file (TOML or JSON)::
     tokens_per_30d = 500000000
     weight = 3                # share of each shared engine (default 1)
 
+    [[tenants]]
+    name = "ops"
+    tokens = ["sha256:4e07408..."]
+    admin = true              # its tokens may read every tenant's usage (default false)
+
 Tokens are compared by their sha256 in constant time, and are never logged or
 put into an error message.
 """
@@ -46,10 +51,14 @@ class Tenant:
     Attributes:
         name: Lowercase name; also the store prefix ``tenants/<name>``.
         limits: The tenant's quotas.
+        admin: Whether the tenant's tokens are operators' tokens: they may read
+            every tenant's usage (``GET /v1/usage?tenant=...`` or ``?all_tenants=true``).
+            Everything else stays scoped to the tenant itself.
     """
 
     name: str
     limits: Limits = field(default_factory=Limits)
+    admin: bool = False
 
     @property
     def prefix(self) -> str:
@@ -99,7 +108,9 @@ class TokenAuth:
                 )
             known = self._tenants.setdefault(tenant.name, tenant)
             if known != tenant:
-                raise AuthConfigError(f"Tenant {tenant.name!r} is defined twice with different limits.")
+                raise AuthConfigError(
+                    f"Tenant {tenant.name!r} is defined twice with different limits or admin flags."
+                )
             if token.startswith("sha256:"):
                 try:
                     digest = bytes.fromhex(token.removeprefix("sha256:"))
@@ -157,7 +168,12 @@ class TokenAuth:
                 limits = Limits(**{k: raw[k] for k in Limits.model_fields if k in raw})
             except ValueError as exc:
                 raise AuthConfigError(f"Tenant {raw['name']!r} in {path} has bad limits: {exc}") from None
-            tenant = Tenant(str(raw["name"]), limits)
+            admin = raw.get("admin", False)
+            if not isinstance(admin, bool):  # "yes" or 1 must not make an operator by accident
+                raise AuthConfigError(
+                    f"Tenant {raw['name']!r} in {path} has admin = {admin!r}; it must be true or false."
+                )
+            tenant = Tenant(str(raw["name"]), limits, admin)
             entries.extend((tenant, str(token)) for token in raw["tokens"])
         return cls(entries)
 

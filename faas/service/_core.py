@@ -229,6 +229,7 @@ class ServiceCore:
             staging_threshold=self.threshold,
             limits=tenant.limits,
             version=__version__,
+            admin=tenant.admin,
         )
 
     # -- functions and models ----------------------------------------------------------

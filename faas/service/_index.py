@@ -221,12 +221,18 @@ class Index:
             return [Row(*r) for r in cur.fetchall()]
 
     def usage(
-        self, tenant: str, since: float | None = None, until: float | None = None, limit: int | None = None
+        self,
+        tenant: str | None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int | None = None,
     ) -> _UsageRows:
-        """A tenant's usage rows that finished in ``[since, until)``, newest first."""
-        query = "SELECT row FROM usage WHERE tenant = ? AND finished_at >= ? AND finished_at < ?"
+        """A tenant's (None: every tenant's) usage rows that finished in ``[since, until)``, newest first."""
+        query = "SELECT row FROM usage WHERE finished_at >= ? AND finished_at < ?"
         end = until if until is not None else float("inf")
-        args: tuple[object, ...] = (tenant, since if since is not None else 0.0, end)
+        args: tuple[object, ...] = (since if since is not None else 0.0, end)
+        if tenant is not None:
+            query, args = query + " AND tenant = ?", (*args, tenant)
         query += " ORDER BY finished_at DESC"
         if limit is not None:
             query, args = query + " LIMIT ?", (*args, limit)

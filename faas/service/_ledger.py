@@ -16,6 +16,11 @@ Usage rows are committed to the index with their results (see
   admitted and may end above it: the budget bounds what a tenant can start.
 - **totals** for the Prometheus counters ``faas_tenant_tokens_total`` and
   ``faas_tenant_engine_seconds_total``.
+
+Reports (``GET /v1/usage``) show a tenant its own rows. A tenant marked
+``admin`` in the token file (an operator) may also ask for another tenant's
+rows or every tenant's (:meth:`Ledger.scope`); anyone else asking for that
+gets :class:`~runtime.ForbiddenError` (HTTP 403).
 """
 
 from __future__ import annotations
@@ -24,12 +29,12 @@ import collections
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from faas._usage import GroupBy, UsageReport, UsageRow, report
 from faas.service._auth import Tenant
 from faas.service._index import Index
-from runtime import BudgetExceededError
+from runtime import BudgetExceededError, ForbiddenError, NotFoundError, SubmitError
 
 MINUTE = 60.0
 THIRTY_DAYS = 30 * 86400.0
@@ -162,15 +167,52 @@ class Ledger:
         with self._lock:
             return {t: (int(s[0]), int(s[1]), int(s[2]), s[3]) for t, s in self._totals.items()}
 
+    def scope(
+        self, who: Tenant, known: Iterable[str], *, tenant: str | None = None, all_tenants: bool = False
+    ) -> str | None:
+        """Whose usage ``who`` may read when asking for ``tenant`` or ``all_tenants``.
+
+        Args:
+            who: The asking tenant.
+            known: The configured tenants' names.
+            tenant: Another tenant's name (None: ``who`` itself, unless ``all_tenants``).
+            all_tenants: Every tenant's rows.
+
+        Returns:
+            The tenant whose rows to report, or None for every tenant.
+
+        Raises:
+            SubmitError: Both ``tenant`` and ``all_tenants`` were given (HTTP 400).
+            ForbiddenError: ``who`` is not an admin and asked for more than its own rows (HTTP 403).
+            NotFoundError: An admin asked for a tenant that is neither configured nor in the ledger.
+        """
+        if tenant is not None and all_tenants:
+            raise SubmitError("Give either a tenant or all_tenants, not both: they ask for different rows.")
+        others = all_tenants or (tenant is not None and tenant != who.name)
+        if others and not who.admin:
+            wanted = "every tenant's usage" if all_tenants else f"the usage of tenant {tenant!r}"
+            raise ForbiddenError(
+                f"Tenant {who.name!r} may read only its own usage; reading {wanted} needs an admin "
+                "token (a tenant with admin = true in the token file).",
+                403,
+            )
+        if all_tenants:
+            return None
+        if tenant is None or tenant == who.name:
+            return who.name
+        if tenant not in set(known) and not self.index.usage(tenant, limit=1):  # a removed tenant's history
+            raise NotFoundError(f"No tenant {tenant!r} is configured or has usage in the ledger.", 404)
+        return tenant
+
     def report(
         self,
-        tenant: Tenant,
+        tenant: str | None,
         *,
         since: float | None = None,
         until: float | None = None,
         by: GroupBy | None = None,
         limit: int = 1000,
     ) -> UsageReport:
-        """The tenant's usage rows (newest first, at most ``limit``) or their sums by ``by``."""
-        rows = self.index.usage(tenant.name, since, until, None if by is not None else limit)
+        """A tenant's (None: every tenant's) rows (newest first, at most ``limit``) or their sums ``by``."""
+        rows = self.index.usage(tenant, since, until, None if by is not None else limit)
         return report(rows, since=since, until=until, by=by, limit=limit)

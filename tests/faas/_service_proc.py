@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import subprocess
@@ -30,6 +31,11 @@ class ServiceProc:
         substrate: ``local`` or ``globus-compute``; the latter is configured through a
             substrate file (as an operator would), on Parsl's LocalProvider at 127.0.0.1.
         store_url: The service's store (default: a directory under ``root``).
+        tenants: The token file's tenants and their tokens (default ``TOKENS``).
+        admins: Tenants marked ``admin = true`` (they may read every tenant's usage).
+        weights: Tenants' fair-share ``weight`` in the token file.
+        substrate_options: The substrate file's ``[options]`` (e.g. ``{"fairness": "fcfs"}``);
+            a local substrate gets a file only when this is given.
     """
 
     def __init__(
@@ -40,6 +46,10 @@ class ServiceProc:
         extra_env: dict[str, str] | None = None,
         substrate: str = "local",
         store_url: str | None = None,
+        tenants: dict[str, str] | None = None,
+        admins: frozenset[str] = frozenset(),
+        weights: dict[str, float] | None = None,
+        substrate_options: dict[str, str | int | float] | None = None,
     ) -> None:
         self.root = root
         self.substrate = substrate
@@ -47,10 +57,13 @@ class ServiceProc:
         self.store_url = store_url or str(self.store)
         self.state = root / "state"
         self.tokens = root / "tokens.toml"
+        self.tokens_of = tenants or TOKENS
         lines = []
-        for tenant, token in TOKENS.items():
+        for tenant, token in self.tokens_of.items():
             lines += ["[[tenants]]", f'name = "{tenant}"', f'tokens = ["{token}"]']
             lines += [f"{k} = {v}" for k, v in (limits or {}).get(tenant, {}).items()]
+            lines += ["admin = true"] if tenant in admins else []
+            lines += [f"weight = {weights[tenant]}"] if tenant in (weights or {}) else []
         self.tokens.write_text("\n".join(lines) + "\n")
         self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -58,17 +71,22 @@ class ServiceProc:
         self.starts = 0
         self.log = root / "service.log"
         self.substrate_args: list[str] = []
+        extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in (substrate_options or {}).items())
+        config = root / "substrate.toml"
         if substrate == "globus-compute":
-            config = root / "substrate.toml"
             config.write_text(
                 'kind = "globus-compute"\n'
                 "[options]\n"
                 'address = "127.0.0.1"\n'
                 "workers_per_node = 8\n"
                 f'run_dir = "{root / "gce-run"}"\n'
+                f"{extra}"
                 "[provider]\n"
                 'type = "LocalProvider"\n'
             )
+            self.substrate_args = ["--substrate-config", str(config)]
+        elif substrate_options:
+            config.write_text(f'kind = "{substrate}"\n[options]\n{extra}')
             self.substrate_args = ["--substrate-config", str(config)]
 
     def start(self, timeout: float = 60.0) -> ServiceProc:
@@ -135,7 +153,7 @@ class ServiceProc:
 
     def client(self, tenant: str | None = "alice") -> httpx.Client:
         """An HTTP client carrying ``tenant``'s token (None: no token)."""
-        headers = {"Authorization": f"Bearer {TOKENS[tenant]}"} if tenant else {}
+        headers = {"Authorization": f"Bearer {self.tokens_of[tenant]}"} if tenant else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=60)
 
 

@@ -3,8 +3,9 @@
 One service for the module: alice has no budget (the ledger is compared with the
 engine's own counters over her runs), bob has a tiny per-minute token budget on a
 5-second "minute" (``FAAS_BUDGET_MINUTE_SECONDS``), so refusal and re-admission
-take seconds. The tests run in order on the same service: later ones read the rows earlier
-ones made.
+take seconds, and ops is an admin tenant (``admin = true``) that runs nothing and
+reads everyone's usage. The tests run in order on the same service: later ones
+read the rows earlier ones made.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import faas
 from tests.faas._service_proc import TOKENS, ServiceProc, wait_for
 
 WINDOW = 5.0
+OPS_TOKEN = "ops-token-0123456789abcdef"
+TENANTS = {**TOKENS, "ops": OPS_TOKEN}
 
 
 def _complete(model: faas.Model, prompt: str, n: int, stream: bool) -> str:
@@ -43,6 +46,8 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> 
         tmp_path_factory.mktemp("svc-usage"),
         limits={"bob": {"tokens_per_minute": 1}},
         extra_env={"FAAS_BUDGET_MINUTE_SECONDS": str(WINDOW)},
+        tenants=TENANTS,
+        admins=frozenset({"ops"}),
     ).start()
     yield proc
     proc.stop()
@@ -166,12 +171,19 @@ def test_usage_is_scoped_to_the_tenant_and_sums_by_model_function_and_day(servic
         wait_for(lambda r=root, n=count: len(list(r.rglob("*.json"))) == n, 30, f"{tenant}'s usage objects")
 
 
-def _faas_usage(service: ServiceProc, *argv: str) -> str:
-    env = {**os.environ, "FAAS_URL": service.url, "FAAS_TOKEN": TOKENS["alice"]}
-    out = subprocess.run(
+def _run_usage(service: ServiceProc | None, tenant: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """``faas usage`` through ``service`` with ``tenant``'s token (None: no service, argv names a store)."""
+    env = {k: v for k, v in os.environ.items() if k != "FAAS_URL"}
+    if service is not None:
+        env.update(FAAS_URL=service.url, FAAS_TOKEN=TENANTS[tenant])
+    return subprocess.run(
         [sys.executable, "-m", "faas.cli", "usage", *argv],
         env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
+
+
+def _faas_usage(service: ServiceProc | None, *argv: str, tenant: str = "alice") -> str:
+    out = _run_usage(service, tenant, *argv)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -184,3 +196,75 @@ def test_faas_usage_prints_a_table_csv_and_json(service: ServiceProc) -> None:
     table = _faas_usage(service, "--by", "model")
     assert "tiny-llama@1" in table and "total" in table
     assert "complete@1" in _faas_usage(service, "--limit", "3")
+
+
+def _by_tenant(report: dict[str, Any]) -> dict[str, int]:
+    return {g["key"]: g["invocations"] for g in report["groups"]}
+
+
+def test_an_admin_token_reads_every_tenants_usage_and_others_get_403(service: ServiceProc) -> None:
+    with service.client("alice") as alice, service.client("bob") as bob, service.client("ops") as ops:
+        own = {t: len(h.get("/v1/usage", params={"limit": 10_000}).json()["rows"]) for t, h in
+               (("alice", alice), ("bob", bob))}  # fmt: skip
+        assert own["alice"] > 0 and own["bob"] > 0
+        assert ops.get("/v1/session").json()["admin"] is True
+        assert alice.get("/v1/session").json()["admin"] is False
+        # ops ran nothing: its own view is empty; the whole centre is everyone's rows, by tenant.
+        assert ops.get("/v1/usage").json()["rows"] == []
+        everyone = ops.get("/v1/usage", params={"all_tenants": "true", "by": "tenant"}).json()
+        assert _by_tenant(everyone) == own
+        assert everyone["total"]["invocations"] == sum(own.values())
+        listed = ops.get("/v1/usage", params={"all_tenants": "true", "limit": 10_000}).json()["rows"]
+        assert len(listed) == sum(own.values()) and {r["tenant"] for r in listed} == {"alice", "bob"}
+        bobs = ops.get("/v1/usage", params={"tenant": "bob", "limit": 10_000}).json()["rows"]
+        assert len(bobs) == own["bob"] and {r["tenant"] for r in bobs} == {"bob"}
+        # A tenant without admin may name itself, and nobody else.
+        assert len(bob.get("/v1/usage", params={"tenant": "bob"}).json()["rows"]) == own["bob"]
+        for params in ({"tenant": "alice"}, {"all_tenants": "true"}):
+            refused = bob.get("/v1/usage", params=params)
+            assert refused.status_code == 403, refused.text
+            error = refused.json()["error"]
+            assert error["type"] == "ForbiddenError"
+            assert error["message"].startswith("Tenant 'bob' may read only its own usage;")
+            assert "admin = true" in error["message"]
+        unknown = ops.get("/v1/usage", params={"tenant": "nobody"})
+        assert unknown.status_code == 404 and "'nobody'" in unknown.json()["error"]["message"]
+        both = ops.get("/v1/usage", params={"tenant": "bob", "all_tenants": "true"})
+        assert both.status_code == 400 and both.json()["error"]["type"] == "SubmitError"
+        assert ops.get("/v1/usage", params={"tenant": "Not A Name"}).status_code == 422
+    with faas.RemoteClient(service.url, token=TOKENS["bob"]) as client:
+        with pytest.raises(faas.ForbiddenError) as info:
+            client.usage(all_tenants=True)
+        assert isinstance(info.value, faas.AuthError) and info.value.status_code == 403
+    with faas.RemoteClient(service.url, token=OPS_TOKEN) as client:
+        assert client.session.admin
+        assert {g.key for g in client.usage(all_tenants=True, by="tenant").groups} == {"alice", "bob"}
+        assert client.usage(tenant="alice", by="model").total.invocations == own["alice"]
+
+
+def test_faas_usage_all_tenants_through_the_service_and_from_the_store(service: ServiceProc) -> None:
+    with service.client("alice") as alice, service.client("bob") as bob:
+        own = {"alice": len(alice.get("/v1/usage", params={"limit": 10_000}).json()["rows"]),
+               "bob": len(bob.get("/v1/usage", params={"limit": 10_000}).json()["rows"])}  # fmt: skip
+    data = json.loads(_faas_usage(service, "--all-tenants", "--by=tenant", "--format=json", tenant="ops"))
+    assert _by_tenant(data) == own
+    data = json.loads(_faas_usage(service, "--tenant", "bob", "--format", "json", tenant="ops"))
+    assert len(data["rows"]) == own["bob"] and {r["tenant"] for r in data["rows"]} == {"bob"}
+    refused = _run_usage(service, "alice", "--all-tenants")
+    assert refused.returncode == 2 and "ForbiddenError: Tenant 'alice' may read only its own usage" in (
+        refused.stderr
+    )
+    assert _run_usage(service, "alice", "--tenant", "bob").returncode == 2
+    both = _run_usage(service, "ops", "--tenant", "bob", "--all-tenants")
+    assert both.returncode == 2 and "not both" in both.stderr
+    # An operator on the machine reads the service's store directly: every tenant's usage objects.
+    for tenant, count in own.items():
+        root = service.store / "tenants" / tenant / "usage"
+        wait_for(lambda r=root, n=count: len(list(r.rglob("*.json"))) == n, 30, f"{tenant}'s usage objects")
+    store = str(service.store)
+    data = json.loads(_faas_usage(None, "--store", store, "--all-tenants", "--by=tenant", "--format=json"))
+    assert _by_tenant(data) == own
+    data = json.loads(_faas_usage(None, "--store", store, "--tenant", "alice", "--format", "json"))
+    assert len(data["rows"]) == own["alice"] and {r["tenant"] for r in data["rows"]} == {"alice"}
+    # The store has no usage/ of its own: without a tenant, nothing (as before).
+    assert json.loads(_faas_usage(None, "--store", store, "--format", "json"))["rows"] == []

@@ -15,19 +15,21 @@ import faas
 from faas._usage import (
     UsageRow,
     parse_since,
+    read_store_usage,
     read_usage,
     report,
+    store_tenants,
     usage_key,
     usage_row,
     write_usage,
 )
 from faas.cli._usage import render
 from faas.service._api import Limits
-from faas.service._auth import Tenant
+from faas.service._auth import Tenant, TokenAuth
 from faas.service._index import Index
 from faas.service._ledger import Ledger, Window
 from registry import FunctionSpec, ModelSpec
-from runtime import ErrorInfo, LocalStore, Result
+from runtime import ErrorInfo, LocalStore, Result, scoped_store
 
 T0 = 1_780_000_000.0  # a fixed epoch second
 
@@ -154,6 +156,65 @@ def test_ledger_rebuilds_windows_and_totals_from_the_index(tmp_path: Path) -> No
     with pytest.raises(faas.BudgetExceededError):  # the 31-day-old row is out of the 30-day window
         ledger.check(Tenant("alice", Limits(tokens_per_30d=40)))
     ledger.check(Tenant("alice", Limits(tokens_per_30d=41)))
+
+
+def test_only_an_admin_reads_other_tenants_usage(tmp_path: Path) -> None:
+    index = Index(tmp_path / "index.sqlite")
+    spec = FunctionSpec(name="f", digest="d" * 64, version=1)
+    for i, tenant in enumerate(("alice", "bob", "gone")):  # "gone": no longer in the token file
+        inv = spec.invocation(b"x", model=None, store=None, stage_threshold=None)
+        index.add(tenant, [inv])
+        row = _row(i, tenant=tenant).model_copy(update={"invocation_id": inv.id})
+        assert index.finish_many([(inv.id, "succeeded", "{}")], [row]) == [True]
+    ledger = Ledger(index, clock=lambda: T0)
+    known = ["alice", "bob", "ops"]
+    ops, bob = Tenant("ops", admin=True), Tenant("bob")
+    assert ledger.scope(bob, known) == "bob" and ledger.scope(bob, known, tenant="bob") == "bob"
+    assert ledger.scope(ops, known, tenant="alice") == "alice"
+    assert ledger.scope(ops, known, tenant="gone") == "gone"  # its history is still readable
+    assert ledger.scope(ops, known, all_tenants=True) is None
+    with pytest.raises(faas.NotFoundError, match="No tenant 'nobody'"):
+        ledger.scope(ops, known, tenant="nobody")
+    with pytest.raises(faas.SubmitError, match="not both"):
+        ledger.scope(ops, known, tenant="bob", all_tenants=True)
+    for ask in ({"tenant": "alice"}, {"all_tenants": True}):
+        with pytest.raises(faas.ForbiddenError, match=r"^Tenant 'bob' may read only its own usage") as info:
+            ledger.scope(bob, known, **ask)  # type: ignore[arg-type]
+        assert info.value.status_code == 403 and isinstance(info.value, faas.AuthError)
+    everyone = ledger.report(None, by="tenant")
+    assert [(g.key, g.invocations) for g in everyone.groups] == [("alice", 1), ("bob", 1), ("gone", 1)]
+    assert [r.tenant for r in ledger.report("bob").rows] == ["bob"]
+
+
+def test_token_file_marks_admin_tenants_and_refuses_a_flag_that_is_not_boolean(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.toml"
+    path.write_text(
+        '[[tenants]]\nname = "ops"\ntokens = ["ops-token-0123456789"]\nadmin = true\n'
+        '[[tenants]]\nname = "lab"\ntokens = ["lab-token-0123456789"]\n'
+    )
+    auth = TokenAuth.from_file(path)
+    ops, lab = auth.authenticate("ops-token-0123456789"), auth.authenticate("lab-token-0123456789")
+    assert ops is not None and ops.admin and lab is not None and not lab.admin
+    path.write_text('[[tenants]]\nname = "ops"\ntokens = ["ops-token-0123456789"]\nadmin = "yes"\n')
+    with pytest.raises(faas.AuthConfigError, match="admin = 'yes'; it must be true or false"):
+        TokenAuth.from_file(path)
+
+
+def test_store_usage_of_a_service_tenant_or_every_tenant(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    write_usage(store, _row(1, tenant="default"))  # an embedded client's row at the store's root
+    for i, tenant in ((2, "alice"), (3, "alice"), (4, "bob")):  # rows a faas serve wrote per tenant
+        write_usage(scoped_store(store, f"tenants/{tenant}"), _row(i, tenant=tenant))
+    store.put("tenants/carol/registry/functions/f/versions/000001.json", b"{}")  # no usage: not a tenant here
+    assert store_tenants(store) == ["alice", "bob"]
+    assert [r.tenant for r in read_store_usage(store)] == ["default"]
+    assert sorted(r.tenant for r in read_store_usage(store, tenant="alice")) == ["alice", "alice"]
+    assert sorted(r.tenant for r in read_store_usage(store, all_tenants=True, since=T0 - 60)) == [
+        "alice", "alice", "bob", "default"
+    ]  # fmt: skip
+    assert read_store_usage(store, all_tenants=True, since=T0 + 60) == []
+    with pytest.raises(ValueError, match="not both"):
+        read_store_usage(store, tenant="alice", all_tenants=True)
 
 
 def test_budget_error_pickles_with_its_retry_after() -> None:
