@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from faas.openai import RESERVED_PREFIX
 from faas.service._api import (
     FINAL_STATES,
     BatchView,
@@ -238,6 +239,9 @@ class ServiceCore:
         Raises:
             SubmitError: The artifact's model is not registered.
         """
+        if req.name.startswith(RESERVED_PREFIX):
+            why = f"names starting with {RESERVED_PREFIX!r} are reserved for the service's built-in functions"
+            raise SubmitError(f"Cannot register {req.name!r}: {why}; choose another name.")
         if req.model:
             self.resolve_model(req.model)  # refuse a function whose model does not exist
         spec = FunctionSpec(
@@ -253,6 +257,10 @@ class ServiceCore:
             qualname=req.qualname,
         )
         return self._tenant_state(tenant).registry.register_function(req.artifact, spec)
+
+    def builtin(self, tenant: Tenant, name: str) -> FunctionSpec:
+        """A built-in function (``openai.chat``, ...) in the tenant's registry (``TenantState.builtin``)."""
+        return self._tenant_state(tenant).builtin(name)
 
     def function(self, tenant: Tenant, ref: str) -> FunctionSpec:
         """Resolve a function reference of ``tenant`` (cached briefly; digests for good).
@@ -291,8 +299,19 @@ class ServiceCore:
         return spec
 
     # -- submit ---------------------------------------------------------------------------
-    def submit(self, tenant: Tenant, function: str, items: list[Item], *, batch: bool = False) -> BatchView:
+    def submit(
+        self,
+        tenant: Tenant,
+        function: str,
+        items: list[Item],
+        *,
+        batch: bool = False,
+        model: ModelSpec | None = None,
+    ) -> BatchView:
         """Accept invocations of one function; they are durable when this returns.
+
+        ``model`` (resolved) replaces the function's own: the built-in functions serve
+        whichever model a request names.
 
         Raises:
             NotFoundError: The tenant has no such function.
@@ -305,9 +324,10 @@ class ServiceCore:
         self.ledger.check(tenant)
         ts = self._tenant_state(tenant)
         spec = self.function(tenant, function)
-        model = self.resolve_model(spec.model) if spec.model else None
-        if model is not None and "@" not in (spec.model or ""):
-            model = self.pool.prefer_warm(model)
+        if model is None and spec.model:
+            model = self.resolve_model(spec.model)
+            if "@" not in spec.model:
+                model = self.pool.prefer_warm(model)
         for item in items:
             self._check_refs(ts, item)
         batch_id = new_id() if batch else None

@@ -5,11 +5,12 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
+from faas.openai import BUILTINS
 from faas.service._api import InvocationView, ResultView
 from faas.service._auth import Tenant
 from faas.service._index import Row
 from registry import FunctionSpec, ModelSpec, Registry
-from runtime import Invocation, ObjectStore, RecordStore, RecordWriter, ResultRecord
+from runtime import Invocation, NotFoundError, ObjectStore, RecordStore, RecordWriter, ResultRecord, dumps
 
 
 @dataclass(eq=False)
@@ -33,6 +34,31 @@ class TenantState:
     queue: collections.deque[Pending] = field(default_factory=collections.deque)
     running: int = 0
     specs: dict[str, tuple[FunctionSpec, float]] = field(default_factory=dict)
+    builtins: dict[str, FunctionSpec] = field(default_factory=dict)
+
+    def builtin(self, name: str) -> FunctionSpec:
+        """A built-in function's spec in this tenant's registry, registered there on first use.
+
+        Built-in functions are the service's code run as the tenant's invocations: they
+        live in the tenant's store like its own functions, under reserved names, so
+        workers load them by digest the same way.
+
+        Raises:
+            NotFoundError: No built-in function has that name.
+        """
+        spec = self.builtins.get(name)
+        if spec is not None:
+            return spec
+        fn = BUILTINS.get(name)
+        if fn is None:
+            raise NotFoundError(f"No built-in function {name!r}.", 404)
+        artifact = dumps(fn, what=f"built-in function {name}")
+        spec = FunctionSpec(
+            name=name, digest=digest(artifact), model_param="model", module=fn.__module__, qualname=name
+        )
+        spec = self.registry.register_function(artifact, spec)  # a no-op once stored with this digest
+        self.builtins[name] = spec
+        return spec
 
 
 def view_of(record: ResultRecord) -> ResultView:
