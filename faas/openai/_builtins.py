@@ -12,6 +12,7 @@ a worker imports this module to run them: keep it light.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from runtime import Model, OpenAIPath
@@ -29,8 +30,63 @@ def _call(model: Model, path: OpenAIPath, body: dict[str, Any]) -> dict[str, Any
 
 
 def chat(model: Model, body: dict[str, Any]) -> dict[str, Any]:
-    """``POST /v1/chat/completions`` on the model's engine."""
-    return _call(model, "/v1/chat/completions", body)
+    """``POST /v1/chat/completions`` on the model's engine.
+
+    ``n`` > 1 is sent as n concurrent requests (seeds ``seed + i`` when a seed is
+    given) whose choices are merged: the CPU engine's chat takes one choice per
+    request, and SGLang batches the n requests and shares their prompt's cache.
+    """
+    n = body.get("n") or 1
+    if n == 1:
+        return _call(model, "/v1/chat/completions", body)
+    seed = body.get("seed")
+
+    def one(i: int) -> dict[str, Any]:
+        return _call(
+            model,
+            "/v1/chat/completions",
+            {**body, "n": 1, **({"seed": seed + i} if seed is not None else {})},
+        )
+
+    with ThreadPoolExecutor(n, thread_name_prefix="faas-openai-n") as pool:
+        replies = list(pool.map(one, range(n)))
+    return _merge(replies)
+
+
+def _merge(replies: list[dict[str, Any]]) -> dict[str, Any]:
+    """One reply with the replies' choices as choices 0..n-1 (the prompt counted once in usage)."""
+    first = replies[0]
+    streamed = first.get("object") == "faas.stream"
+    usages = [_usage_of(r) for r in replies]
+    usage = {
+        "prompt_tokens": usages[0].get("prompt_tokens", 0),
+        "completion_tokens": sum(u.get("completion_tokens", 0) for u in usages),
+    }
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    if not streamed:
+        choices = [{**r["choices"][0], "index": i} for i, r in enumerate(replies)]
+        return {**first, "choices": choices, "usage": usage}
+    chunks: list[dict[str, Any]] = []
+    for i, reply in enumerate(replies):
+        for c in reply["chunks"]:
+            if c.get("choices"):
+                chunks.append(
+                    {
+                        **c,
+                        "id": first["chunks"][0]["id"],
+                        "choices": [{**x, "index": i} for x in c["choices"]],
+                    }
+                )
+    last = {**first["chunks"][-1], "choices": [], "usage": usage}
+    return {**first, "chunks": [*chunks, last]}
+
+
+def _usage_of(reply: dict[str, Any]) -> dict[str, Any]:
+    if reply.get("object") == "faas.stream":
+        found = [c["usage"] for c in reply["chunks"] if isinstance(c.get("usage"), dict)]
+        return found[-1] if found else {}
+    usage = reply.get("usage")
+    return usage if isinstance(usage, dict) else {}
 
 
 def completions(model: Model, body: dict[str, Any]) -> dict[str, Any]:
