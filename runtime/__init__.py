@@ -67,6 +67,7 @@ from runtime._outputs import (
     outputs_parameter,
     stored_digest,
 )
+from runtime._partial import PartialSink, emit_partial, partial_sink
 from runtime._paths import cache_dir, default_store_url
 from runtime._policy import MODES, check_modes
 from runtime._provenance import (
@@ -139,6 +140,7 @@ __all__ = [
     "OpenAIPath",
     "OutputTarget",
     "Outputs",
+    "PartialSink",
     "PlacementError",
     "PoolClosedError",
     "Priority",
@@ -178,6 +180,7 @@ __all__ = [
     "determinism_of",
     "digest_of",
     "dumps",
+    "emit_partial",
     "encode_output",
     "error_info",
     "execute",
@@ -189,6 +192,7 @@ __all__ = [
     "new_id",
     "outputs_parameter",
     "parse_marker",
+    "partial_sink",
     "restore_function",
     "scoped_store",
     "sha256_hex",

@@ -12,21 +12,30 @@ a worker imports this module to run them: keep it light.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from runtime import Model, OpenAIPath
+from runtime import Model, OpenAIPath, emit_partial
 
 RESERVED_PREFIX = "openai."
 """Function names starting with this belong to the service; tenants cannot register them."""
 
 
-def _call(model: Model, path: OpenAIPath, body: dict[str, Any]) -> dict[str, Any]:
+def _call(
+    model: Model, path: OpenAIPath, body: dict[str, Any], emit: Callable[[dict[str, Any]], Any] = emit_partial
+) -> dict[str, Any]:
     payload = dict(body)
-    if payload.pop("stream", False):
-        # No partial-output channel from workers yet: the chunks travel with the result.
-        return {"object": "faas.stream", "chunks": list(model.openai_stream(path, payload))}
-    return model.openai(path, payload)
+    if not payload.pop("stream", False):
+        return model.openai(path, payload)
+    # Each chunk goes out as a partial output as it comes (where the worker has a channel
+    # back), and all of them travel in the result too: the durable record, and the
+    # stream for substrates without a channel.
+    chunks = []
+    for chunk in model.openai_stream(path, payload):
+        emit(chunk)
+        chunks.append(chunk)
+    return {"object": "faas.stream", "chunks": chunks}
 
 
 def chat(model: Model, body: dict[str, Any]) -> dict[str, Any]:

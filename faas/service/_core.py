@@ -307,11 +307,13 @@ class ServiceCore:
         *,
         batch: bool = False,
         model: ModelSpec | None = None,
+        on_partial: Callable[[str, int, Any], None] | None = None,
     ) -> BatchView:
         """Accept invocations of one function; they are durable when this returns.
 
         ``model`` (resolved) replaces the function's own: the built-in functions serve
-        whichever model a request names.
+        whichever model a request names. ``on_partial(id, attempt, value)`` gets their
+        partial outputs where the substrate has a channel (a stream's chunks).
 
         Raises:
             NotFoundError: The tenant has no such function.
@@ -361,7 +363,7 @@ class ServiceCore:
                 )
             self.index.add(tenant.name, invocations, batch_id)  # durable before we answer
             for inv in invocations:
-                pending = Pending(inv, spec, model)
+                pending = Pending(inv, spec, model, on_partial)
                 self._where[inv.id] = (ts, pending)
                 ts.queue.append(pending)
             self.counters["submitted"] += len(invocations)
@@ -398,12 +400,9 @@ class ServiceCore:
                 pending = ts.queue.popleft()
                 ts.running += 1
             try:
-                self.pool.submit(
-                    pending.invocation,
-                    pending.spec,
-                    pending.model,
-                    functools.partial(self._on_done, ts, pending),
-                )
+                done, partial = functools.partial(self._on_done, ts, pending), pending.on_partial
+                extra = {"on_partial": functools.partial(partial, pending.invocation.id)} if partial else {}
+                self.pool.submit(pending.invocation, pending.spec, pending.model, done, **extra)
             except BackPressureError:
                 with self._lock:  # the model's queue is full: keep it at the head and try again soon
                     ts.queue.appendleft(pending)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -102,6 +102,7 @@ class OpenAIGateway:
         self.core = core
         self._lock = threading.Lock()
         self._warming: set[str] = set()
+        self._builtins: dict[tuple[str, str], str] = {}  # (tenant, built-in name) -> digest
 
     # -- requests ----------------------------------------------------------------------
     def prepare(self, kind: Kind, raw: object) -> Prepared:
@@ -128,10 +129,20 @@ class OpenAIGateway:
         args = dumps(((request.body,), {}), what="request body")
         return Prepared(request, model, Item(args=args, priority=request.priority))
 
-    def submit(self, tenant: Tenant, prepared: Sequence[Prepared], *, batch: bool = False) -> BatchView:
+    def submit(
+        self,
+        tenant: Tenant,
+        prepared: Sequence[Prepared],
+        *,
+        batch: bool = False,
+        on_partial: Callable[[str, int, Any], None] | None = None,
+    ) -> BatchView:
         """Accept prepared requests as the tenant's invocations; durable when this returns.
 
         All of them must be of one kind and one model version (a batch file's are).
+        ``on_partial(invocation_id, attempt, chunk)`` receives a streamed request's
+        engine chunks as they come, where the substrate has a channel (pass them
+        through :meth:`client_chunk`); the reply carries them all in any case.
 
         Raises:
             InvalidParameterError: Mixed kinds or models.
@@ -147,9 +158,12 @@ class OpenAIGateway:
             raise InvalidParameterError(
                 "Requests submitted together must share one route and one model.", "model"
             )
-        spec = self.core.builtin(tenant, first.function)
+        key = (tenant.name, first.function)
+        digest = self._builtins.get(key)
+        if digest is None:
+            digest = self._builtins[key] = self.core.builtin(tenant, first.function).digest
         items = [p.item for p in prepared]
-        return self.core.submit(tenant, spec.digest, items, batch=batch, model=first.model)
+        return self.core.submit(tenant, digest, items, batch=batch, model=first.model, on_partial=on_partial)
 
     def wait(self, tenant: Tenant, ids: Sequence[str], timeout: float | None = None) -> dict[str, ResultView]:
         """Block until the invocations finish (or ``timeout``); returns the finished ones by id.
@@ -196,13 +210,20 @@ class OpenAIGateway:
         body = unstage_value(store, view.value, what=f"reply of invocation {view.id}")
         if not isinstance(body, dict):
             raise EngineError(f"Invocation {view.id} returned {type(body).__name__}, not a response body.")
-        name = prepared.request.model
         if body.get("object") == "faas.stream":
-            chunks = [c for c in body.get("chunks", []) if isinstance(c, dict)]
-            if not prepared.request.include_usage:
-                chunks = [_without_usage(c) for c in chunks if c.get("choices")]
-            return {**body, "chunks": [{**c, "model": name} for c in chunks]}
-        return {**body, "model": name}
+            chunks = [self.client_chunk(prepared, c) for c in body.get("chunks", [])]
+            return {**body, "chunks": [c for c in chunks if c is not None]}
+        return {**body, "model": prepared.request.model}
+
+    def client_chunk(self, prepared: Prepared, chunk: object) -> dict[str, Any] | None:
+        """An engine chunk as the client sees it (its model name; usage only if asked), or None."""
+        if not isinstance(chunk, dict):
+            return None
+        if not prepared.request.include_usage:
+            if not chunk.get("choices"):
+                return None  # the usage chunk the engine always sends
+            chunk = {k: v for k, v in chunk.items() if k != "usage"}
+        return {**chunk, "model": prepared.request.model}
 
     # -- models ------------------------------------------------------------------------
     def state(self, model: ModelSpec) -> ModelState:
@@ -263,7 +284,3 @@ class OpenAIGateway:
                     }
                 )
         return sorted(entries, key=lambda e: e["id"])
-
-
-def _without_usage(chunk: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in chunk.items() if k != "usage"}

@@ -37,6 +37,7 @@ from runtime import (
     FaasError,
     InvalidParameterError,
     InvocationCancelled,
+    InvocationError,
     InvocationTimeout,
     ModeNotAllowedError,
     NotFoundError,
@@ -165,24 +166,36 @@ def install_openai_routes(app: FastAPI, core: ServiceCore) -> OpenAIGateway:
         return JSONResponse(found)
 
     async def run(request: Request, kind: Kind) -> Response:
+        waiting: _Waiting | None = None
         try:
             who = _who(core, request)
-            prepared = await run_in_threadpool(gateway.prepare, kind, await _body(request))
+            waiting = _Waiting(gateway, who)
+            prepared = await waiting.begin(kind, await _body(request))
             if prepared.request.stream:
-                return await _streamed(gateway, who, prepared)
-            state = gateway.state(prepared.model)
-            if state.state != "hot":
+                response = _streamed(waiting, prepared)
+                waiting = None  # the stream owns it now
+                return response
+            if not waiting.id:
+                state = gateway.state(prepared.model)
                 gateway.warm(prepared.model)
                 raise ModelNotReady(
                     f"Model {prepared.request.model!r} is {state.state}: its engine is starting; "
                     f"retry in {state.retry_after} s.",
                     state.retry_after,
                 )
-            invocation_id, view = await _submit_and_wait(gateway, who, prepared)
+            try:
+                view = await waiting.result(MAX_WAIT_SECONDS)
+            except TimeoutError:
+                raise InvocationTimeout(
+                    f"No result for invocation {waiting.id} in {MAX_WAIT_SECONDS:g} s."
+                ) from None
             body = gateway.reply(who, prepared, view)
         except FaasError as exc:
             return openai_error(exc)
-        return JSONResponse(body, headers={"X-Faas-Invocation-Id": invocation_id})
+        finally:
+            if waiting is not None:
+                waiting.close()
+        return JSONResponse(body, headers={"X-Faas-Invocation-Id": view.id})
 
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat(request: Request) -> Response:
@@ -203,7 +216,12 @@ def install_openai_routes(app: FastAPI, core: ServiceCore) -> OpenAIGateway:
 
 
 class _Waiting:
-    """One accepted request's invocation, waited for on the event loop (no thread while waiting)."""
+    """One accepted request's invocation, waited for on the event loop (no thread while waiting).
+
+    ``events`` gets a streamed request's partial outputs ``(attempt, chunk)`` as the
+    worker sends them, then its final ResultView (in that order: the worker sends its
+    partial outputs before its result, and both reach the loop in order).
+    """
 
     def __init__(self, gateway: OpenAIGateway, who: Tenant) -> None:
         self.core = gateway.core
@@ -211,25 +229,45 @@ class _Waiting:
         self.who = who
         self.loop = asyncio.get_running_loop()
         self.waiter: asyncio.Future[ResultView] = self.loop.create_future()
+        self.events: asyncio.Queue[tuple[int, Any] | ResultView] = asyncio.Queue()
         self.id = ""
 
     def _put(self, view: ResultView) -> None:
         if not self.waiter.done():
             self.waiter.set_result(view)
+            self.events.put_nowait(view)
 
     def _listener(self, view: ResultView) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown)
             self.loop.call_soon_threadsafe(self._put, view)
 
+    def _partial(self, _invocation_id: str, attempt: int, value: Any) -> None:
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (attempt, value))
+
+    def _accept(self, prepared: Prepared) -> None:
+        partials = self._partial if prepared.request.stream else None
+        self.id = self.gateway.submit(self.who, [prepared], on_partial=partials).ids[0]
+        for view in self.core.listen(self.who, [self.id], self._listener):
+            self.loop.call_soon_threadsafe(self._put, view)
+
+    async def begin(self, kind: Kind, raw: object) -> Prepared:
+        """Check the body and, if its model is hot, submit it (durable) and listen: one thread trip.
+
+        ``id`` stays empty when the model is not hot (nothing was accepted).
+        """
+
+        def begin() -> Prepared:
+            prepared = self.gateway.prepare(kind, raw)
+            if self.gateway.state(prepared.model).state == "hot":
+                self._accept(prepared)
+            return prepared
+
+        return await run_in_threadpool(begin)
+
     async def accept(self, prepared: Prepared) -> None:
-        """Submit (durable when this returns) and listen, in one trip to the thread pool."""
-
-        def accept() -> list[ResultView]:
-            self.id = self.gateway.submit(self.who, [prepared]).ids[0]
-            return self.core.listen(self.who, [self.id], self._listener)
-
-        for view in await run_in_threadpool(accept):
-            self._put(view)
+        """Submit (durable when this returns) and listen."""
+        await run_in_threadpool(self._accept, prepared)
 
     async def result(self, timeout: float) -> ResultView:
         """The result, waiting up to ``timeout`` (``TimeoutError`` then; the listener stays)."""
@@ -241,56 +279,51 @@ class _Waiting:
             self.core.unlisten([self.id], self._listener)
 
 
-async def _submit_and_wait(gateway: OpenAIGateway, who: Tenant, prepared: Prepared) -> tuple[str, ResultView]:
-    """Submit one request and wait for its result."""
-    waiting = _Waiting(gateway, who)
-    try:
-        await waiting.accept(prepared)
-        try:
-            return waiting.id, await waiting.result(MAX_WAIT_SECONDS)
-        except TimeoutError:
-            raise InvocationTimeout(
-                f"No result for invocation {waiting.id} in {MAX_WAIT_SECONDS:g} s."
-            ) from None
-    finally:
-        waiting.close()
+def _streamed(waiting: _Waiting, prepared: Prepared) -> Response:
+    """Server-sent events: the engine's chunks as the worker relays them, then ``[DONE]``.
 
-
-async def _streamed(gateway: OpenAIGateway, who: Tenant, prepared: Prepared) -> Response:
-    """Server-sent events: keep-alive comments while the engine starts and the invocation runs.
-
-    With the engine ready, the request is accepted before the stream starts, so a quota,
-    budget or back-pressure refusal answers with its status; later errors become an
-    ``error`` event before ``[DONE]``. The chunks arrive when the invocation finishes
-    (workers have no partial-output channel yet).
+    With the engine ready, the request was accepted before the stream starts, so a
+    quota, budget or back-pressure refusal answered with its status. A cold engine
+    holds the stream with comments until it is ready; later errors become an
+    ``error`` event before ``[DONE]``. Where the substrate has no partial-output
+    channel, the chunks arrive with the result.
     """
-    waiting = _Waiting(gateway, who)
-    accepted = gateway.state(prepared.model).state == "hot"
-    if accepted:
-        await waiting.accept(prepared)  # raises (an OpenAI error response) before any event is sent
-    else:
+    gateway = waiting.gateway
+    if not waiting.id:
         gateway.warm(prepared.model)
 
     async def events() -> AsyncIterator[bytes]:
         try:
-            started = False
-            while not accepted and not started:  # the engine is starting: keep the connection alive
+            while not waiting.id:  # the engine is starting: keep the connection alive
                 if gateway.state(prepared.model).state == "hot":
                     await waiting.accept(prepared)
-                    started = True
                     break
                 yield b": waiting for the model's engine to start\n\n"
                 gateway.warm(prepared.model)
                 await asyncio.sleep(1.0)
+            sent, attempt, retried = 0, None, False
             while True:
                 try:
-                    view = await waiting.result(KEEPALIVE_SECONDS)
-                    break
+                    item = await asyncio.wait_for(waiting.events.get(), KEEPALIVE_SECONDS)
                 except TimeoutError:
                     yield b": keep-alive\n\n"
-            reply = gateway.reply(who, prepared, view)
-            for chunk in reply["chunks"]:
-                yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+                    continue
+                if isinstance(item, ResultView):
+                    break
+                if attempt != item[0]:  # the first chunk, or a retry's
+                    retried = retried or sent > 0
+                    attempt = item[0]
+                chunk = gateway.client_chunk(prepared, item[1])
+                if chunk is not None and not retried:
+                    sent += 1
+                    yield _data(chunk)
+            reply = gateway.reply(waiting.who, prepared, item)
+            if retried:
+                raise InvocationError(
+                    "The invocation was retried after its stream began; the reply is incomplete."
+                )
+            for chunk in reply["chunks"][sent:]:  # all of them where no partial outputs came
+                yield _data(chunk)
         except FaasError as exc:
             yield b"data: " + json.dumps(error_body(exc)[1]).encode() + b"\n\n"
         finally:
@@ -299,3 +332,7 @@ async def _streamed(gateway: OpenAIGateway, who: Tenant, prepared: Prepared) -> 
 
     headers = {**_SSE_HEADERS, **({"X-Faas-Invocation-Id": waiting.id} if waiting.id else {})}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+def _data(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from faas.openai import BUILTINS
 from faas.service._api import InvocationView, ResultView
@@ -12,14 +14,18 @@ from faas.service._index import Row
 from registry import FunctionSpec, ModelSpec, Registry
 from runtime import Invocation, NotFoundError, ObjectStore, RecordStore, RecordWriter, ResultRecord, dumps
 
+PartialListener = Callable[[str, int, Any], None]
+"""Receives ``(invocation_id, attempt, value)`` for each partial output of an invocation."""
+
 
 @dataclass(eq=False)
 class Pending:
-    """An accepted invocation with what the pool needs to run it."""
+    """An accepted invocation with what the pool needs to run it (and who hears its partial outputs)."""
 
     invocation: Invocation
     spec: FunctionSpec
     model: ModelSpec | None
+    on_partial: PartialListener | None = None
 
 
 @dataclass(eq=False)

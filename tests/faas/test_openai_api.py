@@ -9,6 +9,7 @@ invocation of the tenant (index, usage ledger).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -249,3 +250,31 @@ def test_reserved_names_and_the_native_api_beside_it(service: Service) -> None:
             "/v1/batches", json={"input_file_id": "file-1", "endpoint": "/v1/chat/completions"}
         )
         assert openai_batch.status_code == 404 and "error" in openai_batch.json()
+
+
+def test_a_stream_relays_chunks_while_the_invocation_runs(service: Service) -> None:
+    """Token streaming: the first chunk arrives before the invocation has finished."""
+    body = {
+        "model": "tiny-llama",
+        "messages": CHAT,
+        "max_tokens": 400,
+        "ignore_eos": True,  # an SGLang field the engine takes: a long reply, whatever the text
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with service.proc.client() as alice, alice.stream("POST", "/v1/chat/completions", json=body) as stream:
+        invocation_id = stream.headers["x-faas-invocation-id"]
+        lines = stream.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        status_at_first_chunk = alice.get(f"/v1/invocations/{invocation_id}").json()["status"]
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert json.loads(first[len("data: ") :])["object"] == "chat.completion.chunk"
+    assert status_at_first_chunk == "running"
+    assert rest[-1] == "data: [DONE]"
+    usage = json.loads(rest[-2][len("data: ") :])["usage"]
+    assert usage["completion_tokens"] == 400
+    chunks = [json.loads(line[len("data: ") :]) for line in [first, *rest[:-2]]]
+    assert (
+        all(c["choices"] for c in chunks)
+        and sum(1 for c in chunks if c["choices"][0]["delta"].get("content")) > 10
+    )
