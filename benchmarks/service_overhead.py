@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import os
 import tempfile
 import threading
@@ -166,6 +167,30 @@ def _window(submit: Any, total: int, outstanding: int) -> float:
     return total / (time.perf_counter() - t0)
 
 
+def _has_content(chunk: dict[str, Any]) -> bool:
+    return any(c.get("delta", {}).get("content") for c in chunk.get("choices") or [])
+
+
+def ttft_caller(clients: ThreadClients, base_url: str, model: str | None) -> Any:
+    """A streamed chat call at ``base_url`` returning seconds to its first content chunk."""
+
+    def call(prompt: str) -> float:
+        body = {"messages": [{"role": "user", "content": prompt}], **CHAT, "stream": True}
+        body.update({"model": model} if model else {})
+        t = time.perf_counter()
+        with clients.get(base_url).stream("POST", "/v1/chat/completions", json=body) as r:
+            r.raise_for_status()
+            first = None
+            for line in r.iter_lines():
+                if first is None and line.startswith("data: {") and _has_content(json.loads(line[6:])):
+                    first = time.perf_counter() - t
+        if first is None:
+            raise RuntimeError("a stream sent no content")
+        return first
+
+    return call
+
+
 def main(argv: list[str] | None = None) -> int:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
@@ -233,6 +258,16 @@ def main(argv: list[str] | None = None) -> int:
         light = {name: latency_summary(values) for name, values in lat.items()}
         added_p50_ms = (median(lat["service"]) - median(lat["direct"])) * 1000
         openai_added_p50_ms = (median(lat["openai"]) - median(lat["engine chat"])) * 1000
+        # Time to the first content chunk of a streamed chat, one call at a time.
+        firsts = {
+            "openai": ttft_caller(chats, service.url, MODEL),
+            "engine chat": ttft_caller(chats, engine, None),
+        }
+        ttfts: dict[str, list[float]] = {name: [] for name in firsts}
+        for i in range(args.n):
+            for name, first_of in firsts.items():
+                ttfts[name].append(first_of(PROMPTS[i % len(PROMPTS)]))
+        ttft = {name: latency_summary(values) for name, values in ttfts.items()}
 
         # -- saturation: a sliding window of outstanding calls --------------------------------
         pool = concurrent.futures.ThreadPoolExecutor(args.outstanding)
@@ -277,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
             f"openai/engine chat, {args.outstanding} outstanding", openai_ratio, ">=", GOAL_OPENAI_RATIO, "x"
         ),
     ]
+    print(
+        f"\nstreamed chat, time to first content chunk: openai p50 {ttft['openai']['p50_ms']:.1f} ms, "
+        f"engine chat p50 {ttft['engine chat']['p50_ms']:.1f} ms"
+    )
     print("\ngoals:")
     for g in goals:
         print(g.line())
@@ -290,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             "saturation": saturation,
             "saturation_ratio": sat_ratio,
             "openai_added_p50_ms": openai_added_p50_ms,
+            "openai_ttft": ttft,
             "openai_saturation_ratio": openai_ratio,
             "pool_status": status,
             "goals": [g.as_dict() for g in goals],
