@@ -104,7 +104,8 @@ def chat_caller(clients: ThreadClients, base_url: str, model: str | None) -> Any
             **({"model": model} if model else {}),
         }
         r = clients.get(base_url).post("/v1/chat/completions", json=body)
-        r.raise_for_status()
+        if r.status_code != 200:  # say why: a bare status hides which path refused and how
+            raise RuntimeError(f"{base_url}/v1/chat/completions answered {r.status_code}: {r.text[:500]}")
         return str(r.json()["choices"][0]["message"]["content"])
 
     return call

@@ -210,6 +210,21 @@ class UnsupportedOperationError(FaasError, NotImplementedError):
         return (type(self), (self.client, self.operation, self.reason))
 
 
+class ModelNotReadyError(FaasError):
+    """The model has no ready engine yet; one is starting, and nothing was accepted.
+
+    Attributes:
+        retry_after: Seconds until it should be ready (the HTTP ``Retry-After``).
+    """
+
+    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[Any, ...]:  # errors cross processes pickled
+        return (type(self), (str(self), self.retry_after))
+
+
 class PoolClosedError(FaasError, RuntimeError):
     """The pool has been shut down and accepts no more work."""
 

@@ -14,6 +14,7 @@ into the OpenAI response body, or raises its typed error. No web code here.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +49,9 @@ MAX_RETRY_AFTER = 120
 """The longest ``Retry-After`` the service sends: the official client waits no longer."""
 DEFAULT_COLD_START = 60.0
 """Assumed cold start of a model that has never started here."""
+
+CATALOG_SECONDS = 1.0
+"""How long the list of model versions is reused (states are always current)."""
 
 ModelStateName = Literal["hot", "starting", "cold"]
 
@@ -103,6 +107,7 @@ class OpenAIGateway:
         self._lock = threading.Lock()
         self._warming: set[str] = set()
         self._builtins: dict[tuple[str, str], str] = {}  # (tenant, built-in name) -> digest
+        self._versions: tuple[float, list[tuple[ModelSpec, list[str]]]] = (-math.inf, [])
 
     # -- requests ----------------------------------------------------------------------
     def prepare(self, kind: Kind, raw: object) -> Prepared:
@@ -264,8 +269,12 @@ class OpenAIGateway:
         Each is an OpenAI model object with our fields: ``version``, ``aliases``,
         ``state``, ``eta_seconds``, ``root`` (the version it names) and ``spec``.
         """
+        listed_at, versions = self._versions
+        if time.monotonic() - listed_at > CATALOG_SECONDS:  # a store listing: not on every request
+            versions = self.core.models.model_versions()
+            self._versions = (time.monotonic(), versions)
         entries: list[dict[str, Any]] = []
-        for spec, aliases in self.core.models.model_versions():
+        for spec, aliases in versions:
             state = self.state(spec)
             ids = [spec.ref] + [spec.name if a == "latest" else f"{spec.name}@{a}" for a in aliases]
             for model_id in ids:

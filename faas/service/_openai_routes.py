@@ -39,6 +39,7 @@ from runtime import (
     InvocationCancelled,
     InvocationError,
     InvocationTimeout,
+    ModelNotReadyError,
     ModeNotAllowedError,
     NotFoundError,
     PoolClosedError,
@@ -56,14 +57,6 @@ MAX_WAIT_SECONDS = 3600.0
 _SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
 
-class ModelNotReady(FaasError):
-    """The model has no ready engine yet; one is starting."""
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
 def _classify(exc: BaseException) -> tuple[int, str, str | None, str | None]:
     """``(status, type, code, param)`` of an error, in OpenAI's vocabulary."""
     table: list[tuple[type[BaseException], int, str, str | None]] = [
@@ -77,7 +70,7 @@ def _classify(exc: BaseException) -> tuple[int, str, str | None, str | None]:
         (BudgetExceededError, 429, "rate_limit_error", "rate_limit_exceeded"),
         (QuotaExceededError, 429, "rate_limit_error", "queue_quota_exceeded"),
         (BackPressureError, 429, "rate_limit_error", "engine_queue_full"),
-        (ModelNotReady, 503, "service_unavailable", "model_not_ready"),
+        (ModelNotReadyError, 503, "service_unavailable", "model_not_ready"),
         (PoolClosedError, 503, "service_unavailable", "shutting_down"),
         (EngineLost, 503, "server_error", "engine_lost"),
         (WorkerLost, 503, "server_error", "worker_lost"),
@@ -97,10 +90,8 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]
     """The status, OpenAI error body and headers for an error."""
     status, kind, code, param = _classify(exc)
     headers: dict[str, str] = {}
-    if isinstance(exc, BudgetExceededError):  # whole seconds, at least 1 (RFC 9110)
+    if isinstance(exc, BudgetExceededError | ModelNotReadyError):  # whole seconds, at least 1 (RFC 9110)
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-    elif isinstance(exc, ModelNotReady):
-        headers["Retry-After"] = str(exc.retry_after)
     elif status == 429:
         headers["Retry-After"] = "1"
     if status == 401:
@@ -178,7 +169,7 @@ def install_openai_routes(app: FastAPI, core: ServiceCore) -> OpenAIGateway:
             if not waiting.id:
                 state = gateway.state(prepared.model)
                 gateway.warm(prepared.model)
-                raise ModelNotReady(
+                raise ModelNotReadyError(
                     f"Model {prepared.request.model!r} is {state.state}: its engine is starting; "
                     f"retry in {state.retry_after} s.",
                     state.retry_after,
@@ -331,7 +322,29 @@ def _streamed(waiting: _Waiting, prepared: Prepared) -> Response:
         yield b"data: [DONE]\n\n"
 
     headers = {**_SSE_HEADERS, **({"X-Faas-Invocation-Id": waiting.id} if waiting.id else {})}
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    return _Stream(waiting, events(), media_type="text/event-stream", headers=headers)
+
+
+class _Stream(StreamingResponse):
+    """A stream that cancels its invocation when the client leaves before the result."""
+
+    def __init__(self, waiting: _Waiting, content: AsyncIterator[bytes], **options: Any) -> None:
+        super().__init__(content, **options)
+        self.waiting = waiting
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            waiting = self.waiting
+            if waiting.id and not waiting.waiter.done():  # the client left: stop the engine's work
+                waiting.close()
+                waiting.loop.run_in_executor(None, _cancel_quietly, waiting)
+
+
+def _cancel_quietly(waiting: _Waiting) -> None:
+    with contextlib.suppress(FaasError):
+        waiting.core.cancel(waiting.who, waiting.id)
 
 
 def _data(chunk: dict[str, Any]) -> bytes:

@@ -278,3 +278,17 @@ def test_a_stream_relays_chunks_while_the_invocation_runs(service: Service) -> N
         all(c["choices"] for c in chunks)
         and sum(1 for c in chunks if c["choices"][0]["delta"].get("content")) > 10
     )
+
+
+def test_a_stream_the_client_leaves_cancels_its_invocation(service: Service) -> None:
+    body = {"model": "tiny-llama", "messages": CHAT, "max_tokens": 440, "ignore_eos": True, "stream": True}
+    with service.proc.client() as alice:
+        with alice.stream("POST", "/v1/chat/completions", json=body) as stream:
+            invocation_id = stream.headers["x-faas-invocation-id"]
+            next(line for line in stream.iter_lines() if line.startswith("data: "))
+        # the connection is closed here, long before 440 tokens
+
+        def cancelled() -> bool:
+            return alice.get(f"/v1/invocations/{invocation_id}").json()["status"] == "cancelled"
+
+        wait_for(cancelled, 30, "the abandoned stream's invocation to be cancelled")
