@@ -59,8 +59,13 @@ class TenantState:
         if fn is None:
             raise NotFoundError(f"No built-in function {name!r}.", 404)
         artifact = dumps(fn, what=f"built-in function {name}")
-        spec = FunctionSpec(
-            name=name, digest=digest(artifact), model_param="model", module=fn.__module__, qualname=name
+        spec = FunctionSpec(  # retried when a worker or engine dies under it: a request has no side effects
+            name=name,
+            digest=digest(artifact),
+            model_param="model",
+            retries=2,
+            module=fn.__module__,
+            qualname=name,
         )
         spec = self.registry.register_function(artifact, spec)  # a no-op once stored with this digest
         self.builtins[name] = spec

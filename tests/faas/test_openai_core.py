@@ -131,4 +131,4 @@ def test_builtin_names_are_reserved_and_registered_once_per_tenant(
     first = core.builtin(tenant, "openai.embeddings")
     core._tenant_state(tenant).builtins.clear()  # as after a restart: found in the store, not re-versioned
     assert core.builtin(tenant, "openai.embeddings") == first
-    assert first.model_param == "model" and first.version == 1
+    assert first.model_param == "model" and first.version == 1 and first.retries == 2
