@@ -308,12 +308,14 @@ class ServiceCore:
         batch: bool = False,
         model: ModelSpec | None = None,
         on_partial: Callable[[str, int, Any], None] | None = None,
+        listener: Listener | None = None,
     ) -> BatchView:
         """Accept invocations of one function; they are durable when this returns.
 
         ``model`` (resolved) replaces the function's own: the built-in functions serve
         whichever model a request names. ``on_partial(id, attempt, value)`` gets their
-        partial outputs where the substrate has a channel (a stream's chunks).
+        partial outputs where the substrate has a channel (a stream's chunks); ``listener``
+        is told when each finishes, as :meth:`listen` would (no index read, no race).
 
         Raises:
             NotFoundError: The tenant has no such function.
@@ -365,6 +367,8 @@ class ServiceCore:
             for inv in invocations:
                 pending = Pending(inv, spec, model, on_partial)
                 self._where[inv.id] = (ts, pending)
+                if listener is not None:
+                    self._listeners.setdefault(inv.id, []).append(listener)
                 ts.queue.append(pending)
             self.counters["submitted"] += len(invocations)
         for inv in invocations:

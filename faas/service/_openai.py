@@ -141,6 +141,7 @@ class OpenAIGateway:
         *,
         batch: bool = False,
         on_partial: Callable[[str, int, Any], None] | None = None,
+        listener: Callable[[ResultView], None] | None = None,
     ) -> BatchView:
         """Accept prepared requests as the tenant's invocations; durable when this returns.
 
@@ -148,6 +149,7 @@ class OpenAIGateway:
         ``on_partial(invocation_id, attempt, chunk)`` receives a streamed request's
         engine chunks as they come, where the substrate has a channel (pass them
         through :meth:`client_chunk`); the reply carries them all in any case.
+        ``listener`` is told of each result as it is committed (``ServiceCore.listen``).
 
         Raises:
             InvalidParameterError: Mixed kinds or models.
@@ -168,7 +170,9 @@ class OpenAIGateway:
         if digest is None:
             digest = self._builtins[key] = self.core.builtin(tenant, first.function).digest
         items = [p.item for p in prepared]
-        return self.core.submit(tenant, digest, items, batch=batch, model=first.model, on_partial=on_partial)
+        return self.core.submit(
+            tenant, digest, items, batch=batch, model=first.model, on_partial=on_partial, listener=listener
+        )
 
     def wait(self, tenant: Tenant, ids: Sequence[str], timeout: float | None = None) -> dict[str, ResultView]:
         """Block until the invocations finish (or ``timeout``); returns the finished ones by id.

@@ -238,9 +238,8 @@ class _Waiting:
 
     def _accept(self, prepared: Prepared) -> None:
         partials = self._partial if prepared.request.stream else None
-        self.id = self.gateway.submit(self.who, [prepared], on_partial=partials).ids[0]
-        for view in self.core.listen(self.who, [self.id], self._listener):
-            self.loop.call_soon_threadsafe(self._put, view)
+        batch = self.gateway.submit(self.who, [prepared], on_partial=partials, listener=self._listener)
+        self.id = batch.ids[0]
 
     async def begin(self, kind: Kind, raw: object) -> Prepared:
         """Check the body and, if its model is hot, submit it (durable) and listen: one thread trip.
