@@ -32,6 +32,7 @@ CHAT = [{"role": "user", "content": "Once upon a time"}]
 class Service:
     proc: ServiceProc
     first: httpx.Response  # the first chat request, sent while the model was cold
+    starting: dict[str, object]  # the model's /v1/models entry once its engine was starting
 
     @property
     def base_url(self) -> str:
@@ -57,12 +58,17 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         with proc.client() as alice:
             first = alice.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": CHAT})
 
+            def entry() -> dict[str, object]:
+                return next(e for e in alice.get("/v1/models").json()["data"] if e["id"] == "tiny-llama")
+
+            starting = wait_for(lambda: (e := entry())["state"] != "cold" and e, 60, "the engine to start")
+
             def hot() -> bool:
                 data = alice.get("/v1/models").json()["data"]
                 return any(e["id"] == "tiny-llama" and e["state"] == "hot" for e in data)
 
             wait_for(hot, 120, "tiny-llama's engine to start")
-        yield Service(proc, first)
+        yield Service(proc, first, starting)
     finally:
         proc.stop()
 
@@ -73,6 +79,8 @@ def test_a_cold_model_answers_503_with_retry_after_and_starts(service: Service) 
     assert 1 <= int(first.headers["retry-after"]) <= 120
     error = first.json()["error"]
     assert error["code"] == "model_not_ready" and set(error) == {"message", "type", "param", "code"}
+    assert service.starting["state"] == "starting"  # the 503 started the engine, with an ETA
+    assert isinstance(service.starting["eta_seconds"], float) and service.starting["eta_seconds"] >= 1
 
 
 def test_models_list_and_retrieve(service: Service) -> None:
