@@ -32,7 +32,12 @@ def modes_of(path: str, body: dict[str, Any]) -> set[str]:
         return {"encode"}
     modes = {"generate"}
     # Chat's ``logprobs`` is a bool; legacy completions' an int, where 0 still returns them.
-    if body.get("return_logprob") or body.get("logprobs") not in (None, False) or body.get("top_logprobs"):
+    logprobs = body.get("logprobs")  # identity: 0 == False, and 0 asks for them
+    if (
+        body.get("return_logprob")
+        or (logprobs is not None and logprobs is not False)
+        or body.get("top_logprobs")
+    ):
         modes.add("logprobs")
     if body.get("return_hidden_states"):
         modes.add("hidden_states")
