@@ -42,6 +42,7 @@ from faas.service._api import (
 from faas.service._auth import Tenant
 from faas.service._core import Listener, ServiceCore
 from faas.service._metrics import render_metrics
+from faas.service._openai_batch_routes import install_openai_batch_routes
 from faas.service._openai_routes import install_openai_routes, openai_error
 from faas.service._triggers import TriggerHost
 from registry import FunctionSpec, TriggerBinding
@@ -119,11 +120,13 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if manage:
             await run_in_threadpool(core.start)
+            await run_in_threadpool(_app.state.openai_batches.recover)  # lines a crash kept out
         try:
             yield
         finally:
             if manage:
                 await run_in_threadpool(core.shutdown)
+                _app.state.openai_batches.close()
 
     app = FastAPI(
         title="tpm-faas pool service",
@@ -315,7 +318,7 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
         """Your trigger bindings."""
         return _trigger_host(core).bindings(who)
 
-    install_openai_routes(app, core)
+    install_openai_batch_routes(app, core, install_openai_routes(app, core))
     return app
 
 

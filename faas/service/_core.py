@@ -26,7 +26,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +309,8 @@ class ServiceCore:
         model: ModelSpec | None = None,
         on_partial: Callable[[str, int, Any], None] | None = None,
         listener: Listener | None = None,
+        batch_id: str | None = None,
+        ids: Sequence[str] | None = None,
     ) -> BatchView:
         """Accept invocations of one function; they are durable when this returns.
 
@@ -316,6 +318,9 @@ class ServiceCore:
         whichever model a request names. ``on_partial(id, attempt, value)`` gets their
         partial outputs where the substrate has a channel (a stream's chunks); ``listener``
         is told when each finishes, as :meth:`listen` would (no index read, no race).
+        ``batch_id`` names the batch (implies ``batch``) and ``ids`` the invocations,
+        one per item: a caller that must find its invocations again after a crash
+        (an OpenAI batch) chooses them.
 
         Raises:
             NotFoundError: The tenant has no such function.
@@ -334,11 +339,14 @@ class ServiceCore:
                 model = self.pool.prefer_warm(model)
         for item in items:
             self._check_refs(ts, item)
-        batch_id = new_id() if batch else None
+        if ids is not None and (len(ids) != len(items) or not all(plausible_id(i) for i in ids)):
+            raise SubmitError("Pass one plain alphanumeric invocation id (at most 64 characters) per item.")
+        batch_id = batch_id or (new_id() if batch else None)
         store_config = ts.store.config()  # once per request, not per item
         invocations = [
             spec.invocation(
                 item.args,
+                id=ids[n] if ids is not None else None,
                 model=model.ref if model else None,
                 store=store_config,
                 stage_threshold=self.threshold,
@@ -348,7 +356,7 @@ class ServiceCore:
                 weight=tenant.limits.weight,
                 **trigger_fields(item),
             )
-            for item in items
+            for n, item in enumerate(items)
         ]
         with self._lock:
             if self._closed:

@@ -142,6 +142,8 @@ class OpenAIGateway:
         batch: bool = False,
         on_partial: Callable[[str, int, Any], None] | None = None,
         listener: Callable[[ResultView], None] | None = None,
+        batch_id: str | None = None,
+        ids: Sequence[str] | None = None,
     ) -> BatchView:
         """Accept prepared requests as the tenant's invocations; durable when this returns.
 
@@ -171,7 +173,15 @@ class OpenAIGateway:
             digest = self._builtins[key] = self.core.builtin(tenant, first.function).digest
         items = [p.item for p in prepared]
         return self.core.submit(
-            tenant, digest, items, batch=batch, model=first.model, on_partial=on_partial, listener=listener
+            tenant,
+            digest,
+            items,
+            batch=batch,
+            model=first.model,
+            on_partial=on_partial,
+            listener=listener,
+            batch_id=batch_id,
+            ids=ids,
         )
 
     def wait(self, tenant: Tenant, ids: Sequence[str], timeout: float | None = None) -> dict[str, ResultView]:
@@ -211,6 +221,10 @@ class OpenAIGateway:
             FaasError: The invocation failed: its own typed error (a rejected request is
                 an ``EngineRejectedError``, a refused mode a ``ModeNotAllowedError``, ...).
         """
+        return self.reply_to(tenant, prepared.request, view)
+
+    def reply_to(self, tenant: Tenant, request: Request, view: ResultView) -> dict[str, Any]:
+        """:meth:`reply` for a checked request (a batch line's, read back from its file)."""
         if view.status != "succeeded" or view.value is None:
             if view.error is None:
                 raise FaasError(f"Invocation {view.id} ended {view.status} without a result.")
@@ -220,19 +234,23 @@ class OpenAIGateway:
         if not isinstance(body, dict):
             raise EngineError(f"Invocation {view.id} returned {type(body).__name__}, not a response body.")
         if body.get("object") == "faas.stream":
-            chunks = [self.client_chunk(prepared, c) for c in body.get("chunks", [])]
+            chunks = [self.request_chunk(request, c) for c in body.get("chunks", [])]
             return {**body, "chunks": [c for c in chunks if c is not None]}
-        return {**body, "model": prepared.request.model}
+        return {**body, "model": request.model}
 
     def client_chunk(self, prepared: Prepared, chunk: object) -> dict[str, Any] | None:
         """An engine chunk as the client sees it (its model name; usage only if asked), or None."""
+        return self.request_chunk(prepared.request, chunk)
+
+    def request_chunk(self, request: Request, chunk: object) -> dict[str, Any] | None:
+        """:meth:`client_chunk` for a checked request."""
         if not isinstance(chunk, dict):
             return None
-        if not prepared.request.include_usage:
+        if not request.include_usage:
             if not chunk.get("choices"):
                 return None  # the usage chunk the engine always sends
             chunk = {k: v for k, v in chunk.items() if k != "usage"}
-        return {**chunk, "model": prepared.request.model}
+        return {**chunk, "model": request.model}
 
     # -- models ------------------------------------------------------------------------
     def state(self, model: ModelSpec) -> ModelState:
