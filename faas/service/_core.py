@@ -45,7 +45,16 @@ from faas.service._auth import Authenticator, Tenant
 from faas.service._commit import ResultCommitter
 from faas.service._index import Index, Row
 from faas.service._ledger import MINUTE, Ledger
-from faas.service._state import Pending, TenantState, digest, plausible_id, row_view, stub_spec, view_of
+from faas.service._state import (
+    Pending,
+    TenantState,
+    check_refs,
+    digest,
+    plausible_id,
+    row_view,
+    stub_spec,
+    view_of,
+)
 from faas.service._triggers import TriggerHost, trigger_fields
 from registry import FunctionSpec, ModelSpec, Registry
 from runtime import (
@@ -59,13 +68,10 @@ from runtime import (
     RecordWriter,
     Result,
     ResultRecord,
-    StagedRef,
     StoreError,
     SubmitError,
     error_info,
-    is_marker,
     new_id,
-    parse_marker,
     scoped_store,
 )
 from runtime import staging_threshold as parse_threshold
@@ -338,7 +344,7 @@ class ServiceCore:
             if "@" not in spec.model:
                 model = self.pool.prefer_warm(model)
         for item in items:
-            self._check_refs(ts, item)
+            check_refs(ts, item)
         if ids is not None and (len(ids) != len(items) or not all(plausible_id(i) for i in ids)):
             raise SubmitError("Pass one plain alphanumeric invocation id (at most 64 characters) per item.")
         batch_id = batch_id or (new_id() if batch else None)
@@ -383,25 +389,6 @@ class ServiceCore:
             ts.writer.request(inv)
         self._pump(ts)
         return BatchView(batch_id=batch_id or "", ids=[inv.id for inv in invocations])
-
-    def _check_refs(self, ts: TenantState, item: Item) -> None:
-        refs: list[StagedRef] = list(item.refs)
-        if is_marker(item.args):
-            try:
-                refs.append(parse_marker(item.args))
-            except Exception as exc:
-                raise SubmitError(f"The staged arguments' marker is malformed: {exc}") from None
-        for ref in {r.key: r for r in refs}.values():
-            try:
-                present = ts.store.exists(ref.key)
-            except ValueError:
-                present = False
-            if not present:
-                raise NotFoundError(
-                    f"Staged object {ref.key!r} ({ref.what}) is not in tenant {ts.tenant.name!r}'s store; "
-                    "stage it with this tenant's session before submitting.",
-                    404,
-                )
 
     def _pump(self, ts: TenantState) -> None:
         """Move the tenant's queued invocations into the pool while its in-flight quota allows."""

@@ -8,11 +8,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from faas.openai import BUILTINS
-from faas.service._api import InvocationView, ResultView
+from faas.service._api import InvocationView, Item, ResultView
 from faas.service._auth import Tenant
 from faas.service._index import Row
 from registry import FunctionSpec, ModelSpec, Registry
-from runtime import Invocation, NotFoundError, ObjectStore, RecordStore, RecordWriter, ResultRecord, dumps
+from runtime import (
+    Invocation,
+    NotFoundError,
+    ObjectStore,
+    RecordStore,
+    RecordWriter,
+    ResultRecord,
+    StagedRef,
+    SubmitError,
+    dumps,
+    is_marker,
+    parse_marker,
+)
 
 PartialListener = Callable[[str, int, Any], None]
 """Receives ``(invocation_id, attempt, value)`` for each partial output of an invocation."""
@@ -104,3 +116,29 @@ def row_view(row: Row, status: str, result: ResultView | None = None) -> Invocat
         finished_at=row.finished_at,
         result=result,
     )
+
+
+def check_refs(ts: TenantState, item: Item) -> None:
+    """Every staged object an item names is in the tenant's store (before anything is accepted).
+
+    Raises:
+        SubmitError: The arguments' staging marker is malformed.
+        NotFoundError: A staged object is not in the tenant's store.
+    """
+    refs: list[StagedRef] = list(item.refs)
+    if is_marker(item.args):
+        try:
+            refs.append(parse_marker(item.args))
+        except Exception as exc:
+            raise SubmitError(f"The staged arguments' marker is malformed: {exc}") from None
+    for ref in {r.key: r for r in refs}.values():
+        try:
+            present = ts.store.exists(ref.key)
+        except ValueError:
+            present = False
+        if not present:
+            raise NotFoundError(
+                f"Staged object {ref.key!r} ({ref.what}) is not in tenant {ts.tenant.name!r}'s store; "
+                "stage it with this tenant's session before submitting.",
+                404,
+            )
