@@ -27,6 +27,7 @@ FACES = [
     "faas",
     "faas.clients",
     "faas.service",
+    "faas.openai",
     "faas.triggers",
     "warmpool",
     "warmpool.local",

@@ -17,6 +17,13 @@ calling thread), the call a function makes itself. Service: ``fn.remote(prompt)`
 Goals (issue 8): added p50 <= 5 ms at light load; service / direct >= 1.0 at
 saturation.
 
+The ``openai`` row (issue 19): the same greedy 16-token request as a chat
+completion, ``POST /v1/chat/completions`` on the service (an invocation of the
+built-in ``openai.chat``) against the same body sent to the engine's own
+``/v1/chat/completions`` (``engine chat``), both with httpx, one keep-alive
+client per calling thread. Goals: added p50 <= 3 ms at light load, openai /
+engine chat >= 0.95 at saturation.
+
 Run: ``.venv/bin/python -m benchmarks.service_overhead`` (``--n 30 --total 256`` for a smoke run).
 """
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import os
 import tempfile
 import threading
@@ -51,6 +59,56 @@ PROMPTS = ["The quick brown", "Once upon a time", "The capital of France is", "I
 SAMPLING = {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}
 GOAL_ADDED_P50_MS = 5.0
 GOAL_SATURATION_RATIO = 1.0
+GOAL_OPENAI_ADDED_P50_MS = 3.0
+GOAL_OPENAI_RATIO = 0.95
+CHAT = {"max_tokens": 16, "temperature": 0, "ignore_eos": True}
+
+
+class ThreadClients:
+    """One keep-alive httpx client per calling thread and base URL.
+
+    A shared httpx pool under 256 threads fails now and then (EBADF on a
+    connection another thread closed).
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._all: list[Any] = []
+        self._lock = threading.Lock()
+
+    def get(self, base_url: str) -> Any:
+        import httpx
+
+        clients = getattr(self._local, "clients", None)
+        if clients is None:
+            clients = self._local.clients = {}
+        http = clients.get(base_url)
+        if http is None:
+            http = clients[base_url] = httpx.Client(base_url=base_url, timeout=600)
+            with self._lock:
+                self._all.append(http)
+        return http
+
+    def close(self) -> None:
+        for http in self._all:
+            http.close()
+
+
+def chat_caller(clients: ThreadClients, base_url: str, model: str | None) -> Any:
+    """A call of ``POST /v1/chat/completions`` at ``base_url`` returning the reply's text."""
+
+    def call(prompt: str) -> str:
+        body = {
+            "messages": [{"role": "user", "content": prompt}],
+            **CHAT,
+            **({"model": model} if model else {}),
+        }
+        r = clients.get(base_url).post("/v1/chat/completions", json=body)
+        if r.status_code != 200:  # say why: a bare status hides which path refused and how
+            raise RuntimeError(f"{base_url}/v1/chat/completions answered {r.status_code}: {r.text[:500]}")
+        return str(r.json()["choices"][0]["message"]["content"])
+
+    return call
 
 
 def complete16(model: faas.Model, prompt: str) -> str:
@@ -110,6 +168,30 @@ def _window(submit: Any, total: int, outstanding: int) -> float:
     return total / (time.perf_counter() - t0)
 
 
+def _has_content(chunk: dict[str, Any]) -> bool:
+    return any(c.get("delta", {}).get("content") for c in chunk.get("choices") or [])
+
+
+def ttft_caller(clients: ThreadClients, base_url: str, model: str | None) -> Any:
+    """A streamed chat call at ``base_url`` returning seconds to its first content chunk."""
+
+    def call(prompt: str) -> float:
+        body = {"messages": [{"role": "user", "content": prompt}], **CHAT, "stream": True}
+        body.update({"model": model} if model else {})
+        t = time.perf_counter()
+        with clients.get(base_url).stream("POST", "/v1/chat/completions", json=body) as r:
+            r.raise_for_status()
+            first = None
+            for line in r.iter_lines():
+                if first is None and line.startswith("data: {") and _has_content(json.loads(line[6:])):
+                    first = time.perf_counter() - t
+        if first is None:
+            raise RuntimeError("a stream sent no content")
+        return first
+
+    return call
+
+
 def main(argv: list[str] | None = None) -> int:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
@@ -156,32 +238,53 @@ def main(argv: list[str] | None = None) -> int:
 
         if direct(PROMPTS[0]) != first:
             raise RuntimeError("the direct call and the service disagree on a greedy completion")
+        chats = ThreadClients()
+        openai_call = chat_caller(chats, service.url, MODEL)
+        engine_chat = chat_caller(chats, engine, None)
+        if openai_call(PROMPTS[0]) != engine_chat(PROMPTS[0]):
+            raise RuntimeError("the service's /v1 and the engine's own chat route disagree on a greedy reply")
+        paths = {"service": fn.remote, "direct": direct, "openai": openai_call, "engine chat": engine_chat}
 
         # -- light load: one call at a time, alternating paths ---------------------------------
         for i in range(20):
-            fn.remote(PROMPTS[i % len(PROMPTS)])
-            direct(PROMPTS[i % len(PROMPTS)])
-        lat: dict[str, list[float]] = {"service": [], "direct": []}
+            for call in paths.values():
+                call(PROMPTS[i % len(PROMPTS)])
+        lat: dict[str, list[float]] = {name: [] for name in paths}
         for i in range(args.n):
             prompt = PROMPTS[i % len(PROMPTS)]
-            for name, call in (("service", fn.remote), ("direct", direct)):
+            for name, call in paths.items():
                 t = time.perf_counter()
                 call(prompt)
                 lat[name].append(time.perf_counter() - t)
         light = {name: latency_summary(values) for name, values in lat.items()}
         added_p50_ms = (median(lat["service"]) - median(lat["direct"])) * 1000
+        openai_added_p50_ms = (median(lat["openai"]) - median(lat["engine chat"])) * 1000
+        # Time to the first content chunk of a streamed chat, one call at a time.
+        firsts = {
+            "openai": ttft_caller(chats, service.url, MODEL),
+            "engine chat": ttft_caller(chats, engine, None),
+        }
+        ttfts: dict[str, list[float]] = {name: [] for name in firsts}
+        for i in range(args.n):
+            for name, first_of in firsts.items():
+                ttfts[name].append(first_of(PROMPTS[i % len(PROMPTS)]))
+        ttft = {name: latency_summary(values) for name, values in ttfts.items()}
 
         # -- saturation: a sliding window of outstanding calls --------------------------------
         pool = concurrent.futures.ThreadPoolExecutor(args.outstanding)
-        rates: dict[str, list[float]] = {"service": [], "direct": []}
+        rates: dict[str, list[float]] = {name: [] for name in paths}
+        submits = {name: (lambda p, c=call: pool.submit(c, p)) for name, call in paths.items()}
+        submits["service"] = fn.submit
         for _ in range(args.repeats):
-            rates["direct"].append(_window(lambda p: pool.submit(direct, p), args.total, args.outstanding))
-            rates["service"].append(_window(fn.submit, args.total, args.outstanding))
+            for name, submit in submits.items():
+                rates[name].append(_window(submit, args.total, args.outstanding))
         pool.shutdown()
         for http in clients:
             http.close()
+        chats.close()
         saturation = {k: {"runs_per_s": v, "median_per_s": median(v)} for k, v in rates.items()}
         sat_ratio = ratio(saturation["service"]["median_per_s"], saturation["direct"]["median_per_s"])
+        openai_ratio = ratio(saturation["openai"]["median_per_s"], saturation["engine chat"]["median_per_s"])
         status = client.pool_status()
     finally:
         if client is not None:
@@ -190,34 +293,45 @@ def main(argv: list[str] | None = None) -> int:
 
     print_table(
         f"service overhead: 16-token greedy call, CPU engine, {os.cpu_count()} CPUs",
-        ["path", "light p50 ms", "light p95 ms", "saturation calls/s", "service/direct"],
+        ["path", "light p50 ms", "light p95 ms", "saturation calls/s", "ours/baseline"],
         [
             [
                 name,
                 light[name]["p50_ms"],
                 light[name]["p95_ms"],
                 saturation[name]["median_per_s"],
-                sat_ratio if name == "service" else 1.0,
+                {"service": sat_ratio, "openai": openai_ratio}.get(name, 1.0),
             ]
-            for name in ("service", "direct")
+            for name in ("service", "direct", "openai", "engine chat")
         ],
     )
     goals = [
         Goal("added p50 at light load", added_p50_ms, "<=", GOAL_ADDED_P50_MS, " ms"),
         Goal(f"service/direct, {args.outstanding} outstanding", sat_ratio, ">=", GOAL_SATURATION_RATIO, "x"),
+        Goal("openai: added p50 at light load", openai_added_p50_ms, "<=", GOAL_OPENAI_ADDED_P50_MS, " ms"),
+        Goal(
+            f"openai/engine chat, {args.outstanding} outstanding", openai_ratio, ">=", GOAL_OPENAI_RATIO, "x"
+        ),
     ]
+    print(
+        f"\nstreamed chat, time to first content chunk: openai p50 {ttft['openai']['p50_ms']:.1f} ms, "
+        f"engine chat p50 {ttft['engine chat']['p50_ms']:.1f} ms"
+    )
     print("\ngoals:")
     for g in goals:
         print(g.line())
     path = write_result(
         args.name,
         {
-            "config": {**vars(args), "sampling_params": SAMPLING, "prompts": PROMPTS},
+            "config": {**vars(args), "sampling_params": SAMPLING, "chat": CHAT, "prompts": PROMPTS},
             "start_seconds": start_seconds,
             "light": light,
             "added_p50_ms": added_p50_ms,
             "saturation": saturation,
             "saturation_ratio": sat_ratio,
+            "openai_added_p50_ms": openai_added_p50_ms,
+            "openai_ttft": ttft,
+            "openai_saturation_ratio": openai_ratio,
             "pool_status": status,
             "goals": [g.as_dict() for g in goals],
         },

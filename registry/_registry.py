@@ -226,6 +226,33 @@ class Registry:
                 continue
         return [specs[n] for n in sorted(specs)]
 
+    def model_versions(self) -> list[tuple[ModelSpec, list[str]]]:
+        """Every model version, built-in ones included, with the aliases naming it (sorted by ref)."""
+        found: dict[str, tuple[ModelSpec, list[str]]] = {}
+        pointers: list[tuple[str, str, str]] = []  # (name, alias, version)
+        for key in self.store.list("registry/models/"):
+            parts = key.split("/")
+            if len(parts) != 5 or not parts[4].endswith(".json"):
+                continue
+            name, what, leaf = parts[2], parts[3], parts[4].removesuffix(".json")
+            data = self._get_json(key)
+            if data is None:
+                continue
+            if what == "versions":
+                spec = ModelSpec.model_validate(data)
+                found[spec.ref] = (spec, [])
+            elif what == "aliases":
+                pointers.append((name, leaf, str(data.get("version"))))
+        for spec in self._builtin.values():
+            if spec.ref not in found:
+                named = any(n == spec.name and a == "latest" for n, a, _ in pointers)
+                found[spec.ref] = (spec, [] if named else ["latest"])
+        for name, alias, version in pointers:
+            hit = found.get(f"{name}@{version}")
+            if hit is not None:
+                hit[1].append(alias)
+        return [(spec, sorted(aliases)) for spec, aliases in (found[ref] for ref in sorted(found))]
+
     # -- helpers -----------------------------------------------------------
     def _put_json(self, key: str, data: dict[str, Any]) -> None:
         self.store.put(key, json.dumps(data, sort_keys=True).encode())

@@ -91,6 +91,21 @@ class FunctionDefinitionError(SubmitError, TypeError):
     """The decorated object cannot be used as a faas function."""
 
 
+class InvalidParameterError(SubmitError):
+    """One field of a request is missing or malformed; nothing was accepted.
+
+    Attributes:
+        param: The field's name (dotted for nested fields), or None for the whole body.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self) -> tuple[Any, ...]:  # errors cross processes pickled
+        return (type(self), (str(self), self.param))
+
+
 class QuotaExceededError(SubmitError):
     """The tenant has as many invocations in flight or queued as its quota allows."""
 
@@ -165,7 +180,11 @@ class EngineError(FaasError):
     """An engine refused a request, answered badly, or failed to start."""
 
 
-class UnsupportedFeatureError(EngineError, NotImplementedError):
+class EngineRejectedError(EngineError):
+    """The engine refused a request as malformed (HTTP 4xx); retrying it unchanged cannot help."""
+
+
+class UnsupportedFeatureError(EngineRejectedError, NotImplementedError):
     """The engine does not implement a feature the request asked for; nothing was generated.
 
     The CPU engine raises it for SGLang features it lacks (constrained decoding, penalties,
@@ -190,6 +209,21 @@ class UnsupportedOperationError(FaasError, NotImplementedError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # errors cross processes pickled
         return (type(self), (self.client, self.operation, self.reason))
+
+
+class ModelNotReadyError(FaasError):
+    """The model has no ready engine yet; one is starting, and nothing was accepted.
+
+    Attributes:
+        retry_after: Seconds until it should be ready (the HTTP ``Retry-After``).
+    """
+
+    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[Any, ...]:  # errors cross processes pickled
+        return (type(self), (str(self), self.retry_after))
 
 
 class PoolClosedError(FaasError, RuntimeError):

@@ -269,6 +269,31 @@ class ChatDecoder:
         return ChatResult._build(self.text, self.finish, self.matched, self.usage, self.content, {})
 
 
+def sse_events(lines: Iterator[str], what: str) -> Iterator[dict[str, Any]]:
+    """The JSON events of an engine's server-sent event stream, up to ``data: [DONE]``.
+
+    Raises:
+        EngineLost: The stream ended before ``[DONE]``.
+        EngineError: A malformed event, or an error event mid-stream.
+    """
+    for line in lines:
+        if not line.startswith("data:"):
+            continue  # blank separators, comments, event names
+        payload = line[len("data:") :].strip()
+        if payload == "[DONE]":
+            return
+        try:
+            event = json.loads(payload)
+        except ValueError as exc:
+            raise EngineError(f"{what}: the engine sent a malformed event: {exc}") from None
+        if not isinstance(event, dict):
+            raise EngineError(f"{what}: the engine sent a non-object event.")
+        if isinstance(event.get("error"), dict):
+            raise EngineError(f"{what}: the engine failed mid-stream: {event['error'].get('message')}")
+        yield event
+    raise EngineLost(f"{what}: the stream ended before [DONE].")
+
+
 class TextStream(Iterator[str]):
     """An iterator of text deltas from ``generate(..., stream=True)`` or ``chat(..., stream=True)``.
 

@@ -28,10 +28,16 @@ def check_modes(modes: Iterable[str]) -> frozenset[str]:
 
 def modes_of(path: str, body: dict[str, Any]) -> set[str]:
     """The modes one engine request uses."""
-    if path == "/encode":
+    if path in ("/encode", "/v1/embeddings"):
         return {"encode"}
     modes = {"generate"}
-    if body.get("return_logprob") or body.get("logprobs"):
+    # Chat's ``logprobs`` is a bool; legacy completions' an int, where 0 still returns them.
+    logprobs = body.get("logprobs")  # identity: 0 == False, and 0 asks for them
+    if (
+        body.get("return_logprob")
+        or (logprobs is not None and logprobs is not False)
+        or body.get("top_logprobs")
+    ):
         modes.add("logprobs")
     if body.get("return_hidden_states"):
         modes.add("hidden_states")
@@ -69,6 +75,15 @@ def _cached(metas: list[dict[str, Any]], usage: dict[str, Any]) -> int:
     return cached or (int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0)
 
 
+_OPENAI_SAMPLING = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n")
+
+
+def _openai_sampling(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The sampling fields of an OpenAI-shaped body (for provenance), None when it has none."""
+    found = {k: body[k] for k in _OPENAI_SAMPLING if k in body}
+    return found or None
+
+
 def call_record(path: str, body: dict[str, Any], response: Any, started: float) -> dict[str, Any]:
     """What one engine call asked for and got back, for provenance and usage (no prompt or output text).
 
@@ -81,7 +96,7 @@ def call_record(path: str, body: dict[str, Any], response: Any, started: float) 
     usage = response.get("usage", {}) if isinstance(response, dict) else {}
     record: dict[str, Any] = {
         "path": path,
-        "sampling_params": body.get("sampling_params"),
+        "sampling_params": body.get("sampling_params") or _openai_sampling(body),
         "options": {
             k: body[k] for k in ("return_logprob", "top_logprobs_num", "return_hidden_states") if k in body
         },

@@ -56,6 +56,7 @@ def default_engine_factory(spec: ModelSpec, log_dir: Path) -> EngineHost:
             threads=args.get("threads"),
             device=str(args.get("device", "cpu")),
             log_dir=log_dir,
+            request_log=args.get("request_log"),
         )
     if spec.engine == "sglang":
         from warmpool.engines._sglang import SGLangEngineHost

@@ -36,9 +36,11 @@ from runtime import (
     InvocationTimeout,
     Model,
     ObjectStore,
+    PartialSink,
     Result,
     error_info,
     execute,
+    partial_sink,
     store_from_config,
 )
 
@@ -126,13 +128,17 @@ class Runner:
         if model is not None:
             model.abort_prefix(_abort_prefix(invocation_id, attempt))
 
-    def run(self, dispatch: Dispatch, *, engine_error: str | None = None) -> Result:
+    def run(
+        self, dispatch: Dispatch, *, engine_error: str | None = None, on_partial: PartialSink | None = None
+    ) -> Result:
         """Run one invocation and return its Result (never raises for the invocation's failures).
 
         Args:
             dispatch: What to run, and against which engine.
             engine_error: Why this worker's engine is unusable (a block whose engine
                 failed to start); invocations with a model then fail as ``engine_lost``.
+            on_partial: Where the invocation's partial outputs go (``runtime.emit_partial``);
+                None: this worker has no channel for them.
         """
         inv = dispatch.invocation
         try:
@@ -153,15 +159,16 @@ class Runner:
             return _failed(inv, exc, kind, with_traceback=not isinstance(exc, EngineError))
 
         def call() -> Result:
-            return execute(
-                inv,
-                fn,
-                model=model,
-                model_param=dispatch.model_param,
-                model_param_index=dispatch.model_param_index,
-                store=store,
-                engine_priority=dispatch.engine_priority,
-            )
+            with partial_sink(on_partial):  # set in the thread that runs it
+                return execute(
+                    inv,
+                    fn,
+                    model=model,
+                    model_param=dispatch.model_param,
+                    model_param_index=dispatch.model_param_index,
+                    store=store,
+                    engine_priority=dispatch.engine_priority,
+                )
 
         key = (inv.id, inv.attempt)
         if model is not None:

@@ -52,8 +52,13 @@ class Substrate(Protocol):
         spec: FunctionSpec,
         model: ModelSpec | None,
         on_done: Callable[[Result], None],
+        on_partial: Callable[[int, Any], None] | None = None,
     ) -> None:
         """Queue an invocation; ``on_done`` receives its final Result exactly once.
+
+        ``on_partial(attempt, value)`` receives the invocation's partial outputs
+        (``runtime.emit_partial``) before ``on_done``, where the substrate has a
+        channel for them (the local pool); elsewhere it is never called.
 
         Raises:
             PoolClosedError: The pool is shut down.

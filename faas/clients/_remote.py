@@ -259,7 +259,9 @@ class RemoteClient(ClientBase):
         for start in range(0, len(calls), MAX_BATCH):
             chunk = calls[start : start + MAX_BATCH]
             items = [self._item(function, args, kwargs) for args, kwargs in chunk]
-            view = self._post("/v1/batches", BatchRequest(function=_ref(spec), items=items), BatchView)
+            view = self._post(
+                "/v1/invocation-batches", BatchRequest(function=_ref(spec), items=items), BatchView
+            )
             if len(view.ids) != len(chunk):
                 raise ServiceError(
                     f"{self.label} answered a batch of {len(chunk)} with {len(view.ids)} ids.", 500
@@ -302,7 +304,16 @@ class RemoteClient(ClientBase):
 
     def list_models(self) -> list[ModelSpec]:
         """The models the service can serve."""
-        return _MODELS.validate_json(self._request("GET", "/v1/models").content)
+        # OpenAI's model list: one entry per version and alias; the bare name is the latest version.
+        # (A service before the OpenAI API answered the list of specs itself.)
+        answer = self._request("GET", "/v1/models").json()
+        if isinstance(answer, list):
+            return _MODELS.validate_python(answer)
+        data = answer.get("data", []) if isinstance(answer, dict) else []
+        latest = [
+            e["spec"] for e in data if isinstance(e, dict) and e.get("id") == e.get("spec", {}).get("name")
+        ]
+        return _MODELS.validate_python(latest)
 
     def status(self) -> dict[str, Any]:
         """The service's pool: models (queues, replicas, metrics), workers and counters."""

@@ -9,10 +9,13 @@ Routes (JSON unless noted; every ``/v1`` route needs ``Authorization: Bearer
     POST /v1/functions                      RegisterFunction -> FunctionSpec
     GET  /v1/functions                      [FunctionSpec] (latest version of each)
     GET  /v1/functions/{name}               FunctionSpec (``name``, ``name@3`` or a digest)
-    GET  /v1/models                         [ModelSpec]
+    GET  /v1/models                         OpenAI model list; entries carry ``state``, ``aliases``, ``spec``
     POST /v1/invocations                    SubmitRequest -> InvocationView (``wait`` long-polls)
-    POST /v1/batches                        BatchRequest -> BatchView
-    GET  /v1/batches/{batch_id}/events      text/event-stream of ResultView, then ``end``
+    POST /v1/invocation-batches             BatchRequest -> BatchView
+    GET  /v1/invocation-batches/{id}/events text/event-stream of ResultView, then ``end``
+    POST /v1/batches                        a native BatchRequest (older clients), else OpenAI's batch API
+    GET  /v1/batches/{batch_id}/events      the native events again (older clients)
+    POST /v1/chat/completions, /v1/completions, /v1/embeddings   OpenAI (docs/openai.md)
     POST /v1/watch                          WatchRequest -> text/event-stream of ResultView, then ``end``
     GET  /v1/invocations                    [InvocationView] (yours, newest first)
     GET  /v1/invocations/{id}               InvocationView

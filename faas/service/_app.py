@@ -17,7 +17,9 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from faas._usage import GroupBy
@@ -40,8 +42,10 @@ from faas.service._api import (
 from faas.service._auth import Tenant
 from faas.service._core import Listener, ServiceCore
 from faas.service._metrics import render_metrics
+from faas.service._openai_batch_routes import install_openai_batch_routes
+from faas.service._openai_routes import install_openai_routes, openai_error
 from faas.service._triggers import TriggerHost
-from registry import FunctionSpec, ModelSpec, TriggerBinding
+from registry import FunctionSpec, TriggerBinding
 from runtime import (
     AuthError,
     BackPressureError,
@@ -120,11 +124,13 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if manage:
             await run_in_threadpool(core.start)
+            await run_in_threadpool(_app.state.openai_batches.recover)  # lines a crash kept out
         try:
             yield
         finally:
             if manage:
                 await run_in_threadpool(core.shutdown)
+                _app.state.openai_batches.close()
 
     app = FastAPI(
         title="tpm-faas pool service",
@@ -176,11 +182,6 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
         """One of your functions: ``name``, ``name@version`` or a digest."""
         return core.function(who, ref)
 
-    @app.get("/v1/models", tags=["functions"], responses=_ERRORS)
-    def models(who: Who) -> list[ModelSpec]:
-        """The models this service serves."""
-        return core.models.list_models()
-
     @app.post("/v1/invocations", tags=["invocations"], responses=_ERRORS)
     async def submit(who: Who, body: SubmitRequest) -> InvocationView:
         """Submit one invocation; with ``wait`` > 0, also wait that long for its result."""
@@ -210,21 +211,45 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
             return core.view(who, invocation_id)  # the result is in memory: no need for a thread
         return await run_in_threadpool(core.view, who, invocation_id)
 
-    @app.post("/v1/batches", tags=["invocations"], responses=_ERRORS)
+    @app.post("/v1/invocation-batches", tags=["invocations"], responses=_ERRORS)
     def submit_batch(who: Who, body: BatchRequest) -> BatchView:
         """Submit many invocations of one function; stream their results from the batch's events."""
         return core.submit(who, body.function, body.items, batch=True)
 
-    @app.get(
-        "/v1/batches/{batch_id}/events",
-        tags=["invocations"],
-        responses=_ERRORS,
-        response_class=StreamingResponse,
-    )
+    @app.post("/v1/batches", tags=["invocations"], responses=_ERRORS)
+    async def batches(request: Request) -> Response:
+        """OpenAI's batch API where installed; a native body (``function`` + ``items``) is a native batch.
+
+        Older clients submit native batches here; new ones use ``/v1/invocation-batches``.
+        """
+        data = await request.body()
+        try:
+            raw = json.loads(data)
+        except ValueError:
+            raw = None
+        if isinstance(raw, dict) and "function" in raw and "items" in raw:
+            who = _tenant(request)
+            try:
+                body = BatchRequest.model_validate_json(data)  # JSON mode: bytes arrive as base64
+            except ValidationError as exc:
+                raise RequestValidationError(exc.errors()) from None
+            view = await run_in_threadpool(core.submit, who, body.function, body.items, batch=True)
+            return JSONResponse(view.model_dump())
+        create: Handler | None = getattr(request.app.state, "openai_batch_create", None)
+        if create is None:
+            return openai_error(NotFoundError("This service has no OpenAI batch API.", 404))
+        return await create(request)
+
     async def batch_events(who: Who, batch_id: str) -> StreamingResponse:
         """Server-sent events: one ``result`` per invocation of the batch as it finishes, then ``end``."""
         ids = await run_in_threadpool(core.batch_ids, who, batch_id)
         return await _stream(core, who, ids)
+
+    for path in (
+        "/v1/invocation-batches/{batch_id}/events",
+        "/v1/batches/{batch_id}/events",
+    ):  # the latter: older clients
+        app.get(path, tags=["invocations"], responses=_ERRORS, response_class=StreamingResponse)(batch_events)
 
     @app.post("/v1/watch", tags=["invocations"], responses=_ERRORS, response_class=StreamingResponse)
     async def watch(who: Who, body: WatchRequest) -> StreamingResponse:
@@ -305,6 +330,7 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
         """Your trigger bindings."""
         return _trigger_host(core).bindings(who)
 
+    install_openai_batch_routes(app, core, install_openai_routes(app, core))
     return app
 
 

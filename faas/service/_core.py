@@ -26,10 +26,11 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from faas.openai import RESERVED_PREFIX
 from faas.service._api import (
     FINAL_STATES,
     BatchView,
@@ -44,7 +45,16 @@ from faas.service._auth import Authenticator, Tenant
 from faas.service._commit import ResultCommitter
 from faas.service._index import Index, Row
 from faas.service._ledger import MINUTE, Ledger
-from faas.service._state import Pending, TenantState, digest, plausible_id, row_view, stub_spec, view_of
+from faas.service._state import (
+    Pending,
+    TenantState,
+    check_refs,
+    digest,
+    plausible_id,
+    row_view,
+    stub_spec,
+    view_of,
+)
 from faas.service._triggers import TriggerHost, trigger_fields
 from registry import FunctionSpec, ModelSpec, Registry
 from runtime import (
@@ -58,13 +68,10 @@ from runtime import (
     RecordWriter,
     Result,
     ResultRecord,
-    StagedRef,
     StoreError,
     SubmitError,
     error_info,
-    is_marker,
     new_id,
-    parse_marker,
     scoped_store,
 )
 from runtime import staging_threshold as parse_threshold
@@ -239,6 +246,9 @@ class ServiceCore:
         Raises:
             SubmitError: The artifact's model is not registered.
         """
+        if req.name.startswith(RESERVED_PREFIX):
+            why = f"names starting with {RESERVED_PREFIX!r} are reserved for the service's built-in functions"
+            raise SubmitError(f"Cannot register {req.name!r}: {why}; choose another name.")
         if req.model:
             self.resolve_model(req.model)  # refuse a function whose model does not exist
         spec = FunctionSpec(
@@ -254,6 +264,10 @@ class ServiceCore:
             qualname=req.qualname,
         )
         return self._tenant_state(tenant).registry.register_function(req.artifact, spec)
+
+    def builtin(self, tenant: Tenant, name: str) -> FunctionSpec:
+        """A built-in function (``openai.chat``, ...) in the tenant's registry (``TenantState.builtin``)."""
+        return self._tenant_state(tenant).builtin(name)
 
     def function(self, tenant: Tenant, ref: str) -> FunctionSpec:
         """Resolve a function reference of ``tenant`` (cached briefly; digests for good).
@@ -292,8 +306,28 @@ class ServiceCore:
         return spec
 
     # -- submit ---------------------------------------------------------------------------
-    def submit(self, tenant: Tenant, function: str, items: list[Item], *, batch: bool = False) -> BatchView:
+    def submit(
+        self,
+        tenant: Tenant,
+        function: str,
+        items: list[Item],
+        *,
+        batch: bool = False,
+        model: ModelSpec | None = None,
+        on_partial: Callable[[str, int, Any], None] | None = None,
+        listener: Listener | None = None,
+        batch_id: str | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> BatchView:
         """Accept invocations of one function; they are durable when this returns.
+
+        ``model`` (resolved) replaces the function's own: the built-in functions serve
+        whichever model a request names. ``on_partial(id, attempt, value)`` gets their
+        partial outputs where the substrate has a channel (a stream's chunks); ``listener``
+        is told when each finishes, as :meth:`listen` would (no index read, no race).
+        ``batch_id`` names the batch (implies ``batch``) and ``ids`` the invocations,
+        one per item: a caller that must find its invocations again after a crash
+        (an OpenAI batch) chooses them.
 
         Raises:
             NotFoundError: The tenant has no such function.
@@ -306,16 +340,20 @@ class ServiceCore:
         self.ledger.check(tenant)
         ts = self._tenant_state(tenant)
         spec = self.function(tenant, function)
-        model = self.resolve_model(spec.model) if spec.model else None
-        if model is not None and "@" not in (spec.model or ""):
-            model = self.pool.prefer_warm(model)
+        if model is None and spec.model:
+            model = self.resolve_model(spec.model)
+            if "@" not in spec.model:
+                model = self.pool.prefer_warm(model)
         for item in items:
-            self._check_refs(ts, item)
-        batch_id = new_id() if batch else None
+            check_refs(ts, item)
+        if ids is not None and (len(ids) != len(items) or not all(plausible_id(i) for i in ids)):
+            raise SubmitError("Pass one plain alphanumeric invocation id (at most 64 characters) per item.")
+        batch_id = batch_id or (new_id() if batch else None)
         store_config = ts.store.config()  # once per request, not per item
         invocations = [
             spec.invocation(
                 item.args,
+                id=ids[n] if ids is not None else None,
                 model=model.ref if model else None,
                 store=store_config,
                 stage_threshold=self.threshold,
@@ -325,7 +363,7 @@ class ServiceCore:
                 weight=tenant.limits.weight,
                 **trigger_fields(item),
             )
-            for item in items
+            for n, item in enumerate(items)
         ]
         with self._lock:
             if self._closed:
@@ -342,33 +380,16 @@ class ServiceCore:
                 )
             self.index.add(tenant.name, invocations, batch_id)  # durable before we answer
             for inv in invocations:
-                pending = Pending(inv, spec, model)
+                pending = Pending(inv, spec, model, on_partial)
                 self._where[inv.id] = (ts, pending)
+                if listener is not None:
+                    self._listeners.setdefault(inv.id, []).append(listener)
                 ts.queue.append(pending)
             self.counters["submitted"] += len(invocations)
         for inv in invocations:
             ts.writer.request(inv)
         self._pump(ts)
         return BatchView(batch_id=batch_id or "", ids=[inv.id for inv in invocations])
-
-    def _check_refs(self, ts: TenantState, item: Item) -> None:
-        refs: list[StagedRef] = list(item.refs)
-        if is_marker(item.args):
-            try:
-                refs.append(parse_marker(item.args))
-            except Exception as exc:
-                raise SubmitError(f"The staged arguments' marker is malformed: {exc}") from None
-        for ref in {r.key: r for r in refs}.values():
-            try:
-                present = ts.store.exists(ref.key)
-            except ValueError:
-                present = False
-            if not present:
-                raise NotFoundError(
-                    f"Staged object {ref.key!r} ({ref.what}) is not in tenant {ts.tenant.name!r}'s store; "
-                    "stage it with this tenant's session before submitting.",
-                    404,
-                )
 
     def _pump(self, ts: TenantState) -> None:
         """Move the tenant's queued invocations into the pool while its in-flight quota allows."""
@@ -379,12 +400,9 @@ class ServiceCore:
                 pending = ts.queue.popleft()
                 ts.running += 1
             try:
-                self.pool.submit(
-                    pending.invocation,
-                    pending.spec,
-                    pending.model,
-                    functools.partial(self._on_done, ts, pending),
-                )
+                done, partial = functools.partial(self._on_done, ts, pending), pending.on_partial
+                extra = {"on_partial": functools.partial(partial, pending.invocation.id)} if partial else {}
+                self.pool.submit(pending.invocation, pending.spec, pending.model, done, **extra)
             except BackPressureError:
                 with self._lock:  # the model's queue is full: keep it at the head and try again soon
                     ts.queue.appendleft(pending)

@@ -3,22 +3,41 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from faas.service._api import InvocationView, ResultView
+from faas.openai import BUILTINS
+from faas.service._api import InvocationView, Item, ResultView
 from faas.service._auth import Tenant
 from faas.service._index import Row
 from registry import FunctionSpec, ModelSpec, Registry
-from runtime import Invocation, ObjectStore, RecordStore, RecordWriter, ResultRecord
+from runtime import (
+    Invocation,
+    NotFoundError,
+    ObjectStore,
+    RecordStore,
+    RecordWriter,
+    ResultRecord,
+    StagedRef,
+    SubmitError,
+    dumps,
+    is_marker,
+    parse_marker,
+)
+
+PartialListener = Callable[[str, int, Any], None]
+"""Receives ``(invocation_id, attempt, value)`` for each partial output of an invocation."""
 
 
 @dataclass(eq=False)
 class Pending:
-    """An accepted invocation with what the pool needs to run it."""
+    """An accepted invocation with what the pool needs to run it (and who hears its partial outputs)."""
 
     invocation: Invocation
     spec: FunctionSpec
     model: ModelSpec | None
+    on_partial: PartialListener | None = None
 
 
 @dataclass(eq=False)
@@ -33,6 +52,36 @@ class TenantState:
     queue: collections.deque[Pending] = field(default_factory=collections.deque)
     running: int = 0
     specs: dict[str, tuple[FunctionSpec, float]] = field(default_factory=dict)
+    builtins: dict[str, FunctionSpec] = field(default_factory=dict)
+
+    def builtin(self, name: str) -> FunctionSpec:
+        """A built-in function's spec in this tenant's registry, registered there on first use.
+
+        Built-in functions are the service's code run as the tenant's invocations: they
+        live in the tenant's store like its own functions, under reserved names, so
+        workers load them by digest the same way.
+
+        Raises:
+            NotFoundError: No built-in function has that name.
+        """
+        spec = self.builtins.get(name)
+        if spec is not None:
+            return spec
+        fn = BUILTINS.get(name)
+        if fn is None:
+            raise NotFoundError(f"No built-in function {name!r}.", 404)
+        artifact = dumps(fn, what=f"built-in function {name}")
+        spec = FunctionSpec(  # retried when a worker or engine dies under it: a request has no side effects
+            name=name,
+            digest=digest(artifact),
+            model_param="model",
+            retries=2,
+            module=fn.__module__,
+            qualname=name,
+        )
+        spec = self.registry.register_function(artifact, spec)  # a no-op once stored with this digest
+        self.builtins[name] = spec
+        return spec
 
 
 def view_of(record: ResultRecord) -> ResultView:
@@ -67,3 +116,29 @@ def row_view(row: Row, status: str, result: ResultView | None = None) -> Invocat
         finished_at=row.finished_at,
         result=result,
     )
+
+
+def check_refs(ts: TenantState, item: Item) -> None:
+    """Every staged object an item names is in the tenant's store (before anything is accepted).
+
+    Raises:
+        SubmitError: The arguments' staging marker is malformed.
+        NotFoundError: A staged object is not in the tenant's store.
+    """
+    refs: list[StagedRef] = list(item.refs)
+    if is_marker(item.args):
+        try:
+            refs.append(parse_marker(item.args))
+        except Exception as exc:
+            raise SubmitError(f"The staged arguments' marker is malformed: {exc}") from None
+    for ref in {r.key: r for r in refs}.values():
+        try:
+            present = ts.store.exists(ref.key)
+        except ValueError:
+            present = False
+        if not present:
+            raise NotFoundError(
+                f"Staged object {ref.key!r} ({ref.what}) is not in tenant {ts.tenant.name!r}'s store; "
+                "stage it with this tenant's session before submitting.",
+                404,
+            )

@@ -174,8 +174,8 @@ class StubService:
             return [FunctionSpec(name=n.split("@")[0], version=1, digest="0" * 64) for n in stub.functions]
 
         @app.get("/v1/models")
-        def models() -> list[Any]:
-            return []
+        def models() -> dict[str, Any]:
+            return {"object": "list", "data": []}
 
         @app.get("/v1/pool")
         def pool() -> dict[str, Any]:
@@ -193,7 +193,7 @@ class StubService:
                 await asyncio.sleep(0.002)
             return stub._view(invocation_id)
 
-        @app.post("/v1/batches")
+        @app.post("/v1/invocation-batches")
         def batch(body: BatchRequest) -> BatchView:
             ids = [stub._start(body.function, item) for item in body.items]
             return BatchView(batch_id=new_id(), ids=ids)
@@ -332,7 +332,7 @@ def test_map_of_2000_uses_batches_and_streams(client: faas.RemoteClient) -> None
     fn = add.with_client(client)
     with count_requests(client) as counter:
         assert list(fn.map(range(2000), range(2000))) == [2 * i for i in range(2000)]
-    assert counter.count("POST /v1/batches") == 2
+    assert counter.count("POST /v1/invocation-batches") == 2
     assert counter.count("GET /v1/invocations/{id}") == 0
     assert counter.total <= 10, counter.by_route
 

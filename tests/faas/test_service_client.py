@@ -95,7 +95,7 @@ def test_map_of_2000_uses_batches_and_streams_not_polls(service: ServiceProc) ->
         fn = faas.function(name="double")(_double).with_client(client)
         assert list(fn.map(range(2000), timeout=300)) == [2 * i for i in range(2000)]
         remove()
-    assert requests["POST /v1/batches"] == 2
+    assert requests["POST /v1/invocation-batches"] == 2
     total = sum(requests.values())
     assert total < 40, requests  # no per-item requests: batches, a few streams, session, register
     assert not any(path.startswith("GET /v1/invocations/") for path in requests), requests

@@ -62,3 +62,18 @@ def test_models_builtin_registered_and_aliases(tmp_path: Path) -> None:
         reg.get_model("m@7")
     with pytest.raises(UnknownModelError, match="tiny-llama"):
         reg.get_model("gpt-17")
+
+
+def test_model_versions_lists_every_version_with_its_aliases(tmp_path: Path) -> None:
+    reg = Registry(LocalStore(tmp_path))
+    assert [(s.ref, a) for s, a in reg.model_versions()] == [("tiny-llama@1", ["latest"])]
+    reg.register_model(ModelSpec(name="sci", version="1"))
+    reg.register_model(ModelSpec(name="sci", version="2"))
+    reg.set_model_alias("sci", "stable", "1")
+    assert [(s.ref, a) for s, a in reg.model_versions()] == [
+        ("sci@1", ["stable"]),
+        ("sci@2", ["latest"]),
+        ("tiny-llama@1", ["latest"]),
+    ]
+    reg.register_model(ModelSpec(name="tiny-llama", version="2"))  # a stored latest shadows the built-in's
+    assert dict((s.ref, a) for s, a in reg.model_versions())["tiny-llama@1"] == []

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import collections
 import inspect
+import json
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,6 +79,8 @@ class Batcher:
         use_kv_cache: Keep a KV cache across steps (falls back to recompute when the
             model's cache layout is not the plain dynamic one).
         threads: ``torch.set_num_threads`` for the scheduler thread (None: torch's default).
+        request_log: Append one JSON line per finished request here (``rid``, prompt and
+            generated tokens, finish reason), as SGLang's ``--log-requests`` does to its log.
     """
 
     def __init__(
@@ -91,8 +95,11 @@ class Batcher:
         threads: int | None = None,
         batch_window: float = 0.002,
         max_batch_wait: float = 0.02,
+        request_log: Path | None = None,
     ) -> None:
         self.model = model
+        # Line-buffered: every finished request is on disk even if the engine is killed next.
+        self._request_log = open(request_log, "a", buffering=1) if request_log else None  # noqa: SIM115
         self.tokenizer = tokenizer
         self.device = device
         self.max_batch_size = max_batch_size
@@ -517,6 +524,15 @@ class Batcher:
             with self._cond:
                 self._usage["prompt_tokens_total"] += len(row.req.input_ids)
                 self._usage["generation_tokens_total"] += len(row.out)
+                if self._request_log is not None:
+                    entry = {
+                        "rid": row.req.rid,
+                        "prompt_tokens": len(row.req.input_ids),
+                        "completion_tokens": len(row.out),
+                        "finish": finish["type"],
+                        "at": time.time(),
+                    }
+                    self._request_log.write(json.dumps(entry) + "\n")
         return GenOutput(
             rid=row.req.rid,
             output_ids=list(row.out),

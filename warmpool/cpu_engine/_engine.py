@@ -132,6 +132,7 @@ class Engine:
                 use_kv_cache=not self.args.no_kv_cache,
                 threads=self.args.threads,
                 batch_window=self.args.batch_window_ms / 1000.0,
+                request_log=self.args.request_log,
             )
             batcher.start()
             t_done = time.time()
@@ -367,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--port-file", type=Path, default=None, help="write the bound port here")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the batch each step")
+    p.add_argument(
+        "--request-log", type=Path, default=None, help="append one JSON line per finished request here"
+    )
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this parent process is gone")
     p.add_argument(
         "--batch-window-ms",

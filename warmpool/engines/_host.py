@@ -212,6 +212,7 @@ class CpuEngineHost(SubprocessEngineHost):
         threads: torch threads for the engine (None: torch's default).
         device: ``cpu`` or ``cuda``.
         log_dir: Where logs and the port file go.
+        request_log: File the engine appends one JSON line per finished request to (None: none).
     """
 
     def __init__(
@@ -223,6 +224,7 @@ class CpuEngineHost(SubprocessEngineHost):
         threads: int | None = None,
         device: str = "cpu",
         log_dir: Path | None = None,
+        request_log: str | Path | None = None,
     ) -> None:
         def command(port_file: Path) -> list[str]:
             argv = [
@@ -248,6 +250,8 @@ class CpuEngineHost(SubprocessEngineHost):
             ]
             if threads:
                 argv += ["--threads", str(threads)]
+            if request_log:
+                argv += ["--request-log", str(request_log)]
             return argv
 
         super().__init__(command, log_dir=log_dir, env={"HF_HUB_OFFLINE": "1"}, name="cpu-engine")

@@ -208,6 +208,7 @@ class GlobusComputePool:
         spec: FunctionSpec,
         model: ModelSpec | None,
         on_done: Callable[[Result], None],
+        on_partial: Callable[[int, Any], None] | None = None,  # no channel back: never called
     ) -> None:
         """Send an invocation to its model's engine; ``on_done`` receives its final Result once.
 

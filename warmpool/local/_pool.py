@@ -49,6 +49,7 @@ from warmpool._replica import (
 )
 from warmpool._runner import Dispatch
 from warmpool.local import _lifecycle
+from warmpool.local._worker import Partial
 from warmpool.local._workers import WorkerProc, WorkerSet
 
 log = logging.getLogger("faas.pool")
@@ -121,8 +122,15 @@ class Pool:
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._workers = WorkerSet(
-            store.config(), workers, threads_per_worker, self._lock, self._on_result, self._on_worker_exit
+            store.config(),
+            workers,
+            threads_per_worker,
+            self._lock,
+            self._on_result,
+            self._on_worker_exit,
+            self._on_partial,
         )
+        self._partials: dict[str, Callable[[int, Any], None]] = {}  # invocation id -> its listener
         self._models: dict[str, ModelPool] = {}
         self._book: Book[Work] = Book(self._lock, clock, self._metrics_of)
         self._works = self._book.works  # the book's record, read by the lifecycle helpers
@@ -190,8 +198,12 @@ class Pool:
         spec: FunctionSpec,
         model: ModelSpec | None,
         on_done: Callable[[Result], None],
+        on_partial: Callable[[int, Any], None] | None = None,
     ) -> None:
         """Queue an invocation; ``on_done`` receives its final Result exactly once.
+
+        ``on_partial(attempt, value)`` receives its partial outputs (``runtime.emit_partial``)
+        as the worker sends them, all before ``on_done``.
 
         Raises:
             PoolClosedError: The pool is shut down.
@@ -208,6 +220,8 @@ class Pool:
             if mp is not None:
                 work.cold = not mp.admit(work)  # raises BackPressureError before anything is recorded
             self._book.open(work)
+            if on_partial is not None:
+                self._partials[invocation.id] = on_partial
             if work.deadline is not None:
                 self._wake.notify()
         if broken is not None:  # fails at once, before any engine starts for it
@@ -448,6 +462,18 @@ class Pool:
             return
         self._finish(work, result)
 
+    def _on_partial(self, worker: WorkerProc, partial: Partial) -> None:
+        with self._lock:
+            work = worker.inflight.get(partial.invocation_id)
+            if work is None or work.invocation.attempt != partial.attempt:
+                return  # from an attempt the pool no longer waits for
+            listener = self._partials.get(partial.invocation_id)
+        if listener is not None:
+            try:
+                listener(partial.attempt, partial.value)
+            except Exception:
+                log.exception("A partial-output listener failed for invocation %s", partial.invocation_id)
+
     def _on_worker_exit(self, worker: WorkerProc, lost: list[Work]) -> None:
         if self._closed:
             return
@@ -514,6 +540,7 @@ class Pool:
 
     def _settle(self, work: Work, result: Result) -> None:
         """Release the work's slots and fill in what only the pool knows (under the lock)."""
+        self._partials.pop(work.invocation.id, None)
         if work.replica is not None and work.cold:
             result.cold_start_seconds = work.replica.cold_start_s
         mp = self._models.get(work.model.ref) if work.model else None

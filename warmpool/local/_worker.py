@@ -7,7 +7,8 @@ and are batched there. The parent talks to a worker over one duplex connection
 
 - parent -> worker: :class:`Start` first, then :class:`~warmpool._runner.Dispatch`
   (run this), :class:`~warmpool._runner.Abort` (drop it), ``None`` (exit);
-- worker -> parent: :class:`Ready` once it can run work, then :class:`runtime.Result`.
+- worker -> parent: :class:`Ready` once it can run work, then :class:`runtime.Result`
+  and, before an invocation's Result, its :class:`Partial` outputs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from warmpool._runner import Abort, Dispatch, Runner
 
-__all__ = ["Abort", "Dispatch", "Ready", "Start", "serve", "worker_main"]
+__all__ = ["Abort", "Dispatch", "Partial", "Ready", "Start", "serve", "worker_main"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,21 @@ class Ready:
     pid: int
 
 
+@dataclass(frozen=True)
+class Partial:
+    """A partial output of a running invocation (``runtime.emit_partial``), sent before its Result.
+
+    Attributes:
+        invocation_id: Whose it is.
+        attempt: Which attempt made it (a retried invocation's earlier outputs are stale).
+        value: The value.
+    """
+
+    invocation_id: str
+    attempt: int
+    value: Any
+
+
 def serve(conn: Connection) -> None:
     """Run a worker on ``conn`` until told to exit or the parent is gone; never returns.
 
@@ -70,13 +86,16 @@ def worker_main(conn: Connection, store_config: dict[str, Any], threads: int) ->
     runner.open_store(store_config)  # fail before Ready if the store cannot be opened
     send_lock = threading.Lock()
 
-    def run(msg: Dispatch) -> None:
-        result = runner.run(msg)
+    def send(message: Any) -> None:
         with send_lock:
             try:
-                conn.send(result)
+                conn.send(message)
             except (OSError, ValueError):
                 os._exit(0)  # parent is gone
+
+    def run(msg: Dispatch) -> None:
+        inv = msg.invocation
+        send(runner.run(msg, on_partial=lambda value: send(Partial(inv.id, inv.attempt, value))))
 
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="faas-inv")
     try:

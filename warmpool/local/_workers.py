@@ -26,7 +26,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from runtime import Result, WorkerStartError
 from warmpool._runner import Abort, Dispatch
-from warmpool.local._worker import Ready, Start
+from warmpool.local._worker import Partial, Ready, Start
 
 if TYPE_CHECKING:
     from warmpool.local._pool import Work
@@ -143,6 +143,7 @@ class WorkerSet:
         lock: threading.RLock,
         on_result: Callable[[WorkerProc, Result], None],
         on_exit: Callable[[WorkerProc, list[Work]], None],
+        on_partial: Callable[[WorkerProc, Partial], None] | None = None,
     ) -> None:
         self._store_config = store_config
         self.size = size
@@ -150,6 +151,7 @@ class WorkerSet:
         self._lock = lock
         self._on_result = on_result
         self._on_exit = on_exit
+        self._on_partial = on_partial
         self._counter = 0
         self._start_failures = 0  # in a row; reset by every Ready
         self._ever_ready = False
@@ -237,10 +239,14 @@ class WorkerSet:
                     self._start_failures = 0
         while worker.ready:
             try:
-                result: Result = worker.conn.recv()
+                message: Result | Partial = worker.conn.recv()
             except (EOFError, OSError):
                 break
-            self._on_result(worker, result)
+            if isinstance(message, Partial):
+                if self._on_partial is not None:
+                    self._on_partial(worker, message)
+                continue
+            self._on_result(worker, message)
         worker.exited = True
         worker.reap(5)
         if worker.stderr_thread is not None:
