@@ -253,7 +253,9 @@ def test_a_batch_survives_a_service_sigkill(tmp_path: Path) -> None:
             f"{len(aborted)} requests aborted on the engine by the kill, "
             f"{sum(finished.values())} finished, {sum(c > 1 for c in finished.values())} lines twice"
         )
-        assert set(finished) == ids and all(c == 1 for c in finished.values())  # each executed once
-        assert len(aborted) <= inflight
+        assert set(finished) == ids  # every line executed
+        # Twice only for lines running at the kill that the engine finished before it saw their
+        # connections drop (at-least-once for work a crash cuts off): at most max_inflight.
+        assert sum(c - 1 for c in finished.values()) + len(aborted) <= inflight
     finally:
         proc.stop()
