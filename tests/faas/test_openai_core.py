@@ -61,7 +61,7 @@ def test_bodies_run_durably_as_the_tenants_builtin_invocations(
         assert body["usage"]["completion_tokens"] > 0
         view = core.view(tenant, invocation_id)
         assert view.function_name == "openai.chat" and view.model == "tiny-llama@1"
-    rows = {r.invocation_id: r for r in core.ledger.report(tenant, limit=100).rows}
+    rows = {r.invocation_id: r for r in core.ledger.report(tenant.name, limit=100).rows}
     for invocation_id in batch.ids:
         row = rows[invocation_id]
         assert row.tenant == "lab" and row.function == "openai.chat" and row.model == "tiny-llama@1"
@@ -85,7 +85,7 @@ def test_a_streamed_body_returns_its_chunks_without_usage_unless_asked(
     with_usage = gateway.reply(tenant, usage, views[ids[1]])["chunks"]
     assert without and all(c["choices"] and "usage" not in c for c in without)
     assert with_usage[-1]["choices"] == [] and with_usage[-1]["usage"]["completion_tokens"] > 0
-    row = next(r for r in core.ledger.report(tenant, limit=100).rows if r.invocation_id == ids[0])
+    row = next(r for r in core.ledger.report(tenant.name, limit=100).rows if r.invocation_id == ids[0])
     assert row.completion_tokens > 0  # the engine call is charged even when the client did not ask
 
 

@@ -79,8 +79,9 @@ class Batcher:
         use_kv_cache: Keep a KV cache across steps (falls back to recompute when the
             model's cache layout is not the plain dynamic one).
         threads: ``torch.set_num_threads`` for the scheduler thread (None: torch's default).
-        request_log: Append one JSON line per finished request here (``rid``, prompt and
-            generated tokens, finish reason), as SGLang's ``--log-requests`` does to its log.
+        request_log: Append one JSON line per request that ends here (``rid``, prompt and
+            generated tokens, ``finish``: ``length``, ``stop`` or ``abort``), as SGLang's
+            ``--log-requests`` does to its log.
     """
 
     def __init__(

@@ -369,7 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-file", type=Path, default=None, help="write the bound port here")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the batch each step")
     p.add_argument(
-        "--request-log", type=Path, default=None, help="append one JSON line per finished request here"
+        "--request-log",
+        type=Path,
+        default=None,
+        help="append one JSON line per request that ends (finished or aborted) here",
     )
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this parent process is gone")
     p.add_argument(
