@@ -353,7 +353,6 @@ class ServiceCore:
         invocations = [
             spec.invocation(
                 item.args,
-                id=ids[n] if ids is not None else None,
                 model=model.ref if model else None,
                 store=store_config,
                 stage_threshold=self.threshold,
@@ -361,7 +360,7 @@ class ServiceCore:
                 priority=item.priority,
                 tenant=tenant.name,
                 weight=tenant.limits.weight,
-                **trigger_fields(item),
+                **trigger_fields(item, ids[n] if ids is not None else None),
             )
             for n, item in enumerate(items)
         ]

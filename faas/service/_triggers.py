@@ -67,11 +67,14 @@ class TriggerItem(Item):
     output: OutputTarget
 
 
-def trigger_fields(item: Item) -> dict[str, Any]:
-    """The invocation fields a trigger attempt presets (none for an ordinary item)."""
+def trigger_fields(item: Item, invocation_id: str | None = None) -> dict[str, Any]:
+    """The invocation fields an item presets: a trigger attempt's id and outputs, or a chosen id."""
+    fields: dict[str, Any] = {}
     if isinstance(item, TriggerItem):
-        return {"id": item.invocation_id, "output": item.output}
-    return {}
+        fields = {"id": item.invocation_id, "output": item.output}
+    if invocation_id is not None:
+        fields["id"] = invocation_id
+    return fields
 
 
 class CoreSubmitter:
