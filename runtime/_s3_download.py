@@ -8,9 +8,9 @@ request, and the digest is computed in the same pass:
 
 - every range is received straight into its place in the destination (the
   socket's ``recv_into`` writes it there: no intermediate ``bytes``, no copy);
-- the calling thread hashes the object in order, following the first range
-  not yet complete as its bytes arrive, so when the last byte lands only the
-  last piece is left to hash.
+- the object is hashed in order as it arrives, by whichever receiving thread
+  finds bytes contiguous with those hashed so far, so when the last byte
+  lands only the last piece is left to hash.
 
 The destination is one or more buffers laid end to end: a fresh NumPy buffer
 (:func:`fetch_buffer`), a fresh ``bytes`` object (:func:`fetch_bytes`), or the
@@ -88,6 +88,20 @@ def _release(body: Any, raw: Any) -> None:
         pooled.release_conn()
 
 
+_MAX_RANGE = 64 * MiB
+
+
+def range_size(total: int, smallest: int, concurrency: int) -> int:
+    """Bytes per ranged GET for an object of ``total`` bytes: two ranges per thread, within limits.
+
+    At least ``smallest`` (the store's ``range_size``), at most 64 MiB: fewer
+    requests cost less on both ends, while enough of them keep every thread
+    busy and the in-order hashing close behind the download.
+    """
+    per_thread = -(-total // (2 * concurrency))
+    return max(smallest, min(-(-per_thread // MiB) * MiB, _MAX_RANGE))
+
+
 @dataclass
 class _Range:
     start: int
@@ -141,12 +155,12 @@ class _Read:
         # A server that ignored the Range header is sending everything: take it all from this answer.
         first_end = min(head, self.total) if resp.get("ContentRange") else self.total
         self.ranges = [_Range(0, first_end, 0, resp["Body"])]
+        chunk = range_size(self.total, chunk, int(store._options["max_concurrency"]))
         starts = list(range(first_end, self.total, chunk))
         if len(starts) > 1 and self.total - starts[-1] < chunk // 4:
             starts.pop()  # a short tail (a pickle stream after an array) joins the range before it
         ends = [*starts[1:], self.total] if starts else []
         self.ranges += [_Range(s, e, s) for s, e in zip(starts, ends, strict=True)]
-        self.changed = threading.Condition()  # notified as ranges advance (the hashing thread waits)
 
     def _request(self, rng: _Range) -> Any:
         extra = {"IfMatch": self.etag} if self.etag else {}
@@ -166,7 +180,7 @@ class _Read:
             raise StoreError(f"The server answered a range of {where} with the wrong size.")
         return resp["Body"]
 
-    def stream(self, rng: _Range, dest: _Destination) -> None:
+    def stream(self, rng: _Range, dest: _Destination, hashing: _InOrder) -> None:
         """Receive ``rng`` into its place in ``dest``; a broken-off range is asked for again from ``pos``."""
 
         def attempt() -> None:
@@ -177,9 +191,8 @@ class _Read:
                     n = _readinto(stream, raw, dest.slice(rng.pos, min(rng.end, rng.pos + _PIECE)))
                     if not n:
                         raise bce.IncompleteReadError(actual_bytes=rng.pos, expected_bytes=rng.end)
-                    with self.changed:
-                        rng.pos += n
-                        self.changed.notify_all()
+                    rng.pos += n
+                    hashing.advance()
                 _release(stream, raw)
 
         self.store._run("read", self.key, attempt)
@@ -190,37 +203,59 @@ class _Read:
 
     def receive(self, dest: _Destination, expected: str | None) -> None:
         """Fetch every range into ``dest`` in parallel, hash the bytes in order, and verify them."""
-        hasher = hashlib.sha256()
+        hashing = _InOrder(self.ranges, dest)
         if len(self.ranges) == 1:
-            self.stream(self.ranges[0], dest)
-            _hash(hasher, dest, 0, self.total)
-            self.verify(hasher.hexdigest(), expected)
-            return
-        pool = self.store._executor()
-        futures = [pool.submit(self.stream, rng, dest) for rng in self.ranges]
-        for future in futures:  # wake the hashing thread when a range fails, too
-            future.add_done_callback(lambda _: self._notify())
-        try:
-            for rng, future in zip(self.ranges, futures, strict=True):
-                done = rng.start
-                while done < rng.end:
-                    with self.changed:
-                        while rng.pos == done and not future.done():
-                            self.changed.wait()
-                        ready = rng.pos
-                    if ready == done:  # the range stopped short: its future says why
-                        future.result()
-                        raise StoreError(f"A range of {self.store._where(self.key)} ended early.")
-                    _hash(hasher, dest, done, ready)  # overlaps the ranges still arriving
-                    done = ready
-                future.result()
-        finally:
-            _finish(futures)
-        self.verify(hasher.hexdigest(), expected)
+            self.stream(self.ranges[0], dest, hashing)
+        else:
+            pool = self.store._executor()
+            futures = [pool.submit(self.stream, rng, dest, hashing) for rng in self.ranges]
+            try:
+                for future in futures:
+                    future.result()
+            finally:
+                _finish(futures)
+        self.verify(hashing.finish(), expected)
 
-    def _notify(self) -> None:
-        with self.changed:
-            self.changed.notify_all()
+
+class _InOrder:
+    """The sha256 of an object arriving in parallel ranges, advanced by whichever thread can.
+
+    After each piece a receiving thread hashes whatever has become contiguous
+    from the start, unless another thread is already at it. The hashing thus
+    keeps pace with the download, and gets the CPU share of every receiving
+    thread rather than of one waiting thread among many (which, on a busy
+    machine, left most of the hashing until after the last byte).
+    """
+
+    def __init__(self, ranges: list[_Range], dest: _Destination) -> None:
+        self.ranges, self.dest = ranges, dest
+        self.lock = threading.Lock()
+        self.hasher = hashlib.sha256()
+        self.index = 0  # the first range not yet hashed to its end
+        self.done = 0  # bytes hashed
+
+    def advance(self, wait: bool = False) -> None:
+        if not self.lock.acquire(blocking=wait):
+            return  # another thread is hashing; it looks again before it stops
+        try:
+            while self.index < len(self.ranges):
+                rng = self.ranges[self.index]
+                ready = rng.pos  # only ever grows
+                if ready > self.done:
+                    _hash(self.hasher, self.dest, self.done, ready)
+                    self.done = ready
+                    continue
+                if self.done < rng.end:
+                    return
+                self.index += 1
+        finally:
+            self.lock.release()
+
+    def finish(self) -> str:
+        self.advance(wait=True)
+        if self.index < len(self.ranges):
+            raise StoreError("A range ended before its last byte.")  # unreachable: stream() checks
+        return self.hasher.hexdigest()
 
 
 def _hash(hasher: Any, dest: _Destination, start: int, end: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import shutil
 import tempfile
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 from runtime._errors import IntegrityError, ObjectExists, ObjectNotFound, StoreError
+
+
+_MMAP_MIN = 1 << 20  # smaller buffers come from the heap
 
 
 @runtime_checkable
@@ -124,15 +128,16 @@ class HashingUploads(Protocol):
 def new_buffer(size: int) -> memoryview:
     """A writable buffer of ``size`` bytes to read an object into.
 
-    A NumPy array: unlike ``bytearray(size)`` it is not zero-filled first, and
-    large ones are backed by transparent huge pages where the kernel grants them
-    on request (64 MiB is ready in ~15 ms instead of ~60 on a small VM).
+    Anonymous memory from ``mmap``: not zero-filled first (``bytearray(size)``
+    writes every byte while holding the GIL), its pages are faulted in by the
+    threads that receive into them, in parallel, and it goes back to the
+    system as soon as the last view of it is released. (A NumPy array would
+    ask for transparent huge pages, which on a busy host can stall for
+    compaction: 0.1 to 0.5 s for 256 MiB, measured.)
     """
-    if not size:
-        return memoryview(bytearray())
-    import numpy as np
-
-    return np.empty(size, dtype=np.uint8).data
+    if size < _MMAP_MIN:
+        return memoryview(bytearray(size))
+    return memoryview(mmap.mmap(-1, size))
 
 
 def check_sha256(actual: str, expected: str | None, where: str) -> None:
