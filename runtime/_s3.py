@@ -150,6 +150,7 @@ class S3Store:
         self._lock = threading.Lock()
         self._client = self._new_client()
         self._conditional: Any = None
+        self._parts: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
@@ -159,15 +160,18 @@ class S3Store:
             preferred_transfer_client="classic",  # the CRT client would bypass our event hooks
         )
 
-    def _new_client(self) -> Any:
+    def _new_client(self, sign_payload: bool | None = None) -> Any:
         opts = self._options
+        s3: dict[str, Any] = {"addressing_style": "path" if opts["path_style"] else "auto"}
+        if sign_payload is not None:
+            s3["payload_signing_enabled"] = sign_payload
         config = Config(
             retries={"total_max_attempts": 1, "mode": "standard"},  # tenacity retries instead
             # Every object carries a sha256 that every read checks; a CRC32 of each body on top
             # would cost a pass over the bytes for nothing.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
-            s3={"addressing_style": "path" if opts["path_style"] else "auto"},
+            s3=s3,
             max_pool_connections=max(10, opts["max_concurrency"] + 2),
             connect_timeout=10,
             read_timeout=60,
@@ -185,6 +189,19 @@ class S3Store:
                     client.meta.events.register(f"before-parameter-build.s3.{op}", _require_absent)
                 self._conditional = client
             return self._conditional
+
+    def _parts_client(self) -> Any:
+        """The client that sends the parts of streamed uploads, without hashing each part to sign it.
+
+        On plain HTTP botocore signs every body with its sha256: a second pass
+        over the bytes. A streamed object is checked against the sha256 in its
+        reference on every read, so a part changed on the way is caught there;
+        the requests themselves stay signed. (On HTTPS botocore signs no bodies anyway.)
+        """
+        with self._lock:
+            if self._parts is None:
+                self._parts = self._new_client(sign_payload=False)
+            return self._parts
 
     def _executor(self) -> ThreadPoolExecutor:
         """Threads for the parallel ranges of large reads (started on first use)."""

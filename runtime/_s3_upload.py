@@ -114,7 +114,7 @@ def upload_hashing(
     size = sum(p.nbytes for p in pieces)
     opts = store._options
     part = part_size(size, int(opts["multipart_chunksize"]), int(opts["max_concurrency"]))
-    client, full, bucket = store.client, store._full(key), store.bucket
+    client, parts_client, full, bucket = store.client, store._parts_client(), store._full(key), store.bucket
     upload_id: str = store._run(
         "write", key, lambda: client.create_multipart_upload(Bucket=bucket, Key=full)["UploadId"]
     )
@@ -125,7 +125,7 @@ def upload_hashing(
 
         def attempt() -> Any:
             body.seek(0)
-            return client.upload_part(
+            return parts_client.upload_part(
                 Bucket=bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=body
             )
 

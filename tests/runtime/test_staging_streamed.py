@@ -56,8 +56,10 @@ def store(server: S3Server, bucket: str) -> S3Store:
 
 
 def count(store: S3Store, operation: str) -> list[str]:
+    """Record the requests of one operation from every client of the store."""
     sent: list[str] = []
-    store.client.meta.events.register(f"before-send.s3.{operation}", lambda request, **_: sent.append(request.url))
+    for client in (store.client, store._parts_client()):
+        client.meta.events.register(f"before-send.s3.{operation}", lambda request, **_: sent.append(request.url))
     return sent
 
 
@@ -135,7 +137,7 @@ def test_a_failed_upload_leaves_nothing_under_the_content_address(server: S3Serv
         if len(sent) >= 2:
             raise ConnectionAbortedError("injected: the client dies mid-upload")
 
-    store.client.meta.events.register("before-send.s3.UploadPart", fail)
+    store._parts_client().meta.events.register("before-send.s3.UploadPart", fail)
     with pytest.raises(ConnectionAbortedError):
         stage_object(store, data)
     assert keys(server, store) == {}  # no manifest, no blob
