@@ -116,7 +116,9 @@ def delete_round(raw: Any, bucket: str, keys: list[str]) -> None:
         raw.delete_object(Bucket=bucket, Key=key)
 
 
-def row(size: int, kind: str, op: str, times: dict[str, list[float]], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def row(
+    size: int, kind: str, op: str, times: dict[str, list[float]], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     ours, raw = times[f"ours_{op}"], times[f"raw_{op}"]
     ours_s, raw_s = median(ours), median(raw)
     result = {
@@ -178,7 +180,9 @@ def run_size(
 
 def _rss() -> tuple[int, int]:
     """This process's (current, peak) resident memory in bytes, from /proc."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    fields = dict(
+        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+    )
     return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
 
 
@@ -221,7 +225,9 @@ def in_child(spec: dict[str, Any]) -> dict[str, Any]:
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def run_big(server: S3Server, bucket: str, store_url: str, size: int, rounds: int, clean: bool) -> list[dict[str, Any]]:
+def run_big(
+    server: S3Server, bucket: str, store_url: str, size: int, rounds: int, clean: bool
+) -> list[dict[str, Any]]:
     times: dict[str, list[float]] = {op: [] for op in OPS}
     peaks: dict[str, list[float]] = {op: [] for op in OPS}
     prefix = faas.Client(store=store_url, records="off").store.config()["options"]["prefix"]
@@ -234,14 +240,18 @@ def run_big(server: S3Server, bucket: str, store_url: str, size: int, rounds: in
         ref: dict[str, Any] = {}
         for op in ("put", "get"):
             for who in order:
-                result = in_child({**base, "tag": tag, "who": who, "op": op, "key": key, "ref": ref.get("ref")})
+                result = in_child(
+                    {**base, "tag": tag, "who": who, "op": op, "key": key, "ref": ref.get("ref")}
+                )
                 if who == "ours" and op == "put":
                     ref = result
                 times[f"{who}_{op}"].append(result["seconds"])
                 peaks[f"{who}_{op}"].append(result["peak_ratio"])
         if clean:
             staged = ref["ref"]
-            delete_round(raw, bucket, [key, f"{prefix}/{staged['key']}", f"{prefix}/staging/{staged['sha256']}"])
+            delete_round(
+                raw, bucket, [key, f"{prefix}/{staged['key']}", f"{prefix}/staging/{staged['sha256']}"]
+            )
     rows = []
     for op in ("put", "get"):
         extra = {
@@ -251,11 +261,16 @@ def run_big(server: S3Server, bucket: str, store_url: str, size: int, rounds: in
             "raw_peak_ratios": [round(p, 3) for p in peaks[f"raw_{op}"]],
         }
         rows.append(row(size, "numpy", op, times, extra))
-        print(f"       peak RSS / array size: ours {extra['ours_peak_ratio']:.3f}, raw {extra['raw_peak_ratio']:.3f}")
+        print(
+            f"       peak RSS / array size: ours {extra['ours_peak_ratio']:.3f}, "
+            f"raw {extra['raw_peak_ratio']:.3f}"
+        )
     return rows
 
 
-def run_server(kind: str, args: argparse.Namespace, sizes: list[int], tmp: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def run_server(
+    kind: str, args: argparse.Namespace, sizes: list[int], tmp: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     t0 = time.perf_counter()
     server = start_seaweedfs(tmp / "weed") if kind == "seaweedfs" else start_moto(tmp)
     print(f"{kind} ready at {server.endpoint_url} in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -278,7 +293,9 @@ def run_server(kind: str, args: argparse.Namespace, sizes: list[int], tmp: Path)
         server.stop(kill=True)
     if kind == "seaweedfs":
         weed = find_binary("weed") or "weed"
-        version = subprocess.run([weed, "version"], capture_output=True, text=True, check=False).stdout.strip()
+        version = subprocess.run(
+            [weed, "version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
         about = {"kind": "SeaweedFS weed mini on 127.0.0.1", "version": version}
     else:
         about = {"kind": "moto_server on 127.0.0.1 (in memory)", "version": _version("moto")}
@@ -301,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1,64,256", help="sizes in MiB, comma-separated")
     parser.add_argument("--rounds", type=int, default=0, help="uploads per size and kind (default 21/11/7)")
     parser.add_argument("--gets", type=int, default=3, help="reads of each uploaded object")
-    parser.add_argument("--big-mib", type=int, default=1024, help="size of the big NumPy row in MiB (0: none)")
+    parser.add_argument(
+        "--big-mib", type=int, default=1024, help="size of the big NumPy row in MiB (0: none)"
+    )
     parser.add_argument("--big-rounds", type=int, default=3, help="uploads (and reads) of the big row")
     parser.add_argument("--name", default="staging", help="result file name under benchmarks/results/")
     parser.add_argument(
@@ -326,7 +345,18 @@ def main(argv: list[str] | None = None) -> int:
 
     print_table(
         "staging: faas references vs raw boto3 (median ms; ratio = throughput ours/raw)",
-        ["server", "size", "kind", "op", "ours ms", "raw ms", "ours MB/s", "raw MB/s", "ratio", "peak ours/raw"],
+        [
+            "server",
+            "size",
+            "kind",
+            "op",
+            "ours ms",
+            "raw ms",
+            "ours MB/s",
+            "raw MB/s",
+            "ratio",
+            "peak ours/raw",
+        ],
         [
             [
                 r["server"],
@@ -344,11 +374,21 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     goals = [
-        Goal(f"{r['server']} {r['size_mib']} MiB {r['kind']} {r['op']} throughput ours/raw", r["ratio"], ">=", GOAL_RATIO)
+        Goal(
+            f"{r['server']} {r['size_mib']} MiB {r['kind']} {r['op']} throughput ours/raw",
+            r["ratio"],
+            ">=",
+            GOAL_RATIO,
+        )
         for r in rows
     ]
     goals += [
-        Goal(f"{r['server']} {r['size_mib']} MiB numpy {r['op']} peak RSS / array size (ours)", r["ours_peak_ratio"], "<=", GOAL_PEAK)
+        Goal(
+            f"{r['server']} {r['size_mib']} MiB numpy {r['op']} peak RSS / array size (ours)",
+            r["ours_peak_ratio"],
+            "<=",
+            GOAL_PEAK,
+        )
         for r in rows
         if "ours_peak_ratio" in r
     ]
@@ -362,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             "baseline": "boto3 upload_fileobj/download_fileobj, default TransferConfig, BytesIO + getvalue()",
             "ours": "faas.put(value) and Ref.load(store): sha256, commit-once upload; ranged GETs, verify",
             "ratio": "throughput ours/raw = raw median time / ours median time",
-            "peak_ratio": "(child's VmHWM - its RSS before the value existed) / value size; worst of the rounds",
+            "peak_ratio": "(child's VmHWM - its RSS before the value existed) / value size; worst round",
             "results": rows,
             "goals": [g.as_dict() for g in goals],
         },

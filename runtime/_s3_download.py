@@ -142,7 +142,9 @@ class _Read:
 
         def first_request() -> Any:
             try:
-                return store.client.get_object(Bucket=store.bucket, Key=self.full, Range=f"bytes=0-{head - 1}")
+                return store.client.get_object(
+                    Bucket=store.bucket, Key=self.full, Range=f"bytes=0-{head - 1}"
+                )
             except bce.ClientError as exc:
                 if _code(exc) != "InvalidRange":
                     raise

@@ -383,7 +383,9 @@ def _load_into(store: ObjectStore, ref: StagedRef, out: Any) -> Any:
     else:
         raise ValueError(f"The staged {ref.what} has no array data to read into out= (it is pickled whole).")
     if view.nbytes != want:
-        raise ValueError(f"out= holds {view.nbytes} bytes, but the staged {ref.what} has {want} to put there.")
+        raise ValueError(
+            f"out= holds {view.nbytes} bytes, but the staged {ref.what} has {want} to put there."
+        )
     tail = new_buffer(ref.size - want) if ref.encoding == "pickle" else None
 
     def layout(size: int) -> list[memoryview]:

@@ -20,7 +20,6 @@ from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 from runtime._errors import IntegrityError, ObjectExists, ObjectNotFound, StoreError
 
-
 _MMAP_MIN = 1 << 20  # smaller buffers come from the heap
 
 

@@ -298,13 +298,19 @@ def start_moto(log_dir: Path) -> S3Server:
         try:
             import moto.server  # noqa: F401
         except ImportError:
-            raise LookupError("moto[server] is not installed (no moto_server binary, no moto.server module)") from None
+            raise LookupError(
+                "moto[server] is not installed (no moto_server binary, no moto.server module)"
+            ) from None
         prefix = [sys.executable, "-m", "moto.server"]
     port = free_port()
     argv = [*prefix, "-H", "127.0.0.1", "-p", str(port)]
     endpoint = f"http://127.0.0.1:{port}"
     process = ServerProcess(
-        "moto_server", argv, _clean_env(), log_dir / "moto.log", lambda: _answers_http(endpoint + "/moto-api/")
+        "moto_server",
+        argv,
+        _clean_env(),
+        log_dir / "moto.log",
+        lambda: _answers_http(endpoint + "/moto-api/"),
     )
     server = S3Server("moto", endpoint, process)
     try:

@@ -47,7 +47,9 @@ def bucket(server: S3Server) -> str:
 
 def make_store(server: S3Server, bucket: str, prefix: str, **options: Any) -> S3Store:
     options = {**SMALL_PARTS, "retries": 1, **options}
-    return S3Store(bucket, prefix, endpoint_url=server.endpoint_url, region=server.region, path_style=True, **options)
+    return S3Store(
+        bucket, prefix, endpoint_url=server.endpoint_url, region=server.region, path_style=True, **options
+    )
 
 
 @pytest.fixture
@@ -59,7 +61,9 @@ def count(store: S3Store, operation: str) -> list[str]:
     """Record the requests of one operation from every client of the store."""
     sent: list[str] = []
     for client in (store.client, store._parts_client()):
-        client.meta.events.register(f"before-send.s3.{operation}", lambda request, **_: sent.append(request.url))
+        client.meta.events.register(
+            f"before-send.s3.{operation}", lambda request, **_: sent.append(request.url)
+        )
     return sent
 
 
@@ -81,7 +85,10 @@ def test_a_large_array_streams_to_a_blob_and_commits_a_manifest(server: S3Server
     assert len(parts) == 5 and len(puts) == 1  # the parts, then only the manifest
     manifest = json.loads(store.get(f"staging/{ref.sha256}"))
     assert manifest == {"key": ref.key, "size": ref.size, "sha256": ref.sha256}
-    assert keys(server, store) == {ref.key: ref.size, f"staging/{ref.sha256}": len(store.get(f"staging/{ref.sha256}"))}
+    assert keys(server, store) == {
+        ref.key: ref.size,
+        f"staging/{ref.sha256}": len(store.get(f"staging/{ref.sha256}")),
+    }
     assert sha(store.get(ref.key)) == ref.sha256  # the digest of the bytes that went up
     back = load_staged(store, ref)
     assert np.array_equal(back, arr) and back.flags.writeable
@@ -158,7 +165,7 @@ def test_tampered_and_truncated_blobs_are_detected(server: S3Server, store: S3St
     out = np.zeros_like(arr)
     with pytest.raises(IntegrityError, match="sha256"):
         load_staged(store, ref, out=out)
-    raw.put_object(Bucket=store.bucket, Key=full, Body=genuine[: -MiB])
+    raw.put_object(Bucket=store.bucket, Key=full, Body=genuine[:-MiB])
     with pytest.raises(IntegrityError, match="sha256"):
         load_staged(store, ref)
     out[:] = 7.0
@@ -168,9 +175,7 @@ def test_tampered_and_truncated_blobs_are_detected(server: S3Server, store: S3St
 
 
 @pytest.mark.parametrize("layout", ["streamed", "whole", "file"])
-def test_load_into_a_preallocated_array(
-    server: S3Server, bucket: str, tmp_path: Path, layout: str
-) -> None:
+def test_load_into_a_preallocated_array(server: S3Server, bucket: str, tmp_path: Path, layout: str) -> None:
     if layout == "file":
         store: Any = LocalStore(tmp_path / "store")
     else:
