@@ -62,11 +62,9 @@ def _raw_response(body: Any) -> Any:
     call that then has to be copied into place; ``http.client``'s
     ``readinto`` lets the socket write into the destination itself.
     """
-    pooled = getattr(body, "_raw_stream", None)  # urllib3's HTTPResponse
+    pooled = getattr(body, "_raw_stream", None)  # urllib3's HTTPResponse (botocore asks it not to decode)
     raw = getattr(pooled, "_fp", None)
-    if isinstance(raw, http.client.HTTPResponse) and not getattr(pooled, "_decoder", None):
-        return raw
-    return None
+    return raw if isinstance(raw, http.client.HTTPResponse) else None
 
 
 def _readinto(body: Any, raw: Any, view: memoryview) -> int:
@@ -83,7 +81,7 @@ def _readinto(body: Any, raw: Any, view: memoryview) -> int:
 
 def _release(body: Any, raw: Any) -> None:
     """Hand a fully read connection back to urllib3's pool (what its own ``read()`` does at the end)."""
-    pooled = getattr(body, "_raw_stream", None)
+    pooled: Any = getattr(body, "_raw_stream", None)
     if raw is not None and raw.isclosed() and hasattr(pooled, "release_conn"):
         pooled.release_conn()
 
