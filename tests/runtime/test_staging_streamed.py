@@ -192,6 +192,19 @@ def test_load_into_a_preallocated_array(server: S3Server, bucket: str, tmp_path:
     assert load_staged(store, bref, out=into) is into and into == data
 
 
+def test_a_weights_file_streams_from_its_mapping_into_a_preallocated_buffer(
+    store: S3Store, tmp_path: Path
+) -> None:
+    path = tmp_path / "weights.bin"
+    path.write_bytes(os.urandom(12 * MiB))
+    mapped = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))  # the page cache, not a copy
+    ref = stage_object(store, mapped)
+    assert ref.key.startswith("staging/blobs/") and ref.buffers == (12 * MiB,)
+    out = np.empty(12 * MiB, dtype=np.uint8)
+    back = load_staged(store, ref, out=out)
+    assert np.shares_memory(back, out) and out.tobytes() == path.read_bytes()
+
+
 def test_load_into_refuses_buffers_that_do_not_fit(store: S3Store) -> None:
     arr = np.ones(1 * MiB)
     ref = stage_object(store, arr)
