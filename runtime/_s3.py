@@ -402,6 +402,11 @@ class S3Store:
         """Objects from ``multipart_threshold`` up are hashed while they upload (:meth:`put_hashing`)."""
         return int(self._options["multipart_threshold"])
 
+    @property
+    def look_first_from(self) -> int:
+        """Content-addressed writes from 4 MiB up send a HEAD first; smaller ones just send, If-None-Match."""
+        return 4 * MiB
+
     def put_hashing(
         self, key: str, pieces: Sequence[memoryview], decide: Callable[[str], bool]
     ) -> tuple[str, bool]:

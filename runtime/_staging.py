@@ -139,7 +139,8 @@ def _commit(store: ObjectStore, pieces: list[memoryview], digest: str) -> None:
     """Write the pieces under ``staging/<digest>`` unless an object is there already."""
     key = STAGING_PREFIX + digest
     size = sum(p.nbytes for p in pieces)
-    if store.exists(key):
+    look_first = store.look_first_from if isinstance(store, HashingUploads) else 0
+    if size >= look_first and store.exists(key):
         return  # content-addressed: the same bytes are there already; a HEAD beats sending them again
     whole = pieces[0].obj if len(pieces) == 1 else None
     try:

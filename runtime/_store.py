@@ -109,6 +109,15 @@ class HashingUploads(Protocol):
         """Objects of at least this many bytes are worth :meth:`put_hashing`."""
         ...
 
+    @property
+    def look_first_from(self) -> int:
+        """From this size a commit-once write of content-addressed bytes asks first whether they are there.
+
+        Below it, sending them (a conditional write the store refuses if they
+        are) costs less than the extra round trip every first write would pay.
+        """
+        ...
+
     def put_hashing(
         self, key: str, pieces: Sequence[memoryview], decide: Callable[[str], bool]
     ) -> tuple[str, bool]:

@@ -116,6 +116,15 @@ def test_content_staged_whole_before_is_found_and_reused(server: S3Server, bucke
     assert keys(server, streamed) == {old.key: len(data)}
 
 
+def test_small_values_are_sent_conditionally_larger_ones_looked_up_first(store: S3Store) -> None:
+    small, larger = os.urandom(2 * MiB), os.urandom(5 * MiB)
+    first = [stage_object(store, v) for v in (small, larger)]
+    heads, puts = count(store, "HeadObject"), count(store, "PutObject")
+    assert [stage_object(store, v) for v in (small, larger)] == first
+    assert len(puts) == 1 and len(heads) == 1  # 2 MiB: sent and refused (If-None-Match); 5 MiB: a HEAD
+    assert store.get(first[0].key) == small
+
+
 def test_a_lost_race_takes_the_winners_blob(
     server: S3Server, store: S3Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
