@@ -30,7 +30,7 @@ import io
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlparse
@@ -42,7 +42,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from runtime._errors import IntegrityError, ObjectExists, ObjectNotFound, StoreAuthError, StoreError
-from runtime._s3_download import VerifyingBody, fetch_buffer, fetch_bytes
+from runtime._s3_download import VerifyingBody, fetch_buffer, fetch_bytes, fetch_into
 from runtime._s3_errors import (
     _AUTH_CODES,
     _CREDENTIAL_ERRORS,
@@ -52,6 +52,7 @@ from runtime._s3_errors import (
     _status,
     is_transient,
 )
+from runtime._s3_upload import upload_hashing
 from runtime._store import _check_key
 
 T = TypeVar("T")
@@ -149,6 +150,7 @@ class S3Store:
         self._lock = threading.Lock()
         self._client = self._new_client()
         self._conditional: Any = None
+        self._parts: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
@@ -158,11 +160,18 @@ class S3Store:
             preferred_transfer_client="classic",  # the CRT client would bypass our event hooks
         )
 
-    def _new_client(self) -> Any:
+    def _new_client(self, sign_payload: bool | None = None) -> Any:
         opts = self._options
+        s3: dict[str, Any] = {"addressing_style": "path" if opts["path_style"] else "auto"}
+        if sign_payload is not None:
+            s3["payload_signing_enabled"] = sign_payload
         config = Config(
             retries={"total_max_attempts": 1, "mode": "standard"},  # tenacity retries instead
-            s3={"addressing_style": "path" if opts["path_style"] else "auto"},
+            # Every object carries a sha256 that every read checks; a CRC32 of each body on top
+            # would cost a pass over the bytes for nothing.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3=s3,
             max_pool_connections=max(10, opts["max_concurrency"] + 2),
             connect_timeout=10,
             read_timeout=60,
@@ -180,6 +189,19 @@ class S3Store:
                     client.meta.events.register(f"before-parameter-build.s3.{op}", _require_absent)
                 self._conditional = client
             return self._conditional
+
+    def _parts_client(self) -> Any:
+        """The client that sends the parts of streamed uploads, without hashing each part to sign it.
+
+        On plain HTTP botocore signs every body with its sha256: a second pass
+        over the bytes. A streamed object is checked against the sha256 in its
+        reference on every read, so a part changed on the way is caught there;
+        the requests themselves stay signed. (On HTTPS botocore signs no bodies anyway.)
+        """
+        with self._lock:
+            if self._parts is None:
+                self._parts = self._new_client(sign_payload=False)
+            return self._parts
 
     def _executor(self) -> ThreadPoolExecutor:
         """Threads for the parallel ranges of large reads (started on first use)."""
@@ -375,6 +397,45 @@ class S3Store:
             send = functools.partial(self._upload, full, src, start, digest, if_absent)
             self._write(key, send, digest, if_absent, big=big)
 
+    @property
+    def stream_threshold(self) -> int:
+        """Objects from ``multipart_threshold`` up are hashed while they upload (:meth:`put_hashing`)."""
+        return int(self._options["multipart_threshold"])
+
+    @property
+    def look_first_from(self) -> int:
+        """Content-addressed writes from 4 MiB up send a HEAD first; smaller ones just send, If-None-Match."""
+        return 4 * MiB
+
+    def put_hashing(
+        self, key: str, pieces: Sequence[memoryview], decide: Callable[[str], bool]
+    ) -> tuple[str, bool]:
+        """Multipart-upload ``pieces`` to ``key`` from where they lie, hashing them meanwhile.
+
+        See :func:`runtime._s3_upload.upload_hashing`. ``key`` should be unique
+        (the write is not commit-once); ``decide(digest)`` completes the upload
+        (True) or aborts it (False). The object records no ``x-amz-meta-sha256``:
+        it was not known when the upload began; references carry it.
+
+        Raises:
+            StoreError: The upload failed; it was aborted and nothing is visible.
+        """
+        return upload_hashing(self, key, pieces, decide)
+
+    def size(self, key: str) -> int | None:
+        """The size of the object under ``key`` (one HEAD request), or None if there is none."""
+
+        def attempt() -> int | None:
+            try:
+                head = self._client.head_object(Bucket=self.bucket, Key=self._full(key))
+            except bce.ClientError as exc:
+                if _code(exc) in _NOT_FOUND_CODES:
+                    return None
+                raise
+            return int(head["ContentLength"])
+
+        return self._run("check", key, attempt)
+
     # -- reads ------------------------------------------------------------------
 
     def get(self, key: str, *, sha256: str | None = None) -> bytes:
@@ -397,6 +458,17 @@ class S3Store:
     def get_buffer(self, key: str, *, sha256: str | None = None) -> memoryview:
         """Like :meth:`get`, as a writable view of a buffer the caller owns."""
         return fetch_buffer(self, key, sha256)
+
+    def get_into(
+        self,
+        key: str,
+        layout: Callable[[int], Sequence[memoryview]],
+        *,
+        sha256: str | None = None,
+        first: int | None = None,
+    ) -> None:
+        """Read ``key`` straight into the caller's buffers, verified as :meth:`get` is."""
+        fetch_into(self, key, sha256, layout, first)
 
     def open(self, key: str, *, etag: str | None = None) -> BinaryIO:
         """Open ``key`` for streaming reads over the response body.

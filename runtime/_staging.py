@@ -13,6 +13,25 @@ never replaced. Every read checks the bytes against the digest in the
 reference before anything is unpickled, so tampered or truncated bytes raise
 :class:`IntegrityError` and never reach ``pickle.loads``.
 
+Two layouts, both committed once under the content address ``staging/<sha256>``:
+
+- *whole*: the object itself is there (values below the store's
+  ``stream_threshold``, every value on a file store, and everything staged
+  before streamed uploads existed). The digest is computed first, then the
+  bytes are sent (or not: a HEAD finds them there already).
+- *streamed* (stores with :class:`~runtime._store.HashingUploads`, S3 from its
+  multipart threshold up): the bytes are multipart-uploaded to
+  ``staging/blobs/<random id>`` while they are hashed, so no pass over the data
+  precedes the upload. When the digest is known, a HEAD on
+  ``staging/<sha256>`` decides: present, the upload is aborted and the
+  reference names what is there; absent, the upload completes and a small
+  manifest (JSON: blob key, size, sha256) is committed under
+  ``staging/<sha256>`` with If-None-Match. The reference names the blob
+  itself, so reads go straight to it and check it against the reference's
+  sha256. An upload that fails or is cut short leaves nothing under the
+  content address; the loser of a race deletes its blob and takes the
+  winner's.
+
 Encodings of a staged object:
 
 - ``bytes``: a ``bytes`` value, stored as is (no pickling, no copy either way);
@@ -35,7 +54,7 @@ import hashlib
 import os
 import pickle
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -43,12 +62,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from runtime import _serde
 from runtime._errors import FaasError, IntegrityError, ObjectExists, SerializationError, StoreError
 from runtime._pieces import PiecesReader, pad, pickle_pieces
-from runtime._store import ObjectStore
+from runtime._store import HashingUploads, ObjectStore, new_buffer, new_id
 
 MiB = 1 << 20
 DEFAULT_THRESHOLD = MiB
 MARKER = b"TPMR"
 STAGING_PREFIX = "staging/"
+BLOBS_PREFIX = STAGING_PREFIX + "blobs/"  # streamed uploads, named before their digest is known
 _PY = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
@@ -56,7 +76,8 @@ class StagedRef(BaseModel):
     """Where a staged value lives and how to check and decode it.
 
     Attributes:
-        key: Store key of the object (``staging/<sha256>``).
+        key: Store key of the object (``staging/<sha256>``, or ``staging/blobs/<id>``
+            for a streamed upload).
         size: Size of the object in bytes.
         sha256: Hex sha256 of the object's bytes (its content address).
         encoding: ``bytes`` (the object is the value) or ``pickle`` (out-of-band
@@ -118,7 +139,8 @@ def _commit(store: ObjectStore, pieces: list[memoryview], digest: str) -> None:
     """Write the pieces under ``staging/<digest>`` unless an object is there already."""
     key = STAGING_PREFIX + digest
     size = sum(p.nbytes for p in pieces)
-    if store.exists(key):
+    look_first = store.look_first_from if isinstance(store, HashingUploads) else 0
+    if size >= look_first and store.exists(key):
         return  # content-addressed: the same bytes are there already; a HEAD beats sending them again
     whole = pieces[0].obj if len(pieces) == 1 else None
     try:
@@ -130,6 +152,69 @@ def _commit(store: ObjectStore, pieces: list[memoryview], digest: str) -> None:
             store.put_file(key, PiecesReader(pieces), if_absent=True, sha256=digest)  # type: ignore[arg-type]
     except ObjectExists:
         pass  # another writer committed the same content first
+
+
+class _Manifest(BaseModel):
+    """What a streamed upload commits under its content address: where the bytes are."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str = Field(pattern=r"^staging/blobs/[0-9a-f]{32}$")
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+def _existing(store: ObjectStore, size_of: Callable[[str], int | None], digest: str, size: int) -> str | None:
+    """Where the content with ``digest`` is already stored (the object, or a manifest's blob), if anywhere.
+
+    Raises:
+        IntegrityError: A manifest under the content address is not one.
+    """
+    address = STAGING_PREFIX + digest
+    found = size_of(address)
+    if found is None:
+        return None
+    if found == size:
+        return address  # the whole object (a manifest is a few hundred bytes; streamed values are MiBs)
+    try:
+        manifest = _Manifest.model_validate_json(store.get(address))
+    except ValidationError:
+        manifest = None
+    if manifest is None or (manifest.sha256, manifest.size) != (digest, size):
+        raise IntegrityError(f"The object under {address!r} is neither the staged value nor its manifest.")
+    return manifest.key
+
+
+def _commit_streamed(
+    store: ObjectStore, uploads: HashingUploads, pieces: Sequence[memoryview], size: int
+) -> tuple[str, str]:
+    """Upload the pieces while hashing them, then commit them under their content address once.
+
+    Returns:
+        The key the reference names, and the digest.
+    """
+    blob = BLOBS_PREFIX + new_id()
+    found: list[str] = []
+
+    def decide(digest: str) -> bool:
+        key = _existing(store, uploads.size, digest, size)
+        if key is not None:
+            found.append(key)
+        return key is None
+
+    digest, kept = uploads.put_hashing(blob, pieces, decide)
+    if not kept:
+        return found[0], digest
+    manifest = _Manifest(key=blob, size=size, sha256=digest).model_dump_json().encode()
+    try:
+        store.put(STAGING_PREFIX + digest, manifest, if_absent=True)
+    except ObjectExists:  # another writer committed the same content meanwhile: take theirs
+        theirs = _existing(store, uploads.size, digest, size)
+        if theirs is None:
+            return blob, digest  # gone again; ours is complete, and the reference checks it
+        store.delete(blob)
+        return theirs, digest
+    return blob, digest
 
 
 def stage_object(store: ObjectStore, obj: Any, *, what: str = "value") -> StagedRef:
@@ -150,14 +235,19 @@ def stage_object(store: ObjectStore, obj: Any, *, what: str = "value") -> Staged
     else:
         pieces, sizes = pickle_pieces(obj, what)
         encoding = "pickle"
-    hasher = hashlib.sha256()
-    for piece in pieces:
-        hasher.update(piece)
-    digest = hasher.hexdigest()
-    _commit(store, pieces, digest)
+    size = sum(p.nbytes for p in pieces)
+    if isinstance(store, HashingUploads) and size >= store.stream_threshold:
+        key, digest = _commit_streamed(store, store, pieces, size)
+    else:
+        hasher = hashlib.sha256()
+        for piece in pieces:
+            hasher.update(piece)
+        digest = hasher.hexdigest()
+        _commit(store, pieces, digest)
+        key = STAGING_PREFIX + digest
     return StagedRef(
-        key=STAGING_PREFIX + digest,
-        size=sum(p.nbytes for p in pieces),
+        key=key,
+        size=size,
         sha256=digest,
         encoding=encoding,  # type: ignore[arg-type]
         buffers=sizes,
@@ -240,14 +330,28 @@ def _need(store: ObjectStore | None, what: str) -> ObjectStore:
 # -- reading ------------------------------------------------------------------------
 
 
-def load_staged(store: ObjectStore, ref: StagedRef) -> Any:
+def load_staged(store: ObjectStore, ref: StagedRef, *, out: Any = None) -> Any:
     """Fetch, verify and decode a staged value.
 
+    Args:
+        store: Where it is staged.
+        ref: Its reference.
+        out: A writable, C-contiguous buffer (a NumPy array, a bytearray, ...)
+            to receive the value's bytes directly: as many bytes as a ``bytes``
+            value, or as the first out-of-band buffer of a pickled one (a NumPy
+            array's data). The value is rebuilt on ``out``'s memory (for an
+            array of the same dtype and shape: a view of ``out``) and returned.
+            If the bytes fail verification, ``out`` holds them but nothing is
+            unpickled.
+
     Raises:
+        ValueError: ``out`` is not a writable contiguous buffer of the right size.
         ObjectNotFound: The staged object is gone.
         IntegrityError: Its bytes do not match the reference's sha256 (nothing is unpickled).
         SerializationError: It cannot be unpickled.
     """
+    if out is not None:
+        return _load_into(store, ref, out)
     if ref.encoding == "bytes":
         data = store.get(ref.key, sha256=ref.sha256)
         _check_size(ref, len(data))
@@ -260,8 +364,50 @@ def load_staged(store: ObjectStore, ref: StagedRef) -> Any:
         start += size + pad(start + size)
     if start > ref.size:
         raise IntegrityError(f"The staged {ref.what} under {ref.key!r} is shorter than its buffers.")
+    return _unpickle(ref, view[start:], buffers)
+
+
+def _load_into(store: ObjectStore, ref: StagedRef, out: Any) -> Any:
     try:
-        return pickle.loads(view[start:], buffers=buffers)
+        view = memoryview(out).cast("B")
+    except TypeError:
+        raise ValueError(
+            f"out= must be a writable, C-contiguous buffer (a NumPy array, a bytearray, ...), "
+            f"not {type(out).__name__}."
+        ) from None
+    if view.readonly:
+        raise ValueError(f"out= must be writable; this {type(out).__name__} is read-only.")
+    if ref.encoding == "bytes":
+        want = ref.size
+    elif ref.buffers:
+        want = ref.buffers[0]
+    else:
+        raise ValueError(f"The staged {ref.what} has no array data to read into out= (it is pickled whole).")
+    if view.nbytes != want:
+        raise ValueError(
+            f"out= holds {view.nbytes} bytes, but the staged {ref.what} has {want} to put there."
+        )
+    tail = new_buffer(ref.size - want) if ref.encoding == "pickle" else None
+
+    def layout(size: int) -> list[memoryview]:
+        _check_size(ref, size)  # before a byte lands in out
+        return [view] if tail is None else [view, tail]
+
+    store.get_into(ref.key, layout, sha256=ref.sha256, first=want)
+    if tail is None:
+        return out
+    buffers, start = [view], want + pad(want)
+    for size in ref.buffers[1:]:
+        buffers.append(tail[start - want : start - want + size])
+        start += size + pad(start + size)
+    if start > ref.size:
+        raise IntegrityError(f"The staged {ref.what} under {ref.key!r} is shorter than its buffers.")
+    return _unpickle(ref, tail[start - want :], buffers)
+
+
+def _unpickle(ref: StagedRef, stream: memoryview, buffers: list[memoryview]) -> Any:
+    try:
+        return pickle.loads(stream, buffers=buffers)
     except FaasError:
         raise
     except Exception as exc:
@@ -336,9 +482,20 @@ class Ref:
         """sha256 of the staged object (its content address)."""
         return self.staged.sha256
 
-    def load(self, store: ObjectStore) -> Any:
-        """Fetch, verify and decode the value from ``store``."""
-        return load_staged(store, self.staged)
+    def load(self, store: ObjectStore, *, out: Any = None) -> Any:
+        """Fetch, verify and decode the value from ``store``.
+
+        Args:
+            store: The store it was staged in.
+            out: A preallocated writable buffer to receive the bytes without a
+                copy (see :func:`load_staged`), e.g. a NumPy array of the
+                staged array's dtype and shape.
+
+        Raises:
+            ValueError: ``out`` does not fit.
+            IntegrityError: The bytes do not match the reference's sha256.
+        """
+        return load_staged(store, self.staged, out=out)
 
     def __repr__(self) -> str:
         return f"<faas.Ref {self.staged.key} {self.staged.size} bytes>"

@@ -278,23 +278,19 @@ class _S3Works:
             return False
 
 
-def _start_or_fail(server: S3Server, binary_name: str) -> None:
-    try:
-        server.start()
-    except RuntimeError as exc:
-        server.stop()
-        pytest.fail(f"Could not start {binary_name} for the S3 tests:\n{exc}", pytrace=False)
-
-
 def _clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["AWS_EC2_METADATA_DISABLED"] = "true"
     return env
 
 
-@pytest.fixture(scope="session")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A moto S3 server on a free 127.0.0.1 port (it does not check signatures)."""
+def start_moto(log_dir: Path) -> S3Server:
+    """Start a moto S3 server on a free 127.0.0.1 port (log under ``log_dir``); the caller stops it.
+
+    Raises:
+        LookupError: moto[server] is not installed.
+        RuntimeError: It did not start (with its log tail).
+    """
     binary = find_binary("moto_server")
     if binary is not None:
         prefix = [binary]
@@ -302,17 +298,38 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         try:
             import moto.server  # noqa: F401
         except ImportError:
-            pytest.skip("moto[server] is not installed (no moto_server binary, no moto.server module)")
+            raise LookupError(
+                "moto[server] is not installed (no moto_server binary, no moto.server module)"
+            ) from None
         prefix = [sys.executable, "-m", "moto.server"]
     port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
     argv = [*prefix, "-H", "127.0.0.1", "-p", str(port)]
     endpoint = f"http://127.0.0.1:{port}"
     process = ServerProcess(
-        "moto_server", argv, _clean_env(), log, lambda: _answers_http(endpoint + "/moto-api/")
+        "moto_server",
+        argv,
+        _clean_env(),
+        log_dir / "moto.log",
+        lambda: _answers_http(endpoint + "/moto-api/"),
     )
     server = S3Server("moto", endpoint, process)
-    _start_or_fail(server, "moto_server")
+    try:
+        server.start()
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A moto S3 server on a free 127.0.0.1 port (it does not check signatures)."""
+    try:
+        server = start_moto(tmp_path_factory.mktemp("moto"))
+    except LookupError as exc:
+        pytest.skip(str(exc))
+    except RuntimeError as exc:
+        pytest.fail(f"Could not start moto_server for the S3 tests:\n{exc}", pytrace=False)
     try:
         yield server
     finally:

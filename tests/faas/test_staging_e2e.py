@@ -118,7 +118,12 @@ def test_64_mib_argument_and_result_travel_by_reference(
     assert (value["ref"]["size"], value["ref"]["sha256"]) == (64 * MiB, sha(out))
     for ref in (arg_ref, value["ref"]):
         head = raw.head_object(Bucket=bucket, Key=f"{PREFIX}/{ref['key']}")
-        assert head["ContentLength"] == 64 * MiB and head["Metadata"]["sha256"] == ref["sha256"]
+        assert head["ContentLength"] == 64 * MiB
+        # From the multipart threshold up a value streams to a blob while it is hashed;
+        # a manifest under its content address commits it.
+        address = f"{PREFIX}/staging/{ref['sha256']}"
+        manifest = json.loads(raw.get_object(Bucket=bucket, Key=address)["Body"].read())
+        assert (manifest["key"], manifest["sha256"]) == (ref["key"], ref["sha256"])
     record = client.record(future.invocation_id)
     assert record.status == "succeeded" and record.function_name == "flip"
     assert record.args is not None and record.args.staged_bytes == 64 * MiB
@@ -243,7 +248,7 @@ def test_server_killed_and_restarted_during_a_large_upload(tmp_path: Path) -> No
             data = os.urandom(48 * MiB)
             key = f"p/staging/{sha(data)}"
             uploading = threading.Event()
-            for c in (client.store.client, client.store._conditional_client()):
+            for c in (client.store.client, client.store._conditional_client(), client.store._parts_client()):
                 c.meta.events.register("before-send.s3.UploadPart", lambda **_: uploading.set())
             outcome: dict[str, Any] = {}
 
@@ -256,12 +261,14 @@ def test_server_killed_and_restarted_during_a_large_upload(tmp_path: Path) -> No
             sightings: list[tuple[int, str]] = []
             stop = threading.Event()
 
-            def watch() -> None:  # what any reader would see under the final key, meanwhile
+            def watch() -> None:  # what any reader would see under the content address, meanwhile
                 raw = server.client()
                 while not stop.is_set():
                     try:
-                        head = raw.head_object(Bucket=bucket, Key=key)
-                        sightings.append((head["ContentLength"], head["Metadata"].get("sha256", "")))
+                        body = raw.get_object(Bucket=bucket, Key=key)["Body"].read()
+                        manifest = json.loads(body)  # a streamed value's commit: where its bytes are
+                        blob = raw.head_object(Bucket=bucket, Key=f"p/{manifest['key']}")
+                        sightings.append((manifest["size"], manifest["sha256"], blob["ContentLength"]))
                     except Exception:
                         pass  # absent, or the server is down
                     stop.wait(0.02)
@@ -277,17 +284,19 @@ def test_server_killed_and_restarted_during_a_large_upload(tmp_path: Path) -> No
             assert not uploader.is_alive()
             stop.set()
             watcher.join(10)
-            assert set(sightings) <= {(len(data), sha(data))}  # nothing partial, ever
+            whole = (len(data), sha(data), len(data))
+            assert set(sightings) <= {whole}  # nothing partial, ever
             raw = server.client()
             listed = raw.list_objects_v2(Bucket=bucket, Prefix="p/staging/").get("Contents", [])
+            blobs = {o["Key"]: o["Size"] for o in listed if o["Key"] != key}
+            assert all(k.startswith("p/staging/blobs/") and n == len(data) for k, n in blobs.items())
             if "ref" in outcome:
-                assert [(o["Key"], o["Size"]) for o in listed] == [(key, len(data))]
-                assert sha(client.store.get(outcome["ref"].key)) == sha(data)
+                assert {o["Key"] for o in listed} == {key, f"p/{outcome['ref'].key}"}
+                assert sha(client.store.get(outcome["ref"].key, sha256=sha(data))) == sha(data)
             else:
                 message = str(outcome["error"])
                 assert server.endpoint_url in message and "staging/" in message
-                assert [o["Key"] for o in listed] in ([], [key])
-                assert all(o["Size"] == len(data) for o in listed)
+                assert not any(o["Key"] == key for o in listed)  # never committed, so never named
             client.shutdown()
     finally:
         server.stop(kill=True)
