@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from faas.service._auth import Tenant
 from faas.service._core import ServiceCore
 from faas.service._openai import OpenAIGateway
 from faas.service._openai_batches import OpenAIBatches
@@ -28,6 +29,15 @@ async def _call(fn: Callable[[], Any]) -> Response:
     except FaasError as exc:
         return openai_error(exc)
     return JSONResponse(result.model_dump() if hasattr(result, "model_dump") else result)
+
+
+async def _as_tenant(core: ServiceCore, request: Request, fn: Callable[[Tenant], Any]) -> Response:
+    """Authenticate, then run ``fn`` for the tenant in the thread pool; errors OpenAI-shaped."""
+    try:
+        who = _who(core, request)
+    except FaasError as exc:
+        return openai_error(exc)
+    return await _call(lambda: fn(who))
 
 
 def install_openai_batch_routes(app: FastAPI, core: ServiceCore, gateway: OpenAIGateway) -> OpenAIBatches:
@@ -52,29 +62,17 @@ def install_openai_batch_routes(app: FastAPI, core: ServiceCore, gateway: OpenAI
     @app.get("/v1/batches", tags=["openai"])
     async def list_batches(request: Request, after: str | None = None, limit: int = 20) -> Response:
         """Your batches, newest first (``after``: the last id of the previous page)."""
-        try:
-            who = _who(core, request)
-        except FaasError as exc:
-            return openai_error(exc)
-        return await _call(lambda: batches.list(who, after=after, limit=limit))
+        return await _as_tenant(core, request, lambda who: batches.list(who, after=after, limit=limit))
 
     @app.get("/v1/batches/{batch_id}", tags=["openai"])
     async def get_batch(request: Request, batch_id: str) -> Response:
         """One batch: status, counts and, once finished, its output and error files."""
-        try:
-            who = _who(core, request)
-        except FaasError as exc:
-            return openai_error(exc)
-        return await _call(lambda: batches.get(who, batch_id))
+        return await _as_tenant(core, request, lambda who: batches.get(who, batch_id))
 
     @app.post("/v1/batches/{batch_id}/cancel", tags=["openai"])
     async def cancel_batch(request: Request, batch_id: str) -> Response:
         """Cancel a batch: ``cancelling`` now, ``cancelled`` once its running lines stop."""
-        try:
-            who = _who(core, request)
-        except FaasError as exc:
-            return openai_error(exc)
-        return await _call(lambda: batches.cancel(who, batch_id))
+        return await _as_tenant(core, request, lambda who: batches.cancel(who, batch_id))
 
     @app.post("/v1/files", tags=["openai"])
     async def upload(request: Request) -> Response:
@@ -122,11 +120,7 @@ def install_openai_batch_routes(app: FastAPI, core: ServiceCore, gateway: OpenAI
     @app.get("/v1/files/{file_id}", tags=["openai"])
     async def get_file(request: Request, file_id: str) -> Response:
         """One file's object."""
-        try:
-            who = _who(core, request)
-        except FaasError as exc:
-            return openai_error(exc)
-        return await _call(lambda: files.get(who, file_id))
+        return await _as_tenant(core, request, lambda who: files.get(who, file_id))
 
     @app.get("/v1/files/{file_id}/content", tags=["openai"])
     async def file_content(request: Request, file_id: str) -> Response:
@@ -141,10 +135,6 @@ def install_openai_batch_routes(app: FastAPI, core: ServiceCore, gateway: OpenAI
     @app.delete("/v1/files/{file_id}", tags=["openai"])
     async def delete_file(request: Request, file_id: str) -> Response:
         """Delete a file."""
-        try:
-            who = _who(core, request)
-        except FaasError as exc:
-            return openai_error(exc)
-        return await _call(lambda: files.delete(who, file_id))
+        return await _as_tenant(core, request, lambda who: files.delete(who, file_id))
 
     return batches

@@ -421,22 +421,18 @@ class OpenAIBatches:
             (out if row["error"] is None else errors).append(row)
         record = dict(record)
         record["finalizing_at"] = record["finalizing_at"] or int(time.time())
-        if out:
-            record["output_file_id"] = self.files.create(
-                tenant,
-                jsonl(out),
-                filename=f"{batch_id}_output.jsonl",
-                purpose="batch_output",
-                file_id=f"file-{hexid}out",
-            ).id
-        if errors:
-            record["error_file_id"] = self.files.create(
-                tenant,
-                jsonl(errors),
-                filename=f"{batch_id}_error.jsonl",
-                purpose="batch_output",
-                file_id=f"file-{hexid}err",
-            ).id
+        for key, rows, suffix, name in (
+            ("output_file_id", out, "out", "output"),
+            ("error_file_id", errors, "err", "error"),
+        ):
+            if rows:
+                record[key] = self.files.create(
+                    tenant,
+                    jsonl(rows),
+                    filename=f"{batch_id}_{name}.jsonl",
+                    purpose="batch_output",
+                    file_id=f"file-{hexid}{suffix}",
+                ).id
         record["request_counts"] = {"total": len(lines), "completed": len(out), "failed": len(errors)}
         now = int(time.time())
         if record["status"] == "cancelling":
