@@ -175,11 +175,15 @@ def install_openai_routes(app: FastAPI, core: ServiceCore) -> OpenAIGateway:
                     state.retry_after,
                 )
             try:
-                view = await waiting.result(MAX_WAIT_SECONDS)
+                view = await waiting.result_unless_gone(request, MAX_WAIT_SECONDS)
             except TimeoutError:
                 raise InvocationTimeout(
                     f"No result for invocation {waiting.id} in {MAX_WAIT_SECONDS:g} s."
                 ) from None
+            if view is None:  # the client left: stop the engine's work, as a stream does
+                waiting.close()
+                waiting.loop.run_in_executor(None, _cancel_quietly, waiting)
+                return Response(status_code=499)
             body = gateway.reply(who, prepared, view)
         except FaasError as exc:
             return openai_error(exc)
@@ -263,6 +267,17 @@ class _Waiting:
         """The result, waiting up to ``timeout`` (``TimeoutError`` then; the listener stays)."""
         return await asyncio.wait_for(asyncio.shield(self.waiter), timeout)
 
+    async def result_unless_gone(self, request: Request, timeout: float) -> ResultView | None:
+        """:meth:`result`, or None as soon as the client disconnects (its body is read already)."""
+        result = asyncio.ensure_future(self.result(timeout))
+        gone = asyncio.ensure_future(_disconnected(request))
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if result.done():
+            return result.result()
+        result.cancel()
+        return None
+
     def close(self) -> None:
         """Stop listening."""
         if self.id:
@@ -339,6 +354,12 @@ class _Stream(StreamingResponse):
             if waiting.id and not waiting.waiter.done():  # the client left: stop the engine's work
                 waiting.close()
                 waiting.loop.run_in_executor(None, _cancel_quietly, waiting)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone away."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _cancel_quietly(waiting: _Waiting) -> None:

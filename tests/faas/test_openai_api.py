@@ -302,3 +302,19 @@ def test_a_stream_the_client_leaves_cancels_its_invocation(service: Service) -> 
             return alice.get(f"/v1/invocations/{invocation_id}").json()["status"] == "cancelled"
 
         wait_for(cancelled, 30, "the abandoned stream's invocation to be cancelled")
+
+
+def test_a_request_the_client_leaves_cancels_its_invocation(service: Service) -> None:
+    """Not streamed: the client gives up (a read timeout) and the engine's work stops."""
+    body = {"model": "tiny-llama", "messages": CHAT, "max_tokens": 440, "ignore_eos": True}
+    with service.proc.client() as alice:
+        before = {v["id"] for v in alice.get("/v1/invocations", params={"limit": 1000}).json()}
+        with pytest.raises(httpx.ReadTimeout):
+            alice.post("/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.2))
+
+        def cancelled() -> bool:
+            views = alice.get("/v1/invocations", params={"limit": 1000}).json()
+            new = [v for v in views if v["id"] not in before and v["function_name"] == "openai.chat"]
+            return len(new) == 1 and new[0]["status"] == "cancelled"
+
+        wait_for(cancelled, 30, "the abandoned request's invocation to be cancelled")
