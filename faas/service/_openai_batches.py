@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from faas.openai import Kind, check_request
+from faas.openai import PATHS, Kind, check_request
 from faas.service._auth import Tenant
 from faas.service._core import ServiceCore
 from faas.service._openai import OpenAIGateway, Prepared
@@ -43,11 +43,8 @@ from runtime import FaasError, InvalidParameterError, NotFoundError, new_id
 
 log = logging.getLogger("faas.service")
 
-ENDPOINTS: dict[str, Kind] = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "completions",
-    "/v1/embeddings": "embeddings",
-}
+ENDPOINTS: dict[str, Kind] = {path: kind for kind, path in PATHS.items()}
+"""The routes a batch may target, and the kind of request each takes."""
 MAX_LINES = 50_000
 """Most requests in one batch (OpenAI's limit)."""
 CHUNK = 1000
