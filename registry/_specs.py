@@ -62,6 +62,7 @@ class FunctionSpec(BaseModel):
         priority: Priority | None = None,
         tenant: str | None = None,
         weight: float | None = None,
+        internals_scope: bool | None = None,
     ) -> Invocation:
         """A new invocation of this version (timeout, retries and priority from the spec).
 
@@ -77,6 +78,7 @@ class FunctionSpec(BaseModel):
             priority: This call's priority (None: the spec's).
             tenant: Whose share of the engine it is charged to (None: the default tenant).
             weight: That tenant's fair-share weight (None: 1).
+            internals_scope: Whether the tenant's token has the ``internals`` scope (None: yes).
         """
         return Invocation(
             id=id or new_id(),
@@ -93,6 +95,7 @@ class FunctionSpec(BaseModel):
             priority=priority or self.priority,
             tenant=tenant,
             weight=weight,
+            internals_scope=internals_scope,
         )
 
 

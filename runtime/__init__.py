@@ -25,6 +25,7 @@ from runtime._errors import (
     InvocationCancelled,
     InvocationError,
     InvocationTimeout,
+    MissingScopeError,
     ModelNotReadyError,
     ModeNotAllowedError,
     NotFoundError,
@@ -50,6 +51,7 @@ from runtime._errors import (
     WorkerStartError,
 )
 from runtime._execute import error_info, execute
+from runtime._internals import Internals, Read, Write
 from runtime._model import (
     ChatResult,
     GenerateResult,
@@ -71,7 +73,7 @@ from runtime._outputs import (
 )
 from runtime._partial import PartialSink, emit_partial, partial_sink
 from runtime._paths import cache_dir, default_store_url
-from runtime._policy import MODES, check_modes
+from runtime._policy import INTERNALS_MODES, MODES, check_modes
 from runtime._provenance import (
     Determinism,
     EngineCall,
@@ -101,6 +103,7 @@ from runtime._store_factory import scoped_store, store_from_config, store_from_u
 from runtime._wire import ErrorInfo, ErrorKind, Invocation, OutputTarget, Priority, Result
 
 __all__ = [
+    "INTERNALS_MODES",
     "MODES",
     "REPORT_STATES",
     "AuthConfigError",
@@ -125,6 +128,7 @@ __all__ = [
     "GenerateResult",
     "GlobusComputeConfigError",
     "IntegrityError",
+    "Internals",
     "InvalidParameterError",
     "Invocation",
     "InvocationCancelled",
@@ -132,6 +136,7 @@ __all__ = [
     "InvocationRecord",
     "InvocationTimeout",
     "LocalStore",
+    "MissingScopeError",
     "ModeNotAllowedError",
     "Model",
     "ModelNotReadyError",
@@ -150,6 +155,7 @@ __all__ = [
     "Priority",
     "ProvenanceRecord",
     "QuotaExceededError",
+    "Read",
     "RecordStore",
     "RecordWriter",
     "Ref",
@@ -176,6 +182,7 @@ __all__ = [
     "ValueRecord",
     "WorkerLost",
     "WorkerStartError",
+    "Write",
     "bundle_function",
     "cache_dir",
     "check_modes",

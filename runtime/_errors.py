@@ -22,6 +22,7 @@ FaasError
 │   ├── EngineLost              the model engine died and retries ran out
 │   └── InvocationCancelled     the caller cancelled it
 ├── ModeNotAllowedError         the model's access policy forbids that mode (no request sent)
+│   └── MissingScopeError       the tenant's token lacks the scope the mode needs (``internals``)
 ├── EngineError                 the engine refused a request or failed to start
 │   └── UnsupportedFeatureError the engine lacks a feature the request used (e.g. the CPU engine)
 ├── UnsupportedOperationError   this client cannot do that operation (e.g. .local() remotely)
@@ -174,6 +175,10 @@ class InvocationCancelled(InvocationError):
 
 class ModeNotAllowedError(FaasError, PermissionError):
     """The model's access policy does not allow this mode; nothing reached the engine."""
+
+
+class MissingScopeError(ModeNotAllowedError):
+    """The tenant's token lacks the scope this mode needs (``internals``); nothing reached the engine."""
 
 
 class EngineError(FaasError):

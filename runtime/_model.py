@@ -29,9 +29,20 @@ import numpy as np
 from runtime._errors import (
     EngineError,
     EngineLost,
-    EngineRejectedError,
     SubmitError,
     UnsupportedFeatureError,
+)
+from runtime._internals import FINAL, Internals, Read, hidden_fallback, wire_body
+from runtime._model_fields import (
+    Embeds,
+    HiddenStates,
+    Prompt,
+    check_flag,
+    generate_body,
+    logprob_fields,
+    prompt_fields,
+    raise_for_status,
+    with_fallback,
 )
 from runtime._model_results import (
     ChatDecoder,
@@ -48,7 +59,6 @@ from runtime._sampling import (
     SamplingParams,
     SamplingParamsInput,
     chat_fields,
-    validate_params_for,
     validate_sampling_params,
 )
 
@@ -66,48 +76,6 @@ __all__ = [
 
 OpenAIPath = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 OPENAI_PATHS: frozenset[str] = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
-Prompt = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
-HiddenStates = bool | Literal["last"]
-UNSUPPORTED_TYPE = "unsupported_feature"
-
-
-def _prompt_fields(prompt: Prompt | None, input_ids: Prompt | None) -> tuple[dict[str, Any], int, bool]:
-    """The ``text``/``input_ids`` fields for a prompt; returns ``(fields, n, single)``."""
-    if (prompt is None) == (input_ids is None):
-        raise SubmitError("Pass exactly one of prompt (text or token ids) and input_ids.")
-    value = prompt if prompt is not None else input_ids
-    if isinstance(value, str):
-        if input_ids is not None:
-            raise SubmitError("input_ids must be token ids, not a string.")
-        return {"text": value}, 1, True
-    if isinstance(value, Sequence) and value:
-        if all(isinstance(p, str) for p in value) and input_ids is None:
-            return {"text": list(value)}, len(value), False
-        if all(_is_id(t) for t in value):
-            return {"input_ids": [int(t) for t in value]}, 1, True  # type: ignore[arg-type]
-        if all(isinstance(p, Sequence) and p and all(_is_id(t) for t in p) for p in value):
-            return {"input_ids": [[int(t) for t in p] for p in value]}, len(value), False  # type: ignore[union-attr]
-    raise SubmitError(
-        "prompt must be a string, a non-empty list of strings, a non-empty list of token ids, "
-        f"or a list of non-empty token-id lists; got {type(value).__name__}."
-    )
-
-
-def _is_id(t: object) -> bool:
-    return isinstance(t, int | np.integer) and not isinstance(t, bool) and int(t) >= 0
-
-
-def _check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise SubmitError(f"{name} must be True or False, got {value!r}.")
-    return value
-
-
-def _logprob_fields(return_logprob: bool, top_logprobs_num: int) -> tuple[bool, int]:
-    _check_flag("return_logprob", return_logprob)
-    if isinstance(top_logprobs_num, bool) or not isinstance(top_logprobs_num, int) or top_logprobs_num < 0:
-        raise SubmitError(f"top_logprobs_num must be an integer >= 0, got {top_logprobs_num!r}.")
-    return return_logprob or top_logprobs_num > 0, top_logprobs_num
 
 
 class Model:
@@ -125,6 +93,8 @@ class Model:
         transport: An ``httpx`` transport to use instead of the network (tests).
         allowed_modes: Modes the model's policy allows (None: all); a request
             using another mode raises ``ModeNotAllowedError`` before it is sent.
+        unscoped: Modes the tenant's token lacks the scope for; a request using one
+            raises ``MissingScopeError`` before it is sent.
     """
 
     def __init__(
@@ -136,9 +106,12 @@ class Model:
         request_prefix: str = "faas",
         transport: httpx.BaseTransport | None = None,
         allowed_modes: frozenset[str] | None = None,
+        unscoped: frozenset[str] = frozenset(),
     ) -> None:
         self.url = url.rstrip("/")
         self.allowed_modes = allowed_modes
+        self.unscoped = unscoped
+        self._info: dict[str, Any] | None = None
         self.calls: list[dict[str, Any]] = []  # engine calls made through this handle (see bind)
         self.name = name
         self._prefix = request_prefix
@@ -202,6 +175,7 @@ class Model:
         top_logprobs_num: int = ...,
         return_text_in_logprobs: bool = ...,
         return_hidden_states: HiddenStates = ...,
+        internals: Internals | None = ...,
         rid_prefix: str | None = ...,
     ) -> GenerateResult: ...
     @overload
@@ -211,11 +185,13 @@ class Model:
         sampling_params: SamplingParamsInput = ...,
         *,
         input_ids: Sequence[int] | Sequence[Sequence[int]] | None = ...,
+        input_embeds: Embeds | None = ...,
         stream: Literal[False] = ...,
         return_logprob: bool = ...,
         top_logprobs_num: int = ...,
         return_text_in_logprobs: bool = ...,
         return_hidden_states: HiddenStates = ...,
+        internals: Internals | None = ...,
         rid_prefix: str | None = ...,
     ) -> GenerateResult | list[GenerateResult]: ...
     @overload
@@ -238,11 +214,13 @@ class Model:
         sampling_params: SamplingParamsInput = None,
         *,
         input_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        input_embeds: Embeds | None = None,
         stream: bool = False,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         return_text_in_logprobs: bool = False,
         return_hidden_states: HiddenStates = False,
+        internals: Internals | None = None,
         rid_prefix: str | None = None,
     ) -> GenerateResult | list[GenerateResult] | TextStream:
         """Generate a completion for one prompt, or one per prompt of a batch (SGLang ``/generate``).
@@ -253,6 +231,8 @@ class Model:
             sampling_params: SGLang sampling parameters (validated here): one mapping or
                 ``SamplingParams`` for all prompts, or a list with one per prompt.
             input_ids: Token ids instead of ``prompt`` (SGLang's field name).
+            input_embeds: Input embeddings instead of a prompt, ``(tokens, hidden_size)``
+                (or one such array per prompt of a batch), as SGLang's ``input_embeds``.
             stream: Return a ``TextStream`` of text deltas (one prompt only).
             return_logprob: Fill ``logprobs`` (``(completion_tokens,)``, values <= 0).
             top_logprobs_num: Also fill ``top_logprobs``/``top_logprob_ids``
@@ -262,6 +242,10 @@ class Model:
             return_hidden_states: ``True`` fills ``hidden_states`` with the final layer's
                 states, ``(prompt_tokens + completion_tokens - 1, hidden_size)``;
                 ``"last"`` keeps only the last row, ``(hidden_size,)``.
+            internals: Hook points to read and write for this call (see
+                ``faas.Internals``); the arrays read fill ``internals`` of each result.
+                Needs the model's ``internals_read``/``internals_write`` modes and the
+                tenant's ``internals`` scope.
             rid_prefix: Overrides the request-id prefix.
 
         Returns:
@@ -270,54 +254,81 @@ class Model:
 
         Raises:
             SubmitError: The prompt, sampling params or options are malformed.
-            UnsupportedFeatureError: The engine does not implement a requested feature.
+            ModeNotAllowedError: The model's policy or the tenant's scopes forbid a mode.
+            UnsupportedFeatureError: The engine does not implement a requested feature
+                (e.g. a hook point other than final-layer states on SGLang).
             EngineError: The engine rejected the request.
             EngineLost: The engine could not be reached.
         """
-        fields, n, single = _prompt_fields(prompt, input_ids)
-        body: dict[str, Any] = {**fields, "sampling_params": validate_params_for(sampling_params, n)}
-        all_params = (
-            body["sampling_params"]
-            if isinstance(body["sampling_params"], list)
-            else [body["sampling_params"]]
+        body, n, single = generate_body(
+            prompt,
+            sampling_params,
+            input_ids=input_ids,
+            input_embeds=input_embeds,
+            stream=stream,
+            return_logprob=return_logprob,
+            top_logprobs_num=top_logprobs_num,
+            return_text_in_logprobs=return_text_in_logprobs,
+            return_hidden_states=return_hidden_states,
         )
-        if any(p.get("n", 1) != 1 for p in all_params):
-            raise SubmitError(
-                "sampling_params.n > 1 is not supported by the handle: repeat the prompt instead."
-            )
-        want_logprob, top_n = _logprob_fields(return_logprob, top_logprobs_num)
-        if want_logprob:
-            body["return_logprob"] = True
-            if top_n:
-                body["top_logprobs_num"] = top_n
-            if _check_flag("return_text_in_logprobs", return_text_in_logprobs):
-                body["return_text_in_logprobs"] = True
-        if return_hidden_states not in (False, True, "last"):
-            raise SubmitError(
-                f"return_hidden_states must be True, False or 'last', got {return_hidden_states!r}."
-            )
-        if return_hidden_states:
-            body["return_hidden_states"] = True  # SGLang's field is a bool; "last" is sliced here
-        if _check_flag("stream", stream):
-            if not single:
-                raise SubmitError("stream=True takes one prompt, not a batch.")
-            if return_hidden_states:
-                raise SubmitError("return_hidden_states cannot be combined with stream=True.")
-            body["stream"] = True
+        fallback: Read | None = None
+        recorded = None
+        if internals is not None:
+            if not isinstance(internals, Internals):
+                raise SubmitError(f"internals must be a faas.Internals, got {type(internals).__name__}.")
+            if stream:
+                raise SubmitError("internals cannot be combined with stream=True.")
+            wire, recorded = wire_body(internals)
+            # Policy first, on what was asked: an engine without named hooks changes the body.
+            guard(self.name, self.allowed_modes, "/generate", {**body, "internals": wire}, self.unscoped)
+            if self.engine_info().get("hook_points") is None:
+                fallback = hidden_fallback(internals)
+                body["return_hidden_states"] = True
+            else:
+                body["internals"] = wire
         rids = self._rids(n, rid_prefix)
         body["rid"] = rids[0] if single else rids
         if stream:
             return self._stream("/generate", body, rids, NativeDecoder())
         try:
-            data = self._post("/generate", body)
+            data = self._post("/generate", body, internals=recorded, checked=internals is not None)
         finally:
             self._release(rids)
-        last = return_hidden_states == "last"
-        if single:
-            return GenerateResult.from_json(
-                data[0] if isinstance(data, list) else data, last_hidden_state=last
-            )
-        return [GenerateResult.from_json(item, last_hidden_state=last) for item in data]
+        items = [data[0] if isinstance(data, list) else data] if single else list(data)
+        results = [with_fallback(item, return_hidden_states, fallback) for item in items]
+        return results[0] if single else results
+
+    def engine_info(self) -> dict[str, Any]:
+        """The engine's ``/model_info`` (fetched once per handle, then cached).
+
+        Raises:
+            EngineLost: The engine could not be reached.
+        """
+        with self._lock:
+            if self._info is not None:
+                return self._info
+        try:
+            response = self._client.get("/model_info", timeout=10.0)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        self._raise_for_status("/model_info", response)
+        info = response.json()
+        with self._lock:
+            self._info = info if isinstance(info, dict) else {}
+            return self._info
+
+    def hook_points(self) -> dict[str, tuple[int, ...]]:
+        """The model's named hook points and the shape of one position's activations.
+
+        An engine without named hooks (SGLang) lists only ``ln_final.hook_normalized``,
+        served from its final-layer hidden states.
+        """
+        info = self.engine_info()
+        points = info.get("hook_points")
+        if points is None:
+            size = info.get("hidden_size")
+            return {FINAL: (int(size),) if size else ()}
+        return {p["name"]: tuple(p["shape"]) for p in points}
 
     # ---- chat ------------------------------------------------------------------------------
 
@@ -392,12 +403,12 @@ class Model:
                 "sampling_params.n > 1 is not supported by the handle: call chat() again instead."
             )
         body.update(chat_fields(params))
-        want_logprob, top_n = _logprob_fields(return_logprob, top_logprobs_num)
+        want_logprob, top_n = logprob_fields(return_logprob, top_logprobs_num)
         if want_logprob:
             body["logprobs"] = True
             if top_n:
                 body["top_logprobs"] = top_n
-        if _check_flag("stream", stream):
+        if check_flag("stream", stream):
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
         rids = self._rids(1, rid_prefix)
@@ -437,7 +448,7 @@ class Model:
                 for a model launched with ``--is-embedding``).
             EngineLost: The engine could not be reached.
         """
-        fields, n, single = _prompt_fields(texts, input_ids)
+        fields, n, single = prompt_fields(texts, input_ids)
         rids = self._rids(n, rid_prefix)
         body = {**fields, "rid": rids[0] if single else rids}
         try:
@@ -536,8 +547,16 @@ class Model:
             return body
         return {**body, "priority": self._priority}
 
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
-        guard(self.name, self.allowed_modes, path, body)
+    def _post(
+        self,
+        path: str,
+        body: dict[str, Any],
+        *,
+        internals: dict[str, Any] | None = None,
+        checked: bool = False,
+    ) -> Any:
+        if not checked:
+            guard(self.name, self.allowed_modes, path, body, self.unscoped)
         body = self._with_priority(body)
         started = time.time()
         try:
@@ -546,12 +565,12 @@ class Model:
             raise self._unreachable(exc) from exc
         self._raise_for_status(path, response)
         data = response.json()
-        self.calls.append(call_record(path, body, data, started))
+        self.calls.append(call_record(path, body, data, started, internals))
         return data
 
     def _stream(self, path: str, body: dict[str, Any], rids: list[str], decoder: Any) -> TextStream:
         try:
-            guard(self.name, self.allowed_modes, path, body)
+            guard(self.name, self.allowed_modes, path, body, self.unscoped)
         except Exception:
             self._release(rids)
             raise
@@ -574,26 +593,4 @@ class Model:
         return TextStream(response, decoder, what=what, on_close=lambda: self._release(rids), call=record)
 
     def _raise_for_status(self, path: str, response: httpx.Response) -> None:
-        """Raise the typed error for an error response (SGLang's native or OpenAI error body)."""
-        if response.status_code < 400:
-            return
-        kind: object = None
-        try:
-            detail = response.json()
-        except ValueError:
-            message: object = response.text[:500]
-        else:
-            err = detail.get("error") if isinstance(detail, dict) else None
-            err = err if isinstance(err, dict) else detail if isinstance(detail, dict) else {}
-            message = (
-                err.get("message") or (detail.get("detail") if isinstance(detail, dict) else None) or detail
-            )
-            kind = err.get("type")
-        text = (
-            f"The engine for model {self.name!r} rejected {path} with HTTP {response.status_code}: {message}"
-        )
-        if kind == UNSUPPORTED_TYPE:
-            raise UnsupportedFeatureError(text)
-        if response.status_code < 500:
-            raise EngineRejectedError(text)
-        raise EngineError(text)
+        raise_for_status(self.name, path, response)

@@ -26,6 +26,7 @@ import httpx
 import numpy as np
 
 from runtime._errors import EngineError, EngineLost
+from runtime._internals import decode as decode_internals
 from runtime._policy import call_record
 
 
@@ -78,6 +79,10 @@ class GenerateResult:
         top_logprob_ids: ``(completion_tokens, k)`` int64 token ids of ``top_logprobs``.
         hidden_states: ``(prompt_tokens + completion_tokens - 1, hidden_size)`` float32
             final-layer states, or ``(hidden_size,)`` for ``return_hidden_states="last"``.
+        internals: The arrays of the call's ``faas.Read`` hook points, by hook name:
+            ``(m, hidden_size)`` float32 for ``reduce=None``, ``(hidden_size,)`` for
+            ``"mean"``/``"last"``.
+        internals_positions: The token positions each array covers (those reached).
     """
 
     text: str
@@ -91,6 +96,8 @@ class GenerateResult:
     top_logprobs: np.ndarray | None = field(default=None, repr=False, compare=False)
     top_logprob_ids: np.ndarray | None = field(default=None, repr=False, compare=False)
     hidden_states: np.ndarray | None = field(default=None, repr=False, compare=False)
+    internals: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
+    internals_positions: dict[str, list[int]] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any], *, last_hidden_state: bool = False) -> GenerateResult:
@@ -110,6 +117,9 @@ class GenerateResult:
             if last_hidden_state:
                 hidden = hidden[-1] if len(hidden) else np.zeros((0,), dtype=np.float32)
         top, top_ids = _top_arrays(meta.get("output_top_logprobs"))
+        arrays = positions = None
+        if "internals" in meta:
+            arrays, positions = decode_internals(meta.pop("internals") or {})
         return cls(
             text=str(obj.get("text") or ""),
             output_ids=list(obj.get("output_ids") or []),
@@ -122,6 +132,8 @@ class GenerateResult:
             top_logprobs=top,
             top_logprob_ids=top_ids,
             hidden_states=hidden,
+            internals=arrays,
+            internals_positions=positions,
         )
 
 

@@ -1,8 +1,10 @@
 """Access policy and call records for the ``Model`` handle.
 
 A model spec lists the modes it allows (``generate``, ``encode``, ``logprobs``,
-``hidden_states``); the handle checks every request against them before it
-leaves the worker. The handle also records what it asked of the engine, for
+``hidden_states``, ``internals_read``, ``internals_write``); the handle checks
+every request against them before it leaves the worker. A tenant whose token
+lacks the ``internals`` scope is refused the modes that expose model internals
+(:data:`INTERNALS_MODES`) whatever the model allows. The handle also records what it asked of the engine, for
 the invocation's provenance.
 """
 
@@ -12,9 +14,11 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from runtime._errors import ModeNotAllowedError
+from runtime._errors import MissingScopeError, ModeNotAllowedError
 
-MODES = frozenset({"generate", "encode", "logprobs", "hidden_states"})
+MODES = frozenset({"generate", "encode", "logprobs", "hidden_states", "internals_read", "internals_write"})
+INTERNALS_MODES = frozenset({"logprobs", "hidden_states", "internals_read", "internals_write"})
+"""The modes that expose model internals: they need the tenant's ``internals`` scope."""
 
 
 def check_modes(modes: Iterable[str]) -> frozenset[str]:
@@ -41,14 +45,44 @@ def modes_of(path: str, body: dict[str, Any]) -> set[str]:
         modes.add("logprobs")
     if body.get("return_hidden_states"):
         modes.add("hidden_states")
+    internals = body.get("internals")
+    if isinstance(internals, dict):
+        if internals.get("read"):
+            modes.add("internals_read")
+        if internals.get("write"):
+            modes.add("internals_write")
     return modes
 
 
-def guard(model_name: str, allowed: frozenset[str] | None, path: str, body: dict[str, Any]) -> None:
-    """Raise ModeNotAllowedError if the request uses a mode the model does not allow."""
+def guard(
+    model_name: str,
+    allowed: frozenset[str] | None,
+    path: str,
+    body: dict[str, Any],
+    unscoped: frozenset[str] = frozenset(),
+) -> None:
+    """Raise if the request uses a mode the model does not allow, or one the tenant's scopes lack.
+
+    Args:
+        model_name: For the message.
+        allowed: The model's modes (None: all).
+        path: The engine path.
+        body: The engine request.
+        unscoped: Modes the tenant's token may not use (see :data:`INTERNALS_MODES`).
+
+    Raises:
+        MissingScopeError: The tenant lacks the scope a mode needs.
+        ModeNotAllowedError: The model does not allow a mode.
+    """
+    used = modes_of(path, body)
+    if used & unscoped:
+        raise MissingScopeError(
+            f"Your token lacks the 'internals' scope, which {', '.join(sorted(used & unscoped))} "
+            f"needs (model {model_name!r}); no request was sent to the engine."
+        )
     if allowed is None:
         return
-    denied = modes_of(path, body) - allowed
+    denied = used - allowed
     if denied:
         raise ModeNotAllowedError(
             f"Model {model_name!r} does not allow {', '.join(sorted(denied))} "
@@ -84,8 +118,12 @@ def _openai_sampling(body: dict[str, Any]) -> dict[str, Any] | None:
     return found or None
 
 
-def call_record(path: str, body: dict[str, Any], response: Any, started: float) -> dict[str, Any]:
+def call_record(
+    path: str, body: dict[str, Any], response: Any, started: float, internals: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What one engine call asked for and got back, for provenance and usage (no prompt or output text).
+
+    ``internals`` is the call's internals spec with vectors by digest (never by value).
 
     ``engine_seconds`` is the engine's own latency (the longest ``e2e_latency`` of the
     call's sequences); ``engine_share_seconds`` is the call's part of the engine's busy
@@ -100,6 +138,7 @@ def call_record(path: str, body: dict[str, Any], response: Any, started: float) 
         "options": {
             k: body[k] for k in ("return_logprob", "top_logprobs_num", "return_hidden_states") if k in body
         },
+        "internals": internals,
         "rid": body.get("rid"),
         "prompt_tokens": sum(int(m.get("prompt_tokens", 0)) for m in metas) or usage.get("prompt_tokens", 0),
         "completion_tokens": sum(int(m.get("completion_tokens", 0)) for m in metas)

@@ -76,6 +76,9 @@ class Invocation(BaseModel):
         priority: ``interactive`` or ``batch`` (None: interactive); orders the
             tenant's own invocations, and is passed on to an engine that runs
             with priority scheduling.
+        internals_scope: Whether the submitting token may use the modes that expose model
+            internals (logprobs, hidden states, hook points); False refuses them in the
+            worker before any engine request. None: yes (an embedded client's own calls).
     """
 
     model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
@@ -96,6 +99,7 @@ class Invocation(BaseModel):
     tenant: str | None = None
     weight: float | None = Field(None, gt=0)
     priority: Priority | None = None
+    internals_scope: bool | None = None
 
 
 class ErrorInfo(BaseModel):

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 from registry import Registry
 from runtime import (
+    INTERNALS_MODES,
     EngineError,
     ErrorKind,
     FaasError,
@@ -98,7 +99,7 @@ class Runner:
         self._default = store_config
         self._lock = threading.Lock()
         self._stores: dict[str, tuple[ObjectStore, Registry]] = {}
-        self._handles: dict[tuple[str, str, frozenset[str] | None], Model] = {}
+        self._handles: dict[tuple[str, str, frozenset[str] | None, frozenset[str]], Model] = {}
         self._running: dict[tuple[str, int], Model] = {}
 
     def open_store(self, config: dict[str, Any]) -> ObjectStore:
@@ -114,11 +115,15 @@ class Runner:
                 hit = self._stores[key] = (store, Registry(store))
             return hit
 
-    def _handle(self, url: str, name: str, modes: frozenset[str] | None) -> Model:
+    def _handle(self, url: str, name: str, modes: frozenset[str] | None, internals: bool | None) -> Model:
+        # The one place every substrate's workers build handles: a token without the
+        # ``internals`` scope loses those modes here, whatever the model allows.
+        unscoped = INTERNALS_MODES if internals is False else frozenset()
+        key = (url, name, modes, unscoped)
         with self._lock:
-            model = self._handles.get((url, name, modes))
+            model = self._handles.get(key)
             if model is None:
-                model = self._handles[(url, name, modes)] = Model(url, name, allowed_modes=modes)
+                model = self._handles[key] = Model(url, name, allowed_modes=modes, unscoped=unscoped)
             return model
 
     def abort(self, invocation_id: str, attempt: int) -> None:
@@ -148,7 +153,9 @@ class Runner:
                     raise EngineError(engine_error)
                 if not dispatch.engine_url:
                     raise EngineError(f"This worker has no engine for {dispatch.model_name}.")
-                model = self._handle(dispatch.engine_url, dispatch.model_name, dispatch.model_modes)
+                model = self._handle(
+                    dispatch.engine_url, dispatch.model_name, dispatch.model_modes, inv.internals_scope
+                )
             config = inv.store or dispatch.store or self._default
             if config is None:
                 raise FaasError(f"Invocation {inv.id} names no object store to load its function from.")

@@ -92,6 +92,8 @@ class SessionInfo(BaseModel):
         limits: The tenant's quotas.
         version: The service's package version.
         admin: Whether the token is an operator's (may read every tenant's usage).
+        internals: Whether the token has the ``internals`` scope (logprobs, hidden
+            states, hook points).
     """
 
     tenant: str
@@ -100,6 +102,7 @@ class SessionInfo(BaseModel):
     limits: Limits
     version: str
     admin: bool = False
+    internals: bool = True
 
 
 class RegisterFunction(BaseModel):

@@ -22,6 +22,11 @@ Token file (TOML or JSON)::
     tokens = ["sha256:4e07408..."]
     admin = true              # its tokens may read every tenant's usage (default false)
 
+    [[tenants]]
+    name = "teaching"
+    tokens = ["sha256:2c26b46..."]
+    internals = false         # no logprobs, hidden states or hook points (default true)
+
 Tokens are compared by their sha256 in constant time, and are never logged or
 put into an error message.
 """
@@ -54,11 +59,16 @@ class Tenant:
         admin: Whether the tenant's tokens are operators' tokens: they may read
             every tenant's usage (``GET /v1/usage?tenant=...`` or ``?all_tenants=true``).
             Everything else stays scoped to the tenant itself.
+        internals: The ``internals`` scope: whether the tenant's functions may use
+            the modes that expose model internals (logprobs, hidden states, hook-point
+            reads and writes). Without it they are refused in the worker with
+            ``MissingScopeError`` before any engine request.
     """
 
     name: str
     limits: Limits = field(default_factory=Limits)
     admin: bool = False
+    internals: bool = True
 
     @property
     def prefix(self) -> str:
@@ -109,7 +119,7 @@ class TokenAuth:
             known = self._tenants.setdefault(tenant.name, tenant)
             if known != tenant:
                 raise AuthConfigError(
-                    f"Tenant {tenant.name!r} is defined twice with different limits or admin flags."
+                    f"Tenant {tenant.name!r} is defined twice with different limits or scopes."
                 )
             if token.startswith("sha256:"):
                 try:
@@ -168,12 +178,13 @@ class TokenAuth:
                 limits = Limits(**{k: raw[k] for k in Limits.model_fields if k in raw})
             except ValueError as exc:
                 raise AuthConfigError(f"Tenant {raw['name']!r} in {path} has bad limits: {exc}") from None
-            admin = raw.get("admin", False)
-            if not isinstance(admin, bool):  # "yes" or 1 must not make an operator by accident
-                raise AuthConfigError(
-                    f"Tenant {raw['name']!r} in {path} has admin = {admin!r}; it must be true or false."
-                )
-            tenant = Tenant(str(raw["name"]), limits, admin)
+            flags = {key: raw.get(key, default) for key, default in (("admin", False), ("internals", True))}
+            for key, value in flags.items():
+                if not isinstance(value, bool):  # "yes" or 1 must not grant a scope by accident
+                    raise AuthConfigError(
+                        f"Tenant {raw['name']!r} in {path} has {key} = {value!r}; it must be true or false."
+                    )
+            tenant = Tenant(str(raw["name"]), limits, flags["admin"], flags["internals"])
             entries.extend((tenant, str(token)) for token in raw["tokens"])
         return cls(entries)
 

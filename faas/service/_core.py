@@ -237,6 +237,7 @@ class ServiceCore:
             limits=tenant.limits,
             version=__version__,
             admin=tenant.admin,
+            internals=tenant.internals,
         )
 
     # -- functions and models ----------------------------------------------------------
@@ -360,6 +361,7 @@ class ServiceCore:
                 priority=item.priority,
                 tenant=tenant.name,
                 weight=tenant.limits.weight,
+                internals_scope=tenant.internals,
                 **trigger_fields(item, ids[n] if ids is not None else None),
             )
             for n, item in enumerate(items)

@@ -271,7 +271,13 @@ def test_recorded_user_error_rebuilds_with_its_remote_traceback() -> None:
 def test_value_pickles_load_as_their_public_class(entry: dict[str, Any]) -> None:
     loaded = _serde.loads(_read(entry["file"]))
     assert type(loaded) is resolve(entry["class"])
-    assert describe(loaded) == entry["expect"]
+    got, expect = describe(loaded), entry["expect"]
+    if isinstance(got, dict) and isinstance(expect, dict):
+        # Optional fields added since the artifact was written load at their default (None).
+        added = {k: v for k, v in got.items() if k not in expect}
+        assert all(v is None for v in added.values()), added
+        got = {k: v for k, v in got.items() if k in expect}
+    assert got == expect
 
 
 def test_object_refs_and_refs_load_equal() -> None:
