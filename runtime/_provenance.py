@@ -50,6 +50,8 @@ class EngineCall(BaseModel):
         engine_share_seconds: The call's part of the engine's busy time, when the engine
             reports it (the CPU engine splits each step's time over its rows by tokens); None otherwise.
         ttft_seconds: Seconds from sending a streamed call to its first text (None unless streamed).
+        internals: The call's hook-point reads and writes, each write's vector by sha256
+            and shape (never by value); None when it used none.
     """
 
     path: str
@@ -63,6 +65,7 @@ class EngineCall(BaseModel):
     engine_share_seconds: float | None = None
     ttft_seconds: float | None = None
     wall_seconds: float = 0.0
+    internals: dict[str, Any] | None = None
 
 
 class Timings(BaseModel):

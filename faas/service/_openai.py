@@ -31,6 +31,7 @@ from runtime import (
     EngineError,
     FaasError,
     InvalidParameterError,
+    MissingScopeError,
     ModeNotAllowedError,
     dumps,
     is_marker,
@@ -155,6 +156,8 @@ class OpenAIGateway:
 
         Raises:
             InvalidParameterError: Mixed kinds or models.
+            MissingScopeError: A request asks for logprobs and the tenant lacks the
+                ``internals`` scope (nothing accepted; the worker would refuse it too).
             QuotaExceededError: The tenant's queue quota (nothing accepted).
             BudgetExceededError: The tenant's token budget (nothing accepted).
             BackPressureError: The model's queue is full.
@@ -166,6 +169,10 @@ class OpenAIGateway:
         if any(p.function != first.function or p.model.ref != first.model.ref for p in prepared):
             raise InvalidParameterError(
                 "Requests submitted together must share one route and one model.", "model"
+            )
+        if not tenant.internals and any(p.request.logprobs for p in prepared):
+            raise MissingScopeError(
+                "Your token lacks the 'internals' scope, which logprobs needs; nothing was accepted."
             )
         key = (tenant.name, first.function)
         digest = self._builtins.get(key)

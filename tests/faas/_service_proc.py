@@ -33,6 +33,7 @@ class ServiceProc:
         store_url: The service's store (default: a directory under ``root``).
         tenants: The token file's tenants and their tokens (default ``TOKENS``).
         admins: Tenants marked ``admin = true`` (they may read every tenant's usage).
+        no_internals: Tenants marked ``internals = false`` (no logprobs, hidden states or hook points).
         weights: Tenants' fair-share ``weight`` in the token file.
         substrate_options: The substrate file's ``[options]`` (e.g. ``{"fairness": "fcfs"}``);
             a local substrate gets a file only when this is given.
@@ -48,6 +49,7 @@ class ServiceProc:
         store_url: str | None = None,
         tenants: dict[str, str] | None = None,
         admins: frozenset[str] = frozenset(),
+        no_internals: frozenset[str] = frozenset(),
         weights: dict[str, float] | None = None,
         substrate_options: dict[str, str | int | float] | None = None,
     ) -> None:
@@ -63,6 +65,7 @@ class ServiceProc:
             lines += ["[[tenants]]", f'name = "{tenant}"', f'tokens = ["{token}"]']
             lines += [f"{k} = {v}" for k, v in (limits or {}).get(tenant, {}).items()]
             lines += ["admin = true"] if tenant in admins else []
+            lines += ["internals = false"] if tenant in no_internals else []
             lines += [f"weight = {weights[tenant]}"] if tenant in (weights or {}) else []
         self.tokens.write_text("\n".join(lines) + "\n")
         self.extra_env = extra_env or {}

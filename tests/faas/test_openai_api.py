@@ -39,7 +39,7 @@ class Service:
         return self.proc.url + "/v1"
 
     def client(self, tenant: str = "alice", **options: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key=TOKENS[tenant], **options)  # type: ignore[arg-type]
+        return openai.OpenAI(base_url=self.base_url, api_key=self.proc.tokens_of[tenant], **options)  # type: ignore[arg-type]
 
     def aclient(self, tenant: str = "alice") -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.base_url, api_key=TOKENS[tenant])
@@ -52,6 +52,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     proc = ServiceProc(
         root,
         limits={"bob": {"tokens_per_minute": 40}},
+        tenants={**TOKENS, "carol": "carol-token-0123456789abcdef"},
+        no_internals=frozenset({"carol"}),
         extra_env={"FAAS_BUDGET_MINUTE_SECONDS": str(BUDGET_WINDOW_SECONDS)},
     ).start(timeout=120)
     try:
@@ -179,6 +181,11 @@ def test_logprobs_are_a_scope_checked_mode(service: Service) -> None:
     with pytest.raises(openai.PermissionDeniedError) as denied:
         client.chat.completions.create(model="plain-llama", messages=CHAT, max_tokens=3, logprobs=True)
     assert denied.value.code == "mode_not_allowed"
+    # carol's token lacks the internals scope: refused before anything is accepted.
+    carol = service.client("carol")
+    with pytest.raises(openai.PermissionDeniedError, match="lacks the 'internals' scope"):
+        carol.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=3, logprobs=True)
+    assert carol.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=2).choices
 
 
 def test_errors_are_openai_shaped(service: Service) -> None:
