@@ -8,6 +8,9 @@ are then merged (left-padded) into one. With it off, every iteration recomputes 
 left-padded batch in a single forward. Both paths sample each row with its own parameters
 and, when seeded, its own ``torch.Generator``, so results do not depend on batch make-up.
 
+Hook-point reads and writes (``internals``) and ``input_embeds`` go through ``_hooks``: each
+forward sets a plan there naming its rows' positions.
+
 Embedding requests (``/encode``) queue separately and run between generation steps, as one
 padded forward per group: the mean of the final hidden states, L2-normalised.
 """

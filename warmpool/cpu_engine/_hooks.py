@@ -168,6 +168,9 @@ class Hooks:
             rows: Per batch row, its probe (or None) and its sequence length including the
                 tokens fed now (columns are right-aligned: left padding).
             ids: The ``[rows, width]`` token ids about to be fed.
+
+        The plan covers only this forward's rows. There is no prefix cache, so KV-cache
+        entries written under a request's writes belong to that row alone.
         """
         width = ids.shape[1]
         entries = [
