@@ -153,6 +153,10 @@ def test_model_info_lists_hook_points(kv: httpx.Client, model: Any) -> None:
     want = [f"blocks.{i}.{p}" for i in range(model.config.num_hidden_layers) for p in POINTS]
     want.append("ln_final.hook_normalized")
     assert info["hook_points"] == [{"name": n, "shape": [hidden]} for n in want]
+    # Nothing to read: an empty object; no field at all: no key.
+    assert _greedy(kv, "Hello", 2, internals={})["meta_info"]["internals"] == {}
+    assert _greedy(kv, "Hello", 2, internals={"read": [], "write": None})["meta_info"]["internals"] == {}
+    assert "internals" not in _greedy(kv, "Hello", 2)["meta_info"]
 
 
 def test_every_hook_point_read_in_a_batch_equals_reference(

@@ -157,7 +157,7 @@ def parse_internals(raw: object, *, names: list[str], hidden: int, context_len: 
         context_len: Explicit positions must be below this.
 
     Returns:
-        The reads and writes, or None when there are none.
+        The reads and writes (None when the field is absent).
 
     Raises:
         RequestError: Anything malformed, naming the field.
@@ -190,13 +190,14 @@ def parse_internals(raw: object, *, names: list[str], hidden: int, context_len: 
         hook = _hook(w.get("hook"), where, known)
         if w.get("op") not in OPS:
             raise RequestError(f"{where}.op must be 'add', 'scale' or 'set', got {w.get('op')!r}")
-        alpha = w.get("alpha", 1.0)
+        alpha = w.get("alpha")
+        alpha = 1.0 if alpha is None else alpha
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
             raise RequestError(f"{where}.alpha must be a finite number, got {alpha!r}")
         positions = _positions(w.get("positions"), where, context_len)
         shape, data = _vector(w.get("vector"), where, hidden, positions)
         writes.append(WriteSpec(hook, w["op"], shape, data, float(alpha), positions))
-    return InternalsSpec(tuple(reads), tuple(writes)) if reads or writes else None
+    return InternalsSpec(tuple(reads), tuple(writes))
 
 
 def _items(raw: object, where: str) -> list[dict[str, Any]]:
