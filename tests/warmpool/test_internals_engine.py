@@ -258,6 +258,8 @@ def test_writes_in_both_modes_agree(kv: httpx.Client, nokv: httpx.Client, model:
         {"hook": "blocks.0.hook_resid_mid"},
         {"hook": "ln_final.hook_normalized"},
         {"hook": "blocks.1.hook_attn_out", "positions": [2]},
+        {"hook": "blocks.0.hook_mlp_out"},
+        {"hook": "blocks.0.hook_resid_post"},
     ]
     body = {"internals": {"write": writes, "read": reads}}
     a, b = (_greedy(c, "The quick brown", 8, **body) for c in (kv, nokv))
@@ -273,6 +275,40 @@ def test_writes_in_both_modes_agree(kv: httpx.Client, nokv: httpx.Client, model:
     diff = _array(a["meta_info"]["internals"][mid]) - _array(plain["meta_info"]["internals"][mid])
     assert np.abs(diff[1] - vec[0]).max() <= 1e-4  # position 1 sees only its own write
     assert np.abs(diff[0]).max() == 0.0
+    # The residual stream carries the resid_mid write: resid_post = resid_mid + mlp_out.
+    got = {k: _array(v) for k, v in a["meta_info"]["internals"].items()}
+    carried = got["blocks.0.hook_resid_post"] - got["blocks.0.hook_mlp_out"] - got[mid]
+    assert np.abs(carried).max() <= 1e-5
+
+
+def test_write_equals_reference_with_the_same_edit(engine: httpx.Client, model: Any, tokenizer: Any) -> None:
+    import torch
+
+    prompt, n, hidden = "Hello", 7, model.config.hidden_size
+    vec = np.random.default_rng(2).standard_normal(hidden).astype(np.float32) * 12
+    write = {"hook": "blocks.0.hook_resid_post", "op": "add", "vector": _f32(vec), "alpha": 0.5}
+    read = {"hook": "ln_final.hook_normalized"}
+    out = _greedy(engine, prompt, n, internals={"write": [write], "read": [read]})
+    assert out["output_ids"] != _greedy(engine, prompt, n)["output_ids"]
+    ids = tokenizer(prompt)["input_ids"] + out["output_ids"][:-1]
+
+    def edit(module: Any, args: Any, output: Any) -> Any:
+        x = output[0] if isinstance(output, tuple) else output
+        y = x + 0.5 * torch.from_numpy(vec)
+        return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    handle = model.model.layers[0].register_forward_hook(edit)
+    try:
+        ref = _reference(model, ids)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+    finally:
+        handle.remove()
+    got = _array(out["meta_info"]["internals"]["ln_final.hook_normalized"])
+    assert np.abs(got - ref["ln_final.hook_normalized"]).max() <= 1e-4
+    # Greedy under the edit: each generated token is the edited model's argmax.
+    prompt_len = len(ids) - (n - 1)
+    assert logits[prompt_len - 1 :].argmax(dim=-1).tolist() == out["output_ids"]
 
 
 def test_steering_vector_raises_target_token(kv: httpx.Client, model: Any, tokenizer: Any) -> None:
