@@ -32,6 +32,7 @@ PROMPT = "The quick brown"
 
 # Fields the engine knows that SGLang's request models do not declare (SGLang ignores them).
 NOT_SGLANG = {
+    "GenerateReqInput": {"internals"},  # the CPU engine's hook-point reads and writes
     "EmbeddingReqInput": {"model"},
     "ChatCompletionRequest": {"reasoning"} | {
         "store", "metadata", "service_tier", "prompt_cache_key", "prompt_cache_options",

@@ -8,6 +8,9 @@ are then merged (left-padded) into one. With it off, every iteration recomputes 
 left-padded batch in a single forward. Both paths sample each row with its own parameters
 and, when seeded, its own ``torch.Generator``, so results do not depend on batch make-up.
 
+Hook-point reads and writes (``internals``) and ``input_embeds`` go through ``_hooks``: each
+forward sets a plan there naming its rows' positions.
+
 Embedding requests (``/encode``) queue separately and run between generation steps, as one
 padded forward per group: the mean of the final hidden states, L2-normalised.
 """
@@ -25,6 +28,7 @@ from typing import Any
 
 import torch
 
+from warmpool.cpu_engine._hooks import Hooks, make_probe
 from warmpool.cpu_engine._requests import EmbedOutput, EmbedRequest, GenOutput, GenRequest
 from warmpool.cpu_engine._tensors import (
     cache_kwarg,
@@ -56,6 +60,7 @@ class _Row:
         # SGLang's layout: the prompt's [T, H] states first, then one [H] vector per step.
         self.hidden: list[torch.Tensor] = []
         self.share = 0.0  # engine seconds charged to this row (its tokens' part of each step)
+        self.probe = make_probe(req, device)  # hook-point reads/writes, input_embeds (_hooks)
         self.gen: torch.Generator | None = None
         if not req.params.greedy:
             # Per-request generator: the draw sequence depends on this request alone.
@@ -130,6 +135,7 @@ class Batcher:
         self._cache_kw = cache_kwarg(model)
         self._keep_kw = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.use_kv_cache = use_kv_cache
+        self.hooks = Hooks(model)  # per-row reads/writes of internals, each forward's plan set in _run
         if use_kv_cache:
             self.use_kv_cache = probe_kv_cache(self._run, self.pad_id, device)
         self._stats = {"requests_total": 0, "steps": 0, "rows_stepped": 0, "max_seen": 0}
@@ -364,7 +370,7 @@ class Batcher:
         """One forward over every row's full sequence (no cache); last-position logits."""
         rows = self._rows
         ids, mask = left_pad([r.tokens for r in rows], self.pad_id, self.device)
-        logits, _, hidden = self._run(ids, mask, positions(mask), None, _wants_hidden(rows))
+        logits, _, hidden = self._run(ids, mask, positions(mask), None, _wants_hidden(rows), rows)
         _keep_hidden(rows, hidden, prefill=None)  # a row's first step fed its whole prompt
         return logits
 
@@ -377,13 +383,13 @@ class Batcher:
             last = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
             mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
             pos = torch.tensor([[len(r.tokens) - 1] for r in rows], device=self.device)
-            logits, self._cache, hidden = self._run(last, mask, pos, self._cache, _wants_hidden(rows))
+            logits, self._cache, hidden = self._run(last, mask, pos, self._cache, _wants_hidden(rows), rows)
             self._mask = mask
             parts.append(logits)
             _keep_hidden(rows, hidden, prefill=False)
         if new:
             ids, mask = left_pad([r.tokens for r in new], self.pad_id, self.device)
-            logits, cache, hidden = self._run(ids, mask, positions(mask), None, _wants_hidden(new))
+            logits, cache, hidden = self._run(ids, mask, positions(mask), None, _wants_hidden(new), new)
             parts.append(logits)
             _keep_hidden(new, hidden, prefill=True)
             self._merge(cache, mask)
@@ -391,9 +397,15 @@ class Batcher:
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _run(
-        self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, hidden: bool = False
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        pos: torch.Tensor,
+        cache: Any,
+        hidden: bool = False,
+        rows: list[_Row] | None = None,
     ) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
-        """One forward: last-position logits, the new cache, and (if asked) final hidden states."""
+        """One forward of ``rows``: last-position logits, the new cache, (if asked) final hidden states."""
         kwargs: dict[str, Any] = {"use_cache": self.use_kv_cache}
         if cache is not None:
             kwargs[self._cache_kw] = cache
@@ -401,7 +413,12 @@ class Batcher:
             kwargs["logits_to_keep"] = 1  # only the last position is sampled from
         if hidden:
             kwargs["output_hidden_states"] = True
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **kwargs)
+        embeds = self.hooks.begin([(r.probe, len(r.tokens)) for r in rows or ()], ids)
+        feed = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
+        try:
+            out = self.model(attention_mask=mask, position_ids=pos, **feed, **kwargs)
+        finally:
+            self.hooks.end()
         # Read only the field this transformers version has: the other is a deprecated alias.
         new_cache = getattr(out, self._cache_kw, None)
         # The last entry is the final layer's output after the final norm: the lm_head input.
@@ -547,6 +564,7 @@ class Batcher:
             hidden_states=[h.tolist() for h in row.hidden]
             if row.req.return_hidden_states and finish
             else None,
+            internals=row.probe.result(self.hooks.hidden) if row.probe is not None and finish else None,
         )
 
 

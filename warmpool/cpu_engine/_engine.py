@@ -205,6 +205,8 @@ class Engine:
                 top_logprobs_num=spec.top_logprobs_num if spec.return_logprob else 0,
                 return_hidden_states=bool(spec.return_hidden_states and spec.return_hidden_states[i]),
                 counted=not spec.rids[i].startswith(HEALTH_CHECK_PREFIX),
+                internals=spec.internals,
+                input_embeds=spec.input_embeds[i] if spec.input_embeds is not None else None,
             )
             for i in range(len(spec.rids))
         ]
@@ -266,11 +268,16 @@ def create_app(engine: Engine) -> FastAPI:
     @app.get("/model_info")
     @app.get("/get_model_info")
     async def model_info() -> dict[str, Any]:
+        hooks = engine.batcher.hooks if engine.batcher is not None else None
+        names = hooks.names if hooks is not None else []
         return {
             "model_path": str(engine.args.model_path),
             "tokenizer_path": str(engine.args.model_path),
             "is_generation": True,
             "served_model_name": engine.served_model_name,
+            # Not SGLang's: the hook points /generate's "internals" field reads and writes.
+            "hook_points": [{"name": n, "shape": [hooks.hidden]} for n in names if hooks is not None],
+            "internals": {"read": bool(names), "write": bool(names)},
         }
 
     @app.get("/server_info")

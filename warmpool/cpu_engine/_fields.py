@@ -41,9 +41,11 @@ _OFF: Any = None  # the default of most optional SGLang fields
 
 # ---- /generate -----------------------------------------------------------------------------
 
+# internals is not SGLang's: the CPU engine's hook-point reads and writes (see _internals).
 GENERATE_PARSED = frozenset(
     {"text", "input_ids", "sampling_params", "rid", "stream", "return_logprob", "logprob_start_len",
-     "top_logprobs_num", "return_text_in_logprobs", "return_hidden_states"}
+     "top_logprobs_num", "return_text_in_logprobs", "return_hidden_states", "input_embeds",
+     "internals"}
 )  # fmt: skip
 GENERATE_IGNORED = frozenset(
     {"log_metrics", "no_logs", "priority", "custom_labels", "extra_key", "modalities", "session_id",
@@ -52,7 +54,7 @@ GENERATE_IGNORED = frozenset(
 )  # fmt: skip
 GENERATE_UNSUPPORTED: dict[str, Any] = {
     **dict.fromkeys(
-        ("input_embeds", "image_data", "video_data", "audio_data", "mm_hashes", "mm_content_hashes",
+        ("image_data", "video_data", "audio_data", "mm_hashes", "mm_content_hashes",
          "video_config", "watermark", "token_ids_logprob", "return_sampling_mask",
          "sampling_logprobs_mode", "session_params", "lora_path", "lora_id", "custom_logit_processor",
          "positional_embed_overrides", "bootstrap_host", "bootstrap_port", "bootstrap_room",

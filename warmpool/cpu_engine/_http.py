@@ -137,6 +137,8 @@ def to_json(batcher: Batcher, out: GenOutput, spec: GenerateSpec) -> dict[str, A
             ]
     if out.hidden_states is not None:
         meta["hidden_states"] = out.hidden_states
+    if out.internals is not None:
+        meta["internals"] = out.internals  # not SGLang's: the reads of the request's "internals"
     return {"text": out.text, "output_ids": out.output_ids, "meta_info": meta}
 
 
@@ -160,7 +162,12 @@ async def generate(engine: Engine, batcher: Batcher, request: Request) -> Respon
     try:
         body = await _body(request)
         spec = parse_generate(
-            body, batcher.encode, vocab_size=engine.vocab_size, context_len=engine.context_len
+            body,
+            batcher.encode,
+            vocab_size=engine.vocab_size,
+            context_len=engine.context_len,
+            hook_points=batcher.hooks.names,
+            hidden_size=batcher.hooks.hidden,
         )
     except RequestError as exc:
         return _bad_request(exc)

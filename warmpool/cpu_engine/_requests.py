@@ -27,6 +27,7 @@ from warmpool.cpu_engine._fields import (
 )
 from warmpool.cpu_engine._fields import RequestError as RequestError  # re-exported
 from warmpool.cpu_engine._fields import UnsupportedError as UnsupportedError
+from warmpool.cpu_engine._internals import InternalsSpec, parse_input_embeds, parse_internals
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class GenerateSpec:
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
     return_hidden_states: list[bool] = field(default_factory=list)
+    internals: InternalsSpec | None = None
+    # Per prompt, its [T][H] embeddings when given as input_embeds (prompts then hold T placeholders).
+    input_embeds: list[list[list[float]]] | None = None
 
 
 @dataclass
@@ -231,7 +235,13 @@ _PER_PROMPT = ("return_logprob", "logprob_start_len", "top_logprobs_num")
 
 
 def parse_generate(
-    body: object, encode: Callable[[str], list[int]], *, vocab_size: int, context_len: int
+    body: object,
+    encode: Callable[[str], list[int]],
+    *,
+    vocab_size: int,
+    context_len: int,
+    hook_points: list[str] | None = None,
+    hidden_size: int = 0,
 ) -> GenerateSpec:
     """Validate a ``/generate`` body and tokenize its prompts.
 
@@ -240,6 +250,8 @@ def parse_generate(
         encode: Tokenizes one prompt string.
         vocab_size: Token ids must be below this.
         context_len: Prompt plus output must fit in this many tokens.
+        hook_points: The model's hook points (``internals``); None or empty: none.
+        hidden_size: The model's hidden size (``internals`` vectors, ``input_embeds``).
 
     Returns:
         The parsed request.
@@ -254,7 +266,14 @@ def parse_generate(
             "logprob_start_len other than -1 (input logprobs) is unsupported by the CPU engine"
         )
     spec = GenerateSpec()
-    spec.prompts, spec.is_batch = _parse_prompts(body, encode, vocab_size)
+    if body.get("input_embeds") is not None:
+        if body.get("text") is not None or body.get("input_ids") is not None:
+            raise RequestError("exactly one of text, input_ids or input_embeds is required")
+        embeds = parse_input_embeds(body["input_embeds"], hidden=hidden_size, context_len=context_len)
+        spec.input_embeds, spec.is_batch = embeds
+        spec.prompts = [[0] * len(e) for e in spec.input_embeds]  # placeholders: only lengths count
+    else:
+        spec.prompts, spec.is_batch = _parse_prompts(body, encode, vocab_size)
     n = len(spec.prompts)
     limit = max(context_len - min(len(p) for p in spec.prompts), 0)
     raw_params = _as_list(body.get("sampling_params"), n, "sampling_params")
@@ -277,6 +296,11 @@ def parse_generate(
     spec.return_hidden_states = hidden
     if spec.stream and any(hidden):
         raise UnsupportedError("return_hidden_states with stream is unsupported by the CPU engine")
+    spec.internals = parse_internals(
+        body.get("internals"), names=hook_points or [], hidden=hidden_size, context_len=context_len
+    )
+    if spec.stream and spec.internals is not None:
+        raise UnsupportedError("internals with stream is unsupported by the CPU engine")
     return spec
 
 
@@ -325,6 +349,7 @@ class GenOutput:
         error: Set when the engine itself failed (not the request's fault).
         engine_share: Engine seconds charged to this request: each forward step's time split
             over its rows by the tokens each fed that step.
+        internals: Per read hook point, the recorded array (final outputs only).
     """
 
     rid: str
@@ -338,6 +363,7 @@ class GenOutput:
     hidden_states: list[Any] | None = None
     error: str | None = None
     engine_share: float = 0.0
+    internals: dict[str, Any] | None = None
 
 
 @dataclass
@@ -354,6 +380,9 @@ class GenRequest:
         top_logprobs_num: Collect this many top logprobs per output token.
         return_hidden_states: Collect the final-layer hidden state of every position.
         counted: Counts towards ``requests_total`` (health checks do not).
+        internals: Hook-point reads and writes (``_hooks``), if any.
+        input_embeds: The prompt's ``[T][H]`` embeddings, if given instead of tokens
+            (``input_ids`` then holds ``T`` placeholders).
     """
 
     rid: str
@@ -366,6 +395,8 @@ class GenRequest:
     return_hidden_states: bool = False
     counted: bool = True
     created: float = field(default_factory=time.perf_counter)
+    internals: InternalsSpec | None = None
+    input_embeds: list[list[float]] | None = None
 
 
 @dataclass
