@@ -111,6 +111,7 @@ def test_a_write_from_the_object_store_steers_and_is_recorded_by_digest(
     future = fn.submit(PROMPT, ref, 1.0)
     steered = future.result(timeout=120)
     assert steered["ids"] != plain["ids"]
+    client.flush_records(30)  # records are group-committed after the result is delivered
     record = faas.read_provenance(client.store, future.invocation_id)
     [call] = record.engine_calls
     assert call.internals is not None
