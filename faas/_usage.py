@@ -26,6 +26,9 @@ Columns worth a word:
   busy time. An engine that does not report shares (SGLang) gets the latency
   as an upper-bound estimate, and ``share_estimated`` is set.
 - ``ttft_seconds``: time to the first text of the first streamed call.
+- ``privileged``: the modes that expose model internals (``logprobs``,
+  ``hidden_states``, ``internals_read``, ``internals_write``) its calls used; the
+  service writes an ``internals.use`` entry to its audit log for each such row.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtime import EngineCall, Invocation, ObjectExists, Result, scoped_store
+from runtime import INTERNALS_MODES, EngineCall, Invocation, ObjectExists, Result, scoped_store
 
 if TYPE_CHECKING:
     from registry import FunctionSpec, ModelSpec
@@ -76,6 +79,7 @@ class UsageRow(BaseModel):
     engine_seconds: float = 0.0
     engine_share_seconds: float = 0.0
     share_estimated: bool = False
+    privileged: list[str] = Field(default_factory=list)
     submitted_at: float
     finished_at: float
 
@@ -119,6 +123,7 @@ def usage_row(
             c.engine_share_seconds if c.engine_share_seconds is not None else c.engine_seconds for c in calls
         ),
         share_estimated=any(c.engine_share_seconds is None for c in calls),
+        privileged=sorted({m for c in calls for m in c.modes} & INTERNALS_MODES),
         submitted_at=invocation.submitted_at,
         finished_at=result.finished_at or time.time(),
     )

@@ -140,6 +140,7 @@ def call_record(
         },
         "internals": internals,
         "rid": body.get("rid"),
+        "modes": sorted(modes_of(path, body)),
         "prompt_tokens": sum(int(m.get("prompt_tokens", 0)) for m in metas) or usage.get("prompt_tokens", 0),
         "completion_tokens": sum(int(m.get("completion_tokens", 0)) for m in metas)
         or usage.get("completion_tokens", 0),

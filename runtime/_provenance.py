@@ -52,6 +52,7 @@ class EngineCall(BaseModel):
         ttft_seconds: Seconds from sending a streamed call to its first text (None unless streamed).
         internals: The call's hook-point reads and writes, each write's vector by sha256
             and shape (never by value); None when it used none.
+        modes: The model modes the call used (``generate``, ``logprobs``, ...).
     """
 
     path: str
@@ -66,6 +67,7 @@ class EngineCall(BaseModel):
     ttft_seconds: float | None = None
     wall_seconds: float = 0.0
     internals: dict[str, Any] | None = None
+    modes: list[str] = Field(default_factory=list)
 
 
 class Timings(BaseModel):

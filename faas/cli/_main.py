@@ -105,6 +105,11 @@ from faas.cli._usage import usage as _usage  # noqa: E402
 
 app.command("usage")(_usage)
 
+# -- audit log (faas/cli/_audit.py) -------------------------------------------------------
+from faas.cli._audit import audit as _audit  # noqa: E402
+
+app.command("audit")(_audit)
+
 # -- endpoint configs (faas/cli/_endpoint.py) ---------------------------------------------
 from faas.cli._endpoint import endpoint_app  # noqa: E402
 

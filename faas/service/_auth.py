@@ -27,24 +27,42 @@ Token file (TOML or JSON)::
     tokens = ["sha256:2c26b46..."]
     internals = false         # no logprobs, hidden states or hook points (default true)
 
+    [[tenants]]
+    name = "summer-school"
+    tokens = [{token = "sha256:...", expires = 2027-08-31T23:59:59Z}]   # refused after then
+
+A top-level ``revoked = ["sha256:...", ...]`` (before the first ``[[tenants]]``: TOML puts
+keys after a table header into that table) refuses those tokens whoever they belong to.
+
+``faas serve`` re-reads the file when it changes (see :class:`ReloadingTokenAuth`), so a
+revoked, expired or removed token is refused within a second, with no restart.
+
 Tokens are compared by their sha256 in constant time, and are never logged or
 put into an error message.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
+import threading
+import time
 import tomllib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from faas.service._api import Limits
 from runtime import AuthConfigError
+
+log = logging.getLogger("faas.service")
+_TENANT_KEYS = frozenset({"name", "tokens", "admin", "internals"})
 
 _TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -101,16 +119,33 @@ class TokenAuth:
     """Tokens from a file or the environment.
 
     Args:
-        entries: ``(tenant, token)`` pairs; a token may be given as
-            ``sha256:<hex>`` so the file holds no secret.
+        entries: ``(tenant, token)`` or ``(tenant, token, expires)`` entries; a token may
+            be given as ``sha256:<hex>`` so the file holds no secret; ``expires`` is epoch
+            seconds after which the token is refused (None: never).
+        revoked: Token digests (``sha256:<hex>``) refused whatever the entries say.
+        clock: Wall-clock time, for expiry.
+
+    Raises:
+        AuthConfigError: No entries, a bad tenant name, a short token, or one tenant
+            defined twice with different limits or scopes.
     """
 
-    def __init__(self, entries: list[tuple[Tenant, str]]) -> None:
+    def __init__(
+        self,
+        entries: Sequence[tuple[Tenant, str] | tuple[Tenant, str, float | None]],
+        *,
+        revoked: Sequence[str] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         if not entries:
             raise AuthConfigError("No tokens are configured; give at least one tenant a token.")
-        self._digests: list[tuple[bytes, Tenant]] = []
+        self._clock = clock
+        self._digests: list[tuple[bytes, Tenant, float | None]] = []
         self._tenants: dict[str, Tenant] = {}
-        for tenant, token in entries:
+        self._revoked = {_parse_digest(r, "a revoked token") for r in revoked}
+        for entry in entries:
+            tenant, token = entry[0], entry[1]
+            expires = entry[2] if len(entry) > 2 else None
             if not _TENANT.match(tenant.name):
                 raise AuthConfigError(
                     f"Tenant name {tenant.name!r} is not valid: use 1-63 lowercase letters, "
@@ -122,17 +157,12 @@ class TokenAuth:
                     f"Tenant {tenant.name!r} is defined twice with different limits or scopes."
                 )
             if token.startswith("sha256:"):
-                try:
-                    digest = bytes.fromhex(token.removeprefix("sha256:"))
-                except ValueError:
-                    raise AuthConfigError(f"A sha256 token of tenant {tenant.name!r} is not hex.") from None
-                if len(digest) != 32:
-                    raise AuthConfigError(f"A sha256 token of tenant {tenant.name!r} is not 64 hex digits.")
+                digest = _parse_digest(token, f"a sha256 token of tenant {tenant.name!r}")
             elif len(token) < 16:
                 raise AuthConfigError(f"A token of tenant {tenant.name!r} is shorter than 16 characters.")
             else:
                 digest = _digest(token)
-            self._digests.append((digest, tenant))
+            self._digests.append((digest, tenant, expires))
 
     @property
     def requires_token(self) -> bool:
@@ -140,22 +170,33 @@ class TokenAuth:
         return True
 
     def authenticate(self, token: str | None) -> Tenant | None:
-        """The token's tenant, or None; compares digests in constant time."""
+        """The token's tenant, or None (unknown, expired or revoked); compares in constant time."""
         if not token:
             return None
         digest = _digest(token)
         found: Tenant | None = None
-        for known, tenant in self._digests:  # no early exit: the time does not tell which entry matched
-            if hmac.compare_digest(known, digest):
+        now = self._clock()
+        for known, tenant, expires in self._digests:  # no early exit: the time does not tell which matched
+            if hmac.compare_digest(known, digest) and (expires is None or now < expires):
                 found = tenant
+        if digest in self._revoked:
+            return None
         return found
 
     def tenants(self) -> list[Tenant]:
         """Every configured tenant."""
         return list(self._tenants.values())
 
+    def revoked(self) -> set[str]:
+        """The revoked digests, shortened as in :meth:`entries`."""
+        return {"sha256:" + d.hex()[:12] for d in self._revoked}
+
+    def entries(self) -> list[tuple[str, str, float | None]]:
+        """``(tenant, sha256:<first 12 hex digits>, expires)`` of every token, for audit records."""
+        return [(t.name, "sha256:" + d.hex()[:12], e) for d, t, e in self._digests]
+
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> TokenAuth:
+    def from_file(cls, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time) -> TokenAuth:
         """Read a TOML (``.toml``) or JSON token file (see the module docstring).
 
         Raises:
@@ -170,7 +211,7 @@ class TokenAuth:
             data: dict[str, Any] = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
             raise AuthConfigError(f"The token file {path} does not parse: {exc}.") from None
-        entries: list[tuple[Tenant, str]] = []
+        entries: list[tuple[Tenant, str, float | None]] = []
         for index, raw in enumerate(data.get("tenants") or []):
             if not isinstance(raw, dict) or "name" not in raw or not raw.get("tokens"):
                 raise AuthConfigError(f"Tenant entry {index} in {path} needs a 'name' and a 'tokens' list.")
@@ -184,9 +225,18 @@ class TokenAuth:
                     raise AuthConfigError(
                         f"Tenant {raw['name']!r} in {path} has {key} = {value!r}; it must be true or false."
                     )
+            unknown = sorted(set(raw) - _TENANT_KEYS - set(Limits.model_fields))
+            if unknown:
+                raise AuthConfigError(
+                    f"Tenant {raw['name']!r} in {path} has unknown keys {unknown} (a top-level key such "
+                    "as 'revoked' must come before the first [[tenants]] table)."
+                )
             tenant = Tenant(str(raw["name"]), limits, flags["admin"], flags["internals"])
-            entries.extend((tenant, str(token)) for token in raw["tokens"])
-        return cls(entries)
+            entries.extend((tenant, *_token_entry(item, tenant.name, path)) for item in raw["tokens"])
+        revoked = data.get("revoked") or []
+        if not isinstance(revoked, list) or not all(isinstance(r, str) for r in revoked):
+            raise AuthConfigError(f"'revoked' in {path} must be a list of 'sha256:<hex>' token digests.")
+        return cls(entries, revoked=revoked, clock=clock)
 
     @classmethod
     def from_env(cls, value: str) -> TokenAuth:
@@ -195,13 +245,51 @@ class TokenAuth:
         Raises:
             AuthConfigError: An entry is not ``tenant=token``.
         """
-        entries = []
+        entries: list[tuple[Tenant, str]] = []
         for index, part in enumerate(p for p in value.split(",") if p.strip()):
             name, sep, token = part.strip().partition("=")
             if not sep or not name or not token:
                 raise AuthConfigError(f"Entry {index} of FAAS_TOKENS is not of the form tenant=token.")
             entries.append((Tenant(name), token))
         return cls(entries)
+
+
+def _parse_digest(token: str, what: str) -> bytes:
+    try:
+        digest = bytes.fromhex(token.removeprefix("sha256:"))
+    except ValueError:
+        raise AuthConfigError(f"The digest of {what} is not hex.") from None
+    if not token.startswith("sha256:") or len(digest) != 32:
+        raise AuthConfigError(f"The digest of {what} is not 'sha256:' and 64 hex digits.")
+    return digest
+
+
+def _token_entry(item: object, tenant: str, path: Path) -> tuple[str, float | None]:
+    """A ``tokens`` list item: a token string, or ``{token = "...", expires = <date-time>}``."""
+    if isinstance(item, str):
+        return item, None
+    if not isinstance(item, dict) or not isinstance(item.get("token"), str):
+        raise AuthConfigError(
+            f"A token of tenant {tenant!r} in {path} is neither a string nor {{token = ..., expires = ...}}."
+        )
+    expires = item.get("expires")
+    if expires is None:
+        return item["token"], None
+    if isinstance(expires, str):
+        try:
+            expires = datetime.datetime.fromisoformat(expires)
+        except ValueError:
+            raise AuthConfigError(f"A token of tenant {tenant!r} in {path} has a bad 'expires'.") from None
+    if isinstance(expires, datetime.datetime):
+        if expires.tzinfo is None:
+            raise AuthConfigError(
+                f"A token of tenant {tenant!r} in {path} expires at a time without a zone; "
+                "add 'Z' or an offset."
+            )
+        return item["token"], expires.timestamp()
+    if isinstance(expires, int | float) and not isinstance(expires, bool):
+        return item["token"], float(expires)
+    raise AuthConfigError(f"A token of tenant {tenant!r} in {path} has a bad 'expires': {expires!r}.")
 
 
 class OpenAuth:
@@ -228,6 +316,121 @@ class OpenAuth:
         return [self._tenant]
 
 
+TokenChange = Callable[[str, dict[str, Any]], None]
+"""Told ``(action, detail)`` of each change a reload finds (for the audit log)."""
+
+
+class ReloadingTokenAuth:
+    """A token file, re-read when it changes: revocations take effect with no restart.
+
+    At most every ``check_every`` seconds a request stats the file; a new modification
+    time, size or inode re-reads it. A file that no longer parses keeps the previous
+    tokens in force (and is logged), so a typo cannot lock every tenant out or let
+    everyone in. Listeners hear what changed: tokens added, removed or revoked, tenants
+    added or removed, scopes changed (digests shortened to 12 hex digits, never tokens).
+
+    Args:
+        path: The token file.
+        check_every: Seconds between checks of the file.
+        clock: Wall-clock time (for expiry); monotonic time paces the checks.
+
+    Raises:
+        AuthConfigError: The file is missing or malformed at start.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        check_every: float = 0.25,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self._check_every = check_every
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._listeners: list[TokenChange] = []
+        self._stamp = self._stat()
+        self._auth = TokenAuth.from_file(self.path, clock=clock)
+        self._next_check = time.monotonic() + check_every
+
+    def listen(self, listener: TokenChange) -> None:
+        """Call ``listener(action, detail)`` for every change a reload finds."""
+        self._listeners.append(listener)
+
+    @property
+    def requires_token(self) -> bool:
+        """Always True."""
+        return True
+
+    def authenticate(self, token: str | None) -> Tenant | None:
+        """The token's tenant under the file as it is now (re-read if it changed)."""
+        self.refresh()
+        return self._auth.authenticate(token)
+
+    def tenants(self) -> list[Tenant]:
+        """Every tenant of the file as last read."""
+        return self._auth.tenants()
+
+    def refresh(self, *, force: bool = False) -> bool:
+        """Re-read the file if it changed (at most every ``check_every`` s); returns whether it did."""
+        now = time.monotonic()
+        if not force and now < self._next_check:
+            return False
+        with self._lock:
+            self._next_check = now + self._check_every
+            stamp = self._stat()
+            if stamp == self._stamp and not force:
+                return False
+            try:
+                fresh = TokenAuth.from_file(self.path, clock=self._clock)
+            except AuthConfigError as exc:
+                log.error("Keeping the previous tokens: %s", exc)
+                return False
+            old, self._auth, self._stamp = self._auth, fresh, stamp
+        for action, detail in _changes(old, fresh):
+            for listener in self._listeners:
+                try:
+                    listener(action, detail)
+                except Exception:
+                    log.exception("A token-change listener failed")
+        return True
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _changes(old: TokenAuth, new: TokenAuth) -> list[tuple[str, dict[str, Any]]]:
+    """What differs between two readings of a token file, as audit actions."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    before, after = {t.name: t for t in old.tenants()}, {t.name: t for t in new.tenants()}
+    for name in sorted(after.keys() - before.keys()):
+        out.append(
+            (
+                "tenants.added",
+                {"tenant": name, "admin": after[name].admin, "internals": after[name].internals},
+            )
+        )
+    for name in sorted(before.keys() - after.keys()):
+        out.append(("tenants.removed", {"tenant": name}))
+    for name in sorted(before.keys() & after.keys()):
+        a, b = before[name], after[name]
+        if (a.admin, a.internals, a.limits) != (b.admin, b.internals, b.limits):
+            out.append(("tenants.changed", {"tenant": name, "admin": b.admin, "internals": b.internals}))
+    tokens_before, tokens_after = set(old.entries()), set(new.entries())
+    for tenant, digest, expires in sorted(tokens_after - tokens_before, key=str):
+        out.append(("tokens.added", {"tenant": tenant, "token": digest, "expires": expires}))
+    for tenant, digest, expires in sorted(tokens_before - tokens_after, key=str):
+        out.append(("tokens.removed", {"tenant": tenant, "token": digest, "expires": expires}))
+    for digest in sorted(new.revoked() - old.revoked()):
+        out.append(("tokens.revoked", {"token": digest}))
+    return out
+
+
 def load_authenticator(tokens_file: str | None) -> Authenticator:
     """The authenticator for ``faas serve``: the token file, else ``$FAAS_TOKENS``, else open.
 
@@ -235,7 +438,7 @@ def load_authenticator(tokens_file: str | None) -> Authenticator:
         AuthConfigError: The configured tokens are malformed.
     """
     if tokens_file:
-        return TokenAuth.from_file(tokens_file)
+        return ReloadingTokenAuth(tokens_file)
     env = os.environ.get("FAAS_TOKENS", "")
     if env.strip():
         return TokenAuth.from_env(env)

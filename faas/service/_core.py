@@ -41,6 +41,7 @@ from faas.service._api import (
     ResultView,
     SessionInfo,
 )
+from faas.service._audit import AuditLog
 from faas.service._auth import Authenticator, Tenant
 from faas.service._commit import ResultCommitter
 from faas.service._index import Index, Row
@@ -132,8 +133,10 @@ class ServiceCore:
         self._done: collections.OrderedDict[str, ResultView] = collections.OrderedDict()
         self._models: dict[str, tuple[ModelSpec, float]] = {}
         self.ledger = Ledger(self.index, minute_seconds=budget_minute_seconds)  # budgets, usage totals
+        self.audit = AuditLog(Path(state_dir) / "audit.jsonl", auth=auth)  # token changes, internals use
+        usage = self.audit.charging(self.ledger)
         self._committer = ResultCommitter(
-            self.index, self._committed, record_threads=result_threads, on_usage=self.ledger.charge
+            self.index, self._committed, record_threads=result_threads, on_usage=usage
         )
         self._closed = False
         self.triggers = triggers

@@ -1,12 +1,15 @@
-"""The tenant's ``internals`` scope, through ``faas serve``: refused in the worker before any engine request.
+"""Scopes, revocation and the audit log, through a real ``faas serve``.
 
-alice has the scope (the default); bob's token file entry says ``internals = false``. Both run
-the same function on the same shared engine; bob's hook-point reads, hidden states and
-logprobs are refused with MissingScopeError while the engine's request counter stays put.
+alice has the ``internals`` scope (the default); bob's token file entry says ``internals =
+false``. Both run the same function on the same shared engine; bob's hook-point reads, hidden
+states and logprobs are refused with MissingScopeError while the engine's request counter
+stays put. carol's token is revoked by editing the token file while the service runs. The
+audit log records alice's use of internals and the revocation, and verifies.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,10 +18,13 @@ import httpx
 import pytest
 
 import faas
+from faas.service._audit import read, verify
+from faas.service._auth import token_digest
 from tests.faas._service_helpers import running_service
 from tests.faas._service_proc import TOKENS, ServiceProc
 
 GREEDY = {"max_new_tokens": 3, "temperature": 0}
+CAROL = "carol-token-0123456789abcdef"
 
 
 def _probe(model: faas.Model, what: str) -> Any:
@@ -36,7 +42,9 @@ def _probe(model: faas.Model, what: str) -> Any:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProc]:
-    with running_service(tmp_path_factory.mktemp("internals"), no_internals=frozenset({"bob"})) as svc:
+    tenants = {**TOKENS, "carol": CAROL}
+    root = tmp_path_factory.mktemp("scopes")
+    with running_service(root, tenants=tenants, no_internals=frozenset({"bob"})) as svc:
         yield svc
 
 
@@ -75,3 +83,41 @@ def test_the_token_file_refuses_a_non_boolean_scope(tmp_path: Path) -> None:
     path.write_text('[[tenants]]\nname = "carol"\ntokens = ["t-0123456789"]\ninternals = "no"\n')
     with pytest.raises(faas.AuthConfigError, match="internals = 'no'; it must be true or false"):
         TokenAuth.from_file(path)
+
+
+def test_a_revoked_token_gets_401_within_a_second_and_the_audit_log_verifies(service: ServiceProc) -> None:
+    alice_client = faas.RemoteClient(service.url, token=TOKENS["alice"])
+    try:
+        probe = faas.function(model="tiny-llama", name="probe", timeout=120)(_probe)
+        assert probe.with_client(alice_client).remote("internals") == (64,)  # a privileged use to audit
+    finally:
+        alice_client.shutdown()
+    with service.client("carol") as carol:
+        assert carol.get("/v1/session").status_code == 200
+        pid = service.proc.pid if service.proc else None
+        text = service.tokens.read_text()
+        service.tokens.write_text(f'revoked = ["{token_digest(CAROL)}"]\n' + text)
+        written = time.monotonic()
+        status = 200
+        while status != 401 and time.monotonic() < written + 5.0:
+            status = carol.get("/v1/session").status_code
+        took = time.monotonic() - written
+        assert status == 401 and took < 1.0, (status, took)
+        assert service.proc is not None and service.proc.pid == pid and service.proc.poll() is None
+    with service.client("alice") as alice:
+        assert alice.get("/v1/session").status_code == 200  # the others are untouched
+
+    path = service.state / "audit.jsonl"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # internals use is recorded when its usage row commits
+        if path.exists() and {"internals.use", "tokens.revoked"} <= {e["action"] for e in read(path)}:
+            break
+        time.sleep(0.1)  # polling a file another process appends to
+    entries = list(read(path))
+    uses = [e for e in entries if e["action"] == "internals.use"]
+    assert uses and {e["actor"] for e in uses} == {"alice"}
+    assert "internals_read" in uses[-1]["detail"]["modes"]
+    [revoked] = [e for e in entries if e["action"] == "tokens.revoked"]
+    assert revoked["actor"] == "operator" and revoked["detail"]["token"] == token_digest(CAROL)[:19]
+    assert "carol-token" not in path.read_text()  # digests, never tokens
+    assert verify(path).ok
