@@ -2,9 +2,10 @@
 
 An :class:`Authenticator` turns the token of a request into a :class:`Tenant`
 (or None: 401). Two implementations ship: :class:`TokenAuth`, backed by a token
-file or ``$FAAS_TOKENS``, and :class:`OpenAuth`, one tenant and no tokens, for
-a service bound to 127.0.0.1 for one user. Globus Auth can back a third later:
-it only has to satisfy the protocol.
+file or ``$FAAS_TOKENS`` (and, with a ``[globus]`` table, Globus Auth access
+tokens introspected as FIRST does: see :mod:`faas.service._globus_auth`), and
+:class:`OpenAuth`, one tenant and no tokens, for a service bound to 127.0.0.1
+for one user.
 
 Token file (TOML or JSON)::
 
@@ -53,16 +54,17 @@ import re
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from faas.service._api import Limits
+from faas.service._globus_auth import GlobusIntrospection
 from runtime import AuthConfigError
 
 log = logging.getLogger("faas.service")
-_TENANT_KEYS = frozenset({"name", "tokens", "admin", "internals"})
+_TENANT_KEYS = frozenset({"name", "tokens", "admin", "internals", "globus_identities"})
 
 _TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -124,6 +126,8 @@ class TokenAuth:
             seconds after which the token is refused (None: never).
         revoked: Token digests (``sha256:<hex>``) refused whatever the entries say.
         clock: Wall-clock time, for expiry.
+        globus: Introspects tokens that match no entry (Globus Auth access tokens).
+        identities: Globus identity ids or usernames to tenants, for ``globus``.
 
     Raises:
         AuthConfigError: No entries, a bad tenant name, a short token, or one tenant
@@ -136,10 +140,14 @@ class TokenAuth:
         *,
         revoked: Sequence[str] = (),
         clock: Callable[[], float] = time.time,
+        globus: GlobusIntrospection | None = None,
+        identities: Mapping[str, Tenant] | None = None,
     ) -> None:
-        if not entries:
+        if not entries and not (globus and identities):
             raise AuthConfigError("No tokens are configured; give at least one tenant a token.")
         self._clock = clock
+        self._globus = globus
+        self._identities = dict(identities or {})
         self._digests: list[tuple[bytes, Tenant, float | None]] = []
         self._tenants: dict[str, Tenant] = {}
         self._revoked = {_parse_digest(r, "a revoked token") for r in revoked}
@@ -181,6 +189,10 @@ class TokenAuth:
                 found = tenant
         if digest in self._revoked:
             return None
+        if found is None and self._globus is not None:
+            identity = self._globus.identify(token)
+            names = sorted(identity.names()) if identity is not None else []
+            found = next((self._identities[n] for n in names if n in self._identities), None)
         return found
 
     def tenants(self) -> list[Tenant]:
@@ -212,9 +224,18 @@ class TokenAuth:
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
             raise AuthConfigError(f"The token file {path} does not parse: {exc}.") from None
         entries: list[tuple[Tenant, str, float | None]] = []
+        identities: dict[str, Tenant] = {}
+        globus = GlobusIntrospection.from_config(data["globus"], clock=clock) if "globus" in data else None
         for index, raw in enumerate(data.get("tenants") or []):
-            if not isinstance(raw, dict) or "name" not in raw or not raw.get("tokens"):
-                raise AuthConfigError(f"Tenant entry {index} in {path} needs a 'name' and a 'tokens' list.")
+            if (
+                not isinstance(raw, dict)
+                or "name" not in raw
+                or not (raw.get("tokens") or raw.get("globus_identities"))
+            ):
+                raise AuthConfigError(
+                    f"Tenant entry {index} in {path} needs a 'name' and a 'tokens' "
+                    "(or 'globus_identities') list."
+                )
             try:
                 limits = Limits(**{k: raw[k] for k in Limits.model_fields if k in raw})
             except ValueError as exc:
@@ -232,11 +253,21 @@ class TokenAuth:
                     "as 'revoked' must come before the first [[tenants]] table)."
                 )
             tenant = Tenant(str(raw["name"]), limits, flags["admin"], flags["internals"])
-            entries.extend((tenant, *_token_entry(item, tenant.name, path)) for item in raw["tokens"])
+            entries.extend(
+                (tenant, *_token_entry(item, tenant.name, path)) for item in raw.get("tokens") or []
+            )
+            for name in raw.get("globus_identities") or []:
+                if globus is None:
+                    raise AuthConfigError(
+                        f"Tenant {tenant.name!r} in {path} lists globus_identities, "
+                        "but the file has no [globus] table."
+                    )
+                if identities.setdefault(str(name), tenant) != tenant:
+                    raise AuthConfigError(f"The Globus identity {name!r} in {path} maps to two tenants.")
         revoked = data.get("revoked") or []
         if not isinstance(revoked, list) or not all(isinstance(r, str) for r in revoked):
             raise AuthConfigError(f"'revoked' in {path} must be a list of 'sha256:<hex>' token digests.")
-        return cls(entries, revoked=revoked, clock=clock)
+        return cls(entries, revoked=revoked, clock=clock, globus=globus, identities=identities)
 
     @classmethod
     def from_env(cls, value: str) -> TokenAuth:
