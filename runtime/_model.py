@@ -20,7 +20,7 @@ import copy
 import itertools
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, overload
 
 import httpx
@@ -44,6 +44,7 @@ from runtime._model_fields import (
     raise_for_status,
     with_fallback,
 )
+from runtime._model_openai import OpenAIPath, OpenAIRoutes
 from runtime._model_results import (
     ChatDecoder,
     ChatResult,
@@ -52,7 +53,6 @@ from runtime._model_results import (
     TextStream,
     hidden_states_array,
 )
-from runtime._model_stream import stream_chunks
 from runtime._net import tcp_transport
 from runtime._policy import call_record, guard
 from runtime._sampling import (
@@ -74,11 +74,8 @@ __all__ = [
     "validate_sampling_params",
 ]
 
-OpenAIPath = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
-OPENAI_PATHS: frozenset[str] = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
-
-class Model:
+class Model(OpenAIRoutes):
     """A handle on a resident engine serving one model.
 
     Thread-safe: many invocations in one worker share a handle and its keep-alive
@@ -95,6 +92,8 @@ class Model:
             using another mode raises ``ModeNotAllowedError`` before it is sent.
         unscoped: Modes the tenant's token lacks the scope for; a request using one
             raises ``MissingScopeError`` before it is sent.
+        ungranted: Modes the tenant is not granted on this model; a request using one
+            raises ``ModeNotAllowedError`` before it is sent.
     """
 
     def __init__(
@@ -107,10 +106,12 @@ class Model:
         transport: httpx.BaseTransport | None = None,
         allowed_modes: frozenset[str] | None = None,
         unscoped: frozenset[str] = frozenset(),
+        ungranted: frozenset[str] = frozenset(),
     ) -> None:
         self.url = url.rstrip("/")
         self.allowed_modes = allowed_modes
         self.unscoped = unscoped
+        self.ungranted = ungranted
         self._info: dict[str, Any] | None = None
         self.calls: list[dict[str, Any]] = []  # engine calls made through this handle (see bind)
         self.name = name
@@ -280,7 +281,14 @@ class Model:
                 raise SubmitError("internals cannot be combined with stream=True.")
             wire, recorded = wire_body(internals)
             # Policy first, on what was asked: an engine without named hooks changes the body.
-            guard(self.name, self.allowed_modes, "/generate", {**body, "internals": wire}, self.unscoped)
+            guard(
+                self.name,
+                self.allowed_modes,
+                "/generate",
+                {**body, "internals": wire},
+                self.unscoped,
+                self.ungranted,
+            )
             if self.engine_info().get("hook_points") is None:
                 fallback = hidden_fallback(internals)
                 body["return_hidden_states"] = True
@@ -461,69 +469,6 @@ class Model:
         matrix = np.asarray([i["embedding"] for i in items], dtype=np.float32)
         return matrix[0] if single else matrix
 
-    # ---- the engine's own OpenAI-compatible routes ----------------------------------------------
-
-    def openai(self, path: OpenAIPath, body: Mapping[str, Any]) -> dict[str, Any]:
-        """Send an OpenAI-shaped request body to the engine's own OpenAI route; return its response body.
-
-        The body goes as given (the caller validated it), with this handle's request id
-        (when it has one prompt) and priority added; the model's policy is checked first
-        (``logprobs`` needs the ``logprobs`` mode, ``/v1/embeddings`` the ``encode`` mode).
-
-        Args:
-            path: ``/v1/chat/completions``, ``/v1/completions`` or ``/v1/embeddings``.
-            body: The request body, without ``stream``.
-
-        Raises:
-            ModeNotAllowedError: The model's policy refuses the request.
-            UnsupportedFeatureError: The engine does not implement a requested feature.
-            EngineRejectedError: The engine refused the request as malformed.
-            EngineError: The engine failed.
-            EngineLost: The engine could not be reached.
-        """
-        if path not in OPENAI_PATHS:
-            raise SubmitError(f"{path!r} is not one of the engine's OpenAI routes {sorted(OPENAI_PATHS)}.")
-        payload, rids = self._openai_body(path, body)
-        try:
-            data = self._post(path, payload)
-        finally:
-            self._release(rids)
-        if not isinstance(data, dict):
-            raise EngineError(f"The engine for model {self.name!r} answered {path} with a non-object.")
-        return data
-
-    def openai_stream(self, path: OpenAIPath, body: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-        """Like :meth:`openai`, streamed: the engine's chunks in order (closing early aborts it).
-
-        The engine is always asked for the final usage chunk, so the call's tokens are
-        recorded; a caller whose client did not ask for it drops it.
-        """
-        if path == "/v1/embeddings" or path not in OPENAI_PATHS:
-            raise SubmitError(f"{path!r} cannot be streamed.")
-        payload, rids = self._openai_body(path, body)
-        payload["stream"] = True
-        payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
-        return self._openai_chunks(path, payload, rids)
-
-    def _openai_body(self, path: str, body: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        payload = dict(body)  # one rid for one prompt (a chat, a string prompt); the engine names the rest
-        single = path == "/v1/chat/completions" or isinstance(payload.get("prompt"), str)
-        rids = self._rids(1, None) if single and path != "/v1/embeddings" and "rid" not in payload else []
-        payload.update({"rid": rids[0]} if rids else {})
-        return payload, rids
-
-    def _openai_chunks(self, path: str, payload: dict[str, Any], rids: list[str]) -> Iterator[dict[str, Any]]:
-        try:
-            guard(self.name, self.allowed_modes, path, payload)
-            record = call_record(path, payload, {}, time.time())  # tokens filled in when it ends
-            self.calls.append(record)
-            request = self._client.build_request("POST", path, json=self._with_priority(payload))
-            what = f"The engine for model {self.name!r} ({path})"
-            fail = self._raise_for_status
-            yield from stream_chunks(self._client, request, what, record, fail, self._unreachable)
-        finally:
-            self._release(rids)
-
     # ---- abort and transport ---------------------------------------------------------------
 
     def abort(self, rid: str) -> None:
@@ -542,6 +487,9 @@ class Model:
     def _unreachable(self, exc: Exception) -> EngineLost:
         return EngineLost(f"The engine for model {self.name!r} at {self.url} is unreachable: {exc}")
 
+    def _guard(self, path: str, body: dict[str, Any]) -> None:
+        guard(self.name, self.allowed_modes, path, body, self.unscoped, self.ungranted)
+
     def _with_priority(self, body: dict[str, Any]) -> dict[str, Any]:
         if self._priority is None or "priority" in body:
             return body
@@ -556,7 +504,7 @@ class Model:
         checked: bool = False,
     ) -> Any:
         if not checked:
-            guard(self.name, self.allowed_modes, path, body, self.unscoped)
+            self._guard(path, body)
         body = self._with_priority(body)
         started = time.time()
         try:
@@ -570,7 +518,7 @@ class Model:
 
     def _stream(self, path: str, body: dict[str, Any], rids: list[str], decoder: Any) -> TextStream:
         try:
-            guard(self.name, self.allowed_modes, path, body, self.unscoped)
+            self._guard(path, body)
         except Exception:
             self._release(rids)
             raise

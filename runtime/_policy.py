@@ -60,6 +60,7 @@ def guard(
     path: str,
     body: dict[str, Any],
     unscoped: frozenset[str] = frozenset(),
+    ungranted: frozenset[str] = frozenset(),
 ) -> None:
     """Raise if the request uses a mode the model does not allow, or one the tenant's scopes lack.
 
@@ -69,6 +70,7 @@ def guard(
         path: The engine path.
         body: The engine request.
         unscoped: Modes the tenant's token may not use (see :data:`INTERNALS_MODES`).
+        ungranted: Modes the tenant is not granted on this model.
 
     Raises:
         MissingScopeError: The tenant lacks the scope a mode needs.
@@ -79,6 +81,11 @@ def guard(
         raise MissingScopeError(
             f"Your token lacks the 'internals' scope, which {', '.join(sorted(used & unscoped))} "
             f"needs (model {model_name!r}); no request was sent to the engine."
+        )
+    if used & ungranted:
+        raise ModeNotAllowedError(
+            f"Your tenant is not granted {', '.join(sorted(used & ungranted))} on model {model_name!r}; "
+            "no request was sent to the engine."
         )
     if allowed is None:
         return

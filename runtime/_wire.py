@@ -79,6 +79,8 @@ class Invocation(BaseModel):
         internals_scope: Whether the submitting token may use the modes that expose model
             internals (logprobs, hidden states, hook points); False refuses them in the
             worker before any engine request. None: yes (an embedded client's own calls).
+        granted_modes: The modes the tenant is granted on the model (None: all); the
+            worker refuses the others before any engine request.
     """
 
     model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
@@ -100,6 +102,7 @@ class Invocation(BaseModel):
     weight: float | None = Field(None, gt=0)
     priority: Priority | None = None
     internals_scope: bool | None = None
+    granted_modes: tuple[str, ...] | None = None
 
 
 class ErrorInfo(BaseModel):

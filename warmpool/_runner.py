@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from registry import Registry
 from runtime import (
     INTERNALS_MODES,
+    MODES,
     EngineError,
     ErrorKind,
     FaasError,
@@ -99,7 +100,9 @@ class Runner:
         self._default = store_config
         self._lock = threading.Lock()
         self._stores: dict[str, tuple[ObjectStore, Registry]] = {}
-        self._handles: dict[tuple[str, str, frozenset[str] | None, frozenset[str]], Model] = {}
+        self._handles: dict[
+            tuple[str, str, frozenset[str] | None, frozenset[str], frozenset[str]], Model
+        ] = {}
         self._running: dict[tuple[str, int], Model] = {}
 
     def open_store(self, config: dict[str, Any]) -> ObjectStore:
@@ -115,15 +118,19 @@ class Runner:
                 hit = self._stores[key] = (store, Registry(store))
             return hit
 
-    def _handle(self, url: str, name: str, modes: frozenset[str] | None, internals: bool | None) -> Model:
+    def _handle(self, url: str, name: str, modes: frozenset[str] | None, inv: Invocation) -> Model:
         # The one place every substrate's workers build handles: a token without the
-        # ``internals`` scope loses those modes here, whatever the model allows.
-        unscoped = INTERNALS_MODES if internals is False else frozenset()
-        key = (url, name, modes, unscoped)
+        # ``internals`` scope, or a tenant without a grant, loses those modes here,
+        # whatever the model allows.
+        unscoped = INTERNALS_MODES if inv.internals_scope is False else frozenset()
+        granted = inv.granted_modes
+        ungranted = MODES - frozenset(granted) if granted is not None else frozenset()
+        key = (url, name, modes, unscoped, ungranted)
         with self._lock:
             model = self._handles.get(key)
             if model is None:
-                model = self._handles[key] = Model(url, name, allowed_modes=modes, unscoped=unscoped)
+                model = Model(url, name, allowed_modes=modes, unscoped=unscoped, ungranted=ungranted)
+                self._handles[key] = model
             return model
 
     def abort(self, invocation_id: str, attempt: int) -> None:
@@ -153,9 +160,7 @@ class Runner:
                     raise EngineError(engine_error)
                 if not dispatch.engine_url:
                     raise EngineError(f"This worker has no engine for {dispatch.model_name}.")
-                model = self._handle(
-                    dispatch.engine_url, dispatch.model_name, dispatch.model_modes, inv.internals_scope
-                )
+                model = self._handle(dispatch.engine_url, dispatch.model_name, dispatch.model_modes, inv)
             config = inv.store or dispatch.store or self._default
             if config is None:
                 raise FaasError(f"Invocation {inv.id} names no object store to load its function from.")

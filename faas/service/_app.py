@@ -39,11 +39,11 @@ from faas.service._api import (
     UsageReport,
     WatchRequest,
 )
-from faas.service._auth import Tenant
 from faas.service._core import Listener, ServiceCore
 from faas.service._metrics import render_metrics
 from faas.service._openai_batch_routes import install_openai_batch_routes
 from faas.service._openai_routes import install_openai_routes, openai_error
+from faas.service._tenant import Tenant, authorize
 from faas.service._triggers import TriggerHost
 from registry import FunctionSpec, TriggerBinding
 from runtime import (
@@ -97,16 +97,9 @@ def _error(status: int, type_name: str, message: str, headers: dict[str, str] | 
 
 
 def _tenant(request: Request) -> Tenant:
-    """The request's tenant, from its bearer token (a FastAPI dependency)."""
+    """The request's tenant, from its bearer token and the method's scope (a FastAPI dependency)."""
     core: ServiceCore = request.app.state.core
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    bearer = token.strip() if scheme.lower() == "bearer" else None
-    found = core.auth.authenticate(bearer)
-    if found is None:
-        why = "is not valid" if bearer else "is missing"
-        raise AuthError(f"The bearer token {why}; pass 'Authorization: Bearer <token>'.", 401)
-    return found
+    return authorize(core.auth, request.headers.get("authorization", ""), request.method, request.url.path)
 
 
 Who = Annotated[Tenant, Depends(_tenant)]

@@ -44,6 +44,7 @@ put into an error message.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import hmac
@@ -55,45 +56,20 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from faas.service._api import Limits
 from faas.service._globus_auth import GlobusIntrospection
+from faas.service._tenant import Tenant, parse_grants, parse_scopes
 from runtime import AuthConfigError
 
 log = logging.getLogger("faas.service")
-_TENANT_KEYS = frozenset({"name", "tokens", "admin", "internals", "globus_identities"})
+_TENANT_KEYS = frozenset({"name", "tokens", "admin", "internals", "globus_identities", "models"})
+
+_TOKEN_KEYS = frozenset({"token", "expires", "scopes"})
 
 _TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-
-
-@dataclass(frozen=True)
-class Tenant:
-    """A group of users sharing functions, invocations and staged data.
-
-    Attributes:
-        name: Lowercase name; also the store prefix ``tenants/<name>``.
-        limits: The tenant's quotas.
-        admin: Whether the tenant's tokens are operators' tokens: they may read
-            every tenant's usage (``GET /v1/usage?tenant=...`` or ``?all_tenants=true``).
-            Everything else stays scoped to the tenant itself.
-        internals: The ``internals`` scope: whether the tenant's functions may use
-            the modes that expose model internals (logprobs, hidden states, hook-point
-            reads and writes). Without it they are refused in the worker with
-            ``MissingScopeError`` before any engine request.
-    """
-
-    name: str
-    limits: Limits = field(default_factory=Limits)
-    admin: bool = False
-    internals: bool = True
-
-    @property
-    def prefix(self) -> str:
-        """Where the tenant's objects live in the service's store."""
-        return f"tenants/{self.name}"
 
 
 class Authenticator(Protocol):
@@ -121,9 +97,10 @@ class TokenAuth:
     """Tokens from a file or the environment.
 
     Args:
-        entries: ``(tenant, token)`` or ``(tenant, token, expires)`` entries; a token may
-            be given as ``sha256:<hex>`` so the file holds no secret; ``expires`` is epoch
-            seconds after which the token is refused (None: never).
+        entries: ``(tenant, token[, expires[, scopes]])`` entries; a token may be given
+            as ``sha256:<hex>`` so the file holds no secret; ``expires`` is epoch seconds
+            after which the token is refused (None: never); ``scopes`` narrows what the
+            token may do (None: all its tenant may).
         revoked: Token digests (``sha256:<hex>``) refused whatever the entries say.
         clock: Wall-clock time, for expiry.
         globus: Introspects tokens that match no entry (Globus Auth access tokens).
@@ -136,7 +113,7 @@ class TokenAuth:
 
     def __init__(
         self,
-        entries: Sequence[tuple[Tenant, str] | tuple[Tenant, str, float | None]],
+        entries: Sequence[tuple[Any, ...]],
         *,
         revoked: Sequence[str] = (),
         clock: Callable[[], float] = time.time,
@@ -148,12 +125,13 @@ class TokenAuth:
         self._clock = clock
         self._globus = globus
         self._identities = dict(identities or {})
-        self._digests: list[tuple[bytes, Tenant, float | None]] = []
+        self._digests: list[tuple[bytes, Tenant, float | None, frozenset[str] | None]] = []
         self._tenants: dict[str, Tenant] = {}
         self._revoked = {_parse_digest(r, "a revoked token") for r in revoked}
         for entry in entries:
             tenant, token = entry[0], entry[1]
             expires = entry[2] if len(entry) > 2 else None
+            scopes = entry[3] if len(entry) > 3 else None
             if not _TENANT.match(tenant.name):
                 raise AuthConfigError(
                     f"Tenant name {tenant.name!r} is not valid: use 1-63 lowercase letters, "
@@ -170,7 +148,7 @@ class TokenAuth:
                 raise AuthConfigError(f"A token of tenant {tenant.name!r} is shorter than 16 characters.")
             else:
                 digest = _digest(token)
-            self._digests.append((digest, tenant, expires))
+            self._digests.append((digest, tenant, expires, scopes))
 
     @property
     def requires_token(self) -> bool:
@@ -184,9 +162,9 @@ class TokenAuth:
         digest = _digest(token)
         found: Tenant | None = None
         now = self._clock()
-        for known, tenant, expires in self._digests:  # no early exit: the time does not tell which matched
+        for known, tenant, expires, scopes in self._digests:  # no early exit: the time tells nothing
             if hmac.compare_digest(known, digest) and (expires is None or now < expires):
-                found = tenant
+                found = tenant if scopes is None else dataclasses.replace(tenant, token_scopes=scopes)
         if digest in self._revoked:
             return None
         if found is None and self._globus is not None:
@@ -205,7 +183,7 @@ class TokenAuth:
 
     def entries(self) -> list[tuple[str, str, float | None]]:
         """``(tenant, sha256:<first 12 hex digits>, expires)`` of every token, for audit records."""
-        return [(t.name, "sha256:" + d.hex()[:12], e) for d, t, e in self._digests]
+        return [(t.name, "sha256:" + d.hex()[:12], e) for d, t, e, _ in self._digests]
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time) -> TokenAuth:
@@ -223,7 +201,7 @@ class TokenAuth:
             data: dict[str, Any] = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
             raise AuthConfigError(f"The token file {path} does not parse: {exc}.") from None
-        entries: list[tuple[Tenant, str, float | None]] = []
+        entries: list[tuple[Tenant, str, float | None, frozenset[str] | None]] = []
         identities: dict[str, Tenant] = {}
         globus = GlobusIntrospection.from_config(data["globus"], clock=clock) if "globus" in data else None
         for index, raw in enumerate(data.get("tenants") or []):
@@ -252,7 +230,11 @@ class TokenAuth:
                     f"Tenant {raw['name']!r} in {path} has unknown keys {unknown} (a top-level key such "
                     "as 'revoked' must come before the first [[tenants]] table)."
                 )
-            tenant = Tenant(str(raw["name"]), limits, flags["admin"], flags["internals"])
+            try:
+                grants = parse_grants(raw.get("models"), str(raw["name"]), str(path))
+            except ValueError as exc:
+                raise AuthConfigError(str(exc)) from None
+            tenant = Tenant(str(raw["name"]), limits, flags["admin"], flags["internals"], grants)
             entries.extend(
                 (tenant, *_token_entry(item, tenant.name, path)) for item in raw.get("tokens") or []
             )
@@ -295,17 +277,25 @@ def _parse_digest(token: str, what: str) -> bytes:
     return digest
 
 
-def _token_entry(item: object, tenant: str, path: Path) -> tuple[str, float | None]:
-    """A ``tokens`` list item: a token string, or ``{token = "...", expires = <date-time>}``."""
+def _token_entry(item: object, tenant: str, path: Path) -> tuple[str, float | None, frozenset[str] | None]:
+    """A ``tokens`` item: a token, or ``{token = "...", expires = <date-time>, scopes = [...]}``."""
     if isinstance(item, str):
-        return item, None
-    if not isinstance(item, dict) or not isinstance(item.get("token"), str):
+        return item, None, None
+    if not isinstance(item, dict) or not isinstance(item.get("token"), str) or set(item) - _TOKEN_KEYS:
         raise AuthConfigError(
-            f"A token of tenant {tenant!r} in {path} is neither a string nor {{token = ..., expires = ...}}."
+            f"A token of tenant {tenant!r} in {path} is neither a string nor "
+            "{token = ..., expires = ..., scopes = [...]}."
         )
-    expires = item.get("expires")
+    try:
+        scopes = parse_scopes(item.get("scopes"), tenant, str(path))
+    except ValueError as exc:
+        raise AuthConfigError(str(exc)) from None
+    return item["token"], _expiry(item.get("expires"), tenant, path), scopes
+
+
+def _expiry(expires: object, tenant: str, path: Path) -> float | None:
     if expires is None:
-        return item["token"], None
+        return None
     if isinstance(expires, str):
         try:
             expires = datetime.datetime.fromisoformat(expires)
@@ -317,9 +307,9 @@ def _token_entry(item: object, tenant: str, path: Path) -> tuple[str, float | No
                 f"A token of tenant {tenant!r} in {path} expires at a time without a zone; "
                 "add 'Z' or an offset."
             )
-        return item["token"], expires.timestamp()
+        return expires.timestamp()
     if isinstance(expires, int | float) and not isinstance(expires, bool):
-        return item["token"], float(expires)
+        return float(expires)
     raise AuthConfigError(f"A token of tenant {tenant!r} in {path} has a bad 'expires': {expires!r}.")
 
 

@@ -3,9 +3,8 @@
 The HTTP layer (:mod:`faas.service._app`) is a thin skin over this class, which
 has no web code and is driven from plain threads.
 
-One shared substrate (the local :class:`warmpool.Pool`, or a Globus Compute
-pool whose engines live on cluster blocks) runs every tenant's invocations
-(engines are the expensive part, and they are shared); each tenant has its own view of the
+One shared substrate (the local :class:`warmpool.Pool`, or a Globus Compute pool whose
+engines live on cluster blocks) runs every tenant's invocations; each tenant has its own view of the
 store (``tenants/<name>/``: functions, records, staged values), its own queue
 in front of the pool and its quotas: at most ``max_inflight`` of its
 invocations are in the pool at once, at most ``max_queued`` wait behind them.
@@ -42,7 +41,7 @@ from faas.service._api import (
     SessionInfo,
 )
 from faas.service._audit import AuditLog
-from faas.service._auth import Authenticator, Tenant
+from faas.service._auth import Authenticator
 from faas.service._commit import ResultCommitter
 from faas.service._index import Index, Row
 from faas.service._ledger import MINUTE, Ledger
@@ -56,6 +55,7 @@ from faas.service._state import (
     stub_spec,
     view_of,
 )
+from faas.service._tenant import Tenant
 from faas.service._triggers import TriggerHost, trigger_fields
 from registry import FunctionSpec, ModelSpec, Registry
 from runtime import (
@@ -239,8 +239,8 @@ class ServiceCore:
             staging_threshold=self.threshold,
             limits=tenant.limits,
             version=__version__,
-            admin=tenant.admin,
-            internals=tenant.internals,
+            admin=tenant.may("admin"),
+            internals=tenant.may("internals"),
         )
 
     # -- functions and models ----------------------------------------------------------
@@ -348,6 +348,7 @@ class ServiceCore:
             model = self.resolve_model(spec.model)
             if "@" not in spec.model:
                 model = self.pool.prefer_warm(model)
+        policy = tenant.invocation_policy(model.ref if model else None)  # refuses an ungranted model
         for item in items:
             check_refs(ts, item)
         if ids is not None and (len(ids) != len(items) or not all(plausible_id(i) for i in ids)):
@@ -364,7 +365,7 @@ class ServiceCore:
                 priority=item.priority,
                 tenant=tenant.name,
                 weight=tenant.limits.weight,
-                internals_scope=tenant.internals,
+                **policy,
                 **trigger_fields(item, ids[n] if ids is not None else None),
             )
             for n, item in enumerate(items)

@@ -32,8 +32,8 @@ import time
 from collections.abc import Callable, Iterable
 
 from faas._usage import GroupBy, UsageReport, UsageRow, report
-from faas.service._auth import Tenant
 from faas.service._index import Index
+from faas.service._tenant import Tenant
 from runtime import BudgetExceededError, ForbiddenError, NotFoundError, SubmitError
 
 MINUTE = 60.0
@@ -189,7 +189,7 @@ class Ledger:
         if tenant is not None and all_tenants:
             raise SubmitError("Give either a tenant or all_tenants, not both: they ask for different rows.")
         others = all_tenants or (tenant is not None and tenant != who.name)
-        if others and not who.admin:
+        if others and not who.may("admin"):
             wanted = "every tenant's usage" if all_tenants else f"the usage of tenant {tenant!r}"
             raise ForbiddenError(
                 f"Tenant {who.name!r} may read only its own usage; reading {wanted} needs an admin "

@@ -24,8 +24,8 @@ from typing import Any, Literal
 from faas._future import rebuild_error
 from faas.openai import Kind, Request, check_request
 from faas.service._api import BatchView, Item, ResultView
-from faas.service._auth import Tenant
 from faas.service._core import ServiceCore
+from faas.service._tenant import Tenant
 from registry import ModelSpec
 from runtime import (
     EngineError,
@@ -170,10 +170,17 @@ class OpenAIGateway:
             raise InvalidParameterError(
                 "Requests submitted together must share one route and one model.", "model"
             )
-        if not tenant.internals and any(p.request.logprobs for p in prepared):
-            raise MissingScopeError(
-                "Your token lacks the 'internals' scope, which logprobs needs; nothing was accepted."
-            )
+        if any(p.request.logprobs for p in prepared):
+            if not tenant.may("internals"):
+                raise MissingScopeError(
+                    "Your token lacks the 'internals' scope, which logprobs needs; nothing was accepted."
+                )
+            granted = tenant.granted_modes(first.model.ref)
+            if granted is not None and "logprobs" not in granted:
+                raise ModeNotAllowedError(
+                    f"Tenant {tenant.name!r} is not granted logprobs on {first.model.name!r}; "
+                    "nothing was accepted."
+                )
         key = (tenant.name, first.function)
         digest = self._builtins.get(key)
         if digest is None:

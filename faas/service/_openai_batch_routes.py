@@ -14,12 +14,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from faas.service._auth import Tenant
 from faas.service._core import ServiceCore
 from faas.service._openai import OpenAIGateway
 from faas.service._openai_batches import OpenAIBatches
 from faas.service._openai_files import MAX_FILE_BYTES, OpenAIFiles
 from faas.service._openai_routes import _body, _who, openai_error
+from faas.service._tenant import Tenant
 from runtime import FaasError, InvalidParameterError
 
 

@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from faas.openai import PATHS, Kind, check_request
-from faas.service._auth import Tenant
 from faas.service._core import ServiceCore
 from faas.service._openai import OpenAIGateway, Prepared
 from faas.service._openai_files import OpenAIFiles, jsonl
 from faas.service._openai_routes import error_body
+from faas.service._tenant import Tenant
 from runtime import FaasError, InvalidParameterError, NotFoundError, new_id
 
 log = logging.getLogger("faas.service")

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from faas.service._auth import Tenant
 from faas.service._core import ServiceCore
+from faas.service._tenant import Tenant
 from runtime import (
     InvalidParameterError,
     NotFoundError,

@@ -25,9 +25,9 @@ from starlette.concurrency import run_in_threadpool
 
 from faas.openai import Kind
 from faas.service._api import ResultView
-from faas.service._auth import Tenant
 from faas.service._core import ServiceCore
 from faas.service._openai import OpenAIGateway, Prepared
+from faas.service._tenant import Tenant, authorize
 from runtime import (
     AuthError,
     BackPressureError,
@@ -35,6 +35,7 @@ from runtime import (
     EngineLost,
     EngineRejectedError,
     FaasError,
+    ForbiddenError,
     InvalidParameterError,
     InvocationCancelled,
     InvocationError,
@@ -60,6 +61,7 @@ _SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 def _classify(exc: BaseException) -> tuple[int, str, str | None, str | None]:
     """``(status, type, code, param)`` of an error, in OpenAI's vocabulary."""
     table: list[tuple[type[BaseException], int, str, str | None]] = [
+        (ForbiddenError, 403, "permission_error", "insufficient_scope"),
         (AuthError, 401, "invalid_request_error", "invalid_api_key"),
         (UnknownModelError, 404, "invalid_request_error", "model_not_found"),
         (NotFoundError, 404, "invalid_request_error", "not_found"),
@@ -107,15 +109,8 @@ def openai_error(exc: BaseException) -> JSONResponse:
 
 
 def _who(core: ServiceCore, request: Request) -> Tenant:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    bearer = token.strip() if scheme.lower() == "bearer" else None
-    found = core.auth.authenticate(bearer)
-    if found is None:
-        why = "is not valid" if bearer else "is missing"
-        raise AuthError(
-            f"The API key {why}; pass it as 'Authorization: Bearer <token>' (the client's api_key)."
-        )
-    return found
+    header = request.headers.get("authorization", "")
+    return authorize(core.auth, header, request.method, request.url.path, what="API key")
 
 
 async def _body(request: Request) -> object:

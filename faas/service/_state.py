@@ -9,8 +9,8 @@ from typing import Any
 
 from faas.openai import BUILTINS
 from faas.service._api import InvocationView, Item, ResultView
-from faas.service._auth import Tenant
 from faas.service._index import Row
+from faas.service._tenant import Tenant
 from registry import FunctionSpec, ModelSpec, Registry
 from runtime import (
     Invocation,

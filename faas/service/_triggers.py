@@ -32,7 +32,7 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from faas.service._api import BindRequest, Item, ResultView
-from faas.service._auth import Tenant
+from faas.service._tenant import Tenant
 from faas.triggers._binding import create_binding
 from faas.triggers._runner import TriggerRunner
 from faas.triggers._submit import AttemptFailed, AttemptFuture

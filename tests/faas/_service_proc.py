@@ -34,6 +34,8 @@ class ServiceProc:
         tenants: The token file's tenants and their tokens (default ``TOKENS``).
         admins: Tenants marked ``admin = true`` (they may read every tenant's usage).
         no_internals: Tenants marked ``internals = false`` (no logprobs, hidden states or hook points).
+        tenant_toml: Extra TOML lines of a tenant's entry (e.g. ``models = {...}``).
+        extra_toml: Appended to the token file (e.g. another ``[[tenants]]`` entry).
         weights: Tenants' fair-share ``weight`` in the token file.
         substrate_options: The substrate file's ``[options]`` (e.g. ``{"fairness": "fcfs"}``);
             a local substrate gets a file only when this is given.
@@ -50,6 +52,8 @@ class ServiceProc:
         tenants: dict[str, str] | None = None,
         admins: frozenset[str] = frozenset(),
         no_internals: frozenset[str] = frozenset(),
+        tenant_toml: dict[str, list[str]] | None = None,
+        extra_toml: str = "",
         weights: dict[str, float] | None = None,
         substrate_options: dict[str, str | int | float] | None = None,
     ) -> None:
@@ -66,8 +70,9 @@ class ServiceProc:
             lines += [f"{k} = {v}" for k, v in (limits or {}).get(tenant, {}).items()]
             lines += ["admin = true"] if tenant in admins else []
             lines += ["internals = false"] if tenant in no_internals else []
+            lines += (tenant_toml or {}).get(tenant, [])
             lines += [f"weight = {weights[tenant]}"] if tenant in (weights or {}) else []
-        self.tokens.write_text("\n".join(lines) + "\n")
+        self.tokens.write_text("\n".join(lines) + "\n" + extra_toml)
         self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""

@@ -20,11 +20,15 @@ import pytest
 import faas
 from faas.service._audit import read, verify
 from faas.service._auth import token_digest
+from registry import ModelSpec, Registry
+from runtime import LocalStore
 from tests.faas._service_helpers import running_service
 from tests.faas._service_proc import TOKENS, ServiceProc
 
 GREEDY = {"max_new_tokens": 3, "temperature": 0}
 CAROL = "carol-token-0123456789abcdef"
+DAVE = "dave-token-0123456789abcdef"
+ALICE_READER = "alice-reader-token-0123456789"
 
 
 def _probe(model: faas.Model, what: str) -> Any:
@@ -42,9 +46,14 @@ def _probe(model: faas.Model, what: str) -> Any:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProc]:
-    tenants = {**TOKENS, "carol": CAROL}
+    tenants = {**TOKENS, "carol": CAROL, "dave": DAVE}
     root = tmp_path_factory.mktemp("scopes")
-    with running_service(root, tenants=tenants, no_internals=frozenset({"bob"})) as svc:
+    Registry(LocalStore(root / "store")).register_model(ModelSpec(name="plain-llama", modes=["generate"]))
+    reader = f'[[tenants]]\nname = "alice"\ntokens = [{{token = "{ALICE_READER}", scopes = ["read"]}}]\n'
+    grants = {"dave": ['models = {"tiny-llama" = ["generate", "hidden_states"]}']}
+    with running_service(
+        root, tenants=tenants, no_internals=frozenset({"bob"}), tenant_toml=grants, extra_toml=reader
+    ) as svc:
         yield svc
 
 
@@ -121,3 +130,37 @@ def test_a_revoked_token_gets_401_within_a_second_and_the_audit_log_verifies(ser
     assert revoked["actor"] == "operator" and revoked["detail"]["token"] == token_digest(CAROL)[:19]
     assert "carol-token" not in path.read_text()  # digests, never tokens
     assert verify(path).ok
+
+
+def test_a_read_only_token_reads_but_cannot_invoke(service: ServiceProc) -> None:
+    import openai
+
+    headers = {"Authorization": f"Bearer {ALICE_READER}"}
+    with service.client(None) as http:
+        session = http.get("/v1/session", headers=headers)
+        assert session.status_code == 200 and session.json()["tenant"] == "alice"
+        assert http.get("/v1/invocations", headers=headers).status_code == 200
+        refused = http.post("/v1/invocations", headers=headers, json={"function": "probe", "items": []})
+        assert refused.status_code == 403 and "lacks the 'invoke' scope" in refused.text
+    client = openai.OpenAI(base_url=service.url + "/v1", api_key=ALICE_READER, max_retries=0)
+    assert [m.id for m in client.models.list()]  # reading the catalogue is a read
+    with pytest.raises(openai.PermissionDeniedError, match="'invoke' scope"):
+        client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "Hi"}])
+
+
+def test_grants_limit_models_and_modes_before_any_engine_work(service: ServiceProc) -> None:
+    dave = faas.RemoteClient(service.url, token=DAVE)
+    try:
+        probe = faas.function(model="tiny-llama", name="probe", timeout=120)(_probe)
+        assert probe.with_client(dave).remote("hidden_states") == (64,)  # granted
+        before = engine_requests(service)
+        with pytest.raises(faas.ModeNotAllowedError, match="not granted logprobs"):
+            probe.with_client(dave).remote("logprobs")
+        with pytest.raises(faas.ModeNotAllowedError, match="not granted internals_read"):
+            probe.with_client(dave).remote("internals")
+        assert engine_requests(service) == before
+        other = faas.function(model="plain-llama", name="other", timeout=120)(_probe)
+        with pytest.raises(faas.ForbiddenError, match="not granted model 'plain-llama'"):
+            other.with_client(dave).remote("plain")
+    finally:
+        dave.shutdown()

@@ -1,0 +1,176 @@
+"""Tenants, the scopes of their tokens, their grants of model x mode, and the one authorisation step.
+
+Scopes (a token has a subset of its tenant's)::
+
+    read       GET routes and the result stream (POST /v1/watch)
+    invoke     everything that changes state: register, submit, cancel, bind, upload
+    internals  the modes that expose model internals (logprobs, hidden states, hook points);
+               a tenant has it unless ``internals = false``
+    admin      read every tenant's usage; a tenant has it with ``admin = true``
+
+Grants (``models`` in the token file) limit which models a tenant may call and with which
+modes; without them, every model with the modes its own spec allows. A call outside them
+fails before any work: at submit for a model the tenant may not use at all (403), in the
+worker before any engine request for a mode it may not use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from faas.service._api import Limits
+from runtime import MODES, AuthError, ForbiddenError
+
+SCOPES = frozenset({"read", "invoke", "internals", "admin"})
+READ_ONLY_POSTS = frozenset({"/v1/watch"})
+"""POST routes that only read (so a ``read`` token may use them)."""
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """A group of users sharing functions, invocations and staged data.
+
+    Attributes:
+        name: Lowercase name; also the store prefix ``tenants/<name>``.
+        limits: The tenant's quotas.
+        admin: Whether the tenant's tokens are operators' tokens: they may read
+            every tenant's usage (``GET /v1/usage?tenant=...`` or ``?all_tenants=true``).
+            Everything else stays scoped to the tenant itself.
+        internals: The ``internals`` scope: whether the tenant's functions may use
+            the modes that expose model internals (logprobs, hidden states, hook-point
+            reads and writes). Without it they are refused in the worker with
+            ``MissingScopeError`` before any engine request.
+        models: Grants: model name (``*``: any other) to the modes the tenant may use
+            on it; None: every model, every mode its spec allows.
+        token_scopes: The scopes of the token this request came with (None: all the
+            tenant has); set by the authenticator, per request.
+    """
+
+    name: str
+    limits: Limits = field(default_factory=Limits)
+    admin: bool = False
+    internals: bool = True
+    models: Mapping[str, frozenset[str]] | None = field(default=None, hash=False)
+    token_scopes: frozenset[str] | None = None
+
+    @property
+    def prefix(self) -> str:
+        """Where the tenant's objects live in the service's store."""
+        return f"tenants/{self.name}"
+
+    def may(self, scope: str) -> bool:
+        """Whether this request's token has ``scope`` (within what the tenant has)."""
+        has = (
+            {"read", "invoke"}
+            | ({"internals"} if self.internals else set())
+            | ({"admin"} if self.admin else set())
+        )
+        return scope in has and (self.token_scopes is None or scope in self.token_scopes)
+
+    def granted_modes(self, model: str) -> frozenset[str] | None:
+        """The modes granted on ``model`` (a name or ``name@version``); None: all."""
+        if self.models is None:
+            return None
+        name = model.partition("@")[0]
+        return self.models.get(name, self.models.get("*", frozenset()))
+
+    def check_model(self, model: str) -> None:
+        """Refuse a model the tenant has no grant for.
+
+        Raises:
+            ForbiddenError: No mode of ``model`` is granted (HTTP 403).
+        """
+        if self.granted_modes(model) == frozenset():
+            raise ForbiddenError(
+                f"Tenant {self.name!r} is not granted model {model.partition('@')[0]!r} "
+                "(its 'models' grants in the token file); nothing was accepted.",
+                403,
+            )
+
+    def invocation_policy(self, model: str | None) -> dict[str, Any]:
+        """What an invocation carries to its worker: the internals scope and the granted modes.
+
+        Raises:
+            ForbiddenError: ``model`` is not granted at all (HTTP 403).
+        """
+        if model:
+            self.check_model(model)
+        granted = self.granted_modes(model) if model else None
+        return {
+            "internals_scope": self.may("internals"),
+            "granted_modes": tuple(sorted(granted)) if granted is not None else None,
+        }
+
+
+def parse_grants(raw: object, tenant: str, where: str) -> dict[str, frozenset[str]] | None:
+    """A tenant's ``models`` table: model name to a list of modes.
+
+    Raises:
+        ValueError: Not a table of lists of known modes (the caller makes it a config error).
+    """
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"Tenant {tenant!r} in {where}: 'models' must be a table of model = [modes].")
+    out = {}
+    for model, modes in raw.items():
+        if not isinstance(modes, list) or not all(isinstance(m, str) for m in modes):
+            raise ValueError(f"Tenant {tenant!r} in {where}: models.{model} must be a list of modes.")
+        unknown = set(modes) - MODES
+        if unknown:
+            raise ValueError(
+                f"Tenant {tenant!r} in {where}: models.{model} has unknown modes {sorted(unknown)} "
+                f"(the modes are {sorted(MODES)})."
+            )
+        out[str(model)] = frozenset(modes)
+    return out
+
+
+def parse_scopes(raw: object, tenant: str, where: str) -> frozenset[str] | None:
+    """A token's ``scopes`` list (None: all the tenant has).
+
+    Raises:
+        ValueError: Not a list of known scopes.
+    """
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw) or set(raw) - SCOPES:
+        raise ValueError(
+            f"A token of tenant {tenant!r} in {where} has scopes {raw!r}; they must be a list drawn "
+            f"from {sorted(SCOPES)}."
+        )
+    return frozenset(raw)
+
+
+class _Auth(Protocol):
+    def authenticate(self, token: str | None) -> Tenant | None: ...
+
+
+def authorize(auth: _Auth, header: str, method: str, path: str, *, what: str = "bearer token") -> Tenant:
+    """The one authorisation step of every route: bearer token to tenant, then the method's scope.
+
+    Args:
+        auth: The service's authenticator.
+        header: The ``Authorization`` header ("" when absent).
+        method: The HTTP method.
+        path: The route's path.
+        what: How the token is called in messages ("API key" for the OpenAI routes).
+
+    Raises:
+        AuthError: No token, or an unknown, expired or revoked one (HTTP 401).
+        ForbiddenError: A valid token without the scope the request needs (HTTP 403).
+    """
+    scheme, _, token = header.partition(" ")
+    bearer = token.strip() if scheme.lower() == "bearer" else None
+    found = auth.authenticate(bearer)
+    if found is None:
+        why = "is not valid" if bearer else "is missing"
+        raise AuthError(f"The {what} {why}; pass it as 'Authorization: Bearer <token>'.", 401)
+    needs = "read" if method in ("GET", "HEAD") or path in READ_ONLY_POSTS else "invoke"
+    if not found.may(needs):
+        raise ForbiddenError(
+            f"This token of tenant {found.name!r} lacks the '{needs}' scope that {method} {path} needs.", 403
+        )
+    return found
