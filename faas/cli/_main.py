@@ -105,6 +105,15 @@ from faas.cli._usage import usage as _usage  # noqa: E402
 
 app.command("usage")(_usage)
 
+# -- sharing (faas/cli/_share.py) ---------------------------------------------------------
+from faas.cli._share import share as _share  # noqa: E402
+from faas.cli._share import shared as _shared  # noqa: E402
+from faas.cli._share import unshare as _unshare  # noqa: E402
+
+app.command("share")(_share)
+app.command("unshare")(_unshare)
+app.command("shared")(_shared)
+
 # -- audit log (faas/cli/_audit.py) -------------------------------------------------------
 from faas.cli._audit import audit as _audit  # noqa: E402
 

@@ -24,6 +24,7 @@ from faas._future import Future
 from faas._usage import GroupBy, UsageReport
 from faas.clients._base import ClientBase
 from faas.clients._protocol import Calls
+from faas.clients._sharing import SharingCalls
 from faas.clients._watch import Watcher
 from faas.service._api import (
     FINAL_STATES,
@@ -90,7 +91,7 @@ _BINDINGS = TypeAdapter(list[TriggerBinding])
 _JSON = {"Content-Type": "application/json"}
 
 
-class RemoteClient(ClientBase):
+class RemoteClient(SharingCalls, ClientBase):
     """Submits invocations to a pool service (``faas serve``) over HTTP.
 
     It implements the client protocol (``faas.FaasClient``)

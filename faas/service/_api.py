@@ -105,6 +105,12 @@ class SessionInfo(BaseModel):
     internals: bool = True
 
 
+class ShareRequest(BaseModel):
+    """Share a function with another tenant (invoke only)."""
+
+    tenant: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", description="The tenant to share it with.")
+
+
 class RegisterFunction(BaseModel):
     """Register a function: its artifact (cloudpickle bytes, base64) and options."""
 

@@ -35,6 +35,7 @@ from faas.service._api import (
     RegisterFunction,
     ResultView,
     SessionInfo,
+    ShareRequest,
     SubmitRequest,
     UsageReport,
     WatchRequest,
@@ -174,6 +175,31 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
     def function(who: Who, ref: str) -> FunctionSpec:
         """One of your functions: ``name``, ``name@version`` or a digest."""
         return core.function(who, ref)
+
+    @app.post("/v1/functions/{name}/shares", tags=["sharing"], responses=_ERRORS)
+    def share(who: Who, name: str, body: ShareRequest) -> dict[str, Any]:
+        """Let another tenant invoke your function ``name`` (every version) as ``you/name``."""
+        return core.shares.share(who, name, body.tenant, {t.name for t in core.auth.tenants()})
+
+    @app.get("/v1/functions/{name}/shares", tags=["sharing"], responses=_ERRORS)
+    def shares(who: Who, name: str) -> dict[str, list[str]]:
+        """The tenants your function ``name`` is shared with."""
+        return {"tenants": core.shares.grantees(who, name)}
+
+    @app.delete("/v1/functions/{name}/shares/{tenant}", tags=["sharing"], responses=_ERRORS)
+    def unshare(who: Who, name: str, tenant: str) -> dict[str, bool]:
+        """Stop sharing ``name`` with ``tenant`` (invocations it already made still finish)."""
+        return {"removed": core.shares.unshare(who, name, tenant)}
+
+    @app.get("/v1/shared", tags=["sharing"], responses=_ERRORS)
+    def shared(who: Who) -> list[FunctionSpec]:
+        """The functions other tenants share with you, named ``owner/name`` (invoke them by that name)."""
+        return core.shares.received(who.name)
+
+    @app.get("/v1/shared/{owner}/{name}", tags=["sharing"], responses=_ERRORS)
+    def shared_one(who: Who, owner: str, name: str) -> FunctionSpec:
+        """One function shared with you: ``name`` or ``name@version`` of ``owner``."""
+        return core.shares.describe(who.name, f"{owner}/{name}")
 
     @app.post("/v1/invocations", tags=["invocations"], responses=_ERRORS)
     async def submit(who: Who, body: SubmitRequest) -> InvocationView:

@@ -1,7 +1,6 @@
 """The pool service's core: tenants, admission, durable invocation state, results.
 
-The HTTP layer (:mod:`faas.service._app`) is a thin skin over this class, which
-has no web code and is driven from plain threads.
+The HTTP layer (:mod:`faas.service._app`) is a thin skin over this class (no web code here).
 
 One shared substrate (the local :class:`warmpool.Pool`, or a Globus Compute pool whose
 engines live on cluster blocks) runs every tenant's invocations; each tenant has its own view of the
@@ -45,6 +44,7 @@ from faas.service._auth import Authenticator
 from faas.service._commit import ResultCommitter
 from faas.service._index import Index, Row
 from faas.service._ledger import MINUTE, Ledger
+from faas.service._shares import Shares, SharingRegistry
 from faas.service._state import (
     Pending,
     TenantState,
@@ -134,6 +134,7 @@ class ServiceCore:
         self._models: dict[str, tuple[ModelSpec, float]] = {}
         self.ledger = Ledger(self.index, minute_seconds=budget_minute_seconds)  # budgets, usage totals
         self.audit = AuditLog(Path(state_dir) / "audit.jsonl", auth=auth)  # token changes, internals use
+        self.shares = Shares(store, self.audit)  # functions shared between tenants, as owner/name
         usage = self.audit.charging(self.ledger)
         self._committer = ResultCommitter(
             self.index, self._committed, record_threads=result_threads, on_usage=usage
@@ -213,10 +214,8 @@ class ServiceCore:
 
     # -- tenants ------------------------------------------------------------------------
     def _tenant_named(self, name: str) -> Tenant:
-        for tenant in self.auth.tenants():
-            if tenant.name == name:
-                return tenant
-        return Tenant(name)  # removed from the token file: its accepted work still finishes
+        # A tenant removed from the token file gets defaults: its accepted work still finishes.
+        return next((t for t in self.auth.tenants() if t.name == name), Tenant(name))
 
     def _tenant_state(self, tenant: Tenant) -> TenantState:
         with self._lock:
@@ -224,7 +223,8 @@ class ServiceCore:
             if ts is None:
                 store = scoped_store(self.store, tenant.prefix)
                 records = RecordStore(store)
-                ts = TenantState(tenant, store, Registry(store), records, RecordWriter(records))
+                registry = SharingRegistry(store, tenant.name, self.shares)
+                ts = TenantState(tenant, store, registry, records, RecordWriter(records))
                 self._tenants[tenant.name] = ts
             return ts
 
