@@ -27,6 +27,8 @@ from typing import Any
 from faas._usage import UsageRow
 from faas.service._auth import ReloadingTokenAuth
 from faas.service._ledger import Ledger
+from registry import ModelSpec, Registry
+from runtime import ObjectStore
 
 GENESIS = "0" * 64
 
@@ -150,3 +152,38 @@ class AuditLog:
                     self.append("internals.use", row.tenant, **detail, modes=row.privileged)
 
         return charge
+
+
+class AuditedModels(Registry):
+    """The service's model registry: an alias it resolves to a new version is an audited move.
+
+    The registry is the operator's (``faas models``, the Python API); the service notices a
+    move the first time it resolves the alias afterwards (within ``SPEC_CACHE_SECONDS`` of a
+    call that uses it) and records ``model.alias`` with the old and new versions.
+    """
+
+    def __init__(self, store: ObjectStore, audit: AuditLog) -> None:
+        super().__init__(store)
+        self._audit = audit
+        self._seen: dict[str, str] = {}
+        self._seen_lock = threading.Lock()
+
+    def get_model(self, ref: str) -> ModelSpec:
+        """Resolve ``ref``; record a move when an alias now names another version than before."""
+        spec = super().get_model(ref)
+        name, _, alias = ref.partition("@")
+        if alias.isdigit():
+            return spec  # a pinned version cannot move
+        key = f"{name}@{alias or 'latest'}"
+        with self._seen_lock:
+            before, self._seen[key] = self._seen.get(key), str(spec.version)
+        if before is not None and before != str(spec.version):
+            self._audit.append(
+                "model.alias",
+                "operator",
+                model=name,
+                alias=alias or "latest",
+                old=before,
+                new=str(spec.version),
+            )
+        return spec

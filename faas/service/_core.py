@@ -39,7 +39,7 @@ from faas.service._api import (
     ResultView,
     SessionInfo,
 )
-from faas.service._audit import AuditLog
+from faas.service._audit import AuditedModels, AuditLog
 from faas.service._auth import Authenticator
 from faas.service._commit import ResultCommitter
 from faas.service._index import Index, Row
@@ -57,7 +57,7 @@ from faas.service._state import (
 )
 from faas.service._tenant import Tenant
 from faas.service._triggers import TriggerHost, trigger_fields
-from registry import FunctionSpec, ModelSpec, Registry
+from registry import FunctionSpec, ModelSpec
 from runtime import (
     BackPressureError,
     InvocationCancelled,
@@ -120,7 +120,8 @@ class ServiceCore:
     ) -> None:
         self.store = store
         self.auth = auth
-        self.models = Registry(store)
+        self.audit = AuditLog(Path(state_dir) / "audit.jsonl", auth=auth)  # see faas.service._audit
+        self.models = AuditedModels(store, self.audit)
         self.threshold = parse_threshold(staging_threshold)
         self.index = Index(Path(state_dir) / "index.sqlite")
         self.pool: Substrate = (
@@ -133,7 +134,6 @@ class ServiceCore:
         self._done: collections.OrderedDict[str, ResultView] = collections.OrderedDict()
         self._models: dict[str, tuple[ModelSpec, float]] = {}
         self.ledger = Ledger(self.index, minute_seconds=budget_minute_seconds)  # budgets, usage totals
-        self.audit = AuditLog(Path(state_dir) / "audit.jsonl", auth=auth)  # token changes, internals use
         self.shares = Shares(store, self.audit)  # functions shared between tenants, as owner/name
         usage = self.audit.charging(self.ledger)
         self._committer = ResultCommitter(

@@ -114,3 +114,23 @@ def test_bad_token_entries_are_config_errors(tmp_path: Path, tokens: str, messag
     path.write_text(f'revoked = ["nope"]\n[[tenants]]\nname = "alice"\ntokens = ["{ALICE}"]\n')
     with pytest.raises(faas.AuthConfigError, match=r"64 hex digits|not hex"):
         TokenAuth.from_file(path)
+
+
+def test_an_alias_move_the_service_resolves_is_audited(tmp_path: Path) -> None:
+    from faas.service._audit import AuditedModels
+    from registry import ModelSpec, Registry
+    from runtime import LocalStore
+
+    store = LocalStore(tmp_path / "store")
+    operator = Registry(store)
+    operator.register_model(ModelSpec(name="sci", version="1"))
+    operator.register_model(ModelSpec(name="sci", version="2"), alias=None)
+    log = AuditLog(tmp_path / "audit.jsonl")
+    models = AuditedModels(store, log)
+    assert models.get_model("sci").version == "1"
+    assert models.get_model("sci@2").version == "2"  # pinned: never a move
+    operator.set_model_alias("sci", "latest", "2")
+    assert models.get_model("sci").version == "2"
+    [moved] = [e for e in read(log.path) if e["action"] == "model.alias"]
+    assert moved["detail"] == {"model": "sci", "alias": "latest", "old": "1", "new": "2"}
+    assert verify(log.path).ok
