@@ -23,6 +23,7 @@ from warmpool.weights._manifest import (
     WeightFile,
     WeightsManifest,
     read_manifest,
+    redact,
     upload_weights,
     weights_store,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "default_cache",
     "needs_staging",
     "read_manifest",
+    "redact",
     "streams_weights",
     "upload_weights",
     "weights_store",

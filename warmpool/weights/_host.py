@@ -15,13 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from registry import ModelSpec
 from runtime import EngineError
+from warmpool.engines._sglang import STREAMING_FORMATS
 from warmpool.weights._cache import StagedWeights, Tier, WeightsCache
 
 if TYPE_CHECKING:
     from warmpool.engines._host import EngineHost
-
-STREAMING_FORMATS = frozenset({"runai_streamer"})
-"""SGLang load formats that read the weights from the object store themselves."""
 
 
 def streams_weights(spec: ModelSpec) -> bool:
