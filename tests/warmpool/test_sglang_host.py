@@ -99,7 +99,7 @@ def test_argv_streams_weights_from_s3_with_runai_streamer() -> None:
     assert flags["--model-path"] == "s3://b/m/" and flags["--load-format"] == "runai_streamer"
     with pytest.raises(EngineError, match="s3:// URIs"):
         sglang_argv(model.model_copy(update={"weights_uri": "file:///models/kimi"}), port=1)
-    with pytest.raises(EngineError, match="load_format.*must be str"):
+    with pytest.raises(EngineError, match=r"load_format.*must be str"):
         sglang_argv(spec(load_format=3), port=1)
 
 
