@@ -239,7 +239,7 @@ class WeightsCache:
             StoreError: A read from the store failed.
         """
         t0 = time.monotonic()
-        store = store if store is not None else weights_store(uri)
+        store = store if store is not None else _store(uri)
         manifest = read_manifest(store, uri)
         digest = manifest.digest
         self._uri_file(uri).write_text(json.dumps({"uri": redact(uri), "digest": digest}))
@@ -433,6 +433,21 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_stores: dict[str, ObjectStore] = {}
+_stores_lock = threading.Lock()
+
+
+def _store(uri: str) -> ObjectStore:
+    """The store at ``uri``, opened once per process (a boto3 client costs about 0.1 s to make)."""
+    with _stores_lock:
+        store = _stores.get(uri)
+        if store is None:
+            if len(_stores) >= 32:
+                _stores.pop(next(iter(_stores)))
+            store = _stores[uri] = weights_store(uri)
+        return store
 
 
 def default_cache() -> WeightsCache:
