@@ -225,3 +225,27 @@ def test_pool_starts_the_engine_from_the_cache_and_shows_tiers(
     finally:
         pool.shutdown()
     assert cache.tier(tiny_uri) == "staged"  # the weights outlive the engine
+
+
+def test_cli_upload_then_stage_and_the_block_stages_too(
+    tiny_model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from faas.cli._main import app
+    from warmpool.globus_compute.block import DEFAULT_ENGINE_FACTORY, build_engine
+    from warmpool.weights import StagedEngineHost
+
+    uri = (tmp_path / "store" / "tiny").as_uri()
+    monkeypatch.setenv("FAAS_WEIGHTS_CACHE", str(tmp_path / "cache"))
+    out = CliRunner().invoke(app, ["models", "upload-weights", str(tiny_model_path), uri])
+    assert out.exit_code == 0 and "digest" in out.stdout, out.output
+    out = CliRunner().invoke(app, ["models", "stage", uri])
+    assert out.exit_code == 0 and "fetched" in out.stdout, out.output
+    out = CliRunner().invoke(app, ["models", "stage", uri])
+    assert out.exit_code == 0 and "cache hit" in out.stdout, out.output
+    missing = CliRunner().invoke(app, ["models", "stage", (tmp_path / "nothing").as_uri()])
+    assert missing.exit_code == 2 and "no weights manifest" in missing.output
+    spec = ModelSpec(name="staged-llama", weights_uri=uri)
+    host = build_engine(DEFAULT_ENGINE_FACTORY, spec, tmp_path / "block", multinode=False, port=None)
+    assert isinstance(host, StagedEngineHost)  # a Globus Compute block stages on its node too
