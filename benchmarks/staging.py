@@ -29,6 +29,12 @@ size, for ours and for raw boto3 (which moves the same bytes).
 Prints medians and the throughput ratio ours/raw (1.0: as fast as raw boto3)
 and writes ``benchmarks/results/staging.json``.
 
+The weights row (``--weights-mib``, default 2048: a generated model of
+safetensors shards) stages a model from SeaweedFS into an empty weights cache
+and compares it with a raw parallel boto3 ``download_file`` of the same files
+in the same run; a cache hit is checked to fetch no weight file. See
+``benchmarks/staging_weights.py`` (also runnable on its own).
+
 Run: ``.venv/bin/python benchmarks/staging.py`` (about 15 minutes for both
 servers, and 7 GB of temporary disk, on 2 cores).
 """
@@ -58,6 +64,7 @@ import numpy as np  # noqa: E402
 from botocore.config import Config  # noqa: E402
 
 import faas  # noqa: E402
+from benchmarks.staging_weights import goals as weights_goals  # noqa: E402
 from runtime import StagedRef  # noqa: E402
 from tests._s3_servers import S3Server, aws_env, find_binary, start_moto, start_seaweedfs  # noqa: E402
 
@@ -304,6 +311,19 @@ def run_server(
     return {**about, "ours_store_options": store_options}, rows
 
 
+def weights_row(mib: int, rounds: int) -> list[dict[str, Any]]:
+    """The weights row, on a SeaweedFS of its own (see benchmarks/staging_weights.py)."""
+    from benchmarks.staging_weights import run_weights
+
+    with tempfile.TemporaryDirectory(prefix="faas-bench-weights-") as tmp:
+        server = start_seaweedfs(Path(tmp) / "weed")
+        try:
+            with aws_env(server, Path(tmp)):
+                return run_weights(server, mib, rounds, Path(tmp))
+        finally:
+            server.stop(kill=True)
+
+
 def _version(package: str) -> str:
     from importlib.metadata import version
 
@@ -328,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="extra S3 store URL options for ours, e.g. multipart_chunksize=8388608",
     )
+    parser.add_argument(
+        "--weights-mib", type=int, default=2048, help="generated model size (0: no weights row)"
+    )
+    parser.add_argument("--weights-rounds", type=int, default=5, help="stages of the weights row, each way")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -342,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="faas-bench-staging-") as tmp:
             servers[kind], more = run_server(kind, args, sizes, Path(tmp))
             rows += more
+    if args.weights_mib:
+        rows += weights_row(args.weights_mib, args.weights_rounds)
 
     print_table(
         "staging: faas references vs raw boto3 (median ms; ratio = throughput ours/raw)",
@@ -392,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows
         if "ours_peak_ratio" in r
     ]
+    goals += weights_goals(rows)[1::2]  # the ratio goal is among the rows' above; add the cache hit's
     print("\ngoals:")
     for goal in goals:
         print(goal.line())

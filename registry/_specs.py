@@ -127,7 +127,16 @@ class ModelSpec(BaseModel):
         modes: What functions may do with the model: ``generate`` (text and
             chat), ``encode`` (embeddings), ``logprobs``, ``hidden_states``.
             The handle refuses any other request before it reaches the engine.
-        weights_digest: Digest of the weights (recorded in provenance).
+        weights_digest: Digest of the weights (recorded in provenance). For weights
+            staged from ``weights_uri`` it defaults to their manifest's digest.
+        weights_uri: Where the weights live in an object store (``s3://bucket/prefix?...``
+            or ``file:///dir``), uploaded with ``faas models upload-weights``: each
+            replica start stages them into the node's weights cache (a cache hit
+            fetches nothing) and loads the engine from there. With SGLang and
+            ``engine_args={"load_format": "runai_streamer"}`` the engine streams
+            them from the store instead. None: ``model_path`` is used as it is.
+        prestage: Stage the weights into the node's cache when the pool starts,
+            without starting an engine, so a later scale-up fetches nothing.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -145,6 +154,8 @@ class ModelSpec(BaseModel):
     startup_timeout: float = Field(300.0, gt=0)
     modes: list[str] = Field(default_factory=lambda: sorted(MODES))
     weights_digest: str | None = None
+    weights_uri: str | None = None
+    prestage: bool = False
 
     @field_validator("modes")
     @classmethod

@@ -47,6 +47,7 @@ from runtime._errors import (
     UnknownModelError,
     UnsupportedFeatureError,
     UnsupportedOperationError,
+    WeightsError,
     WorkerLost,
     WorkerStartError,
 )
@@ -180,6 +181,7 @@ __all__ = [
     "UnsupportedFeatureError",
     "UnsupportedOperationError",
     "ValueRecord",
+    "WeightsError",
     "WorkerLost",
     "WorkerStartError",
     "Write",

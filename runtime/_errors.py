@@ -28,6 +28,7 @@ FaasError
 ├── UnsupportedOperationError   this client cannot do that operation (e.g. .local() remotely)
 ├── PoolClosedError             the pool is shut down
 ├── IntegrityError              bytes do not match their recorded digest
+├── WeightsError                model weights cannot be staged (no manifest, cache too small)
 ├── ServiceError                the pool service answered with an error
 │   ├── AuthError               missing or wrong bearer token (HTTP 401)
 │   │   └── ForbiddenError      a valid token that may not do what it asked (HTTP 403)
@@ -237,6 +238,10 @@ class PoolClosedError(FaasError, RuntimeError):
 
 class IntegrityError(FaasError):
     """Stored bytes do not match the digest recorded for them."""
+
+
+class WeightsError(FaasError):
+    """A model's weights cannot be staged: no manifest at their URI, or the node's cache cannot hold them."""
 
 
 class StoreError(FaasError):

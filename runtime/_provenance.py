@@ -28,7 +28,14 @@ class FunctionProvenance(BaseModel):
 
 
 class ModelProvenance(BaseModel):
-    """The model version and engine that served it."""
+    """The model version and engine that served it.
+
+    Attributes:
+        cold_start: How the serving replica started: ``fetch_s`` (staging its weights
+            into the node's cache), ``load_s`` (engine launch to ready), ``ready_s``
+            (launch to ready in all), ``cache_hit`` and ``fetched_bytes``; None when
+            the substrate does not report it.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -40,6 +47,7 @@ class ModelProvenance(BaseModel):
     engine_version: str | None = None
     engine_args: dict[str, Any] = Field(default_factory=dict)
     engine_url: str | None = None
+    cold_start: dict[str, Any] | None = None
 
 
 class EngineCall(BaseModel):

@@ -57,6 +57,10 @@ class ModelMetrics:
         cold_starts: Replicas started.
         engine_failures: Replicas that died or failed their health check.
         cold_start_seconds: Launch-to-ready seconds per replica.
+        fetch_seconds: Seconds per replica start spent staging weights into the node's cache.
+        load_seconds: Seconds per replica start from launching the engine to its being ready.
+        weights_cache_hits: Replica starts whose weights were in the node's cache already.
+        weights_fetched_bytes: Bytes of weights downloaded for replica starts.
         queue_wait_seconds: Arrival-to-dispatch seconds per invocation.
         execution_seconds: Seconds inside the worker per invocation.
     """
@@ -71,7 +75,11 @@ class ModelMetrics:
     warm_hits: int = 0
     cold_starts: int = 0
     engine_failures: int = 0
+    weights_cache_hits: int = 0
+    weights_fetched_bytes: int = 0
     cold_start_seconds: Summary = field(default_factory=Summary)
+    fetch_seconds: Summary = field(default_factory=Summary)
+    load_seconds: Summary = field(default_factory=Summary)
     queue_wait_seconds: Summary = field(default_factory=Summary)
     execution_seconds: Summary = field(default_factory=Summary)
 

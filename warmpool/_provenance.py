@@ -53,11 +53,12 @@ def build_provenance(
             name=model.name,
             version=model.version,
             weights_path=engine.get("model_path") or model.model_path,
-            weights_digest=model.weights_digest,
+            weights_digest=model.weights_digest or engine.get("weights_digest"),
             engine_kind=model.engine,
             engine_version=engine.get("version"),
             engine_args=dict(engine.get("args") or model.engine_args),
             engine_url=engine.get("url"),
+            cold_start=engine.get("cold_start"),
         )
     if result.error is None:
         status = "succeeded"

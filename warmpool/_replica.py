@@ -11,6 +11,7 @@ import enum
 import itertools
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from runtime import BackPressureError, EngineError
 from warmpool._fair import Fairness, FairQueue
 from warmpool._metrics import ModelMetrics
 from warmpool.engines._host import CpuEngineHost, EngineHost
+from warmpool.weights import Tier, WeightsCache, redact, weights_tier
 
 if TYPE_CHECKING:
     from warmpool.local._pool import Work
@@ -77,7 +79,12 @@ class Replica:
         ready_at: When it became ready.
         stopped_at: When it stopped or failed.
         last_active: Last dispatch or completion (pool clock), for idle scale-in.
-        cold_start_s: Seconds from launch to ready.
+        cold_start_s: Seconds from launch to ready (pool clock).
+        fetch_s: Seconds staging the weights into the node's cache (0 without ``weights_uri``;
+            about 0 on a cache hit).
+        load_s: Seconds from launching the engine process to its first ready answer.
+        ready_s: Seconds from launch to ready, measured like the other two (fetch + load + the rest).
+        weights: What staging did (digest, cache hit, bytes fetched), when the model has ``weights_uri``.
         inflight: Invocations dispatched to it and not yet finished.
         error: Why it failed, if it did.
         engine_stats: The engine's last reported ``/server_info`` stats.
@@ -92,6 +99,10 @@ class Replica:
     stopped_at: float | None = None
     last_active: float = 0.0
     cold_start_s: float | None = None
+    fetch_s: float | None = None
+    load_s: float | None = None
+    ready_s: float | None = None
+    weights: dict[str, Any] | None = None
     inflight: int = 0
     error: str | None = None
     health_failures: int = 0
@@ -100,6 +111,7 @@ class Replica:
     engine_model_path: str | None = None
     engine_stats: dict[str, Any] = field(default_factory=dict)
     ready_event: threading.Event = field(default_factory=threading.Event)
+    launched_mono: float = field(default_factory=time.monotonic)
 
     @property
     def url(self) -> str | None:
@@ -114,6 +126,19 @@ class Replica:
             "args": dict(self.spec.engine_args),
             "url": self.url,
             "model_path": self.engine_model_path or self.spec.model_path,
+            "weights_digest": (self.weights or {}).get("digest"),
+            "cold_start": self.cold_start(),
+        }
+
+    def cold_start(self) -> dict[str, Any]:
+        """The replica's start: fetch, load and ready seconds, and whether the weights were cached."""
+        weights = self.weights or {}
+        return {
+            "fetch_s": self.fetch_s,
+            "load_s": self.load_s,
+            "ready_s": self.ready_s,
+            "cache_hit": weights.get("cache_hit"),
+            "fetched_bytes": weights.get("fetched_bytes"),
         }
 
     @property
@@ -131,6 +156,7 @@ class Replica:
             "pid": self.host.pid,
             "inflight": self.inflight,
             "cold_start_s": self.cold_start_s,
+            "cold_start": self.cold_start(),
             "error": self.error,
             "engine": {
                 k: self.engine_stats.get(k)
@@ -146,10 +172,19 @@ class ModelPool:
         spec: The model version and its pool settings.
         clock: Monotonic clock.
         fairness: How waiting invocations share the replicas' slots (see :mod:`warmpool._fair`).
+        weights_cache: The node's weights cache (for the tier shown in status), if the pool has one.
     """
 
-    def __init__(self, spec: ModelSpec, clock: Callable[[], float], fairness: Fairness = "vtc") -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        clock: Callable[[], float],
+        fairness: Fairness = "vtc",
+        weights_cache: WeightsCache | None = None,
+    ) -> None:
         self.spec = spec
+        self.weights_cache = weights_cache
+        self.prestaging = False  # weights being staged ahead of any replica
         self._clock = clock
         self.queue: FairQueue[Work] = FairQueue(fairness)
         self.replicas: list[Replica] = []
@@ -238,10 +273,21 @@ class ModelPool:
         """Whether a live replica exists (ready or starting) or is being launched."""
         return self.launching > 0 or any(r.live for r in self.replicas)
 
+    def tier(self) -> Tier:
+        """``hot`` (a ready replica), ``staged`` (weights on this node's disk) or ``cold`` (store only)."""
+        hot = any(r.state is ReplicaState.READY for r in self.replicas)
+        try:
+            return weights_tier(self.spec, self.weights_cache, hot=hot)
+        except OSError:  # an unreadable cache reads as cold
+            return "cold"
+
     def describe(self) -> dict[str, Any]:
-        """Queue depth, in-flight, replicas and metrics."""
+        """Queue depth, in-flight, tier, replicas and metrics."""
         return {
             "model": self.spec.ref,
+            "tier": self.tier(),
+            "weights_uri": redact(self.spec.weights_uri) if self.spec.weights_uri else None,
+            "prestaging": self.prestaging,
             "queue_depth": sum(1 for w in self.queue if not w.finished),
             "inflight": sum(r.inflight for r in self.replicas if r.live),
             "replicas": [r.describe() for r in self.replicas],

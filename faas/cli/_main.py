@@ -11,7 +11,8 @@ from faas._replay_compare import DEFAULT_ATOL, DEFAULT_RTOL
 
 app = typer.Typer(help="tpm-faas: serverless functions for calls to huge models.", no_args_is_help=True)
 models_app = typer.Typer(
-    help="Models: build the tiny offline model, list known models.", no_args_is_help=True
+    help="Models: build the tiny offline model, list known models, upload and stage weights.",
+    no_args_is_help=True,
 )
 app.add_typer(models_app, name="models")
 
@@ -54,6 +55,44 @@ def models_ls(
 
     for spec in Registry(store_from_url(store or default_store_url())).list_models():
         typer.echo(f"{spec.ref}\t{spec.engine}\t{spec.model_path or '(built-in, built on first use)'}")
+
+
+@models_app.command("upload-weights")
+def upload_weights_cmd(
+    directory: Annotated[Path, typer.Argument(help="The model directory (config, tokenizer, safetensors).")],
+    uri: Annotated[
+        str, typer.Argument(help="Where they go: s3://bucket/prefix?endpoint_url=... or file:///dir.")
+    ],
+) -> None:
+    """Upload a model directory and its manifest (sizes, sha256) for staging by weights_uri."""
+    from runtime import FaasError
+    from warmpool.weights import upload_weights
+
+    try:
+        manifest = upload_weights(directory, uri)
+    except FaasError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(
+        f"uploaded {len(manifest.files)} files, {manifest.total_bytes} bytes; digest {manifest.digest}"
+    )
+
+
+@models_app.command("stage")
+def stage_weights_cmd(
+    uri: Annotated[str, typer.Argument(help="The weights' URI, as in a model's weights_uri.")],
+) -> None:
+    """Stage weights into this node's cache ($FAAS_WEIGHTS_CACHE) ahead of any engine."""
+    from runtime import FaasError
+    from warmpool.weights import default_cache
+
+    try:
+        with default_cache().stage(uri) as staged:
+            how = "cache hit" if staged.cache_hit else f"fetched {staged.fetched_bytes} bytes"
+            typer.echo(f"staged at {staged.path} ({how}, {staged.seconds:.1f} s)")
+    except FaasError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
 
 
 pool_app = typer.Typer(help="Pools: what is running and how it is doing.", no_args_is_help=True)

@@ -44,6 +44,7 @@ def render_status(status: dict[str, Any], console: Console | None = None) -> Non
     models = Table(title="models")
     for col in (
         "model",
+        "tier",
         "queue",
         "in flight",
         "replicas",
@@ -65,7 +66,7 @@ def render_status(status: dict[str, Any], console: Console | None = None) -> Non
             r["engine"].get("mean_batch_size") for r in live if r.get("engine", {}).get("mean_batch_size")
         ]
         models.add_row(
-            ref, str(m["queue_depth"]), str(m["inflight"]),
+            ref, str(m.get("tier") or "-"), str(m["queue_depth"]), str(m["inflight"]),
             ", ".join(f"{r['state']}" for r in live) or "0",
             str(met["warm_hits"]), str(met["cold_starts"]),
             _fmt(met["cold_start_seconds"]["p50"], 1, " s"),
@@ -75,3 +76,33 @@ def render_status(status: dict[str, Any], console: Console | None = None) -> Non
             str(met["failed"]), str(met["rejected"]),
         )  # fmt: skip
     console.print(models)
+    _render_starts(status, console)
+
+
+def _render_starts(status: dict[str, Any], console: Console) -> None:
+    """One row per replica start: fetch (weights into the node's cache), load (engine), ready (in all)."""
+    rows = [
+        (ref, r)
+        for ref, m in status.get("models", {}).items()
+        for r in m.get("replicas", [])
+        if r.get("cold_start")
+    ]
+    if not rows:
+        return
+    starts = Table(title="replica starts (cold start breakdown)")
+    for col in ("model", "replica", "state", "fetch", "load", "ready", "weights"):
+        starts.add_column(col, justify="left" if col in ("model", "state", "weights") else "right")
+    for ref, r in rows:
+        cold = r["cold_start"]
+        if cold.get("cache_hit") is None:
+            weights = "local"
+        elif cold["cache_hit"]:
+            weights = "cache hit"
+        else:
+            weights = f"fetched {(cold.get('fetched_bytes') or 0) / 2**20:.0f} MiB"
+        starts.add_row(
+            ref, str(r["id"]), r["state"],
+            _fmt(cold.get("fetch_s"), 1, " s"), _fmt(cold.get("load_s"), 1, " s"),
+            _fmt(cold.get("ready_s"), 1, " s"), weights,
+        )  # fmt: skip
+    console.print(starts)

@@ -22,7 +22,11 @@ _MODEL_COUNTERS = (
     "warm_hits",
     "cold_starts",
     "engine_failures",
+    "weights_cache_hits",
+    "weights_fetched_bytes",
 )
+_TIERS = ("hot", "staged", "cold")
+_PHASES = {"fetch": "fetch_seconds", "load": "load_seconds", "ready": "cold_start_seconds"}
 
 
 class _Collector:
@@ -65,6 +69,16 @@ class _Collector:
         }
         ready = GaugeMetricFamily("faas_model_replicas_ready", "Ready replicas per model.", labels=["model"])
         depth = GaugeMetricFamily("faas_model_queue_depth", "Invocations queued per model.", labels=["model"])
+        tier = GaugeMetricFamily(
+            "faas_model_weights_tier",
+            "1 for the tier of the model's weights on the pool node.",
+            labels=["model", "tier"],
+        )
+        starts = CounterMetricFamily(
+            "faas_model_start_seconds",
+            "Seconds of replica starts by phase: fetch (weights into the cache), load (engine), ready (all).",
+            labels=["model", "phase"],
+        )
         for ref, model in sorted(status["models"].items()):
             metrics = model.get("metrics", {})
             for name, family in families.items():
@@ -72,9 +86,18 @@ class _Collector:
             replicas = model.get("replicas", [])
             ready.add_metric([ref], sum(1 for r in replicas if r.get("state") == "ready"))
             depth.add_metric([ref], float(model.get("queue_depth", 0) or 0))
+            for name in _TIERS:
+                tier.add_metric([ref, name], 1.0 if model.get("tier") == name else 0.0)
+            for phase, key in _PHASES.items():
+                summary = metrics.get(key) or {}
+                starts.add_metric(
+                    [ref, phase], float((summary.get("mean") or 0) * (summary.get("count") or 0))
+                )
         yield from families.values()
         yield ready
         yield depth
+        yield tier
+        yield starts
         workers = GaugeMetricFamily("faas_pool_workers", "Live worker processes.")
         workers.add_metric([], len(status.get("workers", [])))
         yield workers

@@ -281,6 +281,16 @@ class OpenAIGateway:
         elapsed = max(0.0, time.monotonic() - min(r.created_at for r in starting))
         return ModelState("starting", max(1.0, expected - elapsed))
 
+    def tier(self, model: ModelSpec, state: ModelState) -> str:
+        """``hot``, ``staged`` or ``cold`` (a substrate that cannot see its nodes' disks: hot or cold)."""
+        of = getattr(self.core.pool, "weights_tier", None)
+        if of is None:
+            return "hot" if state.state == "hot" else "cold"
+        try:
+            return str(of(model))
+        except OSError:
+            return "hot" if state.state == "hot" else "cold"
+
     def warm(self, model: ModelSpec) -> None:
         """Start an engine of ``model`` in the background (once at a time); returns at once."""
         with self._lock:
@@ -303,7 +313,9 @@ class OpenAIGateway:
         """``/v1/models`` entries: every alias (``name`` for ``latest``, ``name@alias``) and version.
 
         Each is an OpenAI model object with our fields: ``version``, ``aliases``,
-        ``state``, ``eta_seconds``, ``root`` (the version it names) and ``spec``.
+        ``state``, ``eta_seconds``, ``tier`` (``hot``: an engine is up; ``staged``:
+        its weights are on the pool node's disk; ``cold``: only in the object
+        store), ``root`` (the version it names) and ``spec``.
         """
         listed_at, versions = self._versions
         if time.monotonic() - listed_at > CATALOG_SECONDS:  # a store listing: not on every request
@@ -312,6 +324,7 @@ class OpenAIGateway:
         entries: list[dict[str, Any]] = []
         for spec, aliases in versions:
             state = self.state(spec)
+            tier = self.tier(spec, state)
             ids = [spec.ref] + [spec.name if a == "latest" else f"{spec.name}@{a}" for a in aliases]
             for model_id in ids:
                 entries.append(
@@ -325,6 +338,7 @@ class OpenAIGateway:
                         "aliases": aliases,
                         "state": state.state,
                         "eta_seconds": state.eta_seconds,
+                        "tier": tier,
                         "spec": spec.model_dump(mode="json"),
                     }
                 )

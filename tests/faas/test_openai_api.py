@@ -92,6 +92,8 @@ def test_models_list_and_retrieve(service: Service) -> None:
     tiny = models["tiny-llama"].model_dump()
     assert tiny["state"] == "hot" and tiny["root"] == "tiny-llama@1" and tiny["aliases"] == ["latest"]
     assert models["plain-llama"].model_dump()["state"] == "cold"
+    assert tiny["tier"] == "hot"  # its engine is up
+    assert models["plain-llama"].model_dump()["tier"] == "staged"  # no engine; its weights are local files
     assert client.models.retrieve("tiny-llama@1").id == "tiny-llama@1"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")

@@ -239,3 +239,5 @@ def test_openapi_and_metrics_are_served(service: ServiceProc) -> None:
     metrics = httpx.get(service.url + "/metrics")
     assert metrics.status_code == 200
     assert "faas_service_invocations_total" in metrics.text
+    assert "# TYPE faas_model_weights_tier gauge" in metrics.text
+    assert "# TYPE faas_model_start_seconds_total counter" in metrics.text

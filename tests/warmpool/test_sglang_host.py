@@ -71,6 +71,49 @@ def test_argv_parses_with_sglangs_own_parser() -> None:
     argv = sglang_argv(spec(tp=2, pp=1, dp=1, mem_fraction_static=0.8), port=30002)
     ns = parser.parse_args(argv[3:])
     assert ns.model_path == "/models/big" and ns.tp_size == 2 and ns.port == 30002
+    streamed = ModelSpec(
+        name="k", engine="sglang", weights_uri="s3://b/k", engine_args={"load_format": "runai_streamer"}
+    )
+    ns = parser.parse_args(sglang_argv(streamed, port=30002)[3:])
+    assert ns.model_path == "s3://b/k/" and ns.load_format == "runai_streamer"
+
+
+def test_argv_streams_weights_from_s3_with_runai_streamer() -> None:
+    uri = "s3://models/kimi/v2?endpoint_url=http://10.0.0.5:8333&path_style=true&region=us-east-1"
+    model = ModelSpec(
+        name="kimi", engine="sglang", weights_uri=uri, engine_args={"load_format": "runai_streamer"}
+    )
+    argv = sglang_argv(model, port=30003)
+    flags = dict(zip(argv[3::2], argv[4::2], strict=False))
+    assert flags["--model-path"] == "s3://models/kimi/v2/"  # no endpoint or options in the path
+    assert flags["--load-format"] == "runai_streamer"
+    host = SGLangEngineHost.from_spec(model, port=30004)
+    assert host._env == {  # where the streamer finds the S3-compatible server
+        "AWS_ENDPOINT_URL": "http://10.0.0.5:8333",
+        "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    # A plain s3:// model_path with the load format goes through as given.
+    plain = spec(load_format="runai_streamer").model_copy(update={"model_path": "s3://b/m/"})
+    flags = dict(zip(sglang_argv(plain, port=1)[3::2], sglang_argv(plain, port=1)[4::2], strict=False))
+    assert flags["--model-path"] == "s3://b/m/" and flags["--load-format"] == "runai_streamer"
+    with pytest.raises(EngineError, match="s3:// URIs"):
+        sglang_argv(model.model_copy(update={"weights_uri": "file:///models/kimi"}), port=1)
+    with pytest.raises(EngineError, match=r"load_format.*must be str"):
+        sglang_argv(spec(load_format=3), port=1)
+
+
+def test_streamed_weights_are_not_staged_and_read_cold() -> None:
+    from warmpool.weights import needs_staging, weights_tier
+
+    uri = "s3://models/kimi/v2"
+    streamed = ModelSpec(
+        name="k", engine="sglang", weights_uri=uri, engine_args={"load_format": "runai_streamer"}
+    )
+    staged = ModelSpec(name="k", engine="sglang", weights_uri=uri)
+    assert not needs_staging(streamed) and needs_staging(staged)
+    assert weights_tier(streamed, None) == "cold" and weights_tier(streamed, None, hot=True) == "hot"
+    assert weights_tier(spec(), None) == "staged"  # a local model_path is on local disk
 
 
 STANDIN = textwrap.dedent(

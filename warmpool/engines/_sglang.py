@@ -11,6 +11,7 @@ import socket
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlparse
 
 from registry import ModelSpec
 from runtime import EngineError
@@ -30,7 +31,43 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "mem_fraction_static": ("--mem-fraction-static", float),
     "context_length": ("--context-length", int),
     "tokenizer_path": ("--tokenizer-path", str),
+    "load_format": ("--load-format", str),
 }
+
+STREAMING_FORMATS = frozenset({"runai_streamer"})
+"""Load formats with which SGLang reads the weights from the object store itself (no staging)."""
+
+
+def streamer_source(uri: str) -> tuple[str, dict[str, str]]:
+    """The ``--model-path`` and environment that let SGLang's ``runai_streamer`` read ``weights_uri``.
+
+    ``s3://bucket/prefix?endpoint_url=...&path_style=true&region=...`` becomes
+    ``s3://bucket/prefix/`` with ``AWS_ENDPOINT_URL``,
+    ``RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING=0`` and ``AWS_DEFAULT_REGION``
+    (credentials come from the usual AWS environment, as for the store).
+
+    Raises:
+        EngineError: The URI is not an ``s3://`` one.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise EngineError(
+            f"SGLang's runai_streamer streams from s3:// URIs; {uri.split('?')[0]!r} is not one."
+        )
+    query = dict(parse_qsl(parsed.query))
+    env: dict[str, str] = {}
+    if query.get("endpoint_url"):
+        env["AWS_ENDPOINT_URL"] = query["endpoint_url"]
+    if query.get("path_style", "").lower() in ("1", "true", "yes", "on"):
+        env["RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING"] = "0"
+    if query.get("region"):
+        env["AWS_DEFAULT_REGION"] = query["region"]
+    prefix = unquote(parsed.path).strip("/")
+    return f"s3://{parsed.netloc}/{prefix}/" if prefix else f"s3://{parsed.netloc}/", env
+
+
+def _streams(spec: ModelSpec) -> bool:
+    return str(spec.engine_args.get("load_format", "")) in STREAMING_FORMATS
 
 
 def _fits(value: Any, kind: type) -> bool:
@@ -77,7 +114,10 @@ def sglang_argv(
     Raises:
         EngineError: A value has the wrong type, or multi-node settings are incomplete.
     """
-    if not spec.model_path:
+    model_path = spec.model_path
+    if spec.weights_uri and _streams(spec):
+        model_path = streamer_source(spec.weights_uri)[0]  # SGLang streams them from the store
+    if not model_path:
         raise EngineError(f"Model {spec.ref} has no model_path; SGLang needs weights to load.")
     args = dict(spec.engine_args)
     extra = args.pop("extra_args", [])
@@ -89,7 +129,7 @@ def sglang_argv(
     for key, value in (("node_rank", node_rank), ("nnodes", nnodes), ("dist_init_addr", dist_init_addr)):
         if value is not None:
             args[key] = value
-    argv = [python, "-m", "sglang.launch_server", "--model-path", spec.model_path]
+    argv = [python, "-m", "sglang.launch_server", "--model-path", model_path]
     argv += ["--host", host, "--port", str(port), "--served-model-name", spec.ref]
     for key, value in sorted(args.items()):
         flag, kind = _FLAGS.get(key, ("--" + key.replace("_", "-"), object))
@@ -129,7 +169,8 @@ class SGLangEngineHost(SubprocessEngineHost):
     def from_spec(cls, spec: ModelSpec, *, log_dir: Path | None = None, **overrides: Any) -> SGLangEngineHost:
         """Build a host for ``spec`` on a free local port."""
         port = int(overrides.pop("port", 0)) or free_port()
-        env = {k: str(v) for k, v in dict(spec.engine_args.get("env", {})).items()}
+        env = streamer_source(spec.weights_uri)[1] if spec.weights_uri and _streams(spec) else {}
+        env |= {k: str(v) for k, v in dict(spec.engine_args.get("env", {})).items()}
         if "env" in spec.engine_args:
             spec = spec.model_copy(
                 update={"engine_args": {k: v for k, v in spec.engine_args.items() if k != "env"}}

@@ -269,14 +269,22 @@ def build_engine(factory: str, spec: Any, log_dir: Path, *, multinode: bool, por
 
     SGLang through the default factory gets the block's port and, for a
     multi-node engine, binds every address (other nodes' workers reach the head).
-    Any other engine comes from ``factory(spec, log_dir)``.
+    Any other engine comes from ``factory(spec, log_dir)``. A model with
+    ``weights_uri`` is staged into this node's weights cache when it starts.
     """
-    if factory == DEFAULT_ENGINE_FACTORY and spec.engine == "sglang":
-        from warmpool.engines._sglang import SGLangEngineHost
+    from warmpool.weights import StagedEngineHost, WeightsCache, needs_staging
 
-        host = "0.0.0.0" if multinode else "127.0.0.1"
-        return SGLangEngineHost.from_spec(spec, log_dir=log_dir, host=host, port=port or 0)
-    return _load_factory(factory)(spec, log_dir)
+    def build(spec: Any, log_dir: Path) -> Any:
+        if factory == DEFAULT_ENGINE_FACTORY and spec.engine == "sglang":
+            from warmpool.engines._sglang import SGLangEngineHost
+
+            host = "0.0.0.0" if multinode else "127.0.0.1"
+            return SGLangEngineHost.from_spec(spec, log_dir=log_dir, host=host, port=port or 0)
+        return _load_factory(factory)(spec, log_dir)
+
+    if needs_staging(spec):  # weights from the store into this node's cache first ($FAAS_WEIGHTS_CACHE)
+        return StagedEngineHost(spec, build, log_dir, WeightsCache())
+    return build(spec, log_dir)
 
 
 def _head_url(placement: Any, port: int) -> str:

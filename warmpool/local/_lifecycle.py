@@ -17,8 +17,10 @@ import httpx
 
 from runtime import EngineError, EngineLost
 from warmpool._replica import ModelPool, Replica, ReplicaState, new_log_dir
+from warmpool.weights import StagedEngineHost, needs_staging
 
 if TYPE_CHECKING:
+    from warmpool.engines._host import EngineHost
     from warmpool.local._pool import Pool
 
 log = logging.getLogger("faas.pool")
@@ -41,7 +43,11 @@ def apply_plan(pool: Pool, mp: ModelPool) -> None:
 def launch(pool: Pool, mp: ModelPool) -> Replica | None:
     """Build and boot one replica; the caller has already added it to ``mp.launching``."""
     try:
-        host = pool._engine_factory(mp.spec, pool._log_dir or new_log_dir())
+        log_dir = pool._log_dir or new_log_dir()
+        if needs_staging(mp.spec):  # the weights come from the store into the node's cache first
+            host: EngineHost = StagedEngineHost(mp.spec, pool._engine_factory, log_dir, pool.weights_cache)
+        else:
+            host = pool._engine_factory(mp.spec, log_dir)
     except Exception as exc:
         with pool._lock:
             mp.launching -= 1
@@ -57,9 +63,23 @@ def launch(pool: Pool, mp: ModelPool) -> Replica | None:
 
 
 def boot(pool: Pool, mp: ModelPool, replica: Replica) -> None:
+    """Fetch (if the weights are staged), load and wait for one replica; record each phase's seconds.
+
+    ``startup_timeout`` bounds the load, not the fetch: a first fetch of 2 TB takes what it takes.
+    """
+    host = replica.host
     try:
-        replica.host.start()
-        replica.host.wait_ready(mp.spec.startup_timeout)
+        launched = time.monotonic()
+        host.start()
+        if isinstance(host, StagedEngineHost):
+            replica.fetch_s = host.fetch_s
+            replica.weights = host.staged.describe() if host.staged is not None else None
+            launched = host.launched_at or launched
+        else:
+            replica.fetch_s = 0.0
+        host.wait_ready(mp.spec.startup_timeout)
+        now = time.monotonic()
+        replica.load_s, replica.ready_s = now - launched, now - replica.launched_mono
     except Exception as exc:
         log.error("Engine replica %s of %s failed to start: %s", replica.id, mp.spec.ref, exc)
         replica.host.stop()
@@ -84,6 +104,11 @@ def boot(pool: Pool, mp: ModelPool, replica: Replica) -> None:
         replica.cold_start_s = now - replica.created_at
         mp.metrics.cold_starts += 1
         mp.metrics.cold_start_seconds.add(replica.cold_start_s)
+        mp.metrics.fetch_seconds.add(replica.fetch_s or 0.0)
+        mp.metrics.load_seconds.add(replica.load_s or 0.0)
+        if replica.weights is not None:
+            mp.metrics.weights_cache_hits += int(bool(replica.weights.get("cache_hit")))
+            mp.metrics.weights_fetched_bytes += int(replica.weights.get("fetched_bytes") or 0)
         closed = pool._closed
         if not closed:
             replica.state = ReplicaState.READY
@@ -92,6 +117,26 @@ def boot(pool: Pool, mp: ModelPool, replica: Replica) -> None:
         replica.state = ReplicaState.STOPPED
     replica.ready_event.set()
     pool._pump(mp)
+
+
+def start_model(pool: Pool, mp: ModelPool) -> None:
+    """At pool start: pre-stage the model's weights if it asks (in the background), and scale it."""
+    if mp.spec.prestage and needs_staging(mp.spec):
+        pool._background(functools.partial(prestage, pool, mp), f"faas-prestage-{mp.spec.ref}")
+    apply_plan(pool, mp)
+
+
+def prestage(pool: Pool, mp: ModelPool) -> None:
+    """Stage a model's weights into the node's cache without starting an engine (``prestage=True``)."""
+    assert mp.spec.weights_uri is not None
+    mp.prestaging = True
+    try:
+        pool.weights_cache.stage(mp.spec.weights_uri).release()
+        log.info("Pre-staged the weights of %s", mp.spec.ref)
+    except Exception as exc:  # a replica start stages again, and reports its own failure
+        log.warning("Pre-staging the weights of %s failed: %s", mp.spec.ref, exc)
+    finally:
+        mp.prestaging = False
 
 
 def stop_replica(pool: Pool, replica: Replica) -> None:

@@ -51,6 +51,7 @@ from warmpool._runner import Dispatch
 from warmpool.local import _lifecycle
 from warmpool.local._worker import Partial
 from warmpool.local._workers import WorkerProc, WorkerSet
+from warmpool.weights import Tier, WeightsCache, weights_tier
 
 log = logging.getLogger("faas.pool")
 
@@ -92,6 +93,8 @@ class Pool:
             (read by ``faas pool status``); None disables them.
         fairness: How tenants share each model's slots: ``vtc`` (weighted Virtual
             Token Counter, see :mod:`warmpool._fair`) or ``fcfs`` (arrival order).
+        weights_cache: Where models with ``weights_uri`` are staged on this node
+            (default: the cache ``$FAAS_WEIGHTS_CACHE`` names, made on first use).
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class Pool:
         health_interval: float = 2.0,
         status_interval: float | None = 2.0,
         fairness: Fairness = "vtc",
+        weights_cache: WeightsCache | None = None,
     ) -> None:
         if workers < 1 or threads_per_worker < 1:
             raise ValueError("A pool needs at least one worker with at least one thread.")
@@ -119,6 +123,7 @@ class Pool:
         self._health_interval = health_interval
         self._status_interval = status_interval
         self._fairness = fairness
+        self._weights_cache = weights_cache
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._workers = WorkerSet(
@@ -141,8 +146,26 @@ class Pool:
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle -----------------------------------------------------------
+    @property
+    def weights_cache(self) -> WeightsCache:
+        """The node's weights cache (made on first use)."""
+        with self._lock:
+            if self._weights_cache is None:
+                self._weights_cache = WeightsCache()
+            return self._weights_cache
+
+    def weights_tier(self, spec: ModelSpec) -> Tier:
+        """``hot`` (a ready replica here), ``staged`` (weights on this node's disk) or ``cold``."""
+        with self._lock:
+            mp = self._models.get(spec.ref)
+            hot = mp is not None and any(r.state is ReplicaState.READY for r in mp.replicas)
+        return weights_tier(spec, self.weights_cache if spec.weights_uri else None, hot=hot)
+
     def start(self, models: list[ModelSpec] | None = None) -> Pool:
-        """Spawn the workers, and the engines of models with ``min_replicas >= 1``."""
+        """Spawn the workers, the engines of models with ``min_replicas >= 1``; pre-stage weights.
+
+        Models with ``prestage=True`` are staged into the node's cache in the background.
+        """
         with self._lock:
             if self._closed:
                 raise PoolClosedError("The pool has been shut down.")
@@ -154,7 +177,7 @@ class Pool:
                     self._background(functools.partial(_lifecycle.probe_loop, self), "faas-pool-probe")
             pools = [self._model_pool(spec) for spec in models or []]
         for mp in pools:
-            _lifecycle.apply_plan(self, mp)
+            _lifecycle.start_model(self, mp)
         return self
 
     def _background(self, target: Callable[[], None], name: str) -> None:
@@ -387,7 +410,8 @@ class Pool:
     def _model_pool(self, spec: ModelSpec) -> ModelPool:
         mp = self._models.get(spec.ref)
         if mp is None:
-            mp = self._models[spec.ref] = ModelPool(spec, self._clock, self._fairness)
+            cache = self.weights_cache if spec.weights_uri else None
+            mp = self._models[spec.ref] = ModelPool(spec, self._clock, self._fairness, cache)
         return mp
 
     def _pump(self, mp: ModelPool) -> None:
