@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, cast
 
+from registry._adapters import Adapters
 from registry._specs import BUILTIN_MODELS, FunctionSpec, ModelSpec
 from runtime import (
     ObjectExists,
@@ -75,6 +76,7 @@ class Registry:
         self._functions: OrderedDict[str, Callable[..., Any]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self.adapters = Adapters(store)  # LoRA adapter versions and their aliases
 
     # -- functions ---------------------------------------------------------
     def register_function(self, artifact: bytes, spec: FunctionSpec) -> FunctionSpec:

@@ -63,6 +63,7 @@ class FunctionSpec(BaseModel):
         tenant: str | None = None,
         weight: float | None = None,
         internals_scope: bool | None = None,
+        adapters: dict[str, str] | None = None,
     ) -> Invocation:
         """A new invocation of this version (timeout, retries and priority from the spec).
 
@@ -79,6 +80,7 @@ class FunctionSpec(BaseModel):
             tenant: Whose share of the engine it is charged to (None: the default tenant).
             weight: That tenant's fair-share weight (None: 1).
             internals_scope: Whether the tenant's token has the ``internals`` scope (None: yes).
+            adapters: The model's adapter aliases at submit (``Adapters.snapshot``).
         """
         return Invocation(
             id=id or new_id(),
@@ -96,6 +98,7 @@ class FunctionSpec(BaseModel):
             tenant=tenant,
             weight=weight,
             internals_scope=internals_scope,
+            adapters=adapters,
         )
 
 

@@ -28,7 +28,7 @@ class FunctionProvenance(BaseModel):
 
 
 class ModelProvenance(BaseModel):
-    """The model version and engine that served it."""
+    """The model version and engine that served it (``adapters``: LoRA ``name@version`` -> sha256)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -40,6 +40,7 @@ class ModelProvenance(BaseModel):
     engine_version: str | None = None
     engine_args: dict[str, Any] = Field(default_factory=dict)
     engine_url: str | None = None
+    adapters: dict[str, str] = Field(default_factory=dict)
 
 
 class EngineCall(BaseModel):
@@ -52,6 +53,8 @@ class EngineCall(BaseModel):
         ttft_seconds: Seconds from sending a streamed call to its first text (None unless streamed).
         internals: The call's hook-point reads and writes, each write's vector by sha256
             and shape (never by value); None when it used none.
+        adapter: The LoRA adapter version it ran with (``name@version``), None for the base model.
+        adapter_sha256: That adapter's digest.
     """
 
     path: str
@@ -66,6 +69,8 @@ class EngineCall(BaseModel):
     ttft_seconds: float | None = None
     wall_seconds: float = 0.0
     internals: dict[str, Any] | None = None
+    adapter: str | None = None
+    adapter_sha256: str | None = None
 
 
 class Timings(BaseModel):

@@ -79,6 +79,9 @@ class Invocation(BaseModel):
         internals_scope: Whether the submitting token may use the modes that expose model
             internals (logprobs, hidden states, hook points); False refuses them in the
             worker before any engine request. None: yes (an embedded client's own calls).
+        adapters: The model's LoRA adapter aliases as they stood at submit (``{"chem": "chem@1",
+            "chem@stable": "chem@2"}``): the worker resolves ``adapter="chem"`` with it, so an
+            alias moved while the invocation waits or runs does not change it. None: none.
     """
 
     model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
@@ -100,6 +103,7 @@ class Invocation(BaseModel):
     weight: float | None = Field(None, gt=0)
     priority: Priority | None = None
     internals_scope: bool | None = None
+    adapters: dict[str, str] | None = None
 
 
 class ErrorInfo(BaseModel):

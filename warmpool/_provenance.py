@@ -58,6 +58,7 @@ def build_provenance(
             engine_version=engine.get("version"),
             engine_args=dict(engine.get("args") or model.engine_args),
             engine_url=engine.get("url"),
+            adapters={c.adapter: c.adapter_sha256 or "" for c in calls if c.adapter},
         )
     if result.error is None:
         status = "succeeded"

@@ -362,6 +362,7 @@ class ServiceCore:
                 tenant=tenant.name,
                 weight=tenant.limits.weight,
                 internals_scope=tenant.internals,
+                adapters=self.models.adapters.snapshot(model.ref) if model else None,
                 **trigger_fields(item, ids[n] if ids is not None else None),
             )
             for n, item in enumerate(items)
