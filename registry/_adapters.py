@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from registry._names import check_name
 from runtime import (
     ObjectExists,
     ObjectNotFound,
@@ -108,9 +109,7 @@ class Adapters:
         Raises:
             SubmitError: Not an adapter directory, an invalid name, or the version exists.
         """
-        from registry._registry import _check_name  # one name rule for everything registered
-
-        _check_name(name, "adapter")
+        check_name(name, "adapter")
         if "@" not in base_model:
             raise SubmitError(f"base_model must be a model version (name@version), got {base_model!r}.")
         config = adapter_config(directory)
