@@ -124,3 +124,36 @@ def test_alias_move_under_load_and_rollback(client: faas.Client, tmp_path: Path)
     assert once.with_client(client).remote(PROMPT, "chem@2") == once.with_client(client).remote(
         PROMPT, "chem@2"
     )
+
+
+def test_cli_adapter_add_ls_alias(tiny_model_path: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from faas.cli._main import app
+    from registry import Registry
+    from runtime import store_from_url
+
+    store = (tmp_path / "store").as_uri()
+    Registry(store_from_url(store)).register_model(ModelSpec(name="sci", model_path=str(tiny_model_path)))
+    runner = CliRunner()
+    for seed in (1, 2):
+        path = write_adapter(tmp_path / f"a{seed}", tiny_model_path, seed=seed)
+        out = runner.invoke(
+            app, ["models", "adapter", "add", "chem", str(path), "--base", "sci", "--store", store]
+        )
+        assert out.exit_code == 0, out.output
+        assert out.output.startswith(f"chem@{seed}\tbase sci@1\trank 4\tsha256 ")
+    out = runner.invoke(app, ["models", "adapter", "ls", "--store", store])
+    lines = out.output.splitlines()
+    assert [line.split("\t")[:4] for line in lines] == [
+        ["chem@1", "sci@1", "rank 4", "-"],
+        ["chem@2", "sci@1", "rank 4", "latest"],
+    ]
+    out = runner.invoke(app, ["models", "adapter", "alias", "chem", "1", "--store", store])
+    assert out.exit_code == 0 and out.output.strip() == "chem@latest: chem@2 -> chem@1"
+    out = runner.invoke(app, ["models", "adapter", "alias", "chem", "7", "--store", store])
+    assert out.exit_code == 2 and "Unknown adapter 'chem@7'" in out.output
+    bad = runner.invoke(
+        app, ["models", "adapter", "add", "x", str(tmp_path), "--base", "sci", "--store", store]
+    )
+    assert bad.exit_code == 2 and "not a PEFT LoRA adapter directory" in bad.output
