@@ -30,7 +30,12 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "mem_fraction_static": ("--mem-fraction-static", float),
     "context_length": ("--context-length", int),
     "tokenizer_path": ("--tokenizer-path", str),
+    # LoRA, named as the CPU engine's: adapters per batch, largest rank, adapters kept in host memory.
+    "max_loras": ("--max-loras-per-batch", int),
+    "max_lora_rank": ("--max-lora-rank", int),
+    "max_loaded_loras": ("--max-loaded-loras", int),
 }
+_LORA_KEYS = ("max_loras", "max_lora_rank", "max_loaded_loras", "lora_target_modules")
 
 
 def _fits(value: Any, kind: type) -> bool:
@@ -89,6 +94,8 @@ def sglang_argv(
     for key, value in (("node_rank", node_rank), ("nnodes", nnodes), ("dist_init_addr", dist_init_addr)):
         if value is not None:
             args[key] = value
+    if any(k in args for k in _LORA_KEYS):
+        args.setdefault("enable_lora", True)  # adapters are loaded at run time (/load_lora_adapter)
     argv = [python, "-m", "sglang.launch_server", "--model-path", spec.model_path]
     argv += ["--host", host, "--port", str(port), "--served-model-name", spec.ref]
     for key, value in sorted(args.items()):
@@ -101,6 +108,8 @@ def sglang_argv(
             argv.append(flag)
         elif value is False or value is None:
             continue
+        elif isinstance(value, list):  # nargs flags such as --lora-target-modules
+            argv += [flag, *map(str, value)]
         else:
             argv += [flag, str(value)]
     if int(args.get("nnodes", 1)) > 1 and not args.get("dist_init_addr"):
