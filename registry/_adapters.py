@@ -86,7 +86,8 @@ class Adapters:
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
         self._lock = threading.Lock()
-        self._snapshots: dict[str, tuple[dict[str, str] | None, float]] = {}
+        self._snapshots: dict[str, tuple[dict[str, str] | None, float, int]] = {}
+        self._generation = 0  # bumped around every alias write made through this object
 
     def add(
         self,
@@ -170,8 +171,11 @@ class Adapters:
             raise SubmitError(f"An alias cannot be a number ({alias!r}): numbers name versions.")
         spec = self.get(f"{name}@{version}")
         data = json.dumps({"version": spec.version}, sort_keys=True).encode()
+        with self._lock:
+            self._generation += 1  # snapshots taken before the write are not reused after it
         self.store.put(f"registry/adapters/{name}/aliases/{alias}.json", data)
         with self._lock:
+            self._generation += 1  # nor those that raced with it
             self._snapshots.clear()
         return spec
 
@@ -207,8 +211,9 @@ class Adapters:
         """
         now = time.monotonic()
         with self._lock:
+            generation = self._generation
             hit = self._snapshots.get(model_ref)
-            if hit is not None and now - hit[1] < SNAPSHOT_SECONDS:
+            if hit is not None and now - hit[1] < SNAPSHOT_SECONDS and hit[2] == generation:
                 return dict(hit[0]) if hit[0] is not None else None
         found: dict[str, str] = {}
         for spec, names in self.versions():
@@ -217,7 +222,8 @@ class Adapters:
                     found[spec.name if alias == "latest" else f"{spec.name}@{alias}"] = spec.ref
         result = found or None
         with self._lock:
-            self._snapshots[model_ref] = (result, now)
+            if self._generation == generation:
+                self._snapshots[model_ref] = (result, now, generation)
         return dict(result) if result is not None else None
 
     def _json(self, key: str) -> dict[str, Any] | None:
