@@ -31,7 +31,16 @@ def adapters(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineProc]:
+    """Three slots: three adapters and the base model fit one batch."""
     tmp = tmp_path_factory.mktemp("lora-engine")
+    with running_engine(tiny_model_path, tmp, "--max-loras", "3", "--max-batch-size", "16") as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def small_engine(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineProc]:
+    """Two slots for four adapters: evictions."""
+    tmp = tmp_path_factory.mktemp("lora-engine-2")
     with running_engine(tiny_model_path, tmp, "--max-loras", "2", "--max-batch-size", "16") as proc:
         yield proc
 
@@ -73,9 +82,8 @@ def test_load_checks_the_adapter(engine: EngineProc, tmp_path: Path) -> None:
 def test_mixed_batch_of_16_matches_solo_runs(engine: EngineProc, adapters: dict[str, Path]) -> None:
     """Three adapters and the base model in one batch of 16: each row equals its solo run."""
     with httpx.Client(base_url=engine.url, timeout=120) as c:
-        for name in ("chem", "bio"):  # two slots: the third adapter waits for one, then loads
+        for name in ("chem", "bio", "law"):
             _load(c, name, adapters[name])
-        _load(c, "law", adapters["law"])
         rows = [(PROMPTS[i % 4], [None, "chem", "bio", "law"][i // 4]) for i in range(16)]
         solo = {row: _gen(c, *row) for row in set(rows)}
         for prompt in PROMPTS:  # the adapters change the output
@@ -87,15 +95,17 @@ def test_mixed_batch_of_16_matches_solo_runs(engine: EngineProc, adapters: dict[
         )
         assert r.status_code == 200, r.text
         assert [o["output_ids"] for o in r.json()] == [solo[row] for row in rows]
+        stats = c.get("/server_info").json()["stats"]
+        assert stats["max_batch_size_seen"] == 16  # the solo runs were batches of one
         # And as 16 concurrent requests.
         with ThreadPoolExecutor(16) as pool:
             got = list(pool.map(lambda row: _gen(c, *row), rows))
         assert got == [solo[row] for row in rows]
 
 
-def test_eviction_and_reload_under_load(engine: EngineProc, adapters: dict[str, Path]) -> None:
+def test_eviction_and_reload_under_load(small_engine: EngineProc, adapters: dict[str, Path]) -> None:
     """Four adapters on two slots, 48 concurrent requests: evictions and reloads, no error."""
-    with httpx.Client(base_url=engine.url, timeout=120) as c:
+    with httpx.Client(base_url=small_engine.url, timeout=120) as c:
         for name, path in adapters.items():
             if name not in _lora_stats(c)["loaded_adapters"]:
                 _load(c, name, path)
@@ -110,6 +120,9 @@ def test_eviction_and_reload_under_load(engine: EngineProc, adapters: dict[str, 
         assert after["lora_evictions_total"] > before["lora_evictions_total"]
         assert after["lora_reloads_total"] > before["lora_reloads_total"]
         assert len(after["resident"]) <= 2
+        # A batch mixing more adapters than slots: the rows that find no slot wait, none fails.
+        r = c.post("/generate", json={"text": ["Hi"] * 8, "lora_path": names * 2, "sampling_params": GREEDY})
+        assert r.status_code == 200, r.text
 
 
 def test_unload_then_requests_are_refused(
