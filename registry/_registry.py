@@ -20,6 +20,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, cast
 
+from registry._adapters import Adapters
+from registry._names import check_name as _check_name
 from registry._specs import BUILTIN_MODELS, FunctionSpec, ModelSpec
 from runtime import (
     ObjectExists,
@@ -32,17 +34,6 @@ from runtime import (
 )
 from runtime import digest_of as serde_digest_of
 from runtime import loads as serde_loads
-
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
-
-
-def _check_name(name: str, what: str) -> str:
-    if not _NAME.match(name):
-        raise SubmitError(
-            f"Invalid {what} name {name!r}: use letters, digits, '_', '.', '-' (at most 128), "
-            "starting with a letter or '_'."
-        )
-    return name
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:
@@ -75,6 +66,7 @@ class Registry:
         self._functions: OrderedDict[str, Callable[..., Any]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self.adapters = Adapters(store)  # LoRA adapter versions and their aliases
 
     # -- functions ---------------------------------------------------------
     def register_function(self, artifact: bytes, spec: FunctionSpec) -> FunctionSpec:

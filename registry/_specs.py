@@ -64,6 +64,7 @@ class FunctionSpec(BaseModel):
         weight: float | None = None,
         internals_scope: bool | None = None,
         granted_modes: tuple[str, ...] | None = None,
+        adapters: dict[str, str] | None = None,
     ) -> Invocation:
         """A new invocation of this version (timeout, retries and priority from the spec).
 
@@ -81,6 +82,7 @@ class FunctionSpec(BaseModel):
             weight: That tenant's fair-share weight (None: 1).
             internals_scope: Whether the tenant's token has the ``internals`` scope (None: yes).
             granted_modes: The modes the tenant is granted on the model (None: all).
+            adapters: The model's adapter aliases at submit (``Adapters.snapshot``).
         """
         return Invocation(
             id=id or new_id(),
@@ -99,6 +101,7 @@ class FunctionSpec(BaseModel):
             weight=weight,
             internals_scope=internals_scope,
             granted_modes=granted_modes,
+            adapters=adapters,
         )
 
 

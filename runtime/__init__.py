@@ -5,6 +5,13 @@
 
 from typing import TYPE_CHECKING
 
+from runtime._adapters import (
+    AdapterRef,
+    AdapterResolver,
+    adapter_config,
+    fetch_adapter,
+    pack_adapter,
+)
 from runtime._errors import (
     AuthConfigError,
     AuthError,
@@ -42,6 +49,7 @@ from runtime._errors import (
     StoreError,
     SubmitError,
     SubstrateConfigError,
+    UnknownAdapterError,
     UnknownBindingError,
     UnknownFunctionError,
     UnknownModelError,
@@ -107,6 +115,8 @@ __all__ = [
     "INTERNALS_MODES",
     "MODES",
     "REPORT_STATES",
+    "AdapterRef",
+    "AdapterResolver",
     "AuthConfigError",
     "AuthError",
     "BackPressureError",
@@ -175,6 +185,7 @@ __all__ = [
     "SubstrateConfigError",
     "TextStream",
     "Timings",
+    "UnknownAdapterError",
     "UnknownBindingError",
     "UnknownFunctionError",
     "UnknownModelError",
@@ -185,6 +196,7 @@ __all__ = [
     "WorkerLost",
     "WorkerStartError",
     "Write",
+    "adapter_config",
     "bundle_function",
     "cache_dir",
     "check_modes",
@@ -197,6 +209,7 @@ __all__ = [
     "encode_output",
     "error_info",
     "execute",
+    "fetch_adapter",
     "file_etag",
     "is_marker",
     "load_staged",
@@ -204,6 +217,7 @@ __all__ = [
     "loads_data",
     "new_id",
     "outputs_parameter",
+    "pack_adapter",
     "parse_marker",
     "partial_sink",
     "restore_function",

@@ -6,6 +6,7 @@ They live in ``runtime`` because it is the lowest package; ``faas`` re-exports t
 FaasError
 ├── SubmitError                 bad input, raised before any work is done
 │   ├── UnknownModelError       the model name or version is not registered
+│   ├── UnknownAdapterError     the LoRA adapter name, alias or version is not registered
 │   ├── UnknownFunctionError    no function under that name, version or digest
 │   ├── SerializationError      an argument or function cannot be pickled
 │   ├── FunctionDefinitionError the decorated object is not a usable function
@@ -83,6 +84,10 @@ class UnknownBindingError(SubmitError, LookupError):
 
 class UnknownModelError(SubmitError, LookupError):
     """The named model (or model version) is not registered."""
+
+
+class UnknownAdapterError(SubmitError, LookupError):
+    """The named LoRA adapter (alias or version) is not registered for the model."""
 
 
 class SerializationError(SubmitError):

@@ -26,20 +26,21 @@ from typing import Any, Literal, overload
 import httpx
 import numpy as np
 
+from runtime._adapters import AdapterRef, AdapterResolver, EngineAdapters, call_fields
 from runtime._errors import (
     EngineError,
     EngineLost,
     SubmitError,
     UnsupportedFeatureError,
 )
-from runtime._internals import FINAL, Internals, Read, hidden_fallback, wire_body
+from runtime._internals import Internals, Read, hidden_fallback, wire_body
 from runtime._model_fields import (
     Embeds,
     HiddenStates,
     Prompt,
-    check_flag,
+    chat_body,
     generate_body,
-    logprob_fields,
+    hook_points_of,
     prompt_fields,
     raise_for_status,
     with_fallback,
@@ -58,7 +59,6 @@ from runtime._policy import call_record, guard
 from runtime._sampling import (
     SamplingParams,
     SamplingParamsInput,
-    chat_fields,
     validate_sampling_params,
 )
 
@@ -126,6 +126,8 @@ class Model(OpenAIRoutes):
         self._lock = threading.Lock()
         self._active: set[str] = set()  # shared with bind() clones, for abort_prefix()
         self._priority: int | None = None  # set by bind() from the invocation's priority
+        self._adapters = EngineAdapters()  # loaded on this engine; shared with clones
+        self._resolver: AdapterResolver | None = None  # set by with_adapters()
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, url={self.url!r})"
@@ -146,6 +148,12 @@ class Model(OpenAIRoutes):
         clone._prefix = request_prefix
         clone._priority = priority
         clone.calls = []  # each bound handle records its own invocation's engine calls
+        return clone
+
+    def with_adapters(self, resolver: AdapterResolver | None) -> Model:
+        """A handle sharing this one's connections that resolves ``adapter=`` with ``resolver``."""
+        clone = copy.copy(self)
+        clone._resolver = resolver
         return clone
 
     @property
@@ -177,6 +185,7 @@ class Model(OpenAIRoutes):
         return_text_in_logprobs: bool = ...,
         return_hidden_states: HiddenStates = ...,
         internals: Internals | None = ...,
+        adapter: str | None = ...,
         rid_prefix: str | None = ...,
     ) -> GenerateResult: ...
     @overload
@@ -193,6 +202,7 @@ class Model(OpenAIRoutes):
         return_text_in_logprobs: bool = ...,
         return_hidden_states: HiddenStates = ...,
         internals: Internals | None = ...,
+        adapter: str | None = ...,
         rid_prefix: str | None = ...,
     ) -> GenerateResult | list[GenerateResult]: ...
     @overload
@@ -206,6 +216,7 @@ class Model(OpenAIRoutes):
         return_logprob: bool = ...,
         top_logprobs_num: int = ...,
         return_text_in_logprobs: bool = ...,
+        adapter: str | None = ...,
         rid_prefix: str | None = ...,
     ) -> TextStream: ...
 
@@ -222,6 +233,7 @@ class Model(OpenAIRoutes):
         return_text_in_logprobs: bool = False,
         return_hidden_states: HiddenStates = False,
         internals: Internals | None = None,
+        adapter: str | None = None,
         rid_prefix: str | None = None,
     ) -> GenerateResult | list[GenerateResult] | TextStream:
         """Generate a completion for one prompt, or one per prompt of a batch (SGLang ``/generate``).
@@ -247,6 +259,9 @@ class Model(OpenAIRoutes):
                 ``faas.Internals``); the arrays read fill ``internals`` of each result.
                 Needs the model's ``internals_read``/``internals_write`` modes and the
                 tenant's ``internals`` scope.
+            adapter: A LoRA adapter of this model: ``"chem"`` (its alias as it stood when the
+                invocation was submitted), ``"chem@stable"`` or ``"chem@3"`` (pinned); the engine
+                loads it on first use (SGLang's ``lora_path``). Provenance records its version and digest.
             rid_prefix: Overrides the request-id prefix.
 
         Returns:
@@ -272,6 +287,11 @@ class Model(OpenAIRoutes):
             return_text_in_logprobs=return_text_in_logprobs,
             return_hidden_states=return_hidden_states,
         )
+        lora = (
+            None if adapter is None else self._adapters.use(self._resolver, adapter, self._client, self.name)
+        )
+        if lora is not None:
+            body["lora_path"] = lora.engine_name
         fallback: Read | None = None
         recorded = None
         if internals is not None:
@@ -297,9 +317,9 @@ class Model(OpenAIRoutes):
         rids = self._rids(n, rid_prefix)
         body["rid"] = rids[0] if single else rids
         if stream:
-            return self._stream("/generate", body, rids, NativeDecoder())
+            return self._stream("/generate", body, rids, NativeDecoder(), lora)
         try:
-            data = self._post("/generate", body, internals=recorded, checked=internals is not None)
+            data = self._post("/generate", body, internals=recorded, checked=internals is not None, lora=lora)
         finally:
             self._release(rids)
         items = [data[0] if isinstance(data, list) else data] if single else list(data)
@@ -331,12 +351,7 @@ class Model(OpenAIRoutes):
         An engine without named hooks (SGLang) lists only ``ln_final.hook_normalized``,
         served from its final-layer hidden states.
         """
-        info = self.engine_info()
-        points = info.get("hook_points")
-        if points is None:
-            size = info.get("hidden_size")
-            return {FINAL: (int(size),) if size else ()}
-        return {p["name"]: tuple(p["shape"]) for p in points}
+        return hook_points_of(self.engine_info())
 
     # ---- chat ------------------------------------------------------------------------------
 
@@ -399,26 +414,7 @@ class Model(OpenAIRoutes):
             EngineError: The engine rejected the request (e.g. a role the template refuses).
             EngineLost: The engine could not be reached.
         """
-        if isinstance(messages, str | bytes) or not isinstance(messages, Sequence) or not messages:
-            raise SubmitError("messages must be a non-empty list of {'role': ..., 'content': ...} mappings.")
-        for i, m in enumerate(messages):
-            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or "content" not in m:
-                raise SubmitError(f"messages[{i}] must be a mapping with a string 'role' and a 'content'.")
-        body: dict[str, Any] = {"messages": [dict(m) for m in messages]}
-        params = validate_sampling_params(sampling_params)
-        if params.get("n", 1) != 1:
-            raise SubmitError(
-                "sampling_params.n > 1 is not supported by the handle: call chat() again instead."
-            )
-        body.update(chat_fields(params))
-        want_logprob, top_n = logprob_fields(return_logprob, top_logprobs_num)
-        if want_logprob:
-            body["logprobs"] = True
-            if top_n:
-                body["top_logprobs"] = top_n
-        if check_flag("stream", stream):
-            body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
+        body = chat_body(messages, sampling_params, stream, return_logprob, top_logprobs_num)
         rids = self._rids(1, rid_prefix)
         body["rid"] = rids[0]
         if stream:
@@ -502,6 +498,7 @@ class Model(OpenAIRoutes):
         *,
         internals: dict[str, Any] | None = None,
         checked: bool = False,
+        lora: AdapterRef | None = None,
     ) -> Any:
         if not checked:
             self._guard(path, body)
@@ -509,20 +506,25 @@ class Model(OpenAIRoutes):
         started = time.time()
         try:
             response = self._client.post(path, json=body)
+            if lora is not None and self._adapters.missing(lora, response, self._client, self.name):
+                response = self._client.post(path, json=body)  # the engine lost it: loaded again
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
         self._raise_for_status(path, response)
         data = response.json()
-        self.calls.append(call_record(path, body, data, started, internals))
+        self.calls.append(call_record(path, body, data, started, internals) | call_fields(lora))
         return data
 
-    def _stream(self, path: str, body: dict[str, Any], rids: list[str], decoder: Any) -> TextStream:
+    def _stream(
+        self, path: str, body: dict[str, Any], rids: list[str], decoder: Any, lora: AdapterRef | None = None
+    ) -> TextStream:
         try:
             self._guard(path, body)
         except Exception:
             self._release(rids)
             raise
         record = call_record(path, body, {}, time.time())  # tokens filled in when the stream ends
+        record.update(call_fields(lora))
         self.calls.append(record)
         body = self._with_priority(body)
         try:

@@ -10,9 +10,15 @@ import httpx
 import numpy as np
 
 from runtime._errors import EngineError, EngineRejectedError, SubmitError, UnsupportedFeatureError
-from runtime._internals import Read, from_hidden
+from runtime._internals import FINAL, Read, from_hidden
 from runtime._model_results import GenerateResult
-from runtime._sampling import SamplingParamsInput, validate_params_for
+from runtime._sampling import (
+    SamplingParams,
+    SamplingParamsInput,
+    chat_fields,
+    validate_params_for,
+    validate_sampling_params,
+)
 
 Prompt = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
 UNSUPPORTED_TYPE = "unsupported_feature"
@@ -165,3 +171,41 @@ def with_fallback(item: Mapping[str, Any], hidden: HiddenStates, fallback: Read 
     return replace(
         result, hidden_states=kept, internals={fallback.hook: arr}, internals_positions={fallback.hook: pos}
     )
+
+
+def hook_points_of(info: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The hook points in an engine's ``/model_info`` (only the final layer's when it names none)."""
+    points = info.get("hook_points")
+    if points is None:
+        size = info.get("hidden_size")
+        return {FINAL: (int(size),) if size else ()}
+    return {p["name"]: tuple(p["shape"]) for p in points}
+
+
+def chat_body(
+    messages: Sequence[Mapping[str, Any]],
+    sampling_params: Mapping[str, Any] | SamplingParams | None,
+    stream: bool,
+    return_logprob: bool,
+    top_logprobs_num: int,
+) -> dict[str, Any]:
+    """A checked ``/v1/chat/completions`` body (no ``rid``) from ``Model.chat``'s arguments."""
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence) or not messages:
+        raise SubmitError("messages must be a non-empty list of {'role': ..., 'content': ...} mappings.")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise SubmitError(f"messages[{i}] must be a mapping with a string 'role' and a 'content'.")
+    body: dict[str, Any] = {"messages": [dict(m) for m in messages]}
+    params = validate_sampling_params(sampling_params)
+    if params.get("n", 1) != 1:
+        raise SubmitError("sampling_params.n > 1 is not supported by the handle: call chat() again instead.")
+    body.update(chat_fields(params))
+    want_logprob, top_n = logprob_fields(return_logprob, top_logprobs_num)
+    if want_logprob:
+        body["logprobs"] = True
+        if top_n:
+            body["top_logprobs"] = top_n
+    if check_flag("stream", stream):
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body

@@ -31,6 +31,7 @@ class ModelProvenance(BaseModel):
     """The model version and engine that served it.
 
     Attributes:
+        adapters: LoRA adapters the calls used, ``name@version`` -> sha256.
         cold_start: How the serving replica started: ``fetch_s`` (staging its weights
             into the node's cache), ``load_s`` (engine launch to ready), ``ready_s``
             (launch to ready in all), ``cache_hit`` and ``fetched_bytes``; None when
@@ -48,6 +49,7 @@ class ModelProvenance(BaseModel):
     engine_args: dict[str, Any] = Field(default_factory=dict)
     engine_url: str | None = None
     cold_start: dict[str, Any] | None = None
+    adapters: dict[str, str] = Field(default_factory=dict)
 
 
 class EngineCall(BaseModel):
@@ -61,6 +63,8 @@ class EngineCall(BaseModel):
         internals: The call's hook-point reads and writes, each write's vector by sha256
             and shape (never by value); None when it used none.
         modes: The model modes the call used (``generate``, ``logprobs``, ...).
+        adapter: The LoRA adapter version it ran with (``name@version``), None for the base model.
+        adapter_sha256: That adapter's digest.
     """
 
     path: str
@@ -76,6 +80,8 @@ class EngineCall(BaseModel):
     wall_seconds: float = 0.0
     internals: dict[str, Any] | None = None
     modes: list[str] = Field(default_factory=list)
+    adapter: str | None = None
+    adapter_sha256: str | None = None
 
 
 class Timings(BaseModel):

@@ -81,6 +81,9 @@ class Invocation(BaseModel):
             worker before any engine request. None: yes (an embedded client's own calls).
         granted_modes: The modes the tenant is granted on the model (None: all); the
             worker refuses the others before any engine request.
+        adapters: The model's LoRA adapter aliases as they stood at submit (``{"chem": "chem@1",
+            "chem@stable": "chem@2"}``): the worker resolves ``adapter="chem"`` with it, so an
+            alias moved while the invocation waits or runs does not change it. None: none.
     """
 
     model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
@@ -103,6 +106,7 @@ class Invocation(BaseModel):
     priority: Priority | None = None
     internals_scope: bool | None = None
     granted_modes: tuple[str, ...] | None = None
+    adapters: dict[str, str] | None = None
 
 
 class ErrorInfo(BaseModel):

@@ -1,6 +1,7 @@
 """Where work runs: engine hosts, replicas, workers and the pool."""
 
 from runtime import BackPressureError, SubstrateConfigError
+from warmpool._adapter_moves import AdapterMove, move_adapter_alias
 from warmpool._fair import Fairness, FairQueue, TokenWeights
 from warmpool._provenance import build_provenance, ensure_provenance, wire_digest
 from warmpool._replica import EngineFactory, ModelPool, Replica, ReplicaState, default_engine_factory
@@ -16,6 +17,7 @@ from warmpool.engines._host import CpuEngineHost, EngineHost, SubprocessEngineHo
 from warmpool.local._pool import Pool, Work
 
 __all__ = [
+    "AdapterMove",
     "BackPressureError",
     "CpuEngineHost",
     "EngineFactory",
@@ -39,5 +41,6 @@ __all__ = [
     "ensure_provenance",
     "load_substrate_config",
     "make_substrate",
+    "move_adapter_alias",
     "wire_digest",
 ]

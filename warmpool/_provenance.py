@@ -59,6 +59,7 @@ def build_provenance(
             engine_args=dict(engine.get("args") or model.engine_args),
             engine_url=engine.get("url"),
             cold_start=engine.get("cold_start"),
+            adapters={c.adapter: c.adapter_sha256 or "" for c in calls if c.adapter},
         )
     if result.error is None:
         status = "succeeded"

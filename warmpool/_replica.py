@@ -59,6 +59,8 @@ def default_engine_factory(spec: ModelSpec, log_dir: Path) -> EngineHost:
             device=str(args.get("device", "cpu")),
             log_dir=log_dir,
             request_log=args.get("request_log"),
+            max_loras=args.get("max_loras"),
+            max_lora_rank=args.get("max_lora_rank"),
         )
     if spec.engine == "sglang":
         from warmpool.engines._sglang import SGLangEngineHost

@@ -8,7 +8,8 @@ Compute task) and hand it to a :class:`Runner`, which:
    dispatch's ``store`` when the invocation names none) and loads the function
    by digest, verified before anything is unpickled;
 2. builds (and caches) the :class:`runtime.Model` handle on the engine, with
-   the model's allowed modes;
+   the model's allowed modes, resolving ``adapter=`` from the invocation's
+   snapshot of adapter aliases (files fetched and verified on first use);
 3. runs :func:`runtime.execute`, inline, or in a thread bounded by the
    dispatch's deadline, after which the invocation's engine requests are
    aborted and a timeout Result is returned so the worker is free again.
@@ -27,21 +28,26 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from registry import Registry
+from registry import AdapterSpec, Registry, split_ref
 from runtime import (
     INTERNALS_MODES,
     MODES,
+    AdapterRef,
+    AdapterResolver,
     EngineError,
     ErrorKind,
     FaasError,
     Invocation,
     InvocationTimeout,
     Model,
+    ObjectNotFound,
     ObjectStore,
     PartialSink,
     Result,
+    UnknownAdapterError,
     error_info,
     execute,
+    fetch_adapter,
     partial_sink,
     store_from_config,
 )
@@ -104,6 +110,7 @@ class Runner:
             tuple[str, str, frozenset[str] | None, frozenset[str], frozenset[str]], Model
         ] = {}
         self._running: dict[tuple[str, int], Model] = {}
+        self._adapter_specs: dict[tuple[int, str], AdapterSpec] = {}  # versions never change
 
     def open_store(self, config: dict[str, Any]) -> ObjectStore:
         """Open (and cache) a store; a worker opens its pool's store this way before it says Ready."""
@@ -132,6 +139,49 @@ class Runner:
                 model = Model(url, name, allowed_modes=modes, unscoped=unscoped, ungranted=ungranted)
                 self._handles[key] = model
             return model
+
+    def _resolver(
+        self, inv: Invocation, registry: Registry, fallback: dict[str, Any] | None, model: str | None
+    ) -> AdapterResolver:
+        """Resolves ``adapter=`` for one invocation: aliases from its submit-time snapshot.
+
+        Versions are looked up in the invocation's own registry, then the pool's (a service
+        tenant's functions live in its prefix; the operator's adapters beside the models).
+        """
+        snapshot = inv.adapters or {}
+
+        def resolve(adapter: str) -> AdapterRef:
+            name, version = split_ref(adapter)
+            ref = snapshot.get(adapter) or (adapter if version and version.isdigit() else None)
+            if ref is None:
+                raise UnknownAdapterError(
+                    f"Model {model!r} had no adapter alias {adapter!r} when this invocation was "
+                    f"submitted (its aliases then: {sorted(snapshot) or 'none'}); pin a version as {name}@N."
+                )
+            spec, store = self._adapter_spec(ref, registry, fallback)
+            if spec.base_model != model:
+                raise UnknownAdapterError(f"Adapter {spec.ref} adapts {spec.base_model}, not {model}.")
+            return AdapterRef(spec.ref, spec.sha256, str(fetch_adapter(store, spec.uri, spec.sha256)))
+
+        return resolve
+
+    def _adapter_spec(
+        self, ref: str, registry: Registry, fallback: dict[str, Any] | None
+    ) -> tuple[AdapterSpec, ObjectStore]:
+        registries = [registry] + ([self._registry(fallback)[1]] if fallback else [])
+        for reg in registries:
+            key = (id(reg), ref)
+            with self._lock:
+                spec = self._adapter_specs.get(key)
+            if spec is None:
+                try:
+                    spec = reg.adapters.get(ref)
+                except (UnknownAdapterError, ObjectNotFound):
+                    continue
+                with self._lock:
+                    self._adapter_specs[key] = spec
+            return spec, reg.store
+        raise UnknownAdapterError(f"No adapter {ref!r} is registered.")
 
     def abort(self, invocation_id: str, attempt: int) -> None:
         """Abort the engine requests of a running attempt (it finishes on its own)."""
@@ -166,6 +216,9 @@ class Runner:
                 raise FaasError(f"Invocation {inv.id} names no object store to load its function from.")
             store, registry = self._registry(config)
             fn = registry.load_function(inv.function_digest)
+            if model is not None:
+                fallback = dispatch.store or self._default
+                model = model.with_adapters(self._resolver(inv, registry, fallback, dispatch.model_name))
         except Exception as exc:  # loading failed: engine, integrity, unpickling, store
             kind: ErrorKind = "engine_lost" if isinstance(exc, EngineError) else "system"
             return _failed(inv, exc, kind, with_traceback=not isinstance(exc, EngineError))

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from faas._replay_compare import DEFAULT_ATOL, DEFAULT_RTOL
+from faas.cli._adapters import adapter_app
 
 app = typer.Typer(help="tpm-faas: serverless functions for calls to huge models.", no_args_is_help=True)
 models_app = typer.Typer(
@@ -15,6 +16,7 @@ models_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(models_app, name="models")
+models_app.add_typer(adapter_app, name="adapter")
 
 
 @app.command()

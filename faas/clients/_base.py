@@ -321,6 +321,7 @@ class RecordingClient(ClientBase):
             refs=refs,
             output=output,
             priority=priority,
+            adapters=self.registry.adapters.snapshot(model.ref) if model else None,
         )
         future = self._future(invocation.id)
         self._record(invocation)

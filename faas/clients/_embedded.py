@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from faas._future import Future
 from faas.clients._base import RecordingClient, RecordsMode
-from registry import ModelSpec
+from registry import AdapterSpec, ModelSpec
 from runtime import (
     Invocation,
     Model,
@@ -24,7 +24,16 @@ from runtime import (
     staging_threshold,
     store_from_url,
 )
-from warmpool import EngineFactory, Substrate, SubstrateKind, default_engine_factory, make_substrate
+from warmpool import (
+    AdapterMove,
+    EngineFactory,
+    Pool,
+    Substrate,
+    SubstrateKind,
+    default_engine_factory,
+    make_substrate,
+    move_adapter_alias,
+)
 
 if TYPE_CHECKING:
     from registry import FunctionSpec
@@ -127,6 +136,37 @@ class Client(RecordingClient):
         """Point ``name@alias`` at ``version``; this client sees it at once, others within a cache period."""
         self.registry.set_model_alias(name, alias, version)
         self._model_cache.clear()
+
+    def add_adapter(
+        self,
+        directory: str | Path,
+        name: str,
+        base_model: str,
+        *,
+        version: str | None = None,
+        alias: str | None = "latest",
+    ) -> AdapterSpec:
+        """Register a PEFT LoRA adapter directory as a new version of ``name`` for ``base_model``.
+
+        ``base_model`` is resolved now (``sci`` -> ``sci@2``): an adapter adapts one model version.
+        """
+        base = self.resolve_model(base_model).ref
+        return self.registry.adapters.add(directory, name, base, version=version, alias=alias)
+
+    def set_adapter_alias(
+        self, name: str, version: str, alias: str = "latest", *, timeout: float = 600.0
+    ) -> AdapterMove:
+        """Move ``name@alias`` to ``version``: load it on the warm replicas, move, drain the old, unload it.
+
+        Invocations submitted before the move keep the version they resolved (in flight or
+        queued); those submitted after run on ``version``. Moving it back is the rollback.
+        A pool that is not local only moves the alias (engines load adapters on first use).
+        """
+        pool = self.pool
+        if isinstance(pool, Pool):
+            return move_adapter_alias(self.registry, pool, name, version, alias, timeout=timeout)
+        spec = self.registry.adapters.set_alias(name, alias, version)
+        return AdapterMove(alias=f"{name}@{alias}", old=None, new=spec.ref)
 
     def _model_for(self, ref: str | None) -> ModelSpec | None:
         if not ref:

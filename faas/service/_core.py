@@ -336,8 +336,7 @@ class ServiceCore:
         Raises:
             NotFoundError: The tenant has no such function.
             SubmitError: A staged argument is missing from the tenant's store.
-            QuotaExceededError: The tenant's queue quota would be exceeded (nothing accepted).
-            BudgetExceededError: The tenant has used a window's token budget (nothing accepted).
+            QuotaExceededError: A queue quota, or (BudgetExceededError) a token budget, is used up.
             BackPressureError: The model's queue in the pool is full.
             PoolClosedError: The service is shutting down.
         """
@@ -349,6 +348,7 @@ class ServiceCore:
             if "@" not in spec.model:
                 model = self.pool.prefer_warm(model)
         policy = tenant.invocation_policy(model.ref if model else None)  # refuses an ungranted model
+        policy["adapters"] = self.models.adapters.snapshot(model.ref) if model else None  # as at submit
         for item in items:
             check_refs(ts, item)
         if ids is not None and (len(ids) != len(items) or not all(plausible_id(i) for i in ids)):

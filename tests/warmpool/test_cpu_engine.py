@@ -230,7 +230,6 @@ def test_invalid_json_is_400(engine: Engine) -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        {"lora_path": "adapter-1"},
         {"sampling_params": {"regex": "[a-z]+"}},
         {"sampling_params": {"json_schema": "{}"}},
         {"sampling_params": {"ebnf": "root ::= 'a'"}},

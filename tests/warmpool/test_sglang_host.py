@@ -164,3 +164,15 @@ def test_host_start_failure_reports_log_tail(tmp_path: Path) -> None:
     with pytest.raises(EngineError, match=r"exited with code 3(.|\n)*CUDA error: out of memory"):
         host.wait_ready(30)
     host.stop()
+
+
+def test_argv_enables_lora_from_the_cpu_engines_names() -> None:
+    argv = sglang_argv(spec(max_loras=4, max_lora_rank=64, lora_target_modules=["q_proj", "v_proj"]), port=1)
+    assert "--enable-lora" in argv
+    assert argv[argv.index("--max-loras-per-batch") + 1] == "4"
+    assert argv[argv.index("--max-lora-rank") + 1] == "64"
+    i = argv.index("--lora-target-modules")
+    assert argv[i + 1 : i + 3] == ["q_proj", "v_proj"]
+    assert "--enable-lora" not in sglang_argv(spec(tp=2), port=1)
+    with pytest.raises(EngineError, match=r"max_loras.*must be int"):
+        sglang_argv(spec(max_loras="four"), port=1)

@@ -29,12 +29,14 @@ from typing import Any
 import torch
 
 from warmpool.cpu_engine._hooks import Hooks, make_probe
+from warmpool.cpu_engine._lora import Loras
 from warmpool.cpu_engine._requests import EmbedOutput, EmbedRequest, GenOutput, GenRequest
 from warmpool.cpu_engine._tensors import (
     cache_kwarg,
     draw,
     embed_forward,
     eos_ids,
+    keep_hidden,
     left_pad,
     pad_id,
     pad_seq,
@@ -87,6 +89,8 @@ class Batcher:
         request_log: Append one JSON line per request that ends here (``rid``, prompt and
             generated tokens, ``finish``: ``length``, ``stop`` or ``abort``), as SGLang's
             ``--log-requests`` does to its log.
+        max_loras: LoRA adapters resident at once (``_lora``; 0: LoRA off).
+        max_lora_rank: Largest adapter rank.
     """
 
     def __init__(
@@ -102,6 +106,8 @@ class Batcher:
         batch_window: float = 0.002,
         max_batch_wait: float = 0.02,
         request_log: Path | None = None,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
     ) -> None:
         self.model = model
         # Line-buffered: every finished request is on disk even if the engine is killed next.
@@ -136,6 +142,7 @@ class Batcher:
         self._keep_kw = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.use_kv_cache = use_kv_cache
         self.hooks = Hooks(model)  # per-row reads/writes of internals, each forward's plan set in _run
+        self.loras = Loras(model, max_loras=max_loras, max_rank=max_lora_rank)  # per-row adapters, ditto
         if use_kv_cache:
             self.use_kv_cache = probe_kv_cache(self._run, self.pad_id, device)
         self._stats = {"requests_total": 0, "steps": 0, "rows_stepped": 0, "max_seen": 0}
@@ -278,6 +285,8 @@ class Batcher:
                 embeds = [self._embeds.popleft() for _ in range(n_embeds)]
             if embeds:
                 self._embed(embeds)
+            if any(r.lora for r in admit):
+                admit = self._admit_loras(admit)
             for row in aborted:
                 row.finish = dict(_ABORT)
             if aborted:
@@ -371,7 +380,7 @@ class Batcher:
         rows = self._rows
         ids, mask = left_pad([r.tokens for r in rows], self.pad_id, self.device)
         logits, _, hidden = self._run(ids, mask, positions(mask), None, _wants_hidden(rows), rows)
-        _keep_hidden(rows, hidden, prefill=None)  # a row's first step fed its whole prompt
+        keep_hidden(rows, hidden, prefill=None)  # a row's first step fed its whole prompt
         return logits
 
     def _forward_cached(self, new: list[_Row]) -> torch.Tensor:
@@ -386,12 +395,12 @@ class Batcher:
             logits, self._cache, hidden = self._run(last, mask, pos, self._cache, _wants_hidden(rows), rows)
             self._mask = mask
             parts.append(logits)
-            _keep_hidden(rows, hidden, prefill=False)
+            keep_hidden(rows, hidden, prefill=False)
         if new:
             ids, mask = left_pad([r.tokens for r in new], self.pad_id, self.device)
             logits, cache, hidden = self._run(ids, mask, positions(mask), None, _wants_hidden(new), new)
             parts.append(logits)
-            _keep_hidden(new, hidden, prefill=True)
+            keep_hidden(new, hidden, prefill=True)
             self._merge(cache, mask)
             self._rows.extend(new)
         return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -414,16 +423,30 @@ class Batcher:
         if hidden:
             kwargs["output_hidden_states"] = True
         embeds = self.hooks.begin([(r.probe, len(r.tokens)) for r in rows or ()], ids)
+        self.loras.begin([r.req.lora for r in rows or ()])
         feed = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
         try:
             out = self.model(attention_mask=mask, position_ids=pos, **feed, **kwargs)
         finally:
             self.hooks.end()
+            self.loras.end()
         # Read only the field this transformers version has: the other is a deprecated alias.
         new_cache = getattr(out, self._cache_kw, None)
         # The last entry is the final layer's output after the final norm: the lm_head input.
         states = out.hidden_states[-1].float() if hidden else None
         return out.logits[:, -1, :].float(), new_cache, states
+
+    def _admit_loras(self, reqs: list[GenRequest]) -> list[GenRequest]:
+        """Load the adapters of ``reqs`` (``_lora``); those without a free slot wait at the front."""
+        admitted, deferred, failed = self.loras.admit(reqs, {r.req.lora for r in self._rows if r.req.lora})
+        with self._cond:
+            self._waiting.extendleft(reversed(deferred))
+            self._inflight.difference_update(req.rid for req, _ in failed)
+        for req, why in failed:
+            out = self._output(_Row(req, torch.device("cpu")), {"type": "abort", "message": why})
+            out.error = why
+            req.on_finish(out)
+        return admitted
 
     def _merge(self, cache: Any, mask: torch.Tensor) -> None:
         """Append a freshly prefilled cache's rows below the running rows' cache."""
@@ -573,17 +596,3 @@ _ABORT: dict[str, Any] = {"type": "abort", "message": "Aborted by request."}
 
 def _wants_hidden(rows: list[_Row]) -> bool:
     return any(r.req.return_hidden_states for r in rows)
-
-
-def _keep_hidden(rows: list[_Row], hidden: torch.Tensor | None, *, prefill: bool | None) -> None:
-    """Append each asking row's states: its whole (left-padded) prompt, or the one new position.
-
-    ``prefill=None`` decides per row: a row that has generated nothing yet was fed its prompt.
-    """
-    if hidden is None:
-        return
-    for i, row in enumerate(rows):
-        if row.req.return_hidden_states:
-            whole = (not row.out) if prefill is None else prefill
-            # clone: a view would keep the whole batch's [B, T, H] tensor alive
-            row.hidden.append((hidden[i, -len(row.tokens) :] if whole else hidden[i, -1]).clone())

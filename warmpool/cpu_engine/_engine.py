@@ -5,13 +5,14 @@ code against a tiny HF model. Run it as::
 
     python -m warmpool.cpu_engine --model-path DIR [--host 127.0.0.1] [--port N]
         [--served-model-name NAME] [--max-batch-size 64] [--threads N]
-        [--device cpu|cuda] [--port-file PATH] [--no-kv-cache]
+        [--device cpu|cuda] [--port-file PATH] [--no-kv-cache] [--max-loras 4] [--max-lora-rank 16]
 
 Endpoints: ``POST /generate``, ``POST /encode``, the OpenAI-compatible
 ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``,
 ``GET /v1/models`` and ``GET /v1/models/{id}``, ``POST /abort_request``, ``GET /health``,
 ``GET /health_generate``, ``GET /model_info`` and ``GET /server_info`` (also under SGLang's
-older ``/get_model_info`` and ``/get_server_info``).
+older ``/get_model_info`` and ``/get_server_info``), ``POST /load_lora_adapter`` and
+``POST /unload_lora_adapter`` (``_lora_http``; ``/generate`` takes ``lora_path`` per prompt).
 Unlike SGLang, which serves ``/encode`` and ``/v1/embeddings`` only for a model launched
 with ``--is-embedding``, this engine answers generation and embeddings from its one causal LM. The socket is
 bound before the model loads, so ``/health`` answers 503 until the model is ready. The model
@@ -42,6 +43,7 @@ from fastapi.responses import JSONResponse, Response
 from warmpool.cpu_engine import _http as _cpu_http
 from warmpool.cpu_engine import _openai as _cpu_openai
 from warmpool.cpu_engine._http import error as _error
+from warmpool.cpu_engine._lora_http import add_lora_routes
 from warmpool.cpu_engine._requests import GenerateSpec, GenOutput, GenRequest, SamplingParams
 
 if TYPE_CHECKING:
@@ -133,6 +135,8 @@ class Engine:
                 threads=self.args.threads,
                 batch_window=self.args.batch_window_ms / 1000.0,
                 request_log=self.args.request_log,
+                max_loras=self.args.max_loras,
+                max_lora_rank=self.args.max_lora_rank,
             )
             batcher.start()
             t_done = time.time()
@@ -169,6 +173,7 @@ class Engine:
             "batch_window_ms": self.args.batch_window_ms,
             "startup": self.startup,
             "stats": stats,
+            "lora": self.batcher.loras.info() if self.batcher else {},
             "ready": self.ready,
             "load_error": self.load_error,
             "version": ENGINE_VERSION,
@@ -207,6 +212,7 @@ class Engine:
                 counted=not spec.rids[i].startswith(HEALTH_CHECK_PREFIX),
                 internals=spec.internals,
                 input_embeds=spec.input_embeds[i] if spec.input_embeds is not None else None,
+                lora=spec.lora[i] if spec.lora is not None else None,
             )
             for i in range(len(spec.rids))
         ]
@@ -318,6 +324,7 @@ def create_app(engine: Engine) -> FastAPI:
     completions = work("completion_requests", _cpu_http.completions)
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/embeddings", work("embedding_requests", _cpu_http.embeddings), methods=["POST"])
+    add_lora_routes(app, engine)
 
     @app.get("/v1/models")
     async def list_models() -> Response:
@@ -381,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="append one JSON line per request that ends (finished or aborted) here",
     )
+    p.add_argument("--max-loras", type=int, default=4, help="LoRA adapters resident at once (0: off)")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="largest LoRA adapter rank")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this parent process is gone")
     p.add_argument(
         "--batch-window-ms",

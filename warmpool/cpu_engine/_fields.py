@@ -45,7 +45,7 @@ _OFF: Any = None  # the default of most optional SGLang fields
 GENERATE_PARSED = frozenset(
     {"text", "input_ids", "sampling_params", "rid", "stream", "return_logprob", "logprob_start_len",
      "top_logprobs_num", "return_text_in_logprobs", "return_hidden_states", "input_embeds",
-     "internals"}
+     "internals", "lora_path"}
 )  # fmt: skip
 GENERATE_IGNORED = frozenset(
     {"log_metrics", "no_logs", "priority", "custom_labels", "extra_key", "modalities", "session_id",
@@ -56,7 +56,7 @@ GENERATE_UNSUPPORTED: dict[str, Any] = {
     **dict.fromkeys(
         ("image_data", "video_data", "audio_data", "mm_hashes", "mm_content_hashes",
          "video_config", "watermark", "token_ids_logprob", "return_sampling_mask",
-         "sampling_logprobs_mode", "session_params", "lora_path", "lora_id", "custom_logit_processor",
+         "sampling_logprobs_mode", "session_params", "lora_id", "custom_logit_processor",
          "positional_embed_overrides", "bootstrap_host", "bootstrap_port", "bootstrap_room",
          "bootstrap_pair_key", "decode_tp_size", "routed_dp_rank", "data_parallel_rank",
          "disagg_prefill_dp_rank", "max_thinking_tokens", "need_wait_for_mm_inputs",

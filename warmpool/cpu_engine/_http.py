@@ -169,6 +169,11 @@ async def generate(engine: Engine, batcher: Batcher, request: Request) -> Respon
             hook_points=batcher.hooks.names,
             hidden_size=batcher.hooks.hidden,
         )
+        for name in spec.lora or ():
+            if name is not None and not batcher.loras.known(name):
+                raise RequestError(
+                    f"lora_path {name!r} names no loaded LoRA adapter (see /load_lora_adapter)"
+                )
     except RequestError as exc:
         return _bad_request(exc)
     if spec.stream:

@@ -71,6 +71,8 @@ class GenerateSpec:
     internals: InternalsSpec | None = None
     # Per prompt, its [T][H] embeddings when given as input_embeds (prompts then hold T placeholders).
     input_embeds: list[list[list[float]]] | None = None
+    # Per prompt, the LoRA adapter it runs with (``lora_path``, a loaded adapter's name); None: none.
+    lora: list[str | None] | None = None
 
 
 @dataclass
@@ -301,6 +303,12 @@ def parse_generate(
     )
     if spec.stream and spec.internals is not None:
         raise UnsupportedError("internals with stream is unsupported by the CPU engine")
+    lora = body.get("lora_path")
+    if lora is not None:
+        names = _as_list(lora, n, "lora_path")
+        if not all(x is None or (isinstance(x, str) and x) for x in names):
+            raise RequestError("lora_path must be an adapter name (or, for a batch, a list of them or nulls)")
+        spec.lora = names if any(names) else None
     return spec
 
 
@@ -383,6 +391,7 @@ class GenRequest:
         internals: Hook-point reads and writes (``_hooks``), if any.
         input_embeds: The prompt's ``[T][H]`` embeddings, if given instead of tokens
             (``input_ids`` then holds ``T`` placeholders).
+        lora: The LoRA adapter this sequence runs with (``_lora``), None for the base model.
     """
 
     rid: str
@@ -397,6 +406,7 @@ class GenRequest:
     created: float = field(default_factory=time.perf_counter)
     internals: InternalsSpec | None = None
     input_embeds: list[list[float]] | None = None
+    lora: str | None = None
 
 
 @dataclass

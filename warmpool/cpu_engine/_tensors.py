@@ -152,3 +152,17 @@ def probe_kv_cache(run: Callable[..., tuple[Any, Any, Any]], pad: int, device: t
     except Exception:  # an unusual model: recompute every step instead
         log.warning("KV cache probe failed; recomputing the batch each step", exc_info=True)
         return False
+
+
+def keep_hidden(rows: list[Any], hidden: torch.Tensor | None, *, prefill: bool | None) -> None:
+    """Append each asking row's states: its whole (left-padded) prompt, or the one new position.
+
+    ``prefill=None`` decides per row: a row that has generated nothing yet was fed its prompt.
+    """
+    if hidden is None:
+        return
+    for i, row in enumerate(rows):
+        if row.req.return_hidden_states:
+            whole = (not row.out) if prefill is None else prefill
+            # clone: a view would keep the whole batch's [B, T, H] tensor alive
+            row.hidden.append((hidden[i, -len(row.tokens) :] if whole else hidden[i, -1]).clone())

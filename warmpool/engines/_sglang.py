@@ -32,7 +32,12 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "context_length": ("--context-length", int),
     "tokenizer_path": ("--tokenizer-path", str),
     "load_format": ("--load-format", str),
+    # LoRA, named as the CPU engine's: adapters per batch, largest rank, adapters kept in host memory.
+    "max_loras": ("--max-loras-per-batch", int),
+    "max_lora_rank": ("--max-lora-rank", int),
+    "max_loaded_loras": ("--max-loaded-loras", int),
 }
+_LORA_KEYS = ("max_loras", "max_lora_rank", "max_loaded_loras", "lora_target_modules")
 
 STREAMING_FORMATS = frozenset({"runai_streamer"})
 """Load formats with which SGLang reads the weights from the object store itself (no staging)."""
@@ -129,6 +134,8 @@ def sglang_argv(
     for key, value in (("node_rank", node_rank), ("nnodes", nnodes), ("dist_init_addr", dist_init_addr)):
         if value is not None:
             args[key] = value
+    if any(k in args for k in _LORA_KEYS):
+        args.setdefault("enable_lora", True)  # adapters are loaded at run time (/load_lora_adapter)
     argv = [python, "-m", "sglang.launch_server", "--model-path", model_path]
     argv += ["--host", host, "--port", str(port), "--served-model-name", spec.ref]
     for key, value in sorted(args.items()):
@@ -141,6 +148,8 @@ def sglang_argv(
             argv.append(flag)
         elif value is False or value is None:
             continue
+        elif isinstance(value, list):  # nargs flags such as --lora-target-modules
+            argv += [flag, *map(str, value)]
         else:
             argv += [flag, str(value)]
     if int(args.get("nnodes", 1)) > 1 and not args.get("dist_init_addr"):

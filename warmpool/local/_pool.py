@@ -360,6 +360,10 @@ class Pool:
         with self._lock:
             return [r for ref, mp in self._models.items() if model in (None, ref) for r in mp.replicas]
 
+    def unfinished_invocations(self, model: str) -> list[Invocation]:
+        """The queued and running invocations of model version ``model`` (an adapter alias drains on them)."""
+        return [w.invocation for w in self._book.unfinished() if w.model and w.model.ref == model]
+
     def worker_pids(self) -> list[int]:
         """Process ids of the live workers."""
         with self._lock:
