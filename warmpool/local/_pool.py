@@ -1,13 +1,12 @@
 """The in-process warm pool: resident engine replicas and long-lived workers.
 
-The pool owns two kinds of child processes: engine replicas (one process group
-each) and worker processes (each running many invocations in threads). An
-invocation with a model waits in that model's bounded queue until a ready
-replica has a free slot (``max_inflight``), then goes to the worker with the
-fewest invocations in flight. The pool enforces timeouts from outside the
-worker, retries invocations lost with a dead worker or engine within their
-retry budget, scales replicas between ``min_replicas`` and ``max_replicas``,
-and on shutdown leaves no child process behind.
+The pool owns two kinds of child processes: engine replicas (one process group each) and
+worker processes (each running many invocations in threads). An invocation with a model
+waits in that model's bounded queue until a ready replica has a free slot (``max_inflight``),
+then goes to the worker with the fewest invocations in flight. The pool enforces timeouts
+from outside the worker, retries invocations lost with a dead worker or engine within their
+retry budget, scales replicas between ``min_replicas`` and ``max_replicas``, and on
+shutdown leaves no child process behind.
 """
 
 from __future__ import annotations
@@ -93,8 +92,7 @@ class Pool:
             (read by ``faas pool status``); None disables them.
         fairness: How tenants share each model's slots: ``vtc`` (weighted Virtual
             Token Counter, see :mod:`warmpool._fair`) or ``fcfs`` (arrival order).
-        weights_cache: Where models with ``weights_uri`` are staged on this node
-            (default: the cache ``$FAAS_WEIGHTS_CACHE`` names, made on first use).
+        weights_cache: Where ``weights_uri`` models are staged (default: ``$FAAS_WEIGHTS_CACHE``).
     """
 
     def __init__(
