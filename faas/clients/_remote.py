@@ -50,8 +50,10 @@ from runtime import (
     FaasError,
     ForbiddenError,
     FunctionDefinitionError,
+    InvalidParameterError,
     NotFoundError,
     ObjectStore,
+    PayloadTooLargeError,
     PoolClosedError,
     QuotaExceededError,
     Result,
@@ -81,6 +83,8 @@ _SUBMIT_ERRORS: dict[str, type[SubmitError]] = {
         QuotaExceededError,
         BackPressureError,
         BindingError,
+        InvalidParameterError,
+        PayloadTooLargeError,
     )
 }
 _FUNCTIONS = TypeAdapter(list[FunctionSpec])
