@@ -254,7 +254,7 @@ class BindRequest(BaseModel):
 class ErrorBody(BaseModel):
     """The body of every error response."""
 
-    error: dict[str, str]
+    error: dict[str, str | None]  # type and message; OpenAI routes add param and code (null when unset)
 
 
 __all__ = [
