@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from faas.clients._protocol import default_client
 from runtime import FunctionDefinitionError, Model, Priority, SubmitError
 
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")  # the registry's function names
+
 if TYPE_CHECKING:
     from faas._future import Future
     from faas.clients._protocol import FaasClient
@@ -106,6 +108,11 @@ class Function(Generic[R]):
         # The decorated function a with_options() copy came from: the client registers
         # that one (its priority is the registered default), once.
         self.origin: Function[R] = origin if origin is not None else self
+        if name is not None and (not isinstance(name, str) or not _NAME.fullmatch(name)):
+            raise FunctionDefinitionError(
+                f"name must be letters, digits, '_', '.' or '-' (at most 128), starting with a letter "
+                f"or '_'; got {str(name)[:80]!r}."
+            )
         self.name = name or _default_name(fn)
         self.model_param = param
         self.model_param_index = index

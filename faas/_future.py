@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import re
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -17,12 +18,15 @@ from runtime import (
     InvocationCancelled,
     InvocationError,
     InvocationTimeout,
+    NotFoundError,
     RemoteError,
     Result,
     WorkerLost,
     is_marker,
 )
 from runtime import loads as serde_loads
+
+_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")  # what an invocation id can look like (never a path)
 
 if TYPE_CHECKING:
     from faas.clients._protocol import FaasClient
@@ -82,6 +86,12 @@ class Future(concurrent.futures.Future[T], Generic[T]):
             NotFoundError: No such invocation (for this tenant).
             UnsupportedOperationError: The client cannot follow that invocation.
         """
+        if (
+            not isinstance(invocation_id, str)
+            or not _ID.fullmatch(invocation_id)
+            or invocation_id in (".", "..")
+        ):
+            raise NotFoundError(f"No invocation {str(invocation_id)[:80]!r}: not an invocation id.", 404)
         return (client or default_client()).attach(invocation_id)
 
     def result(self, timeout: float | None = None) -> T:

@@ -131,7 +131,7 @@ class TriggerBinding(BaseModel):
 
 def _problems(b: TriggerBinding) -> list[str]:
     out: list[str] = []
-    if not _NAME.match(b.name):
+    if not _NAME.fullmatch(b.name):
         out.append(
             f"the name {b.name!r} is not valid (use letters, digits, '_', '.', '-', at most 128, "
             "starting with a letter or '_')"
@@ -141,7 +141,7 @@ def _problems(b: TriggerBinding) -> list[str]:
     for what, bucket in (("bucket", b.bucket), ("output_bucket", b.output_bucket)):
         if bucket is None:
             continue
-        if b.storage == "s3" and not _S3_BUCKET.match(bucket):
+        if b.storage == "s3" and not _S3_BUCKET.fullmatch(bucket):
             out.append(
                 f"the {what} {bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, "
                 "digits, '.' or '-')"

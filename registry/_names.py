@@ -10,7 +10,12 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
 
 
 def check_name(name: str, what: str) -> str:
-    if not _NAME.match(name):
+    """Return ``name`` if the whole of it is a valid registered name (a trailing newline is not).
+
+    Raises:
+        SubmitError: It is not.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise SubmitError(
             f"Invalid {what} name {name!r}: use letters, digits, '_', '.', '-' (at most 128), "
             "starting with a letter or '_'."

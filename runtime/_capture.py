@@ -74,8 +74,12 @@ class Capture:
         return self.dropped_bytes > 0
 
     def text(self) -> str:
-        """What was captured, with a note at the end if output was dropped."""
-        out = "".join(self._parts)
+        """What was captured, with a note at the end if output was dropped.
+
+        Lone surrogates (text decoded from bytes that were not UTF-8) come back
+        as backslash escapes: the log must survive a UTF-8 JSON record.
+        """
+        out = utf8_safe("".join(self._parts))
         if self.dropped_bytes:
             sep = "" if not out or out.endswith("\n") else "\n"
             out += (
@@ -83,6 +87,15 @@ class Capture:
                 f"an invocation's log keeps its first {self.limit_bytes} bytes]\n"
             )
         return out
+
+
+def utf8_safe(text: str) -> str:
+    """``text`` with anything UTF-8 cannot encode (lone surrogates) as backslash escapes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 class _Router:

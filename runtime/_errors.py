@@ -14,7 +14,8 @@ FaasError
 │   │   └── BudgetExceededError the tenant used its token budget for a window; carries retry_after
 │   ├── BackPressureError       the model's queue is full (retry later)
 │   ├── BindingError            a trigger binding is malformed
-│   └── UnknownBindingError     no trigger binding under that name
+│   ├── UnknownBindingError     no trigger binding under that name
+│   └── PayloadTooLargeError    a request or inline value is over a size limit (HTTP 413): stage it
 ├── InvocationError             an invocation ran (or tried to) and failed
 │   ├── RemoteError             the user's function raised; carries its traceback
 │   ├── InvocationTimeout       the invocation ran past its timeout
@@ -44,7 +45,8 @@ FaasError
     ├── SubstrateConfigError    a substrate file is unreadable or names what does not exist
     ├── EndpointRenderError     a model cannot be rendered as a Globus Compute endpoint config
     ├── PlacementError          the scheduler's environment does not describe a multi-node block
-    └── GlobusComputeConfigError the Globus Compute cloud backend is not configured
+    ├── GlobusComputeConfigError the Globus Compute cloud backend is not configured
+    └── StoreConfigError        a store URL or config names no usable store (scheme, bucket, option)
 ```
 
 Every class lives here, whatever package raises it, so that this one tree is the
@@ -96,6 +98,10 @@ class SerializationError(SubmitError):
 
 class FunctionDefinitionError(SubmitError, TypeError):
     """The decorated object cannot be used as a faas function."""
+
+
+class PayloadTooLargeError(SubmitError):
+    """A request body or an inline value is over the service's size limit (HTTP 413); stage large values."""
 
 
 class InvalidParameterError(SubmitError):
@@ -324,3 +330,7 @@ class PlacementError(ConfigError):
 
 class GlobusComputeConfigError(ConfigError):
     """The Globus Compute cloud backend is not configured so that it can work; nothing was sent."""
+
+
+class StoreConfigError(ConfigError):
+    """A store URL or ``{kind, options}`` config names no usable store (scheme, bucket, option)."""

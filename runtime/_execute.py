@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from runtime import _serde
-from runtime._capture import DEFAULT_LIMIT_BYTES, Capture, capturing
+from runtime._capture import DEFAULT_LIMIT_BYTES, Capture, capturing, utf8_safe
 from runtime._errors import EngineLost, FaasError, StoreError
 from runtime._model import Model
 from runtime._objectref import cached_store, using_store
@@ -44,8 +44,8 @@ def error_info(exc: BaseException, kind: ErrorKind, *, with_traceback: bool = Tr
         type_name=f"{cls.__module__}.{cls.__qualname__}"
         if cls.__module__ != "builtins"
         else cls.__qualname__,
-        message=str(exc),
-        traceback=tb,
+        message=utf8_safe(str(exc)),  # a record is UTF-8 JSON: a lone surrogate must not sink it
+        traceback=utf8_safe(tb),
         exception=blob,
     )
 

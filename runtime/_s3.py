@@ -28,6 +28,7 @@ import functools
 import hashlib
 import io
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -57,6 +58,7 @@ from runtime._store import _check_key
 
 T = TypeVar("T")
 MiB = 1 << 20
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{1,253}[A-Za-z0-9]")
 SHA256_META = "sha256"  # travels as the x-amz-meta-sha256 header
 
 # The constructor's keyword options and their types, for config() and URL queries.
@@ -130,8 +132,10 @@ class S3Store:
         page_size: int = 1000,
     ) -> None:
         given = locals()
-        if not bucket or "/" in bucket:
-            raise ValueError(f"Invalid bucket name {bucket!r}.")
+        if not isinstance(bucket, str) or not _BUCKET.fullmatch(bucket):
+            raise ValueError(
+                f"Invalid bucket name {str(bucket)[:80]!r}: 3 to 255 letters, digits, '.', '-' or '_'."
+            )
         prefix = prefix.strip("/")
         if prefix:
             _check_key(prefix)
@@ -584,5 +588,10 @@ class S3Store:
             kind = _OPTIONS.get(name)
             if kind is None:
                 raise ValueError(f"Unknown option {name!r} in S3 store URL {url!r}.")
-            options[name] = _parse_bool(text) if kind is bool else kind(text)
+            try:
+                options[name] = _parse_bool(text) if kind is bool else kind(text)
+            except ValueError:
+                raise ValueError(
+                    f"Option {name!r} of S3 store URL {url!r} is not a {kind.__name__}: {text!r}."
+                ) from None
         return cls(parsed.netloc, unquote(parsed.path), **options)

@@ -160,6 +160,12 @@ def check_sha256(actual: str, expected: str | None, where: str) -> None:
 def _check_key(key: str) -> str:
     if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in key.split("/")):
         raise ValueError(f"Invalid object key {key!r}: keys are relative '/'-separated paths.")
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"Invalid object key {key[:80]!r}: keys are UTF-8 text (no lone surrogates)."
+        ) from None
     # Limits every backend can hold: a file name (255 bytes) and an S3 key (1,024 bytes).
     if len(key.encode()) > 1024 or any(len(p.encode()) > 255 for p in key.split("/")):
         raise ValueError(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from runtime._errors import StoreConfigError
 from runtime._store import LocalStore, ObjectStore, _check_key
 
 
@@ -17,17 +18,26 @@ def store_from_config(config: dict[str, Any]) -> ObjectStore:
     """Rebuild a store from its ``config()``.
 
     Raises:
-        ValueError: The kind is not one this installation knows.
+        StoreConfigError: The kind is not one this installation knows, or an option is
+            missing, unknown or malformed (a ``ValueError`` too).
     """
+    if not isinstance(config, dict):
+        raise StoreConfigError(f"A store config is a {{kind, options}} object, not {type(config).__name__}.")
     kind = config.get("kind")
-    options = dict(config.get("options") or {})
-    if kind == "file":
-        return LocalStore.from_config(options)
-    if kind == "s3":
-        from runtime._s3 import S3Store  # boto3 is imported only when S3 is used
+    try:
+        options = dict(config.get("options") or {})
+        if kind == "file":
+            return LocalStore.from_config(options)
+        if kind == "s3":
+            from runtime._s3 import S3Store  # boto3 is imported only when S3 is used
 
-        return S3Store.from_config(options)
-    raise ValueError(f"Unknown object store kind {kind!r}; expected 'file' or 's3'.")
+            return S3Store.from_config(options)
+    except StoreConfigError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        why = f"missing option {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise StoreConfigError(f"Cannot open the {kind!r} store: {why}") from None
+    raise StoreConfigError(f"Unknown object store kind {str(kind)[:80]!r}; expected 'file' or 's3'.")
 
 
 def scoped_config(config: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -56,12 +66,25 @@ def store_from_url(url: str) -> ObjectStore:
     """Open the store named by a URL: ``file:///path`` or ``s3://bucket/prefix?...``.
 
     A plain path is taken as a local directory.
-    """
-    parsed = urlparse(url)
-    if parsed.scheme in ("", "file"):
-        return LocalStore(unquote(parsed.path) if parsed.scheme else url)
-    if parsed.scheme == "s3":
-        from runtime._s3 import S3Store
 
-        return S3Store.from_url(url)
-    raise ValueError(f"Unsupported store URL {url!r}: use file:///path or s3://bucket/prefix.")
+    Raises:
+        StoreConfigError: The scheme is unknown, the bucket is missing or invalid, or an
+            option is unknown or malformed (a ``ValueError`` too).
+    """
+    if not isinstance(url, str) or not url or "\x00" in url:
+        raise StoreConfigError(
+            f"Invalid store URL {str(url)[:80]!r}: use file:///path or s3://bucket/prefix."
+        )
+    parsed = urlparse(url)
+    try:
+        if parsed.scheme in ("", "file"):
+            return LocalStore(unquote(parsed.path) if parsed.scheme else url)
+        if parsed.scheme == "s3":
+            from runtime._s3 import S3Store
+
+            return S3Store.from_url(url)
+    except StoreConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise StoreConfigError(f"Invalid store URL {url[:200]!r}: {exc}") from None
+    raise StoreConfigError(f"Unsupported store URL {url[:200]!r}: use file:///path or s3://bucket/prefix.")

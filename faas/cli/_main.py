@@ -253,8 +253,7 @@ def serve(
     import logging
 
     from faas.service._serve import serve as run_serve
-    from runtime import AuthConfigError, ServeConfigError
-    from warmpool import SubstrateConfigError
+    from runtime import ConfigError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine probe is noise
@@ -275,7 +274,7 @@ def serve(
             log_level=log_level,
             triggers=triggers,
         )
-    except (ServeConfigError, AuthConfigError, SubstrateConfigError) as exc:
+    except ConfigError as exc:  # token file, substrate, store URL, ...: a message and code 2, no traceback
         typer.echo(f"faas serve: {exc}", err=True)
         raise typer.Exit(2) from None
 

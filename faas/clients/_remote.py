@@ -51,8 +51,10 @@ from runtime import (
     FaasError,
     ForbiddenError,
     FunctionDefinitionError,
+    InvalidParameterError,
     NotFoundError,
     ObjectStore,
+    PayloadTooLargeError,
     PoolClosedError,
     QuotaExceededError,
     Result,
@@ -82,6 +84,8 @@ _SUBMIT_ERRORS: dict[str, type[SubmitError]] = {
         QuotaExceededError,
         BackPressureError,
         BindingError,
+        InvalidParameterError,
+        PayloadTooLargeError,
     )
 }
 _FUNCTIONS = TypeAdapter(list[FunctionSpec])

@@ -31,7 +31,8 @@ Routes (JSON unless noted; every ``/v1`` route needs ``Authorization: Bearer
 Errors come back as ``{"error": {"type": ..., "message": ...}}`` with 400 (bad
 request), 401 (missing or wrong token), 403 (a valid token that may not do
 that: another tenant's usage without admin), 404 (unknown, or another tenant's),
-413 (inline value too large: stage it), 429 (quota, token budget with
+413 (a body over its route's limit, an inline value or a batch over its size limit:
+stage it), 422 (a body that does not match its schema), 429 (quota, token budget with
 ``Retry-After``, or back-pressure) or 503 (shutting down).
 """
 
@@ -55,6 +56,15 @@ MAX_INLINE_BYTES = 8 * 1024 * 1024
 
 MAX_BATCH = 1000
 """Most items in one batch request."""
+
+MAX_BATCH_BYTES = 64 * 1024 * 1024
+"""Most inline argument bytes in one batch request, all items together (413 above)."""
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+"""Largest request body of a route without a limit of its own (413 above, before parsing)."""
+
+MAX_FUNCTION_BODY_BYTES = 96 * 1024 * 1024
+"""Largest ``POST /v1/functions`` body: a 64 MiB artifact as base64, and its options."""
 
 
 class Limits(BaseModel):
@@ -250,12 +260,15 @@ class BindRequest(BaseModel):
 class ErrorBody(BaseModel):
     """The body of every error response."""
 
-    error: dict[str, str]
+    error: dict[str, str | None]  # type and message; OpenAI routes add param and code (null when unset)
 
 
 __all__ = [
     "FINAL_STATES",
     "MAX_BATCH",
+    "MAX_BATCH_BYTES",
+    "MAX_BODY_BYTES",
+    "MAX_FUNCTION_BODY_BYTES",
     "MAX_INLINE_BYTES",
     "BatchRequest",
     "BatchView",

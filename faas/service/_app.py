@@ -41,6 +41,7 @@ from faas.service._api import (
     WatchRequest,
 )
 from faas.service._core import Listener, ServiceCore
+from faas.service._limits import check_batch_bytes, install_limits
 from faas.service._metrics import render_metrics
 from faas.service._openai_batch_routes import install_openai_batch_routes
 from faas.service._openai_routes import install_openai_routes, openai_error
@@ -54,6 +55,7 @@ from runtime import (
     FaasError,
     ForbiddenError,
     NotFoundError,
+    PayloadTooLargeError,
     PoolClosedError,
     QuotaExceededError,
     SubmitError,
@@ -69,6 +71,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "Missing or wrong token"),
         (403, "The token may not do that (e.g. another tenant's usage without admin)"),
         (404, "Not found (or another tenant's)"),
+        (413, "A body, inline value or batch over its size limit (stage large values)"),
         (429, "Quota, token budget (with Retry-After) or back-pressure"),
         (503, "Shutting down"),
     )
@@ -86,6 +89,8 @@ def _status_of(exc: BaseException) -> int:
         return 429
     if isinstance(exc, PoolClosedError):
         return 503
+    if isinstance(exc, PayloadTooLargeError):
+        return 413
     if isinstance(exc, (SubmitError, ValueError)):
         return 400
     return 500
@@ -133,6 +138,7 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.core = core
+    install_limits(app)
 
     @app.exception_handler(FaasError)
     async def faas_error(_request: Request, exc: FaasError) -> JSONResponse:
@@ -233,6 +239,7 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
     @app.post("/v1/invocation-batches", tags=["invocations"], responses=_ERRORS)
     def submit_batch(who: Who, body: BatchRequest) -> BatchView:
         """Submit many invocations of one function; stream their results from the batch's events."""
+        check_batch_bytes(body.items)
         return core.submit(who, body.function, body.items, batch=True)
 
     @app.post("/v1/batches", tags=["invocations"], responses=_ERRORS)
@@ -252,6 +259,7 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
                 body = BatchRequest.model_validate_json(data)  # JSON mode: bytes arrive as base64
             except ValidationError as exc:
                 raise RequestValidationError(exc.errors()) from None
+            check_batch_bytes(body.items)
             view = await run_in_threadpool(core.submit, who, body.function, body.items, batch=True)
             return JSONResponse(view.model_dump())
         create: Handler | None = getattr(request.app.state, "openai_batch_create", None)

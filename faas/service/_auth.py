@@ -194,21 +194,28 @@ class TokenAuth:
         """
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise AuthConfigError(f"Cannot read the token file {path}: {exc.strerror}.") from None
+        except UnicodeDecodeError:
+            raise AuthConfigError(f"The token file {path} is not UTF-8 text.") from None
         try:
-            data: dict[str, Any] = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+            data: Any = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise AuthConfigError(f"The token file {path} does not parse: {exc}.") from None
+        tenants = data.get("tenants") if isinstance(data, dict) else None
+        if not isinstance(tenants, list):
+            raise AuthConfigError(f"The token file {path} needs a list of tenants ('[[tenants]]' entries).")
         entries: list[tuple[Tenant, str, float | None, frozenset[str] | None]] = []
         identities: dict[str, Tenant] = {}
         globus = GlobusIntrospection.from_config(data["globus"], clock=clock) if "globus" in data else None
-        for index, raw in enumerate(data.get("tenants") or []):
+        for index, raw in enumerate(tenants):
+            tokens = raw.get("tokens", []) if isinstance(raw, dict) else None
             if (
                 not isinstance(raw, dict)
                 or "name" not in raw
-                or not (raw.get("tokens") or raw.get("globus_identities"))
+                or not isinstance(tokens, list)
+                or not (tokens or raw.get("globus_identities"))
             ):
                 raise AuthConfigError(
                     f"Tenant entry {index} in {path} needs a 'name' and a 'tokens' "

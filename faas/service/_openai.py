@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from faas._future import rebuild_error
 from faas.openai import Kind, Request, check_request
-from faas.service._api import BatchView, Item, ResultView
+from faas.service._api import MAX_INLINE_BYTES, BatchView, Item, ResultView
 from faas.service._core import ServiceCore
 from faas.service._tenant import Tenant
 from registry import ModelSpec
@@ -33,6 +33,7 @@ from runtime import (
     InvalidParameterError,
     MissingScopeError,
     ModeNotAllowedError,
+    PayloadTooLargeError,
     dumps,
     is_marker,
     scoped_store,
@@ -133,6 +134,11 @@ class OpenAIGateway:
                 f"(it allows {', '.join(model.modes) or 'nothing'})."
             )
         args = dumps(((request.body,), {}), what="request body")
+        if len(args) > MAX_INLINE_BYTES:  # a huge prompt: refused whole, never half-accepted
+            raise PayloadTooLargeError(
+                f"The request ({len(args)} bytes serialised) is over the service's limit of "
+                f"{MAX_INLINE_BYTES} bytes for one request; send a shorter prompt."
+            )
         return Prepared(request, model, Item(args=args, priority=request.priority))
 
     def submit(

@@ -167,6 +167,8 @@ def authorize(auth: _Auth, header: str, method: str, path: str, *, what: str = "
     found = auth.authenticate(bearer)
     if found is None:
         why = "is not valid" if bearer else "is missing"
+        if header and bearer is None:  # never quote the header: it may hold a secret
+            why += f" (the Authorization header's scheme is {scheme[:16]!r}, not 'Bearer')"
         raise AuthError(f"The {what} {why}; pass it as 'Authorization: Bearer <token>'.", 401)
     needs = "read" if method in ("GET", "HEAD") or path in READ_ONLY_POSTS else "invoke"
     if not found.may(needs):

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -97,51 +98,81 @@ class PollingSource:
 
 
 def _when(value: Any) -> float:
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     if isinstance(value, str) and value:
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, OverflowError):
             return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     return time.time()
 
 
-def parse_message(body: str, *, decode_eventbridge_keys: bool = False) -> list[ObjectEvent]:
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _size(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def usable_key(key: str) -> bool:
+    """Whether an event's key can name an object here and an output beside it.
+
+    Keys with empty, ``.`` or ``..`` parts, a NUL, a leading ``/`` or more than
+    1,024 bytes are refused: they could climb out of a prefix on a file store.
+    """
+    if not key or "\0" in key or key.startswith("/") or len(key.encode("utf-8", "surrogatepass")) > 1024:
+        return False
+    return not any(part in ("", ".", "..") for part in key.split("/"))
+
+
+def parse_message(body: str, *, decode_eventbridge_keys: bool = False, _depth: int = 0) -> list[ObjectEvent]:
     """The object-created events in one SQS message body (others yield nothing).
 
     Understands S3 notifications (``Records``, keys URL-decoded), the same
     wrapped in an SNS envelope, and EventBridge ``Object Created`` events.
-    ``s3:TestEvent`` messages, deletions and unparseable bodies yield nothing.
+    ``s3:TestEvent`` messages, deletions and unparseable bodies yield nothing,
+    and so do events whose fields have the wrong types or whose key is not
+    usable (see :func:`usable_key`): a malformed message never raises.
     """
     try:
         doc = json.loads(body)
-    except ValueError:
-        log.warning("Ignoring an SQS message that is not JSON: %.200s", body)
+    except (ValueError, TypeError, RecursionError):
+        log.warning("Ignoring an SQS message that is not JSON: %.200r", body)
         return []
     if not isinstance(doc, dict):
         return []
-    if doc.get("Type") == "Notification" and isinstance(doc.get("Message"), str):
-        return parse_message(doc["Message"], decode_eventbridge_keys=decode_eventbridge_keys)
+    if doc.get("Type") == "Notification" and isinstance(doc.get("Message"), str) and _depth < 2:
+        return parse_message(
+            doc["Message"], decode_eventbridge_keys=decode_eventbridge_keys, _depth=_depth + 1
+        )
     if doc.get("Event") == "s3:TestEvent":
         return []
     events: list[ObjectEvent] = []
-    for rec in doc.get("Records") or []:
+    records = doc.get("Records")
+    for rec in records if isinstance(records, list) else []:
+        rec = _dict(rec)
         if not str(rec.get("eventName", "")).startswith("ObjectCreated"):
             continue
-        s3, obj = rec.get("s3", {}), rec.get("s3", {}).get("object", {})
+        s3 = _dict(rec.get("s3"))
+        obj = _dict(s3.get("object"))
         key = unquote_plus(str(obj.get("key", "")))
         etag = str(obj.get("eTag") or obj.get("etag") or "").strip('"')
-        size = obj.get("size")
         when = _when(rec.get("eventTime"))
-        events.append(ObjectEvent(s3.get("bucket", {}).get("name", ""), key, etag, size, when))
+        bucket = _dict(s3.get("bucket")).get("name", "")
+        events.append(ObjectEvent(str(bucket), key, etag, _size(obj.get("size")), when))
     if doc.get("source") == "aws.s3" and doc.get("detail-type") == "Object Created":
-        detail = doc.get("detail", {})
-        obj = detail.get("object", {})
+        detail = _dict(doc.get("detail"))
+        obj = _dict(detail.get("object"))
         key = str(obj.get("key", ""))
         key = unquote_plus(key) if decode_eventbridge_keys else key
         etag = str(obj.get("etag") or obj.get("eTag") or "").strip('"')
         when = _when(doc.get("time"))
-        events.append(ObjectEvent(detail.get("bucket", {}).get("name", ""), key, etag, obj.get("size"), when))
-    return [e for e in events if e.bucket and e.key and e.etag]
+        bucket = _dict(detail.get("bucket")).get("name", "")
+        events.append(ObjectEvent(str(bucket), key, etag, _size(obj.get("size")), when))
+    usable = [e for e in events if e.bucket and e.etag and usable_key(e.key)]
+    if len(usable) < len([e for e in events if e.bucket and e.key and e.etag]):
+        log.warning("Ignoring object-created events with unusable keys in: %.200r", body)
+    return usable
 
 
 def _region_of(queue_url: str, region: str | None) -> str:

@@ -161,7 +161,7 @@ def test_timeout_then_next_call_succeeds(client: faas.Client) -> None:
     t0 = time.monotonic()
     with pytest.raises(faas.InvocationTimeout):
         sleepy.with_client(client).remote(5.0)
-    assert time.monotonic() - t0 < 1 + 2
+    assert time.monotonic() - t0 < 4.5  # the 1 s timeout fired before the 5 s sleep ended
     assert add.with_client(client).remote(2, 3) == 5
 
 

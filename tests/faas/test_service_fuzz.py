@@ -10,8 +10,12 @@ serialised values: submitted to the real (instant) function they must fail as
 system errors in the worker, never crash it. Afterwards the service must still
 be up, its workers all alive, and its log free of unhandled exceptions.
 
-``FAAS_FUZZ_SEED`` replays a run (the seed is fixed by default so CI is stable);
-``FAAS_FUZZ_EXAMPLES`` raises the number of random cases per operation.
+Every response is also checked against the operation's response schema in the
+OpenAPI description (status code documented, body of the documented shape).
+Each run draws a fresh seed and prints it; ``FAAS_FUZZ_SEED`` replays a run,
+and ``FAAS_FUZZ_EXAMPLES`` raises the number of random cases per operation.
+The survival check at the end asserts that the fuzzing ran (so it cannot pass
+alone, without any fuzzing).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import copy
 import itertools
 import os
 import re
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +42,8 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from tests.faas._service_proc import TOKENS, ServiceProc, args, register, value, wait_for
 
-SEED = int(os.environ.get("FAAS_FUZZ_SEED", "20260808"))
+SEED = int(os.environ.get("FAAS_FUZZ_SEED") or secrets.randbelow(2**31))
+print(f"test_service_fuzz: FAAS_FUZZ_SEED={SEED} replays this run")
 EXAMPLES = int(os.environ.get("FAAS_FUZZ_EXAMPLES", "25"))
 COVERAGE_CASES = 60
 CALL_TIMEOUT = 30.0
@@ -197,16 +203,33 @@ def _name_real_data(case: Case, real: Real) -> bool:
     return changed
 
 
+SENT: dict[str, int] = {}
+"""Requests sent per operation (the survival check asserts the fuzzing ran)."""
+
+
+def _conforms(case: Case, response: Any, service: ServiceProc) -> None:
+    """The response's status is documented and its body matches the documented schema."""
+    if "text/event-stream" in str(response.headers.get("content-type", "")):
+        return  # streams are checked by their own tests
+    try:
+        case.operation.validate_response(response)
+    except Exception as exc:  # schemathesis raises its own failure types
+        raise AssertionError(_describe(case, response, service, f"response off its schema: {exc}")) from None
+
+
 def _exercise(case: Case, service: ServiceProc, real: Real) -> None:
     """Send ``case`` with alice's token, without a token, and naming alice's real data."""
     for headers in (AUTH, {}):
         response = case.call(headers=headers, timeout=CALL_TIMEOUT)
+        SENT[case.operation.label] = SENT.get(case.operation.label, 0) + 1
         assert response.status_code < 500, _describe(case, response, service, "server error")
+        _conforms(case, response, service)
         if not headers and case.path.startswith("/v1/"):
             assert response.status_code >= 400, _describe(case, response, service, "served without a token")
     if _name_real_data(case, real):
         response = case.call(headers=AUTH, timeout=CALL_TIMEOUT)
         assert response.status_code < 500, _describe(case, response, service, "server error")
+        _conforms(case, response, service)
 
 
 @pytest.mark.parametrize("label", sorted(OPERATIONS))
@@ -287,6 +310,10 @@ def test_garbage_arguments_fail_as_system_errors(service: ServiceProc) -> None:
 
 
 def test_service_survives_the_fuzzing(service: ServiceProc, real: Real) -> None:
+    fuzzed = {label for label, count in SENT.items() if count >= 2}
+    assert fuzzed == OPERATIONS, (
+        f"the fuzzing did not run for {sorted(OPERATIONS - fuzzed)} (run the module whole)"
+    )
     assert service.proc is not None and service.proc.poll() is None, service.log.read_text()[-3000:]
     health = httpx.get(service.url + "/health", timeout=10)
     assert health.status_code == 200 and health.json()["status"] == "ok"

@@ -248,8 +248,12 @@ def test_server_killed_and_restarted_during_a_large_upload(tmp_path: Path) -> No
             data = os.urandom(48 * MiB)
             key = f"p/staging/{sha(data)}"
             uploading = threading.Event()
+            completing = threading.Event()
+            parts_sent: list[int] = []
             for c in (client.store.client, client.store._conditional_client(), client.store._parts_client()):
                 c.meta.events.register("before-send.s3.UploadPart", lambda **_: uploading.set())
+                c.meta.events.register("before-send.s3.UploadPart", lambda **_: parts_sent.append(1))
+                c.meta.events.register("before-send.s3.CompleteMultipartUpload", lambda **_: completing.set())
             outcome: dict[str, Any] = {}
 
             def upload() -> None:
@@ -278,12 +282,16 @@ def test_server_killed_and_restarted_during_a_large_upload(tmp_path: Path) -> No
             uploader.start()
             watcher.start()
             assert uploading.wait(30), "the multipart upload never started"
+            mid_upload = not completing.is_set() and uploader.is_alive()
             server.stop(kill=True)
+            assert mid_upload, "the kill landed after the upload: this run tests nothing"
             server.start()
             uploader.join(120)
             assert not uploader.is_alive()
             stop.set()
             watcher.join(10)
+            parts = -(-len(data) // (5 * MiB))
+            assert len(parts_sent) > parts or "error" in outcome, "the kill interrupted no part upload"
             whole = (len(data), sha(data), len(data))
             assert set(sightings) <= {whole}  # nothing partial, ever
             raw = server.client()

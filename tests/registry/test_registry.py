@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from registry import FunctionSpec, ModelSpec, Registry, UnknownFunctionError
-from runtime import IntegrityError, LocalStore, UnknownModelError, dumps
+from runtime import IntegrityError, LocalStore, UnknownModelError, dumps, loads
 from runtime._serde import digest_of
 
 
@@ -47,6 +47,25 @@ def test_tampered_artifact_is_not_unpickled(tmp_path: Path) -> None:
     store.put(key, bytes(data))
     with pytest.raises(IntegrityError):
         Registry(store).load_function(spec.digest)
+    # A hostile artifact whose own header digest is valid: unpickling it would create the marker.
+    marker = tmp_path / "unpickled"
+    hostile = dumps(_Touch(str(marker)))
+    (store.root / key).write_bytes(hostile)
+    with pytest.raises(IntegrityError):
+        Registry(store).load_function(spec.digest)
+    assert not marker.exists()
+    loads(hostile)  # control: the same bytes do run when nothing checks them against the spec
+    assert marker.exists()
+
+
+class _Touch:
+    """Unpickling this creates a file: it shows whether anything was unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (open, (self.path, "w"))
 
 
 def test_models_builtin_registered_and_aliases(tmp_path: Path) -> None:

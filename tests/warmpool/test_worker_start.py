@@ -67,7 +67,7 @@ def test_broken_start_fails_calls_fast_with_the_cause(
         for fn in (add.with_client(client).submit(2, 3), complete.with_client(client).submit("The")):
             with pytest.raises(faas.WorkerStartError, match=CAUSE):
                 fn.result(timeout=10)
-        assert time.monotonic() - t1 < 2
+        assert time.monotonic() - t1 < 8  # at once: no start attempt (each would take seconds)
         assert client.pool.replicas() == []
         counters = client.pool.status()["counters"]
         assert counters["workers_started"] == 2  # the first two, never replaced
