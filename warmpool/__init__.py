@@ -14,6 +14,7 @@ from warmpool._substrate import (
 )
 from warmpool.engines._host import CpuEngineHost, EngineHost, SubprocessEngineHost
 from warmpool.local._pool import Pool, Work
+from warmpool.local._tenants import TenantWorkers, WorkerLimits
 
 __all__ = [
     "BackPressureError",
@@ -32,8 +33,10 @@ __all__ = [
     "SubstrateConfig",
     "SubstrateConfigError",
     "SubstrateKind",
+    "TenantWorkers",
     "TokenWeights",
     "Work",
+    "WorkerLimits",
     "build_provenance",
     "default_engine_factory",
     "ensure_provenance",

@@ -49,8 +49,9 @@ from warmpool._replica import (
 )
 from warmpool._runner import Dispatch
 from warmpool.local import _lifecycle
+from warmpool.local._tenants import TenantWorkers, WorkerSets
 from warmpool.local._worker import Partial
-from warmpool.local._workers import WorkerProc, WorkerSet
+from warmpool.local._workers import WorkerProc
 
 log = logging.getLogger("faas.pool")
 
@@ -92,6 +93,10 @@ class Pool:
             (read by ``faas pool status``); None disables them.
         fairness: How tenants share each model's slots: ``vtc`` (weighted Virtual
             Token Counter, see :mod:`warmpool._fair`) or ``fcfs`` (arrival order).
+        tenant_workers: Run each tenant's invocations only in worker processes of
+            that tenant, with its own user, environment and resource limits (see
+            :class:`warmpool.local.TenantWorkers`; a dict is validated into one).
+            None: every invocation shares the ``workers`` processes.
     """
 
     def __init__(
@@ -107,6 +112,7 @@ class Pool:
         health_interval: float = 2.0,
         status_interval: float | None = 2.0,
         fairness: Fairness = "vtc",
+        tenant_workers: TenantWorkers | dict[str, Any] | None = None,
     ) -> None:
         if workers < 1 or threads_per_worker < 1:
             raise ValueError("A pool needs at least one worker with at least one thread.")
@@ -121,7 +127,11 @@ class Pool:
         self._fairness = fairness
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
-        self._workers = WorkerSet(
+        if isinstance(tenant_workers, dict):
+            tenant_workers = TenantWorkers.model_validate(tenant_workers)
+        if tenant_workers is not None:
+            tenant_workers.check()  # mapped users exist and can be switched to, before anything starts
+        self._workers = WorkerSets(
             store.config(),
             workers,
             threads_per_worker,
@@ -129,6 +139,8 @@ class Pool:
             self._on_result,
             self._on_worker_exit,
             self._on_partial,
+            tenant_workers,
+            clock,
         )
         self._partials: dict[str, Callable[[int, Any], None]] = {}  # invocation id -> its listener
         self._models: dict[str, ModelPool] = {}
@@ -215,7 +227,7 @@ class Pool:
                 raise PoolClosedError("The pool has been shut down; no new invocations are accepted.")
             if not self._started:
                 self.start()
-            broken = self._workers.start_error()
+            broken = self._workers.start_error(invocation.tenant)
             mp = self._model_pool(model) if model is not None and broken is None else None
             if mp is not None:
                 work.cold = not mp.admit(work)  # raises BackPressureError before anything is recorded
@@ -356,6 +368,7 @@ class Pool:
                         "inflight": len(w.inflight),
                         "abandoned": w.abandoned,
                         "retiring": w.retiring,
+                        "tenant": w.tenant,
                     }
                     for w in self._workers.workers
                 ],
@@ -367,6 +380,7 @@ class Pool:
             if self._closed:
                 return
         expired = self._book.due()
+        self._workers.tick()  # tenants' idle workers
         with self._lock:
             dead = [
                 (mp, r)
@@ -409,11 +423,12 @@ class Pool:
         with self._lock:
             if work.finished:
                 return
-            worker = self._workers.pick()
+            tenant = work.invocation.tenant
+            worker = self._workers.pick(tenant)
             if worker is not None:
                 worker.inflight[work.invocation.id] = work
                 work.worker = worker
-            broken = self._workers.start_error()
+            broken = self._workers.start_error(tenant)
         if worker is None:
             assert broken is not None
             self._finish(work, None, broken, "worker_lost")
@@ -447,6 +462,8 @@ class Pool:
                 return  # a late answer for an attempt that was timed out, cancelled or retried
             del worker.inflight[result.invocation_id]
             work.worker = None
+        if result.error is not None and result.error.type_name.endswith(".ResourceLimitError"):
+            self._workers.replace(worker)  # its function hit a limit: its state is suspect
         if result.error is not None and result.error.kind == "engine_lost" and work.replica is not None:
             mp = self._models[work.replica.spec.ref]
             replica = work.replica
@@ -489,8 +506,12 @@ class Pool:
             # without spending a retry (a worker set that cannot start fails it).
             self._lost(work, exc, "worker_lost", charge=worker.ready)
         with self._lock:
-            broken = self._workers.start_error()
-            pending = [w for w in self._book.unfinished() if w.worker is None]
+            key = self._workers.key(worker.tenant)
+            broken = self._workers.start_error(worker.tenant)
+            pending = [
+                w for w in self._book.unfinished()
+                if w.worker is None and self._workers.key(w.invocation.tenant) == key
+            ]  # fmt: skip
         if broken is not None:
             for work in pending:  # queued for an engine: no worker could ever run it
                 self._finish(work, None, broken, "worker_lost")
