@@ -85,7 +85,7 @@ def limit_error(limit: str, limits: WorkerLimits, detail: str) -> ResourceLimitE
     unit = {"memory": " bytes", "cpu": " CPU seconds"}.get(limit, "")
     return ResourceLimitError(
         f"The function went past its worker's {limit} limit ({value}{unit}): {detail}. "
-        "The invocation was ended and its worker replaced.",
+        "The invocation was ended.",
         limit,
     )
 

@@ -463,7 +463,7 @@ class Pool:
             del worker.inflight[result.invocation_id]
             work.worker = None
         if result.error is not None and result.error.type_name.endswith(".ResourceLimitError"):
-            self._workers.replace(worker)  # its function hit a limit: its state is suspect
+            self._workers.after_limit(worker, result.error)
         if result.error is not None and result.error.kind == "engine_lost" and work.replica is not None:
             mp = self._models[work.replica.spec.ref]
             replica = work.replica

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtime import IdentityMappingError, Result, WorkerStartError
+from runtime import ErrorInfo, IdentityMappingError, Result, WorkerStartError
 from warmpool.local._limits import WorkerLimits
 from warmpool.local._worker import Partial
 from warmpool.local._workers import WorkerLaunch, WorkerProc, WorkerSet, resolve_user
@@ -187,10 +187,15 @@ class WorkerSets:
             ws = self.owner(worker)
         ws.abandon(worker, invocation_id, attempt)
 
-    def replace(self, worker: WorkerProc) -> None:
-        """Replace a worker whose function hit a resource limit (its state is suspect)."""
-        with self._lock:
-            self.owner(worker).replace(worker)
+    def after_limit(self, worker: WorkerProc, error: ErrorInfo) -> None:
+        """Replace a worker whose function ran out of memory: its heap is suspect.
+
+        After the other limits the worker is whole (its function's children are
+        killed, its files closed), and a new worker would cost a process start.
+        """
+        if "worker's memory limit" in error.message:
+            with self._lock:
+                self.owner(worker).replace(worker)
 
     @property
     def workers(self) -> list[WorkerProc]:
