@@ -198,12 +198,21 @@ def serve(
     access_log: Annotated[bool, typer.Option(help="Log request lines (never headers or tokens).")] = False,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
     triggers: Annotated[bool, typer.Option(help="Run the tenants' trigger bindings.")] = True,
+    tenant_workers: Annotated[
+        int, typer.Option(help="Worker processes per active tenant (0: shared workers; docs/service.md).")
+    ] = 0,
+    worker_memory_mb: Annotated[int | None, typer.Option(help="Address space of a tenant worker.")] = None,
+    worker_cpu_seconds: Annotated[float | None, typer.Option(help="CPU seconds of one invocation.")] = None,
+    worker_open_files: Annotated[int | None, typer.Option(help="Open files of a tenant worker.")] = None,
+    worker_processes: Annotated[
+        int | None, typer.Option(help="Processes and threads of a tenant's Unix user (needs unix_user).")
+    ] = None,
 ) -> None:
     """Run the warm pool as a long-lived HTTP service (see docs/service.md)."""
     import logging
 
     from faas.service._serve import serve as run_serve
-    from runtime import AuthConfigError, ServeConfigError
+    from runtime import AuthConfigError, IdentityMappingError, ServeConfigError
     from warmpool import SubstrateConfigError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -224,8 +233,15 @@ def serve(
             access_log=access_log,
             log_level=log_level,
             triggers=triggers,
+            tenant_workers=tenant_workers,
+            worker_limits={
+                "memory_bytes": worker_memory_mb << 20 if worker_memory_mb else None,
+                "cpu_seconds": worker_cpu_seconds,
+                "open_files": worker_open_files,
+                "processes": worker_processes,
+            },
         )
-    except (ServeConfigError, AuthConfigError, SubstrateConfigError) as exc:
+    except (ServeConfigError, AuthConfigError, SubstrateConfigError, IdentityMappingError) as exc:
         typer.echo(f"faas serve: {exc}", err=True)
         raise typer.Exit(2) from None
 

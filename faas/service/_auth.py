@@ -62,7 +62,7 @@ from faas.service._api import Limits
 from runtime import AuthConfigError
 
 log = logging.getLogger("faas.service")
-_TENANT_KEYS = frozenset({"name", "tokens", "admin", "internals"})
+_TENANT_KEYS = frozenset({"name", "tokens", "admin", "internals", "unix_user"})
 
 _TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -81,12 +81,15 @@ class Tenant:
             the modes that expose model internals (logprobs, hidden states, hook-point
             reads and writes). Without it they are refused in the worker with
             ``MissingScopeError`` before any engine request.
+        unix_user: The Unix user the tenant's worker processes run as (identity
+            mapping; ``faas serve`` must run as root). None: the service's own user.
     """
 
     name: str
     limits: Limits = field(default_factory=Limits)
     admin: bool = False
     internals: bool = True
+    unix_user: str | None = None
 
     @property
     def prefix(self) -> str:
@@ -231,7 +234,10 @@ class TokenAuth:
                     f"Tenant {raw['name']!r} in {path} has unknown keys {unknown} (a top-level key such "
                     "as 'revoked' must come before the first [[tenants]] table)."
                 )
-            tenant = Tenant(str(raw["name"]), limits, flags["admin"], flags["internals"])
+            unix_user = raw.get("unix_user")
+            if unix_user is not None and (not isinstance(unix_user, str) or not unix_user):
+                raise AuthConfigError(f"Tenant {raw['name']!r} in {path} has a bad unix_user {unix_user!r}.")
+            tenant = Tenant(str(raw["name"]), limits, flags["admin"], flags["internals"], unix_user)
             entries.extend((tenant, *_token_entry(item, tenant.name, path)) for item in raw["tokens"])
         revoked = data.get("revoked") or []
         if not isinstance(revoked, list) or not all(isinstance(r, str) for r in revoked):

@@ -62,7 +62,8 @@ def worker_env(path: list[str]) -> dict[str, str]:
 
 
 CLEAN_ENV_KEYS = (
-    "PATH", "LD_LIBRARY_PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONHASHSEED", "PYTHONUNBUFFERED",
+    "PATH", "LD_LIBRARY_PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONHASHSEED",
+    "PYTHONUNBUFFERED",
     "PYTHONDONTWRITEBYTECODE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "FAAS_STAGING_THRESHOLD",
     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
 )  # fmt: skip
