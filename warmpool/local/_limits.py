@@ -12,6 +12,7 @@ no user code runs without them:
   included) and does not enforce it for root, so it is real only with identity
   mapping (the tenant's workers run as its own user). A ``fork()`` past it
   raises ``EAGAIN``.
+- ``nice``: the worker's CPU priority below the engines' (``os.nice``).
 - ``cpu_seconds``: CPU seconds of one invocation's thread, checked by a watchdog
   thread in the worker every :data:`CPU_CHECK_INTERVAL` s. A thread cannot be
   stopped, so the worker answers the invocation with the error and exits; the
@@ -49,12 +50,16 @@ class WorkerLimits:
         processes: Processes and threads of the worker's Unix user
             (``RLIMIT_NPROC``; not enforced for root). Count the worker's own
             threads: about ``threads_per_worker + 8`` per worker of that user.
+        nice: Added to the worker's CPU niceness (``os.nice``): user code then
+            yields the CPU to the shared engines and the service, which every
+            tenant's latency depends on.
     """
 
     memory_bytes: int | None = None
     cpu_seconds: float | None = None
     open_files: int | None = None
     processes: int | None = None
+    nice: int | None = None
 
     def apply(self) -> None:
         """Lower this process's limits (any user may lower its own)."""
@@ -65,13 +70,14 @@ class WorkerLimits:
         ):
             if value is not None:
                 resource.setrlimit(which, (int(value), int(value)))
+        if self.nice:
+            os.nice(self.nice)
 
     @property
     def is_set(self) -> bool:
         """Whether any limit is set."""
-        return any(
-            v is not None for v in (self.memory_bytes, self.cpu_seconds, self.open_files, self.processes)
-        )
+        values = (self.memory_bytes, self.cpu_seconds, self.open_files, self.processes, self.nice)
+        return any(v is not None for v in values)
 
 
 def limit_error(limit: str, limits: WorkerLimits, detail: str) -> ResourceLimitError:

@@ -42,6 +42,7 @@ class TenantWorkers(BaseModel):
         cpu_seconds: CPU seconds one invocation may use.
         open_files: Open files of each tenant worker.
         processes: Processes and threads of a tenant's Unix user (real only with ``users``).
+        nice: CPU niceness added to tenant workers, so their code yields to the engines.
         users: Tenant name -> the Unix user its workers run as (the pool must run as root).
         env: Tenant name -> environment variables its workers get (its own credentials).
         user_of: Called with a tenant name when its workers start: its Unix user, or
@@ -62,6 +63,7 @@ class TenantWorkers(BaseModel):
     cpu_seconds: float | None = Field(None, gt=0)
     open_files: int | None = Field(None, gt=0)
     processes: int | None = Field(None, gt=0)
+    nice: int | None = Field(None, ge=0, le=19)
     users: dict[str, str] = Field(default_factory=dict)
     env: dict[str, dict[str, str]] = Field(default_factory=dict)
     user_of: Callable[[str], str | None] | None = None
@@ -71,7 +73,7 @@ class TenantWorkers(BaseModel):
     @property
     def limits(self) -> WorkerLimits:
         """The resource limits of every tenant worker."""
-        return WorkerLimits(self.memory_bytes, self.cpu_seconds, self.open_files, self.processes)
+        return WorkerLimits(self.memory_bytes, self.cpu_seconds, self.open_files, self.processes, self.nice)
 
     def user(self, tenant: str) -> str | None:
         """The Unix user ``tenant``'s workers run as, if any."""

@@ -124,11 +124,11 @@ def worker_main(
                 os._exit(0)  # a forked copy of this thread returned here
             with running_lock:
                 running.pop(ident, None)
-                idle = not running
         if limits is not None:
             result = classify(result, limits)
-            if idle or _is_limit(result):
-                kill_strays()  # what its functions forked does not outlive them
+            with running_lock:  # no invocation starts (and forks) while strays are killed
+                if not running or _is_limit(result):
+                    kill_strays()  # what its functions forked does not outlive them
         send(result)
 
     if limits is not None and limits.cpu_seconds is not None:
@@ -147,10 +147,25 @@ def worker_main(
             if isinstance(msg, Abort):
                 runner.abort(msg.invocation_id, msg.attempt)
                 continue
-            pool.submit(run, msg)
+            try:
+                pool.submit(run, msg)
+            except RuntimeError as exc:  # no thread for it: the process limit, most likely
+                send(_cannot_start(msg, exc, limits))
     finally:
         # Threads stuck in user code (past their timeout) must not hold the exit.
         os._exit(0)
+
+
+def _cannot_start(msg: Dispatch, exc: RuntimeError, limits: WorkerLimits | None) -> Result:
+    """The Result of an invocation this worker has no thread for."""
+    inv = msg.invocation
+    error = error_info(exc, "system", with_traceback=False)
+    if limits is not None and limits.processes is not None:
+        error = error_info(limit_error("processes", limits, str(exc)), "user", with_traceback=False)
+    return Result(
+        invocation_id=inv.id, attempt=inv.attempt, worker_pid=os.getpid(), error=error,
+        finished_at=time.time(),
+    )  # fmt: skip
 
 
 def _is_limit(result: Result) -> bool:
@@ -176,14 +191,16 @@ def _cpu_watchdog(
         while True:
             time.sleep(CPU_CHECK_INTERVAL)  # a periodic check, not synchronisation
             with lock:
-                items = list(running.values())
-            for msg, clock, start in items:
+                items = list(running.items())
+            for ident, entry in items:
+                msg, clock, start = entry
                 try:
                     used = time.clock_gettime(clock) - start
                 except OSError:
                     continue  # its thread ended meanwhile
-                if used <= budget:
-                    continue
+                with lock:
+                    if used <= budget or running.get(ident) is not entry:
+                        continue  # within budget, or that invocation has ended since
                 inv = msg.invocation
                 exc = limit_error("cpu", limits, f"its thread used {used:.1f} CPU seconds")
                 send(
