@@ -207,6 +207,9 @@ def serve(
     worker_processes: Annotated[
         int | None, typer.Option(help="Processes and threads of a tenant's Unix user (needs unix_user).")
     ] = None,
+    worker_nice: Annotated[
+        int | None, typer.Option(help="CPU niceness of tenant workers (their code yields to engines).")
+    ] = None,
 ) -> None:
     """Run the warm pool as a long-lived HTTP service (see docs/service.md)."""
     import logging
@@ -239,6 +242,7 @@ def serve(
                 "cpu_seconds": worker_cpu_seconds,
                 "open_files": worker_open_files,
                 "processes": worker_processes,
+                "nice": worker_nice,
             },
         )
     except (ServeConfigError, AuthConfigError, SubstrateConfigError, IdentityMappingError) as exc:

@@ -194,7 +194,8 @@ def test_c_a_cannot_find_bs_prompts_in_its_process(pool: Pool, store: LocalStore
     assert found.ok, found.error
     assert loads(found.value) == [True, False]  # its own marker yes (the control), B's no
     assert all(f.result(120).ok for f in b_futs)
-    assert {w["tenant"] for w in pool.status()["workers"]} >= {"a", "b"}
+    assert pool.worker_pids("a") and pool.worker_pids("b")
+    assert not set(pool.worker_pids("a")) & set(pool.worker_pids("b"))
 
 
 def test_c_control_shared_workers_do_leak(store: LocalStore) -> None:
@@ -283,15 +284,19 @@ def users() -> Iterator[dict[str, str]]:
                             name], check=True, capture_output=True)  # fmt: skip
             made.append(name)
         entry = pwd.getpwnam(names["a"])
-        probe = subprocess.run(
-            [sys.executable, "-P", "-c", "import warmpool.local.worker"], user=entry.pw_uid,
-            group=entry.pw_gid, extra_groups=[], capture_output=True, cwd="/",
-            env={"PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path), "PATH": "/usr/bin:/bin"},
-        )  # fmt: skip
-        if probe.returncode != 0:
-            pytest.skip(
-                f"a created user cannot run {sys.executable} with this project: {probe.stderr[-300:]!r}"
-            )
+        env = {"PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path), "PATH": "/usr/bin:/bin"}
+        if "LD_LIBRARY_PATH" in os.environ:  # kept by the workers' clean environment too
+            env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
+        try:
+            probe = subprocess.run(
+                [sys.executable, "-P", "-c", "import warmpool.local.worker"], user=entry.pw_uid,
+                group=entry.pw_gid, extra_groups=[], capture_output=True, cwd="/", env=env,
+            )  # fmt: skip
+            why = probe.stderr[-300:].decode(errors="replace") if probe.returncode else ""
+        except OSError as exc:
+            why = str(exc)
+        if why:
+            pytest.skip(f"a created user cannot run {sys.executable} with this project: {why}")
         yield names
     finally:
         for name in made:
@@ -346,6 +351,6 @@ def _tasks_of(uid: int) -> int:
 
 
 def _env_of(pool: Pool, tenant: str) -> dict[str, str]:
-    [pid] = [w["pid"] for w in pool.status()["workers"] if w["tenant"] == tenant and not w["retiring"]]
+    [pid] = pool.worker_pids(tenant)
     raw = Path(f"/proc/{pid}/environ").read_bytes()
     return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)

@@ -349,10 +349,10 @@ class Pool:
         with self._lock:
             return [r for ref, mp in self._models.items() if model in (None, ref) for r in mp.replicas]
 
-    def worker_pids(self) -> list[int]:
-        """Process ids of the live workers."""
+    def worker_pids(self, tenant: str | None = None) -> list[int]:
+        """Process ids of the live workers (of ``tenant``'s own set, when named; not in ``status()``)."""
         with self._lock:
-            return [w.pid for w in self._workers.workers if w.pid]
+            return [w.pid for w in self._workers.workers if w.pid and tenant in (None, w.tenant)]
 
     def status(self) -> dict[str, Any]:
         """Models (queue, replicas, metrics), workers and counters as a JSON-able dict."""
@@ -368,7 +368,6 @@ class Pool:
                         "inflight": len(w.inflight),
                         "abandoned": w.abandoned,
                         "retiring": w.retiring,
-                        "tenant": w.tenant,
                     }
                     for w in self._workers.workers
                 ],
