@@ -37,6 +37,7 @@ class ServiceProc:
         weights: Tenants' fair-share ``weight`` in the token file.
         substrate_options: The substrate file's ``[options]`` (e.g. ``{"fairness": "fcfs"}``);
             a local substrate gets a file only when this is given.
+        serve_args: More ``faas serve`` options (e.g. ``["--tenant-workers", "1"]``).
     """
 
     def __init__(
@@ -52,8 +53,10 @@ class ServiceProc:
         no_internals: frozenset[str] = frozenset(),
         weights: dict[str, float] | None = None,
         substrate_options: dict[str, str | int | float] | None = None,
+        serve_args: list[str] | None = None,
     ) -> None:
         self.root = root
+        self.serve_args = serve_args or []
         self.substrate = substrate
         self.store = root / "store"
         self.store_url = store_url or str(self.store)
@@ -118,6 +121,7 @@ class ServiceProc:
                     str(self.tokens),
                     "--access-log",
                     *self.substrate_args,
+                    *self.serve_args,
                 ],
                 env=env,
                 stdout=log,

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
+import faas
 from faas.service._auth import load_authenticator
 from faas.service._serve import build_core
 from runtime import AuthConfigError, IdentityMappingError, ServeConfigError
+from tests.faas._service_helpers import running_service
+from tests.faas._service_proc import TOKENS
 
 
 def token_file(tmp_path: Path, extra: str = "") -> Path:
@@ -50,3 +55,27 @@ def test_tenant_workers_need_the_local_substrate(tmp_path: Path) -> None:
             store=str(tmp_path / "store"), state_dir=tmp_path / "state", tokens=str(token_file(tmp_path)),
             substrate="globus-compute", tenant_workers=1,
         )  # fmt: skip
+
+
+def whoami(kill: bool = False) -> int:
+    if kill:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return os.getpid()
+
+
+def test_faas_serve_runs_each_tenant_in_its_own_workers(tmp_path: Path) -> None:
+    with running_service(tmp_path / "svc", serve_args=["--tenant-workers", "1"]) as service:
+        alice = faas.RemoteClient(service.url, token=TOKENS["alice"])
+        bob = faas.RemoteClient(service.url, token=TOKENS["bob"])
+        try:
+            fn = faas.function(name="whoami", timeout=60)(whoami)
+            a_pid, b_pid = fn.with_client(alice).remote(), fn.with_client(bob).remote()
+            assert a_pid != b_pid and service.proc is not None and service.proc.pid not in (a_pid, b_pid)
+            assert fn.with_client(alice).remote() == a_pid  # its one worker, again
+            with pytest.raises(faas.WorkerLost):
+                fn.with_client(alice).remote(True)  # alice kills her own worker
+            assert fn.with_client(bob).remote() == b_pid  # bob's worker never noticed
+            assert fn.with_client(alice).remote() not in (a_pid, b_pid)  # alice got a new one
+        finally:
+            alice.shutdown()
+            bob.shutdown()

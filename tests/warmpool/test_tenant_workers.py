@@ -132,7 +132,7 @@ def store(tiny_model_path: Path) -> Iterator[LocalStore]:
 @pytest.fixture(scope="module")
 def pool(store: LocalStore) -> Iterator[Pool]:
     isolation = TenantWorkers(
-        workers=1, threads=8, memory_bytes=1 << 30, open_files=256, nice=10, idle_timeout=30
+        workers=1, threads=8, memory_bytes=640 << 20, open_files=256, nice=10, idle_timeout=30
     )
     with Pool(store, workers=1, threads_per_worker=8, tenant_workers=isolation) as p:
         p.engine_url(MODEL)

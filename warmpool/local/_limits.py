@@ -12,7 +12,8 @@ no user code runs without them:
   included) and does not enforce it for root, so it is real only with identity
   mapping (the tenant's workers run as its own user). A ``fork()`` past it
   raises ``EAGAIN``.
-- ``nice``: the worker's CPU priority below the engines' (``os.nice``).
+- ``nice``: the worker's CPU priority below the engines' (``os.nice``), set
+  first thing in the worker (``--nice``), so its imports run at it too.
 - ``cpu_seconds``: CPU seconds of one invocation's thread, checked by a watchdog
   thread in the worker every :data:`CPU_CHECK_INTERVAL` s. A thread cannot be
   stopped, so the worker answers the invocation with the error and exits; the
@@ -70,8 +71,6 @@ class WorkerLimits:
         ):
             if value is not None:
                 resource.setrlimit(which, (int(value), int(value)))
-        if self.nice:
-            os.nice(self.nice)
 
     @property
     def is_set(self) -> bool:

@@ -306,6 +306,7 @@ class WorkerSet:
         launch = self.launch
         who: dict[str, Any] = {}
         home: str | None = None
+        nice = ["--nice", str(launch.limits.nice)] if launch.limits and launch.limits.nice else []
         if launch.user is not None:
             entry = resolve_user(launch.user)
             home = entry.pw_dir if os.path.isdir(entry.pw_dir) else "/"
@@ -319,7 +320,7 @@ class WorkerSet:
         return subprocess.Popen(
             # -P: no current directory in front of sys.path; the worker gets ours.
             [sys.executable, "-P", "-m", WORKER_MODULE, "--fd", str(child.fileno()),
-             "--parent-pid", str(os.getpid())],
+             "--parent-pid", str(os.getpid()), *nice],
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,  # a script read from stdin must stay the caller's
             stderr=subprocess.PIPE,
