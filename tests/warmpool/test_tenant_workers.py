@@ -332,6 +332,9 @@ def test_f_fork_bomb_is_a_typed_error_as_the_tenants_user(users: dict[str, str],
             assert run(pool, hello_fn, "a").result(60).ok
             uid = pwd.getpwnam(users["a"]).pw_uid
             wait_for(lambda: _tasks_of(uid) <= 12, 30, "A's forked children killed")
+            cgroups = pool._workers.cgroups  # type: ignore[attr-defined]
+            if cgroups is not None and cgroups.enabled:  # one CPU share for all of A's processes
+                assert set(pool.worker_pids("a")) <= set(cgroups.pids("a"))
             env_of = _env_of(pool, "a")
             assert "FAAS_TEST_SECRET" not in env_of and env_of.get("HOME")
     finally:

@@ -17,6 +17,11 @@ tenant's worker loses only that tenant's invocations.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import os
+import signal
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtime import ErrorInfo, IdentityMappingError, Result, WorkerStartError
+from warmpool.local._cgroup import TenantCgroups
 from warmpool.local._limits import WorkerLimits
 from warmpool.local._worker import Partial
 from warmpool.local._workers import WorkerLaunch, WorkerProc, WorkerSet, resolve_user
@@ -49,6 +55,9 @@ class TenantWorkers(BaseModel):
             None (overrides ``users``; the service reads its token file this way).
         env_for: Called with a tenant name when its workers start: extra environment
             variables for them (the ``tenant_env`` hook; added after ``env``).
+        cpu_share: Give each tenant's workers and what they fork one CPU share
+            together (a cgroup, where the pool may make one; see
+            :mod:`warmpool.local._cgroup`), so forking more does not buy more CPU.
         clean_env: Tenant workers start from a clean environment (no ``AWS_*``,
             ``FAAS_TOKENS`` or other credentials of the pool). None (the default):
             clean when the tenant has a Unix user or environment of its own.
@@ -69,6 +78,7 @@ class TenantWorkers(BaseModel):
     user_of: Callable[[str], str | None] | None = None
     env_for: Callable[[str], dict[str, str]] | None = None
     clean_env: bool | None = None
+    cpu_share: bool = True
 
     @property
     def limits(self) -> WorkerLimits:
@@ -136,6 +146,10 @@ class WorkerSets:
         self._last_used: dict[str, float] = {}
         self._retired_spawned = 0
         self.closed = False
+        self.cgroups: TenantCgroups | None = None
+        if tenants is not None and tenants.cpu_share:
+            self.cgroups = TenantCgroups(f"{os.getpid()}-{id(self) & 0xFFFF:04x}", tenants.nice or 0)
+        self._gone: set[str] = set()  # retired tenants whose groups are still to be emptied
 
     def key(self, tenant: str | None) -> str | None:
         """Which set runs ``tenant``'s invocations (None: the shared one)."""
@@ -150,9 +164,13 @@ class WorkerSets:
         if ws is None and create and not self.closed:
             assert self.tenants is not None
             store_config, threads, lock, on_result, on_exit, on_partial = self._args
+            launch = self.tenants.launch(key)
+            if self.cgroups is not None and self.cgroups.enabled:
+                launch = dataclasses.replace(launch, place=functools.partial(self.cgroups.place, key))
+            self._gone.discard(key)
             ws = WorkerSet(
                 store_config, self.tenants.workers, self.tenants.threads or threads, lock,
-                on_result, on_exit, on_partial, launch=self.tenants.launch(key),
+                on_result, on_exit, on_partial, launch=launch,
             )  # fmt: skip
             self._sets[key] = ws
             ws.start()
@@ -224,6 +242,25 @@ class WorkerSets:
                     self._last_used.pop(key, None)
                     self._retired_spawned += ws.spawned
                     ws.retire_all()
+                    self._gone.add(key)
+            gone = list(self._gone)
+        for key in gone:
+            self._empty_group(key)
+
+    def _empty_group(self, tenant: str) -> None:
+        """Kill what is left in a retired tenant's cpu group (strays, even in sessions of their own)."""
+        if self.cgroups is None:
+            return
+        with self._lock:
+            if tenant in self._sets:
+                return  # it came back: its new workers are in the group
+            pids = self.cgroups.pids(tenant)
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            if not pids:
+                self.cgroups.remove(tenant)
+                self._gone.discard(tenant)
 
     def shutdown(self, timeout: float) -> None:
         """Stop every set's workers and reap them."""
@@ -232,3 +269,9 @@ class WorkerSets:
             sets = [self.shared, *self._sets.values()]
         for ws in sets:
             ws.shutdown(timeout)
+        if self.cgroups is not None:
+            for tenant in {*self._gone, *(ws.launch.tenant for ws in sets if ws.launch.tenant)}:
+                for pid in self.cgroups.pids(tenant):
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+            self.cgroups.close()

@@ -84,6 +84,8 @@ class WorkerLaunch:
         limits: Resource limits each worker applies to itself before running anything.
         new_session: Start each worker in its own session, so the processes a function
             forks are killed with its worker (and when the worker idles).
+        place: Called with each new worker's pid before it is sent anything (puts it
+            in its tenant's cpu cgroup, see :mod:`warmpool.local._cgroup`).
     """
 
     tenant: str | None = None
@@ -92,6 +94,7 @@ class WorkerLaunch:
     clean_env: bool = False
     limits: WorkerLimits | None = None
     new_session: bool = False
+    place: Callable[[int], object] | None = None
 
 
 def resolve_user(name: str) -> pwd.struct_passwd:
@@ -283,6 +286,8 @@ class WorkerSet:
             except BaseException:
                 parent.close()
                 raise
+        if self.launch.place is not None:
+            self.launch.place(proc.pid)  # before Start: it runs nothing of a tenant's yet
         worker = WorkerProc(
             index=self._counter, process=proc, conn=Connection(parent.detach()),
             tenant=self.launch.tenant, own_group=self.launch.new_session,
