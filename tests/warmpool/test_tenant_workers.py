@@ -31,7 +31,9 @@ from runtime import Invocation, LocalStore, Result, dumps, loads, new_id
 from tests.warmpool._pool_helpers import generate, register, wait_for
 from warmpool import Pool, TenantWorkers
 
-MODEL = ModelSpec(name="tiny-llama", version="1")
+# One torch thread: on a 2-core machine a 2-thread engine waits, every step, for its thread
+# on the core a tenant's function keeps busy (an engine host keeps cores for its workers).
+MODEL = ModelSpec(name="tiny-llama", version="1", engine_args={"threads": 1})
 LIMIT_TYPE = "runtime._errors.ResourceLimitError"
 
 
