@@ -28,8 +28,9 @@ import pytest
 
 from registry import FunctionSpec, ModelSpec, Registry
 from runtime import Invocation, LocalStore, Result, dumps, loads, new_id
-from tests.warmpool._pool_helpers import generate, register, wait_for
+from tests.warmpool._pool_helpers import FakeClock, generate, register, wait_for
 from warmpool import Pool, TenantWorkers
+from warmpool.local._pool import pid_alive
 
 # One torch thread: on a 2-core machine a 2-thread engine waits, every step, for its thread
 # on the core a tenant's function keeps busy (an engine host keeps cores for its workers).
@@ -271,6 +272,33 @@ def test_cpu_and_open_files_limits_and_a_clean_env(store: LocalStore) -> None:
     for result, limit in ((cpu, "cpu"), (files, "open_files")):
         assert result.error is not None and result.error.type_name == LIMIT_TYPE, result.error
         assert loads(result.error.exception).limit == limit  # type: ignore[arg-type]
+
+
+def test_a_tenants_workers_start_on_demand_and_retire_when_idle(store: LocalStore) -> None:
+    registry = Registry(store)
+    fn = register(registry, secret_env)
+    clock = FakeClock()
+    isolation = TenantWorkers(workers=2, idle_timeout=5.0)
+
+    def call(pool: Pool, tenant: str) -> Result:
+        fut: concurrent.futures.Future[Result] = concurrent.futures.Future()
+        inv = Invocation(id=new_id(), function_name=fn.name, function_digest=fn.digest,
+                         args=dumps(((), {})), tenant=tenant)  # fmt: skip
+        pool.submit(inv, fn, None, fut.set_result)
+        return fut.result(60)
+
+    with Pool(store, workers=1, clock=clock, tick_interval=None, tenant_workers=isolation) as pool:
+        assert pool.worker_pids() == []  # nothing until a tenant's first invocation
+        assert call(pool, "a").ok and len(pool.worker_pids("a")) == 2 and pool.worker_pids("b") == []
+        first = pool.worker_pids("a")
+        clock.advance(3.0)
+        assert call(pool, "b").ok
+        clock.advance(3.0)
+        pool.tick()  # a idle for 6 s: retired; b idle for 3 s: kept
+        wait_for(lambda: pool.worker_pids("a") == [], 10, "a's workers retired")
+        wait_for(lambda: not any(pid_alive(p) for p in first), 10, "a's workers gone")
+        assert len(pool.worker_pids("b")) == 2
+        assert call(pool, "a").ok and not set(pool.worker_pids("a")) & set(first)  # started again
 
 
 # -- (f): identity mapping, as users this test creates -------------------------------
