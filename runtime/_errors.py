@@ -22,7 +22,8 @@ FaasError
 │   ├── WorkerLost              the worker process running it died
 │   │   └── WorkerStartError    worker processes die while starting; carries their stderr
 │   ├── EngineLost              the model engine died and retries ran out
-│   └── InvocationCancelled     the caller cancelled it
+│   ├── InvocationCancelled     the caller cancelled it
+│   └── ResourceLimitError      a worker limit ended it (memory, CPU, files, processes); carries limit
 ├── ModeNotAllowedError         the model's access policy forbids that mode (no request sent)
 │   └── MissingScopeError       the tenant's token lacks the scope the mode needs (``internals``)
 ├── EngineError                 the engine refused a request or failed to start
@@ -46,7 +47,8 @@ FaasError
     ├── EndpointRenderError     a model cannot be rendered as a Globus Compute endpoint config
     ├── PlacementError          the scheduler's environment does not describe a multi-node block
     ├── GlobusComputeConfigError the Globus Compute cloud backend is not configured
-    └── StoreConfigError        a store URL or config names no usable store (scheme, bucket, option)
+    ├── StoreConfigError        a store URL or config names no usable store (scheme, bucket, option)
+    └── IdentityMappingError    a tenant's mapped Unix user does not exist, or the pool cannot switch users
 ```
 
 Every class lives here, whatever package raises it, so that this one tree is the
@@ -183,6 +185,28 @@ class EngineLost(InvocationError):
 
 class InvocationCancelled(InvocationError):
     """The invocation was cancelled."""
+
+
+class ResourceLimitError(InvocationError):
+    """The function hit a resource limit of its worker process, and its invocation was ended.
+
+    A pool that isolates tenants (``Pool(tenant_workers=...)``, ``faas serve
+    --tenant-workers``) runs each tenant's functions in worker processes with
+    limits: memory (address space), CPU seconds per invocation, open files and
+    processes. A function that goes past one gets this error instead of taking
+    the machine; its worker is replaced, other tenants' invocations are not
+    touched, and it is never retried (it would only hit the limit again).
+
+    Attributes:
+        limit: Which limit: ``memory``, ``cpu``, ``open_files`` or ``processes``.
+    """
+
+    def __init__(self, message: str, limit: str = "") -> None:
+        super().__init__(message)
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[Any, ...]:  # errors cross processes pickled
+        return (type(self), (str(self), self.limit))
 
 
 class ModeNotAllowedError(FaasError, PermissionError):
@@ -334,3 +358,11 @@ class GlobusComputeConfigError(ConfigError):
 
 class StoreConfigError(ConfigError):
     """A store URL or ``{kind, options}`` config names no usable store (scheme, bucket, option)."""
+
+
+class IdentityMappingError(ConfigError):
+    """A tenant is mapped to a Unix user its workers cannot run as.
+
+    The user does not exist, or the pool does not run as root (only root can
+    start processes as another user). Raised before anything runs for that tenant.
+    """

@@ -15,6 +15,7 @@ from warmpool._substrate import (
 )
 from warmpool.engines._host import CpuEngineHost, EngineHost, SubprocessEngineHost
 from warmpool.local._pool import Pool, Work
+from warmpool.local._tenants import TenantWorkers, WorkerLimits
 
 __all__ = [
     "AdapterMove",
@@ -34,8 +35,10 @@ __all__ = [
     "SubstrateConfig",
     "SubstrateConfigError",
     "SubstrateKind",
+    "TenantWorkers",
     "TokenWeights",
     "Work",
+    "WorkerLimits",
     "build_provenance",
     "default_engine_factory",
     "ensure_provenance",

@@ -248,6 +248,18 @@ def serve(
     access_log: Annotated[bool, typer.Option(help="Log request lines (never headers or tokens).")] = False,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
     triggers: Annotated[bool, typer.Option(help="Run the tenants' trigger bindings.")] = True,
+    tenant_workers: Annotated[
+        int, typer.Option(help="Worker processes per active tenant (0: shared workers; docs/service.md).")
+    ] = 0,
+    worker_memory_mb: Annotated[int | None, typer.Option(help="Address space of a tenant worker.")] = None,
+    worker_cpu_seconds: Annotated[float | None, typer.Option(help="CPU seconds of one invocation.")] = None,
+    worker_open_files: Annotated[int | None, typer.Option(help="Open files of a tenant worker.")] = None,
+    worker_processes: Annotated[
+        int | None, typer.Option(help="Processes and threads of a tenant's Unix user (needs unix_user).")
+    ] = None,
+    worker_nice: Annotated[
+        int | None, typer.Option(help="CPU niceness of tenant workers (their code yields to engines).")
+    ] = None,
 ) -> None:
     """Run the warm pool as a long-lived HTTP service (see docs/service.md)."""
     import logging
@@ -273,6 +285,14 @@ def serve(
             access_log=access_log,
             log_level=log_level,
             triggers=triggers,
+            tenant_workers=tenant_workers,
+            worker_limits={
+                "memory_bytes": worker_memory_mb << 20 if worker_memory_mb else None,
+                "cpu_seconds": worker_cpu_seconds,
+                "open_files": worker_open_files,
+                "processes": worker_processes,
+                "nice": worker_nice,
+            },
         )
     except ConfigError as exc:  # token file, substrate, store URL, ...: a message and code 2, no traceback
         typer.echo(f"faas serve: {exc}", err=True)

@@ -65,7 +65,7 @@ from faas.service._tenant import Tenant, parse_grants, parse_scopes
 from runtime import AuthConfigError
 
 log = logging.getLogger("faas.service")
-_TENANT_KEYS = frozenset({"name", "tokens", "admin", "internals", "globus_identities", "models"})
+_TENANT_KEYS = frozenset({"name", "tokens", "admin", "internals", "globus_identities", "models", "unix_user"})
 
 _TOKEN_KEYS = frozenset({"token", "expires", "scopes"})
 
@@ -241,7 +241,12 @@ class TokenAuth:
                 grants = parse_grants(raw.get("models"), str(raw["name"]), str(path))
             except ValueError as exc:
                 raise AuthConfigError(str(exc)) from None
-            tenant = Tenant(str(raw["name"]), limits, flags["admin"], flags["internals"], grants)
+            unix_user = raw.get("unix_user")
+            if unix_user is not None and (not isinstance(unix_user, str) or not unix_user):
+                raise AuthConfigError(f"Tenant {raw['name']!r} in {path} has a bad unix_user {unix_user!r}.")
+            tenant = Tenant(
+                str(raw["name"]), limits, flags["admin"], flags["internals"], grants, unix_user=unix_user
+            )
             entries.extend(
                 (tenant, *_token_entry(item, tenant.name, path)) for item in raw.get("tokens") or []
             )

@@ -13,7 +13,7 @@ from faas.service._auth import Authenticator, load_authenticator
 from faas.service._core import ServiceCore
 from faas.service._triggers import TriggerHost
 from runtime import ServeConfigError, SubstrateConfigError, cache_dir, default_store_url, store_from_url
-from warmpool import SubstrateConfig, SubstrateKind, load_substrate_config
+from warmpool import SubstrateConfig, SubstrateKind, TenantWorkers, load_substrate_config
 
 log = logging.getLogger("faas.service")
 
@@ -37,6 +37,8 @@ def build_core(
     substrate: SubstrateKind | None = None,
     substrate_config: Path | None = None,
     triggers: bool = True,
+    tenant_workers: int = 0,
+    worker_limits: dict[str, Any] | None = None,
     **pool_options: Any,
 ) -> ServiceCore:
     """Build (not start) the service core from ``faas serve``'s options.
@@ -52,6 +54,10 @@ def build_core(
             Compute, the Parsl provider; see :func:`warmpool.load_substrate_config`).
         triggers: Run the tenants' trigger bindings (see
             :class:`faas.service._triggers.TriggerHost`).
+        tenant_workers: Worker processes per active tenant (0: tenants share the
+            workers, unless the token file maps a tenant to a ``unix_user``; then 1).
+        worker_limits: Limits of each tenant worker (``memory_bytes``, ``cpu_seconds``,
+            ``open_files``, ``processes``; see :class:`warmpool.TenantWorkers`).
         pool_options: Substrate options given on the command line.
 
     Raises:
@@ -73,6 +79,9 @@ def build_core(
         config = SubstrateConfig(kind=substrate or "local")
     else:
         raise SubstrateConfigError(f"Unknown substrate {substrate!r}; expected 'local' or 'globus-compute'.")
+    isolation = _tenant_workers(auth, config, tenant_workers, worker_limits or {})
+    if isolation is not None:
+        pool_options["tenant_workers"] = isolation
     host_obj = TriggerHost() if triggers else None
     # The token budgets' "minute" window; only tests shorten it.
     minute = os.environ.get("FAAS_BUDGET_MINUTE_SECONDS", "").strip()
@@ -148,3 +157,29 @@ def serve(
         host, bound, core.store.url(), core.pool.status().get("substrate", "local"),
     )  # fmt: skip
     server.run(sockets=[sock])
+
+
+def _tenant_workers(
+    auth: Authenticator, config: SubstrateConfig, count: int, limits: dict[str, Any]
+) -> TenantWorkers | None:
+    """Per-tenant workers as the command line and the token file ask (None: shared workers).
+
+    Raises:
+        ServeConfigError: Per-tenant workers on a substrate other than the local pool.
+        IdentityMappingError: A mapped Unix user does not exist, or the service is not root.
+    """
+    mapped = any(t.unix_user for t in auth.tenants())
+    if not (count or mapped or any(v is not None for v in limits.values())):
+        return None
+    if config.kind != "local":
+        raise ServeConfigError(
+            "Per-tenant workers, worker limits and unix_user run on the local substrate only; "
+            f"this service runs on {config.kind!r}."
+        )
+
+    def user_of(tenant: str) -> str | None:  # read when a tenant's workers start: token file changes apply
+        return next((t.unix_user for t in auth.tenants() if t.name == tenant), None)
+
+    isolation = TenantWorkers(workers=max(1, count), user_of=user_of, **limits)
+    isolation.check([t.name for t in auth.tenants()])
+    return isolation

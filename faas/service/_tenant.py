@@ -46,6 +46,8 @@ class Tenant:
             on it; None: every model, every mode its spec allows.
         token_scopes: The scopes of the token this request came with (None: all the
             tenant has); set by the authenticator, per request.
+        unix_user: The Unix user the tenant's worker processes run as (identity
+            mapping; ``faas serve`` must run as root). None: the service's own user.
     """
 
     name: str
@@ -54,6 +56,7 @@ class Tenant:
     internals: bool = True
     models: Mapping[str, frozenset[str]] | None = field(default=None, hash=False)
     token_scopes: frozenset[str] | None = None
+    unix_user: str | None = None
 
     @property
     def prefix(self) -> str:

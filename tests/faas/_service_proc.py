@@ -39,6 +39,7 @@ class ServiceProc:
         weights: Tenants' fair-share ``weight`` in the token file.
         substrate_options: The substrate file's ``[options]`` (e.g. ``{"fairness": "fcfs"}``);
             a local substrate gets a file only when this is given.
+        serve_args: More ``faas serve`` options (e.g. ``["--tenant-workers", "1"]``).
     """
 
     def __init__(
@@ -56,8 +57,10 @@ class ServiceProc:
         extra_toml: str = "",
         weights: dict[str, float] | None = None,
         substrate_options: dict[str, str | int | float] | None = None,
+        serve_args: list[str] | None = None,
     ) -> None:
         self.root = root
+        self.serve_args = serve_args or []
         self.substrate = substrate
         self.store = root / "store"
         self.store_url = store_url or str(self.store)
@@ -123,6 +126,7 @@ class ServiceProc:
                     str(self.tokens),
                     "--access-log",
                     *self.substrate_args,
+                    *self.serve_args,
                 ],
                 env=env,
                 stdout=log,

@@ -48,9 +48,11 @@ from warmpool._replica import (
 )
 from warmpool._runner import Dispatch
 from warmpool.local import _lifecycle
+from warmpool.local._pool_views import PoolViews
+from warmpool.local._tenants import TenantWorkers, WorkerSets
 from warmpool.local._worker import Partial
-from warmpool.local._workers import WorkerProc, WorkerSet
-from warmpool.weights import Tier, WeightsCache, weights_tier
+from warmpool.local._workers import WorkerProc
+from warmpool.weights import WeightsCache
 
 log = logging.getLogger("faas.pool")
 
@@ -74,7 +76,7 @@ class Work(Entry):
     engine: dict[str, Any] | None = None
 
 
-class Pool:
+class Pool(PoolViews):
     """An in-process warm pool.
 
     Args:
@@ -93,6 +95,10 @@ class Pool:
         fairness: How tenants share each model's slots: ``vtc`` (weighted Virtual
             Token Counter, see :mod:`warmpool._fair`) or ``fcfs`` (arrival order).
         weights_cache: Where ``weights_uri`` models are staged (default: ``$FAAS_WEIGHTS_CACHE``).
+        tenant_workers: Run each tenant's invocations only in worker processes of
+            that tenant, with its own user, environment and resource limits (see
+            :class:`warmpool.local.TenantWorkers`; a dict is validated into one).
+            None: every invocation shares the ``workers`` processes.
     """
 
     def __init__(
@@ -109,6 +115,7 @@ class Pool:
         status_interval: float | None = 2.0,
         fairness: Fairness = "vtc",
         weights_cache: WeightsCache | None = None,
+        tenant_workers: TenantWorkers | dict[str, Any] | None = None,
     ) -> None:
         if workers < 1 or threads_per_worker < 1:
             raise ValueError("A pool needs at least one worker with at least one thread.")
@@ -124,7 +131,11 @@ class Pool:
         self._weights_cache = weights_cache
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
-        self._workers = WorkerSet(
+        if isinstance(tenant_workers, dict):
+            tenant_workers = TenantWorkers.model_validate(tenant_workers)
+        if tenant_workers is not None:
+            tenant_workers.check()  # mapped users exist and can be switched to, before anything starts
+        self._workers = WorkerSets(
             store.config(),
             workers,
             threads_per_worker,
@@ -132,6 +143,8 @@ class Pool:
             self._on_result,
             self._on_worker_exit,
             self._on_partial,
+            tenant_workers,
+            clock,
         )
         self._partials: dict[str, Callable[[int, Any], None]] = {}  # invocation id -> its listener
         self._models: dict[str, ModelPool] = {}
@@ -144,21 +157,6 @@ class Pool:
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle -----------------------------------------------------------
-    @property
-    def weights_cache(self) -> WeightsCache:
-        """The node's weights cache (made on first use)."""
-        with self._lock:
-            if self._weights_cache is None:
-                self._weights_cache = WeightsCache()
-            return self._weights_cache
-
-    def weights_tier(self, spec: ModelSpec) -> Tier:
-        """``hot`` (a ready replica here), ``staged`` (weights on this node's disk) or ``cold``."""
-        with self._lock:
-            mp = self._models.get(spec.ref)
-            hot = mp is not None and any(r.state is ReplicaState.READY for r in mp.replicas)
-        return weights_tier(spec, self.weights_cache if spec.weights_uri else None, hot=hot)
-
     def start(self, models: list[ModelSpec] | None = None) -> Pool:
         """Spawn the workers, the engines of models with ``min_replicas >= 1``; pre-stage weights.
 
@@ -236,7 +234,7 @@ class Pool:
                 raise PoolClosedError("The pool has been shut down; no new invocations are accepted.")
             if not self._started:
                 self.start()
-            broken = self._workers.start_error()
+            broken = self._workers.start_error(invocation.tenant)
             mp = self._model_pool(model) if model is not None and broken is None else None
             if mp is not None:
                 work.cold = not mp.admit(work)  # raises BackPressureError before anything is recorded
@@ -353,45 +351,13 @@ class Pool:
             raise EngineError(f"The engine of {model.ref} failed to start: {replica.error}")
         return replica.url
 
-    def replicas(self, model: str | None = None) -> list[Replica]:
-        """Replicas (of one model ref, or all), including stopped and failed ones."""
-        with self._lock:
-            return [r for ref, mp in self._models.items() if model in (None, ref) for r in mp.replicas]
-
-    def unfinished_invocations(self, model: str) -> list[Invocation]:
-        """The queued and running invocations of model version ``model`` (an adapter alias drains on them)."""
-        return [w.invocation for w in self._book.unfinished() if w.model and w.model.ref == model]
-
-    def worker_pids(self) -> list[int]:
-        """Process ids of the live workers."""
-        with self._lock:
-            return [w.pid for w in self._workers.workers if w.pid]
-
-    def status(self) -> dict[str, Any]:
-        """Models (queue, replicas, metrics), workers and counters as a JSON-able dict."""
-        with self._lock:
-            return {
-                "pool": self.id,
-                "time": time.time(),
-                "counters": {**self.counters, "workers_started": self._workers.spawned},
-                "models": {ref: mp.describe() for ref, mp in self._models.items()},
-                "workers": [
-                    {
-                        "pid": w.pid,
-                        "inflight": len(w.inflight),
-                        "abandoned": w.abandoned,
-                        "retiring": w.retiring,
-                    }
-                    for w in self._workers.workers
-                ],
-            }
-
     def tick(self) -> None:
         """One pass of housekeeping: expire deadlines, notice dead engines, scale."""
         with self._lock:
             if self._closed:
                 return
         expired = self._book.due()
+        self._workers.tick()  # tenants' idle workers
         with self._lock:
             dead = [
                 (mp, r)
@@ -435,11 +401,12 @@ class Pool:
         with self._lock:
             if work.finished:
                 return
-            worker = self._workers.pick()
+            tenant = work.invocation.tenant
+            worker = self._workers.pick(tenant)
             if worker is not None:
                 worker.inflight[work.invocation.id] = work
                 work.worker = worker
-            broken = self._workers.start_error()
+            broken = self._workers.start_error(tenant)
         if worker is None:
             assert broken is not None
             self._finish(work, None, broken, "worker_lost")
@@ -473,6 +440,8 @@ class Pool:
                 return  # a late answer for an attempt that was timed out, cancelled or retried
             del worker.inflight[result.invocation_id]
             work.worker = None
+        if result.error is not None and result.error.type_name.endswith(".ResourceLimitError"):
+            self._workers.after_limit(worker, result.error)
         if result.error is not None and result.error.kind == "engine_lost" and work.replica is not None:
             mp = self._models[work.replica.spec.ref]
             replica = work.replica
@@ -515,8 +484,12 @@ class Pool:
             # without spending a retry (a worker set that cannot start fails it).
             self._lost(work, exc, "worker_lost", charge=worker.ready)
         with self._lock:
-            broken = self._workers.start_error()
-            pending = [w for w in self._book.unfinished() if w.worker is None]
+            key = self._workers.key(worker.tenant)
+            broken = self._workers.start_error(worker.tenant)
+            pending = [
+                w for w in self._book.unfinished()
+                if w.worker is None and self._workers.key(w.invocation.tenant) == key
+            ]  # fmt: skip
         if broken is not None:
             for work in pending:  # queued for an engine: no worker could ever run it
                 self._finish(work, None, broken, "worker_lost")

@@ -14,6 +14,8 @@ import collections
 import contextlib
 import logging
 import os
+import pwd
+import signal
 import socket
 import subprocess
 import sys
@@ -24,8 +26,9 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import IO, TYPE_CHECKING, Any
 
-from runtime import Result, WorkerStartError
+from runtime import IdentityMappingError, Result, WorkerStartError
 from warmpool._runner import Abort, Dispatch
+from warmpool.local._limits import WorkerLimits
 from warmpool.local._worker import Partial, Ready, Start
 
 if TYPE_CHECKING:
@@ -58,6 +61,78 @@ def worker_env(path: list[str]) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(entries))}
 
 
+CLEAN_ENV_KEYS = (
+    "PATH", "LD_LIBRARY_PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONHASHSEED",
+    "PYTHONUNBUFFERED",
+    "PYTHONDONTWRITEBYTECODE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "FAAS_STAGING_THRESHOLD",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+)  # fmt: skip
+"""What a clean worker environment keeps of ours: never credentials (``AWS_*``, ``FAAS_TOKENS``, ...)."""
+
+
+@dataclass(frozen=True)
+class WorkerLaunch:
+    """How a set's worker processes are started (the default: as today, inheriting our environment).
+
+    Attributes:
+        tenant: Whose workers these are (None: the shared set).
+        user: The Unix user they run as (only when we run as root; see :func:`resolve_user`).
+        env: Extra environment variables (a tenant's own credentials, say).
+        clean_env: Start from a clean environment (:data:`CLEAN_ENV_KEYS` of ours, the
+            user's HOME, ``PYTHONPATH``, then ``env``) instead of ours, so the
+            service's credentials never reach the tenant's code.
+        limits: Resource limits each worker applies to itself before running anything.
+        new_session: Start each worker in its own session, so the processes a function
+            forks are killed with its worker (and when the worker idles).
+        place: Called with each new worker's pid before it is sent anything (puts it
+            in its tenant's cpu cgroup, see :mod:`warmpool.local._cgroup`).
+    """
+
+    tenant: str | None = None
+    user: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    clean_env: bool = False
+    limits: WorkerLimits | None = None
+    new_session: bool = False
+    place: Callable[[int], object] | None = None
+
+
+def resolve_user(name: str) -> pwd.struct_passwd:
+    """The account a tenant's workers run as.
+
+    Raises:
+        IdentityMappingError: No such user, or this process is not root (only root
+            can start processes as another user), or the user is root.
+    """
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise IdentityMappingError(f"The Unix user {name!r} mapped to a tenant does not exist.") from None
+    if entry.pw_uid == 0:
+        raise IdentityMappingError(f"A tenant may not be mapped to {name!r}: it is root.")
+    if os.geteuid() != 0:
+        raise IdentityMappingError(
+            f"Cannot run workers as {name!r}: only a pool running as root can start "
+            f"processes as another user (this one runs as uid {os.geteuid()})."
+        )
+    return entry
+
+
+def launch_env(launch: WorkerLaunch, path: list[str], home: str | None) -> dict[str, str]:
+    """The environment of one set's workers (see :class:`WorkerLaunch`)."""
+    base = worker_env(path)
+    if not launch.clean_env:
+        env = base
+    else:
+        env = {k: base[k] for k in CLEAN_ENV_KEYS if k in base}
+        env["PYTHONPATH"] = base["PYTHONPATH"]
+        if home is not None:
+            env["HOME"] = home
+    if launch.limits is not None and launch.limits.memory_bytes is not None:
+        env["MALLOC_ARENA_MAX"] = "2"  # glibc reserves 64 MB of address space per arena otherwise
+    return {**env, **launch.env}
+
+
 @dataclass(eq=False)
 class WorkerProc:
     """One worker process and what it runs.
@@ -86,6 +161,8 @@ class WorkerProc:
         default_factory=lambda: collections.deque(maxlen=STDERR_TAIL_LINES)
     )
     stderr_thread: threading.Thread | None = None
+    tenant: str | None = None
+    own_group: bool = False  # started in its own session: its process group is its own
 
     @property
     def pid(self) -> int | None:
@@ -111,6 +188,13 @@ class WorkerProc:
             with contextlib.suppress(OSError):
                 self.process.kill()
             self.reap(5)
+        self.kill_group()
+
+    def kill_group(self) -> None:
+        """Kill what is left of its process group (what its functions forked), once it is gone."""
+        if self.own_group and self.process.returncode is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(self.process.pid, signal.SIGKILL)
 
     def send(self, msg: Start | Dispatch | Abort | None) -> bool:
         """Send a message; False if the pipe is closed (the worker died)."""
@@ -144,7 +228,9 @@ class WorkerSet:
         on_result: Callable[[WorkerProc, Result], None],
         on_exit: Callable[[WorkerProc, list[Work]], None],
         on_partial: Callable[[WorkerProc, Partial], None] | None = None,
+        launch: WorkerLaunch | None = None,
     ) -> None:
+        self.launch = launch or WorkerLaunch()
         self._store_config = store_config
         self.size = size
         self.threads = threads
@@ -155,7 +241,7 @@ class WorkerSet:
         self._counter = 0
         self._start_failures = 0  # in a row; reset by every Ready
         self._ever_ready = False
-        self._start_error: WorkerStartError | None = None
+        self._start_error: WorkerStartError | IdentityMappingError | None = None
         self.workers: list[WorkerProc] = []
         self.closed = False
 
@@ -164,7 +250,7 @@ class WorkerSet:
         """Worker processes started so far."""
         return self._counter
 
-    def start_error(self) -> WorkerStartError | None:
+    def start_error(self) -> WorkerStartError | IdentityMappingError | None:
         """Why no worker can run work, once workers fail to start and none is left (caller holds the lock)."""
         if self._start_error is None or any(not w.exited for w in self.active()):
             return None
@@ -173,28 +259,43 @@ class WorkerSet:
     def start(self) -> None:
         """Spawn the workers."""
         with self._lock:
-            while len(self.active()) < self.size:
-                self.spawn()
+            while len(self.active()) < self.size and self.spawn() is not None:
+                pass
 
     def active(self) -> list[WorkerProc]:
         """Workers that accept new work."""
         return [w for w in self.workers if not w.retiring]
 
-    def spawn(self) -> WorkerProc:
-        """Start one worker process, its reader and stderr threads (caller holds the lock)."""
+    def spawn(self) -> WorkerProc | None:
+        """Start one worker process, its reader and stderr threads (caller holds the lock).
+
+        None when the set's Unix user cannot be used (see :func:`resolve_user`):
+        that is then the set's :meth:`start_error`.
+        """
         # Both ends are non-inheritable: only this child gets its end (pass_fds),
         # so the socket closes, and the worker exits, when this process dies.
         parent, child = socket.socketpair()
         with child:
             try:
                 proc = self._popen(child)
+            except IdentityMappingError as exc:
+                parent.close()
+                self._start_error = exc
+                log.error("Workers of tenant %s cannot start: %s", self.launch.tenant, exc)
+                return None
             except BaseException:
                 parent.close()
                 raise
-        worker = WorkerProc(index=self._counter, process=proc, conn=Connection(parent.detach()))
+        if self.launch.place is not None:
+            self.launch.place(proc.pid)  # before Start: it runs nothing of a tenant's yet
+        worker = WorkerProc(
+            index=self._counter, process=proc, conn=Connection(parent.detach()),
+            tenant=self.launch.tenant, own_group=self.launch.new_session,
+        )  # fmt: skip
         self._counter += 1
         self.workers.append(worker)
-        worker.send(Start(self._store_config, self.threads))  # buffered until the worker reads it
+        # Buffered until the worker reads it.
+        worker.send(Start(self._store_config, self.threads, self.launch.limits))
         assert proc.stderr is not None
         worker.stderr_thread = threading.Thread(
             target=_relay_stderr, args=(proc.stderr, worker.stderr_tail),
@@ -206,16 +307,31 @@ class WorkerSet:
         ).start()
         return worker
 
-    @staticmethod
-    def _popen(child: socket.socket) -> subprocess.Popen[bytes]:
+    def _popen(self, child: socket.socket) -> subprocess.Popen[bytes]:
+        launch = self.launch
+        who: dict[str, Any] = {}
+        home: str | None = None
+        nice = ["--nice", str(launch.limits.nice)] if launch.limits and launch.limits.nice else []
+        if launch.user is not None:
+            entry = resolve_user(launch.user)
+            home = entry.pw_dir if os.path.isdir(entry.pw_dir) else "/"
+            who = {
+                "user": entry.pw_uid,
+                "group": entry.pw_gid,
+                "extra_groups": [],
+                "umask": 0o077,
+                "cwd": home,
+            }
         return subprocess.Popen(
             # -P: no current directory in front of sys.path; the worker gets ours.
             [sys.executable, "-P", "-m", WORKER_MODULE, "--fd", str(child.fileno()),
-             "--parent-pid", str(os.getpid())],
+             "--parent-pid", str(os.getpid()), *nice],
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,  # a script read from stdin must stay the caller's
             stderr=subprocess.PIPE,
-            env=worker_env(sys.path),
+            env=launch_env(launch, sys.path, home),
+            start_new_session=launch.new_session,
+            **who,
         )  # fmt: skip
 
     def pick(self) -> WorkerProc | None:
@@ -225,9 +341,10 @@ class WorkerSet:
         """
         candidates = [w for w in self.active() if not w.exited]
         if not candidates:
-            if self._start_error is not None:
+            spawned = self.spawn() if self._start_error is None else None
+            if spawned is None:
                 return None
-            candidates = [self.spawn()]
+            candidates = [spawned]
         return min(candidates, key=lambda w: len(w.inflight))
 
     def _read(self, worker: WorkerProc) -> None:
@@ -249,6 +366,7 @@ class WorkerSet:
             self._on_result(worker, message)
         worker.exited = True
         worker.reap(5)
+        worker.kill_group()
         if worker.stderr_thread is not None:
             worker.stderr_thread.join(2)  # the whole tail, before it explains anything
         with self._lock:
@@ -295,11 +413,28 @@ class WorkerSet:
             worker.abandoned += 1
             # A thread stuck in user code cannot be killed; once half a worker's
             # threads are stuck, replace the worker after its live work drains.
-            if worker.abandoned * 2 >= self.threads and not worker.retiring and not self.closed:
-                worker.retiring = True
-                if self._start_error is None:
-                    self.spawn()
-                threading.Thread(target=self._retire, args=(worker,), daemon=True).start()
+            if worker.abandoned * 2 >= self.threads:
+                self.replace(worker)
+
+    def replace(self, worker: WorkerProc) -> None:
+        """Start a replacement and stop ``worker`` once its live work drains (caller holds the lock)."""
+        if worker.retiring or self.closed or worker not in self.workers:
+            return
+        worker.retiring = True
+        if self._start_error is None:
+            self.spawn()
+        threading.Thread(target=self._retire, args=(worker,), daemon=True).start()
+
+    def idle(self) -> bool:
+        """Whether no worker runs anything (caller holds the lock)."""
+        return not any(w.inflight for w in self.workers)
+
+    def retire_all(self) -> None:
+        """Stop every worker of an idle set for good, in the background (caller holds the lock)."""
+        self.closed = True
+        for worker in self.workers:
+            worker.retiring = True
+            threading.Thread(target=self._retire, args=(worker,), daemon=True).start()
 
     def _retire(self, worker: WorkerProc) -> None:
         deadline = time.monotonic() + 600

@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m warmpool.local.worker", description=__doc__)
     parser.add_argument("--fd", type=int, required=True, help="inherited socket to the pool")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    parser.add_argument("--nice", type=int, default=0, help="CPU niceness to add before anything else")
     args = parser.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)  # before the imports: a replacement worker's start yields to the engines too
     conn = Connection(args.fd)
     if args.parent_pid:
         _exit_with_parent(args.parent_pid)
