@@ -14,6 +14,7 @@ against the admin identity it builds from ``AWS_ACCESS_KEY_ID`` /
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -370,12 +371,15 @@ def weed_mini_argv(binary: str, data_dir: Path, ports: dict[str, int]) -> list[s
     ]
 
 
-def start_seaweedfs(root: Path) -> S3Server:
+def start_seaweedfs(root: Path, identities: list[dict[str, Any]] | None = None) -> S3Server:
     """Start a SeaweedFS ``weed mini`` (master, volume, filer, S3) on free 127.0.0.1 ports.
 
     Its data lives under ``root``. Raises RuntimeError (with the log tail) if it
     does not start, or LookupError if the ``weed`` binary is not installed. The
-    caller stops it (``server.stop(kill=True)``).
+    caller stops it (``server.stop(kill=True)``). ``identities`` are extra S3
+    identities (SeaweedFS's ``-s3.config`` format: ``name``, ``credentials``,
+    ``actions`` such as ``"Read:bucket/prefix/*"``) beside the admin key the
+    server object uses.
     """
     binary = find_binary("weed")
     if binary is None:
@@ -389,6 +393,15 @@ def start_seaweedfs(root: Path) -> S3Server:
         ports["admin"] = free_port_pair(10000)
         endpoint = f"http://127.0.0.1:{ports['s3']}"
         argv = weed_mini_argv(binary, data_dir, ports)
+        if identities is not None:
+            admin = {
+                "name": "admin",
+                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+            config = data_dir / "s3-identities.json"
+            config.write_text(json.dumps({"identities": [admin, *identities]}))
+            argv.append(f"-s3.config={config}")
         process = ServerProcess("weed mini", argv, env, root / "weed.log", lambda: False)
         server = S3Server("seaweedfs", endpoint, process, data_dir=data_dir)
         process._ready = _S3Works(server)

@@ -260,6 +260,9 @@ def serve(
     worker_nice: Annotated[
         int | None, typer.Option(help="CPU niceness of tenant workers (their code yields to engines).")
     ] = None,
+    worker_python: Annotated[
+        str | None, typer.Option(help="Interpreter of tenant workers (one mapped users can run).")
+    ] = None,
 ) -> None:
     """Run the warm pool as a long-lived HTTP service (see docs/service.md)."""
     import logging
@@ -292,6 +295,7 @@ def serve(
                 "open_files": worker_open_files,
                 "processes": worker_processes,
                 "nice": worker_nice,
+                "python": worker_python,
             },
         )
     except ConfigError as exc:  # token file, substrate, store URL, ...: a message and code 2, no traceback

@@ -61,11 +61,13 @@ from typing import Any, Protocol
 
 from faas.service._api import Limits
 from faas.service._globus_auth import GlobusIntrospection
-from faas.service._tenant import Tenant, parse_grants, parse_scopes
+from faas.service._tenant import Tenant, parse_grants, parse_scopes, parse_store_credentials
 from runtime import AuthConfigError
 
 log = logging.getLogger("faas.service")
-_TENANT_KEYS = frozenset({"name", "tokens", "admin", "internals", "globus_identities", "models", "unix_user"})
+_TENANT_KEYS = frozenset(
+    {"name", "tokens", "admin", "internals", "globus_identities", "models", "unix_user", "store_credentials"}
+)
 
 _TOKEN_KEYS = frozenset({"token", "expires", "scopes"})
 
@@ -239,13 +241,20 @@ class TokenAuth:
                 )
             try:
                 grants = parse_grants(raw.get("models"), str(raw["name"]), str(path))
+                creds = parse_store_credentials(raw.get("store_credentials"), str(raw["name"]), str(path))
             except ValueError as exc:
                 raise AuthConfigError(str(exc)) from None
             unix_user = raw.get("unix_user")
             if unix_user is not None and (not isinstance(unix_user, str) or not unix_user):
                 raise AuthConfigError(f"Tenant {raw['name']!r} in {path} has a bad unix_user {unix_user!r}.")
             tenant = Tenant(
-                str(raw["name"]), limits, flags["admin"], flags["internals"], grants, unix_user=unix_user
+                str(raw["name"]),
+                limits,
+                flags["admin"],
+                flags["internals"],
+                grants,
+                unix_user=unix_user,
+                store_credentials=creds,
             )
             entries.extend(
                 (tenant, *_token_entry(item, tenant.name, path)) for item in raw.get("tokens") or []

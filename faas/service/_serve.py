@@ -82,6 +82,7 @@ def build_core(
     isolation = _tenant_workers(auth, config, tenant_workers, worker_limits or {})
     if isolation is not None:
         pool_options["tenant_workers"] = isolation
+        _private(tokens, Path(state))
     host_obj = TriggerHost() if triggers else None
     # The token budgets' "minute" window; only tests shorten it.
     minute = os.environ.get("FAAS_BUDGET_MINUTE_SECONDS", "").strip()
@@ -159,6 +160,24 @@ def serve(
     server.run(sockets=[sock])
 
 
+def _private(tokens: str | None, state: Path) -> None:
+    """Keep the token file and the state directory from the tenants' Unix users.
+
+    The state directory (index, audit log, OpenAI batches) is made 0700. A token file
+    that others may read is refused: a function running as a mapped user would read it.
+
+    Raises:
+        ServeConfigError: The token file is readable or writable by group or others.
+    """
+    state.mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o700)
+    if tokens and os.stat(tokens).st_mode & 0o077:
+        raise ServeConfigError(
+            f"The token file {tokens} is open to other users (mode {os.stat(tokens).st_mode & 0o777:o}); "
+            "with per-tenant workers, tenants' code must not read it: chmod 600 it."
+        )
+
+
 def _tenant_workers(
     auth: Authenticator, config: SubstrateConfig, count: int, limits: dict[str, Any]
 ) -> TenantWorkers | None:
@@ -168,18 +187,25 @@ def _tenant_workers(
         ServeConfigError: Per-tenant workers on a substrate other than the local pool.
         IdentityMappingError: A mapped Unix user does not exist, or the service is not root.
     """
-    mapped = any(t.unix_user for t in auth.tenants())
-    if not (count or mapped or any(v is not None for v in limits.values())):
+    mapped = any(t.unix_user or t.store_credentials for t in auth.tenants())
+    if not (count or mapped or any(v is not None for k, v in limits.items() if k != "python")):
         return None
     if config.kind != "local":
         raise ServeConfigError(
-            "Per-tenant workers, worker limits and unix_user run on the local substrate only; "
+            "Per-tenant workers, worker limits, unix_user and store_credentials run on the local "
+            "substrate only; "
             f"this service runs on {config.kind!r}."
         )
 
     def user_of(tenant: str) -> str | None:  # read when a tenant's workers start: token file changes apply
         return next((t.unix_user for t in auth.tenants() if t.name == tenant), None)
 
-    isolation = TenantWorkers(workers=max(1, count), user_of=user_of, **limits)
+    def env_for(tenant: str) -> dict[str, str]:  # the tenant's own store credentials, never the service's
+        found = next((t for t in auth.tenants() if t.name == tenant), None)
+        return found.store_env() if found is not None else {}
+
+    isolation = TenantWorkers(workers=max(1, count), user_of=user_of, env_for=env_for, **limits)
     isolation.check([t.name for t in auth.tenants()])
+    for tenant in auth.tenants():
+        tenant.store_env()  # a credential variable that is not set fails here, not at first use
     return isolation

@@ -16,14 +16,20 @@ worker before any engine request for a mode it may not use.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from faas.service._api import Limits
-from runtime import MODES, AuthError, ForbiddenError
+from runtime import MODES, AuthConfigError, AuthError, ForbiddenError
 
 SCOPES = frozenset({"read", "invoke", "internals", "admin"})
+_CREDENTIAL_VARS = {
+    "access_key_id_env": "AWS_ACCESS_KEY_ID",
+    "secret_access_key_env": "AWS_SECRET_ACCESS_KEY",
+    "session_token_env": "AWS_SESSION_TOKEN",
+}
 READ_ONLY_POSTS = frozenset({"/v1/watch"})
 """POST routes that only read (so a ``read`` token may use them)."""
 
@@ -48,6 +54,10 @@ class Tenant:
             tenant has); set by the authenticator, per request.
         unix_user: The Unix user the tenant's worker processes run as (identity
             mapping; ``faas serve`` must run as root). None: the service's own user.
+        store_credentials: Names of the service's environment variables holding the
+            tenant's own S3 key (``access_key_id_env``, ``secret_access_key_env``,
+            optionally ``session_token_env``): its workers get those, as
+            ``AWS_ACCESS_KEY_ID``/..., and none of the service's.
     """
 
     name: str
@@ -57,11 +67,28 @@ class Tenant:
     models: Mapping[str, frozenset[str]] | None = field(default=None, hash=False)
     token_scopes: frozenset[str] | None = None
     unix_user: str | None = None
+    store_credentials: Mapping[str, str] | None = field(default=None, hash=False)
 
     @property
     def prefix(self) -> str:
         """Where the tenant's objects live in the service's store."""
         return f"tenants/{self.name}"
+
+    def store_env(self) -> dict[str, str]:
+        """The tenant workers' S3 credentials, read from the service's environment now.
+
+        Raises:
+            AuthConfigError: A named variable is not set (the tenant's workers do not start).
+        """
+        out = {}
+        for key, var in (self.store_credentials or {}).items():
+            value = os.environ.get(var)
+            if not value:
+                raise AuthConfigError(
+                    f"Tenant {self.name!r}'s store credential ${var} is not set in the service."
+                )
+            out[_CREDENTIAL_VARS[key]] = value
+        return out
 
     def may(self, scope: str) -> bool:
         """Whether this request's token has ``scope`` (within what the tenant has)."""
@@ -129,6 +156,28 @@ def parse_grants(raw: object, tenant: str, where: str) -> dict[str, frozenset[st
             )
         out[str(model)] = frozenset(modes)
     return out
+
+
+def parse_store_credentials(raw: object, tenant: str, where: str) -> dict[str, str] | None:
+    """A tenant's ``store_credentials`` table: which service variables hold its S3 key.
+
+    Raises:
+        ValueError: Not a table naming both key variables (and nothing else).
+    """
+    if raw is None:
+        return None
+    if (
+        not isinstance(raw, Mapping)
+        or set(raw) - set(_CREDENTIAL_VARS)
+        or not {"access_key_id_env", "secret_access_key_env"} <= set(raw)
+        or not all(isinstance(v, str) and v for v in raw.values())
+    ):
+        raise ValueError(
+            f'Tenant {tenant!r} in {where}: store_credentials must be {{access_key_id_env = "VAR", '
+            'secret_access_key_env = "VAR"}} (optionally session_token_env): the names of the '
+            "service's environment variables holding the tenant's key, never the key itself."
+        )
+    return {str(k): str(v) for k, v in raw.items()}
 
 
 def parse_scopes(raw: object, tenant: str, where: str) -> frozenset[str] | None:

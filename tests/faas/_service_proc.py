@@ -76,6 +76,7 @@ class ServiceProc:
             lines += (tenant_toml or {}).get(tenant, [])
             lines += [f"weight = {weights[tenant]}"] if tenant in (weights or {}) else []
         self.tokens.write_text("\n".join(lines) + "\n" + extra_toml)
+        self.tokens.chmod(0o600)  # as an operator keeps it (refused otherwise with per-tenant workers)
         self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""

@@ -19,6 +19,7 @@ from tests.faas._service_proc import TOKENS
 def token_file(tmp_path: Path, extra: str = "") -> Path:
     path = tmp_path / "tokens.toml"
     path.write_text(f'[[tenants]]\nname = "alice-lab"\ntokens = ["alice-token-0123456789"]\n{extra}\n')
+    path.chmod(0o600)
     return path
 
 
@@ -79,3 +80,20 @@ def test_faas_serve_runs_each_tenant_in_its_own_workers(tmp_path: Path) -> None:
         finally:
             alice.shutdown()
             bob.shutdown()
+
+
+def test_a_token_file_others_may_read_is_refused_with_tenant_workers(tmp_path: Path) -> None:
+    path = token_file(tmp_path)
+    path.chmod(0o644)
+    with pytest.raises(ServeConfigError, match="chmod 600"):
+        build_core(
+            store=str(tmp_path / "store"), state_dir=tmp_path / "state", tokens=str(path), tenant_workers=1
+        )
+    path.chmod(0o600)
+    core = build_core(
+        store=str(tmp_path / "store"), state_dir=tmp_path / "state", tokens=str(path), tenant_workers=1
+    )
+    try:
+        assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700  # index, audit log: the service's alone
+    finally:
+        core.shutdown()

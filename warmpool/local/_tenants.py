@@ -58,6 +58,8 @@ class TenantWorkers(BaseModel):
         cpu_share: Give each tenant's workers and what they fork one CPU share
             together (a cgroup, where the pool may make one; see
             :mod:`warmpool.local._cgroup`), so forking more does not buy more CPU.
+        python: The interpreter tenant workers run (None: this process's); a mapped Unix
+            user must be able to run it and to read the project's packages.
         clean_env: Tenant workers start from a clean environment (no ``AWS_*``,
             ``FAAS_TOKENS`` or other credentials of the pool). None (the default):
             clean when the tenant has a Unix user or environment of its own.
@@ -78,6 +80,7 @@ class TenantWorkers(BaseModel):
     user_of: Callable[[str], str | None] | None = None
     env_for: Callable[[str], dict[str, str]] | None = None
     clean_env: bool | None = None
+    python: str | None = None
     cpu_share: bool = True
 
     @property
@@ -108,7 +111,7 @@ class TenantWorkers(BaseModel):
         limits = self.limits
         return WorkerLaunch(
             tenant=tenant, user=user, env=env, clean_env=clean,
-            limits=limits if limits.is_set else None, new_session=True,
+            limits=limits if limits.is_set else None, new_session=True, python=self.python,
         )  # fmt: skip
 
 

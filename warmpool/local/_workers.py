@@ -86,6 +86,8 @@ class WorkerLaunch:
             forks are killed with its worker (and when the worker idles).
         place: Called with each new worker's pid before it is sent anything (puts it
             in its tenant's cpu cgroup, see :mod:`warmpool.local._cgroup`).
+        python: The interpreter the workers run (None: ours). A mapped user must be able
+            to run it: one installed under a private home (pyenv under /root) is not.
     """
 
     tenant: str | None = None
@@ -95,6 +97,7 @@ class WorkerLaunch:
     limits: WorkerLimits | None = None
     new_session: bool = False
     place: Callable[[int], object] | None = None
+    python: str | None = None
 
 
 def resolve_user(name: str) -> pwd.struct_passwd:
@@ -324,7 +327,7 @@ class WorkerSet:
             }
         return subprocess.Popen(
             # -P: no current directory in front of sys.path; the worker gets ours.
-            [sys.executable, "-P", "-m", WORKER_MODULE, "--fd", str(child.fileno()),
+            [launch.python or sys.executable, "-P", "-m", WORKER_MODULE, "--fd", str(child.fileno()),
              "--parent-pid", str(os.getpid()), *nice],
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,  # a script read from stdin must stay the caller's
@@ -400,7 +403,8 @@ class WorkerSet:
                 how = f"was killed by signal {-code}"
             tail = "\n".join(worker.stderr_tail) or "(it wrote nothing to stderr)"
             self._start_error = WorkerStartError(
-                f"A worker process (pid {worker.pid}, `{sys.executable} -m {WORKER_MODULE}`) {how} "
+                f"A worker process (pid {worker.pid}, `{self.launch.python or sys.executable} -m "
+                f"{WORKER_MODULE}`) {how} "
                 f"before it was ready; no more workers are started. Its stderr ends:\n{tail}"
             )
             # Its stderr was relayed to ours already; the error carries the tail.
