@@ -317,16 +317,23 @@ def users() -> Iterator[dict[str, str]]:
         env = {"PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path), "PATH": "/usr/bin:/bin"}
         if "LD_LIBRARY_PATH" in os.environ:  # kept by the workers' clean environment too
             env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
-        try:
-            probe = subprocess.run(
-                [sys.executable, "-P", "-c", "import warmpool.local.worker"], user=entry.pw_uid,
-                group=entry.pw_gid, extra_groups=[], capture_output=True, cwd="/", env=env,
-            )  # fmt: skip
-            why = probe.stderr[-300:].decode(errors="replace") if probe.returncode else ""
-        except OSError as exc:
-            why = str(exc)
+        # Ours, or the system's of the same version: pyenv's under /root is private to root.
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        why = ""
+        for python in (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
+            try:
+                probe = subprocess.run(
+                    [python, "-P", "-c", "import warmpool.local.worker"], user=entry.pw_uid,
+                    group=entry.pw_gid, extra_groups=[], capture_output=True, cwd="/", env=env,
+                )  # fmt: skip
+                why = probe.stderr[-300:].decode(errors="replace") if probe.returncode else ""
+            except OSError as exc:
+                why = str(exc)
+            if not why:
+                names["python"] = python
+                break
         if why:
-            pytest.skip(f"a created user cannot run {sys.executable} with this project: {why}")
+            pytest.skip(f"a created user cannot run this project's Python: {why}")
         yield names
     finally:
         for name in made:
@@ -341,7 +348,10 @@ def test_f_fork_bomb_is_a_typed_error_as_the_tenants_user(users: dict[str, str],
     # The operator's part on a local store: the tenants' users may read it (the store
     # writes files 0600). Scoping store credentials per tenant is the next step.
     subprocess.run(["chmod", "-R", "a+rX", str(store.root)], check=True)
-    isolation = TenantWorkers(workers=1, threads=4, processes=48, nice=10, users=users, idle_timeout=30)
+    python = users.pop("python")
+    isolation = TenantWorkers(
+        workers=1, threads=4, processes=48, nice=10, users=users, idle_timeout=30, python=python
+    )
     os.environ["FAAS_TEST_SECRET"] = "service-credential"
     try:
         with Pool(store, workers=1, threads_per_worker=4, tenant_workers=isolation) as pool:
