@@ -112,7 +112,7 @@ from runtime._staging import (
     unstage_value,
 )
 from runtime._store import LocalStore, ObjectStore, new_id
-from runtime._store_factory import scoped_store, store_from_config, store_from_url
+from runtime._store_factory import scoped_config, scoped_store, store_from_config, store_from_url
 from runtime._wire import ErrorInfo, ErrorKind, Invocation, OutputTarget, Priority, Result
 
 __all__ = [
@@ -229,6 +229,7 @@ __all__ = [
     "parse_marker",
     "partial_sink",
     "restore_function",
+    "scoped_config",
     "scoped_store",
     "sha256_hex",
     "stage_args",

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import mmap
 import os
+import pwd
 import shutil
 import tempfile
 import uuid
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
-from runtime._errors import IntegrityError, ObjectExists, ObjectNotFound, StoreError
+from runtime._errors import IntegrityError, ObjectExists, ObjectNotFound, StoreConfigError, StoreError
 
 _MMAP_MIN = 1 << 20  # smaller buffers come from the heap
 
@@ -183,11 +184,38 @@ class LocalStore:
 
     Args:
         root: Directory holding the objects; created if missing.
+        owner: A Unix user who owns ``root`` and everything written under it (0700
+            directories, 0600 files): a tenant's part of the store when its workers run
+            as that user. Giving files away needs root; a process that is that user
+            already writes them as its own.
+
+    Raises:
+        StoreConfigError: ``owner`` does not exist, or files cannot be given to it.
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, owner: str | None = None) -> None:
         self.root = Path(root).expanduser().resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.owner = owner
+        self._ids = _owner_ids(owner)
+        self._mkdirs(self.root)
+        if self._ids is not None and self.root.stat().st_uid != self._ids[0]:
+            for path in [self.root, *self.root.rglob("*")]:  # first use as that user's: hand it over
+                os.chown(path, *self._ids, follow_symlinks=False)
+                if path.is_dir() and not path.is_symlink():
+                    path.chmod(0o700)
+
+    def _mkdirs(self, path: Path) -> None:
+        """Create ``path`` and missing parents; those under ``root`` go to the owner."""
+        missing = []
+        probe = path
+        while self._ids is not None and not probe.exists() and probe != probe.parent:
+            missing.append(probe)
+            probe = probe.parent
+        path.mkdir(parents=True, exist_ok=True)
+        for made in missing:
+            if made == self.root or self.root in made.parents:
+                os.chown(made, *self._ids)  # type: ignore[misc]
+                made.chmod(0o700)
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -207,10 +235,12 @@ class LocalStore:
 
     def _commit(self, key: str, write: Any, *, if_absent: bool) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._mkdirs(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
+                if self._ids is not None:
+                    os.fchown(f.fileno(), *self._ids)
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -320,7 +350,10 @@ class LocalStore:
 
     def config(self) -> dict[str, Any]:
         """The config that rebuilds this store."""
-        return {"kind": "file", "options": {"root": str(self.root)}}
+        options: dict[str, Any] = {"root": str(self.root)}
+        if self.owner is not None:
+            options["owner"] = self.owner
+        return {"kind": "file", "options": options}
 
     def url(self) -> str:
         """The ``file://`` URL of this store."""
@@ -329,7 +362,27 @@ class LocalStore:
     @classmethod
     def from_config(cls, options: dict[str, Any]) -> LocalStore:
         """Build a LocalStore from ``config()["options"]``."""
-        return cls(options["root"])
+        unknown = set(options) - {"root", "owner"}
+        if unknown:
+            raise ValueError(f"unknown file store options {sorted(unknown)}")
+        return cls(options["root"], owner=options.get("owner"))
+
+
+def _owner_ids(owner: str | None) -> tuple[int, int] | None:
+    """``(uid, gid)`` to give written files to; None when there is no owner or we are it."""
+    if owner is None:
+        return None
+    try:
+        entry = pwd.getpwnam(owner)
+    except KeyError:
+        raise StoreConfigError(f"The file store's owner {owner!r} is not a user on this machine.") from None
+    if os.geteuid() == entry.pw_uid:
+        return None
+    if os.geteuid() != 0:
+        raise StoreConfigError(
+            f"Only root can write a file store for user {owner!r}; this process runs as uid {os.geteuid()}."
+        )
+    return entry.pw_uid, entry.pw_gid
 
 
 def new_id() -> str:

@@ -73,7 +73,6 @@ from runtime import (
     SubmitError,
     error_info,
     new_id,
-    scoped_store,
 )
 from runtime import staging_threshold as parse_threshold
 from warmpool import Substrate, SubstrateConfig
@@ -221,7 +220,7 @@ class ServiceCore:
         with self._lock:
             ts = self._tenants.get(tenant.name)
             if ts is None:
-                store = scoped_store(self.store, tenant.prefix)
+                store = tenant.scoped(self.store)  # on a file store, owned by its unix_user
                 records = RecordStore(store)
                 registry = SharingRegistry(store, tenant.name, self.shares)
                 ts = TenantState(tenant, store, registry, records, RecordWriter(records))

@@ -22,7 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from faas.service._api import Limits
-from runtime import MODES, AuthConfigError, AuthError, ForbiddenError
+from runtime import (
+    MODES,
+    AuthConfigError,
+    AuthError,
+    ForbiddenError,
+    ObjectStore,
+    scoped_config,
+    store_from_config,
+)
 
 SCOPES = frozenset({"read", "invoke", "internals", "admin"})
 _CREDENTIAL_VARS = {
@@ -73,6 +81,18 @@ class Tenant:
     def prefix(self) -> str:
         """Where the tenant's objects live in the service's store."""
         return f"tenants/{self.name}"
+
+    def scoped(self, store: ObjectStore) -> ObjectStore:
+        """The tenant's part of the service's store (``tenants/<name>``).
+
+        On a file store with a ``unix_user``, that part belongs to the user (0700
+        directories, 0600 files), so its workers read and write it and no other
+        tenant's user can; on S3, ``store_credentials`` scope it.
+        """
+        config = scoped_config(store.config(), self.prefix)
+        if self.unix_user and config["kind"] == "file":
+            config["options"]["owner"] = self.unix_user
+        return store_from_config(config)
 
     def store_env(self) -> dict[str, str]:
         """The tenant workers' S3 credentials, read from the service's environment now.

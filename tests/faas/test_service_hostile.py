@@ -1,4 +1,4 @@
-"""The hostile-tenant suite, (a) and (b), through a real ``faas serve`` on SeaweedFS.
+"""The hostile-tenant suite, (a) and (b), through a real ``faas serve`` on SeaweedFS and on a file store.
 
 Tenant A's function tries to (a) read B's staged input and result through the store with
 whatever credentials its process can find, and (b) read the service's token file, index and
@@ -6,7 +6,8 @@ environment. The service runs as root (as in CI); each tenant's workers run as a
 test creates (``unix_user``), with the tenant's own S3 key (``store_credentials``), which
 SeaweedFS's per-identity permissions limit to ``tenants/<name>/`` of the bucket. The
 service's directory is traversable (0755), so what protects its files is their own modes:
-the token file 0600 (refused otherwise), the state directory 0700. (c)-(f) are in
+the token file 0600 (refused otherwise), the state directory 0700. On a file store, each
+tenant's part belongs to its user (0700 directories, 0600 files). (c)-(f) are in
 tests/warmpool/test_tenant_workers.py.
 """
 
@@ -78,6 +79,24 @@ def _hostile(endpoint: str, bucket: str, bobs_keys: list[str]) -> dict[str, Any]
                 attempt("list state", lambda state=state: os.listdir(state))
                 attempt("read environ", lambda pid=pid: read(f"/proc/{pid}/environ"))
                 attempt("read memory", lambda pid=pid: read(f"/proc/{pid}/mem", 1))
+    return found
+
+
+def _hostile_files(bobs_paths: list[str], bobs_dir: str) -> dict[str, Any]:
+    """A's function on a file store: B's files by path, B's directory, its own part of the store."""
+    from runtime import current_store
+
+    found: dict[str, Any] = {"whoami": os.getuid(), "own root": str(getattr(current_store(), "root", ""))}
+    for path in [*bobs_paths, bobs_dir]:
+        try:
+            if os.path.isdir(path):
+                found[path] = repr(os.listdir(path))[:100]
+            else:
+                with open(path, "rb") as f:
+                    found[path] = repr(f.read(64))
+        except OSError as exc:
+            found[path] = f"refused: {type(exc).__name__}"
+    current_store().put("probe", b"mine")  # control: its own part is writable
     return found
 
 
@@ -225,3 +244,45 @@ def _env(key: str, value: str) -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = old
+
+
+@pytest.fixture(scope="module")
+def file_service(users: dict[str, str]) -> Iterator[ServiceProc]:
+    python = _python_for(list(users.values()))
+    if python is None:
+        pytest.skip("the created users cannot run this project's Python (it lives in a private directory)")
+    root = Path(tempfile.mkdtemp(prefix="faas-hostile-file-"))
+    root.chmod(0o755)
+    extra = {tenant: [f'unix_user = "{users[tenant]}"'] for tenant in USERS}
+    with running_service(
+        root / "svc",
+        tenant_toml=extra,
+        serve_args=["--worker-python", python, "--staging-threshold", "64KiB"],
+    ) as svc:
+        svc.store.chmod(0o755)  # the store's root is traversable; each tenant's part is its user's alone
+        yield svc
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_on_a_file_store_each_tenants_part_is_its_users_alone(file_service: ServiceProc) -> None:
+    alice = faas.RemoteClient(file_service.url, token=TOKENS["alice"])
+    bob = faas.RemoteClient(file_service.url, token=TOKENS["bob"])
+    try:
+        secret = os.urandom(200_000)
+        keep = faas.function(name="keep", timeout=120)(_keep).with_client(bob)
+        assert keep.remote(secret) == secret[::-1]
+        bobs_dir = file_service.store / "tenants" / "bob"
+        bobs = [str(p) for p in bobs_dir.rglob("*") if p.is_file()]
+        assert len(bobs) >= 2 and bobs_dir.stat().st_uid == pwd.getpwnam(USERS["bob"]).pw_uid
+        assert all(os.stat(p).st_mode & 0o077 == 0 for p in bobs)  # 0600: the user's alone
+        hostile = faas.function(name="hostile", timeout=120)(_hostile_files).with_client(alice)
+        found = hostile.remote(bobs, str(bobs_dir))
+    finally:
+        alice.shutdown()
+        bob.shutdown()
+    print("what A's function found:", found)
+    assert found["whoami"] == pwd.getpwnam(USERS["alice"]).pw_uid
+    assert found["own root"] == str(file_service.store / "tenants" / "alice")
+    leaked = {k: v for k, v in found.items() if k.startswith("/") and not v.startswith("refused")}
+    assert not leaked, leaked
+    assert (file_service.store / "tenants" / "alice" / "probe").read_bytes() == b"mine"
