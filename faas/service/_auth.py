@@ -446,6 +446,12 @@ class ReloadingTokenAuth:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+def _policy(t: Tenant) -> tuple[Any, ...]:
+    models = sorted((m, sorted(v)) for m, v in t.models.items()) if t.models is not None else None
+    creds = sorted(t.store_credentials.items()) if t.store_credentials else None
+    return (t.admin, t.internals, t.limits, models, t.unix_user, creds)
+
+
 def _changes(old: TokenAuth, new: TokenAuth) -> list[tuple[str, dict[str, Any]]]:
     """What differs between two readings of a token file, as audit actions."""
     out: list[tuple[str, dict[str, Any]]] = []
@@ -461,8 +467,10 @@ def _changes(old: TokenAuth, new: TokenAuth) -> list[tuple[str, dict[str, Any]]]
         out.append(("tenants.removed", {"tenant": name}))
     for name in sorted(before.keys() & after.keys()):
         a, b = before[name], after[name]
-        if (a.admin, a.internals, a.limits) != (b.admin, b.internals, b.limits):
-            out.append(("tenants.changed", {"tenant": name, "admin": b.admin, "internals": b.internals}))
+        if _policy(a) != _policy(b):  # scopes, limits, grants, user, credential names
+            changed = {"admin": b.admin, "internals": b.internals, "unix_user": b.unix_user}
+            grants = {m: sorted(v) for m, v in b.models.items()} if b.models is not None else None
+            out.append(("tenants.changed", {"tenant": name, **changed, "models": grants}))
     tokens_before, tokens_after = set(old.entries()), set(new.entries())
     for tenant, digest, expires in sorted(tokens_after - tokens_before, key=str):
         out.append(("tokens.added", {"tenant": tenant, "token": digest, "expires": expires}))

@@ -134,3 +134,16 @@ def test_an_alias_move_the_service_resolves_is_audited(tmp_path: Path) -> None:
     [moved] = [e for e in read(log.path) if e["action"] == "model.alias"]
     assert moved["detail"] == {"model": "sci", "alias": "latest", "old": "1", "new": "2"}
     assert verify(log.path).ok
+
+
+def test_a_changed_grant_is_an_audited_tenant_change(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.toml"
+    entry = f'[[tenants]]\nname = "alice"\ntokens = ["{ALICE}"]\n'
+    path.write_text(entry + 'models = {"tiny-llama" = ["generate"]}\n')
+    auth = ReloadingTokenAuth(path, check_every=0.0)
+    changes: list[tuple[str, dict[str, object]]] = []
+    auth.listen(lambda action, detail: changes.append((action, detail)))
+    path.write_text(entry + 'models = {"tiny-llama" = ["generate", "logprobs"]}\n')
+    assert auth.refresh(force=True)
+    [(action, detail)] = changes
+    assert action == "tenants.changed" and detail["models"] == {"tiny-llama": ["generate", "logprobs"]}
