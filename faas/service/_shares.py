@@ -41,12 +41,18 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 _TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
+def _checked(name: str, grantee: str | None = None) -> None:
+    """Names from a URL path: anything that cannot be a function or tenant name is a 404."""
+    if not _NAME.fullmatch(name) or (grantee is not None and not _TENANT.fullmatch(grantee)):
+        raise NotFoundError(f"You have no function {name!r} shared with {grantee or 'anyone'}.", 404)
+
+
 def split_shared(ref: str) -> tuple[str, str] | None:
     """``("alice", "summarize@3")`` for ``"alice/summarize@3"``; None for a plain ref."""
     owner, sep, rest = ref.partition("/")
     if not sep:
         return None
-    if not _TENANT.match(owner) or not _NAME.match(rest.partition("@")[0]):
+    if not _TENANT.fullmatch(owner) or not _NAME.fullmatch(rest.partition("@")[0]):
         raise NotFoundError(f"No function {ref!r} is shared with you.", 404)
     return owner, rest
 
@@ -73,6 +79,7 @@ class Shares:
             NotFoundError: The owner has no such function.
             SubmitError: The grantee is not a tenant, or is the owner.
         """
+        _checked(name)
         if grantee == owner.name or grantee not in known:
             raise SubmitError(f"{grantee!r} is not another tenant of this service; nothing was shared.")
         try:
@@ -88,6 +95,7 @@ class Shares:
 
     def unshare(self, owner: Tenant, name: str, grantee: str) -> bool:
         """Stop sharing; returns whether there was a share. Invocations already accepted still run."""
+        _checked(name, grantee)
         found = self.store.exists(f"shares/{owner.name}/{name}/{grantee}.json")
         if found:
             self.store.delete(f"shares/{owner.name}/{name}/{grantee}.json")
@@ -97,6 +105,7 @@ class Shares:
 
     def grantees(self, owner: Tenant, name: str) -> list[str]:
         """Who ``owner``'s function ``name`` is shared with."""
+        _checked(name)
         prefix = f"shares/{owner.name}/{name}/"
         return sorted(k.removeprefix(prefix).removesuffix(".json") for k in self.store.list(prefix))
 
