@@ -38,7 +38,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (404, "No such invocation (or no provenance yet)"),
     )
 }
-_HTML = {200: {"content": {"text/html": {"schema": {"type": "string"}}}}}
+_HTML: dict[int | str, dict[str, Any]] = {200: {"content": {"text/html": {"schema": {"type": "string"}}}}}
 _templates = Environment(
     loader=FileSystemLoader(Path(__file__).parent / "templates"),
     autoescape=select_autoescape(["html"]),
@@ -58,7 +58,9 @@ def _admin(request: Request) -> Tenant:
         header = f"Bearer {cookie}"
     who = authorize(request.app.state.core.auth, header, "GET", request.url.path)
     if not who.may("admin"):
-        raise ForbiddenError(f"The dashboard is for operators: tenant {who.name!r}'s token lacks 'admin'.", 403)
+        raise ForbiddenError(
+            f"The dashboard is for operators: tenant {who.name!r}'s token lacks 'admin'.", 403
+        )
     return who
 
 

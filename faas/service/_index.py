@@ -59,6 +59,7 @@ CREATE INDEX IF NOT EXISTS usage_by_time ON usage (finished_at);
 
 _UsageRows = list[UsageRow]  # the class's own ``list`` method shadows the builtin in its body
 _Buckets = list[tuple[str, float, int]]
+_Recent = list[tuple["Row", UsageRow | None]]
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ class Index:
             cur = self._db.execute(query + " ORDER BY rowid DESC LIMIT ?", (*args, limit))
             return [Row(*r) for r in cur.fetchall()]
 
-    def recent(self, limit: int) -> list[tuple[Row, UsageRow | None]]:
+    def recent(self, limit: int) -> _Recent:
         """The newest ``limit`` invocations of every tenant, newest first, with their usage rows.
 
         Reads only those rows (newest ``rowid`` first, the table's own order), not the index's
