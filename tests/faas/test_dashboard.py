@@ -190,8 +190,6 @@ def test_the_page_goes_live_in_a_real_browser(service: ServiceProc, browser: Any
         wait_for(lambda: "succeeded" in browser.find_element(By.ID, "invocations").text, 10, "a result")
         DOCS_IMG.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(DOCS_IMG / "dashboard.png"))
-        section = browser.find_element(By.ID, "tenants")
-        section.screenshot(str(DOCS_IMG / "dashboard-tenants.png"))
     assert _severe(browser) == []
     logs = browser.find_element(By.CSS_SELECTOR, f'tr[data-invocation="{new}"] a')
     assert logs.get_attribute("href").endswith(f"/dashboard/invocations/{new}/logs")
