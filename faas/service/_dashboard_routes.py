@@ -93,7 +93,11 @@ def install_dashboard_routes(app: FastAPI, core: Any) -> None:
         tags=["dashboard"],
         status_code=303,
         response_class=RedirectResponse,
-        responses={**_ERRORS, 303: {"description": "Logged in: the cookie is set, on to /dashboard"}},
+        responses={
+            **_ERRORS,
+            303: {"description": "Logged in: the cookie is set, on to /dashboard"},
+            400: {"model": ErrorBody, "description": "Not a login form"},
+        },
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -111,8 +115,11 @@ def install_dashboard_routes(app: FastAPI, core: Any) -> None:
     )
     async def login(request: Request) -> Response:
         """Check an admin token from the form and keep it in the dashboard's cookie."""
-        form = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=4)
-        token = (form.get("token") or [""])[0].strip()
+        try:
+            form = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=8)
+        except ValueError as exc:  # too many fields
+            return JSONResponse({"error": {"type": "InvalidParameterError", "message": str(exc)}}, 400)
+        token = (form.get("token") or [""])[0].strip()[:4096]
         try:
             who = authorize(core.auth, f"Bearer {token}" if token else "", "GET", "/dashboard")
             if not who.may("admin"):
