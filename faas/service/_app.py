@@ -41,6 +41,7 @@ from faas.service._api import (
     WatchRequest,
 )
 from faas.service._core import Listener, ServiceCore
+from faas.service._dashboard_routes import install_dashboard_routes
 from faas.service._limits import check_batch_bytes, install_limits
 from faas.service._metrics import render_metrics
 from faas.service._openai_batch_routes import install_openai_batch_routes
@@ -358,6 +359,7 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
         return _trigger_host(core).bindings(who)
 
     install_openai_batch_routes(app, core, install_openai_routes(app, core))
+    install_dashboard_routes(app, core)
     return app
 
 

@@ -54,10 +54,12 @@ CREATE TABLE IF NOT EXISTS usage (
     row TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS usage_by_tenant ON usage (tenant, finished_at);
+CREATE INDEX IF NOT EXISTS usage_by_time ON usage (finished_at);
 """
 
 _UsageRows = list[UsageRow]  # the class's own ``list`` method shadows the builtin in its body
 _Buckets = list[tuple[str, float, int]]
+_Recent = list[tuple["Row", UsageRow | None]]
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,34 @@ class Index:
         with self._lock:
             cur = self._db.execute(query + " ORDER BY rowid DESC LIMIT ?", (*args, limit))
             return [Row(*r) for r in cur.fetchall()]
+
+    def recent(self, limit: int) -> _Recent:
+        """The newest ``limit`` invocations of every tenant, newest first, with their usage rows.
+
+        Reads only those rows (newest ``rowid`` first, the table's own order), not the index's
+        whole history; payloads and results are left out.
+        """
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT i.id, i.tenant, i.batch, i.function_name, i.function_digest, i.model, i.state, "
+                "i.submitted_at, i.finished_at, '', NULL, i.recorded, u.row FROM "
+                "(SELECT rowid AS rid, id, tenant, batch, function_name, function_digest, model, state, "
+                "submitted_at, finished_at, recorded FROM invocations ORDER BY rowid DESC LIMIT ?) AS i "
+                "LEFT JOIN usage AS u ON u.id = i.id ORDER BY i.rid DESC",
+                (limit,),
+            )
+            found = cur.fetchall()
+        return [(Row(*r[:12]), UsageRow.model_validate_json(r[12]) if r[12] else None) for r in found]
+
+    def usage_since(self, since: float) -> dict[str, tuple[int, int, float]]:
+        """Per tenant, since ``since``: finished invocations, tokens (prompt + completion), engine share."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT tenant, COUNT(*), SUM(prompt_tokens + completion_tokens), SUM(engine_share_seconds) "
+                "FROM usage WHERE finished_at >= ? GROUP BY tenant",
+                (since,),
+            )
+            return {t: (int(n), int(k or 0), float(e or 0.0)) for t, n, k, e in cur.fetchall()}
 
     def usage(
         self,

@@ -89,6 +89,12 @@ OPERATIONS = {
     "POST /v1/triggers",
     "GET /v1/triggers",
     "GET /v1/usage",
+    "GET /dashboard",
+    "GET /dashboard/login",
+    "POST /dashboard/login",
+    "GET /dashboard/panels/{panel}",
+    "GET /dashboard/invocations/{invocation_id}/logs",
+    "GET /dashboard/invocations/{invocation_id}/provenance",
 }
 
 
