@@ -19,6 +19,7 @@ invocations, default 1000; ``FAAS_CHAOS_SUBSTRATES`` the substrates, default
 from __future__ import annotations
 
 import collections
+import json
 import os
 import random
 import re
@@ -41,6 +42,7 @@ N = int(os.environ.get("FAAS_CHAOS_N", "1000"))
 SUBSTRATES = [s for s in os.environ.get("FAAS_CHAOS_SUBSTRATES", "local").split(",") if s]
 DEADLINE_S = 480.0  # the whole run, faults and drain; pytest's own timeout is above it
 WORKER_KILL_EVERY_S = 4.0
+RETRIES = 3
 LARGE = 100_000  # bytes; above the service's 64 KiB staging threshold, so staged by reference
 
 
@@ -99,6 +101,10 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _all_pids() -> list[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit()]
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -121,11 +127,13 @@ def _worker_pids(service: ServiceProc) -> list[int]:
         pids = []
     if pids or service.proc is None:
         return pids
-    engines = set(_engine_pids(service))
-    below = [p for p in _children(service.proc.pid) if p not in engines]
-    pool = [p for p in below if "process_worker_pool" in _cmdline(p)]
-    workers = [p for p in pool if _parent(p) in pool]  # a manager's forked workers, not the manager
-    return workers or pool
+    # Parsl's blocks may be reparented away from the service: find them by their run directory too.
+    roots = {service.proc.pid} | {p for p in _all_pids() if str(service.root) in _cmdline(p)}
+    below = {c for r in roots for c in _children(r)} | roots
+    managers = {p for p in below if "process_worker_pool" in _cmdline(p)}
+    return sorted(
+        p for p in below if _parent(p) in managers and "resource_tracker" not in _cmdline(p)
+    )  # a manager's workers (each runs invocations), not the manager
 
 
 def _engine_pids(service: ServiceProc, states: tuple[str, ...] = ("starting", "ready")) -> list[int]:
@@ -195,8 +203,9 @@ def test_chaos(substrate: str, seaweed: S3Server, tmp_path: Path, tiny_model_pat
     with aws_env(seaweed, tmp_path):  # the client stages large arguments with these credentials
         service.start(timeout=180)
         client = faas.RemoteClient(service.url, token=TOKENS["alice"], reconnect_deadline=5)
-        fn = faas.function(model="tiny-llama", retries=3, timeout=120, name="chaos")(_chaos)
+        fn = faas.function(model="tiny-llama", retries=RETRIES, timeout=120, name="chaos")(_chaos)
         ids: dict[int, str] = {}
+        first_futures: list[faas.Future[Any]] = []  # the first client's, to pace the fault schedule
         refused: dict[int, str] = {}  # refused at submit: a typed error, never accepted
         submitted_all = threading.Event()
         stop = threading.Event()
@@ -212,7 +221,9 @@ def test_chaos(substrate: str, seaweed: S3Server, tmp_path: Path, tiny_model_pat
                 if s3_down.is_set() and payload is large:
                     faults["staged_submit_during_s3_outage"] += 1
                 try:
-                    ids[i] = fn.with_client(client).submit(str(channel), i, payload).invocation_id
+                    future = fn.with_client(client).submit(str(channel), i, payload)
+                    ids[i] = future.invocation_id
+                    first_futures.append(future)
                 except FaasError as exc:
                     refused[i] = f"{type(exc).__name__}: {exc}"[:200]
             submitted_all.set()
@@ -230,7 +241,7 @@ def test_chaos(substrate: str, seaweed: S3Server, tmp_path: Path, tiny_model_pat
                             faults["worker_sigkill"] += 1
                     next_worker = now + WORKER_KILL_EVERY_S
                 if plan:
-                    done = len(channel.read_text().splitlines()) // 2
+                    done = sum(1 for f in list(first_futures) if f.done()) + len(refused)
                     step = plan[0]
                     if step == "engine" and done >= (N // 10 if faults["engine_sigkill"] == 0 else N // 2):
                         engines = _engine_pids(service, ("ready",))  # serving, not starting
@@ -241,6 +252,11 @@ def test_chaos(substrate: str, seaweed: S3Server, tmp_path: Path, tiny_model_pat
                         s3_down.set()
                         seaweed.stop(kill=True)  # mid-submission: staging of large arguments fails
                         stop.wait(2.0)  # the store stays down for a while (a fault schedule, not a sync)
+                        _wait(  # and until a staged argument was submitted into the outage (10 s at most)
+                            lambda: faults["staged_submit_during_s3_outage"] > 0 or submitted_all.is_set(),
+                            time.monotonic() + 10,
+                            stop,
+                        )
                         seaweed.start()
                         s3_down.clear()
                         faults["s3_restart"] += 1
@@ -289,16 +305,26 @@ def test_chaos(substrate: str, seaweed: S3Server, tmp_path: Path, tiny_model_pat
     # Committed results in the store: exactly one result.json per invocation.
     s3 = seaweed.client()
     results: collections.Counter[str] = collections.Counter()
+    result_keys: dict[str, str] = {}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="faas/"):
         for obj in page.get("Contents", []):
             match = re.search(r"invocations/([^/]+)/result[^/]*\.json$", obj["Key"])
             if match:
                 results[match.group(1)] += 1
+                result_keys[match.group(1)] = obj["Key"]
     starts: collections.Counter[int] = collections.Counter()
     ends: collections.Counter[int] = collections.Counter()
     for line in channel.read_text().splitlines():
         what, ident = line.split()[:2]
         (starts if what == "start" else ends)[int(ident)] += 1
+    # A typed failure of a lost worker or engine must come after the retry budget (attempt 0..retries).
+    early: dict[int, tuple[str, int]] = {}
+    for i in failed:
+        if i in ids and ids[i] in result_keys:
+            record = json.loads(s3.get_object(Bucket=bucket, Key=result_keys[ids[i]])["Body"].read())
+            kind, attempt = (record.get("error") or {}).get("kind", "?"), int(record.get("attempt", 0))
+            if kind in ("worker_lost", "engine_lost") and attempt < RETRIES:
+                early[i] = (kind, attempt)
     wrong = {i: v for i, v in completed.items() if v != i}
     submitted = N
     lost = submitted - len(completed) - len(failed)
@@ -317,9 +343,15 @@ def test_chaos(substrate: str, seaweed: S3Server, tmp_path: Path, tiny_model_pat
     )
     kinds = collections.Counter(v.split(":")[0] for v in failed.values())
     print(f"chaos: failed-terminal by kind={dict(kinds)}")
+    print(f"chaos: failed-terminal before the retry budget was spent={len(early)}")
+    orphans = set(results) - set(ids.values())  # committed for a submit the client saw refused
+    print(f"chaos: results committed for refused submits={len(orphans)}")
+    if refused:
+        print(f"chaos: refused at submit (first 3)={list(refused.items())[:3]}")
     if unresolved:
         print(f"chaos: unresolved (first 5)={list(unresolved.items())[:5]}")
     assert not wrong, list(wrong.items())[:5]
     assert not missing_record, missing_record[:5]
     assert lost == 0, list(unresolved.items())[:5]
     assert duplicated == 0, [k for k, n in results.items() if n > 1][:5]
+    assert not early, f"{len(early)} failed before their retries were spent: {list(early.items())[:5]}"
