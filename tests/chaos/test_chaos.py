@@ -343,6 +343,8 @@ def test_chaos(substrate: str, seaweed: S3Server, tmp_path: Path, tiny_model_pat
     )
     kinds = collections.Counter(v.split(":")[0] for v in failed.values())
     print(f"chaos: failed-terminal by kind={dict(kinds)}")
+    for kind in kinds:
+        print(f"chaos: e.g. {next(v for v in failed.values() if v.startswith(kind + ':'))}")
     print(f"chaos: failed-terminal before the retry budget was spent={len(early)}")
     orphans = set(results) - set(ids.values())  # committed for a submit the client saw refused
     print(f"chaos: results committed for refused submits={len(orphans)}")
