@@ -13,7 +13,10 @@ results for one invocation.
 
 Run: ``pytest -m slow tests/chaos -s`` (``FAAS_CHAOS_N`` sets the number of
 invocations, default 1000; ``FAAS_CHAOS_SUBSTRATES`` the substrates, default
-``local``; add ``globus-compute`` to run it there too).
+``local``; add ``globus-compute`` to run it there too). On globus-compute it fails
+today: an engine SIGKILL fails the invocations waiting on that model terminally
+(``engine_lost`` at attempt 1, retries unspent), and SIGKILLed Parsl workers leave
+invocations neither run nor failed.
 """
 
 from __future__ import annotations
