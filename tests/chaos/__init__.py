@@ -1,0 +1,1 @@
+"""Chaos tests: load through the service while processes are killed."""
