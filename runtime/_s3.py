@@ -107,7 +107,9 @@ class S3Store:
         multipart_chunksize: Part size in bytes (at least 5 MiB).
         max_concurrency: Threads per multipart upload or ranged read.
         range_size: Bytes per ranged GET when reading (8 MiB, as s3transfer).
-        retries: Retries after the first attempt, on transient failures only.
+        retries: Retries after the first attempt, on transient failures only. The
+            default rides out a store restart of about half a minute (the backoff
+            doubles to 10 s); ``retry_deadline`` bounds it.
         retry_deadline: Seconds after the first attempt past which no retry starts.
         page_size: Keys per ListObjectsV2 request (1 to 1000).
 
@@ -127,7 +129,7 @@ class S3Store:
         multipart_chunksize: int = 32 * MiB,
         max_concurrency: int = 8,
         range_size: int = 8 * MiB,
-        retries: int = 5,
+        retries: int = 10,
         retry_deadline: float = 60.0,
         page_size: int = 1000,
     ) -> None:

@@ -85,29 +85,6 @@ def _pool(url: str) -> dict[str, Any]:
     return dict(response.json())
 
 
-def _children(pid: int) -> list[int]:
-    """Process ids of ``pid``'s descendants, from /proc."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        kids = [p for p, pp in parents.items() if pp == parent]
-        found += kids
-        frontier += kids
-    return found
-
-
-def _all_pids() -> list[int]:
-    return [int(e) for e in os.listdir("/proc") if e.isdigit()]
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -122,21 +99,23 @@ def _parent(pid: int) -> int:
         return 0
 
 
-def _worker_pids(service: ServiceProc) -> list[int]:
-    """The local pool's workers (from /v1/pool), else the Parsl workers under the service (from /proc)."""
+def _worker_pids(service: ServiceProc, channel: Path) -> list[int]:
+    """The local pool's workers (from /v1/pool), else the Parsl workers that ran an invocation.
+
+    A Parsl worker pool's children include its task-tracking manager process as well as
+    its workers, and a block's wrapper carries the worker pool's command line: the
+    workers are told apart by the pids that wrote a start line to the side channel.
+    """
     try:
         pids = [int(w["pid"]) for w in _pool(service.url).get("workers", []) if w.get("pid")]
     except (httpx.HTTPError, ValueError):
         pids = []
     if pids or service.proc is None:
         return pids
-    # Parsl's blocks may be reparented away from the service: find them by their run directory too.
-    roots = {service.proc.pid} | {p for p in _all_pids() if str(service.root) in _cmdline(p)}
-    below = {c for r in roots for c in _children(r)} | roots
-    managers = {p for p in below if "process_worker_pool" in _cmdline(p)}
-    return sorted(
-        p for p in below if _parent(p) in managers and "resource_tracker" not in _cmdline(p)
-    )  # a manager's workers (each runs invocations), not the manager
+    lines = channel.read_text().splitlines()
+    ran = {int(line.split()[2].split("-")[0]) for line in lines if line.startswith("start ")}
+    pools = {p: _cmdline(_parent(p)) for p in ran}
+    return sorted(p for p, cmd in pools.items() if "process_worker_pool" in cmd and ".block" not in cmd)
 
 
 def _engine_pids(service: ServiceProc, states: tuple[str, ...] = ("starting", "ready")) -> list[int]:
@@ -239,7 +218,8 @@ def test_chaos(substrate: str, seaweed: S3Server, tmp_path: Path, tiny_model_pat
                 now = time.monotonic()
                 if now >= next_worker:
                     with service_lock:
-                        pids = _worker_pids(service) if service.proc and service.proc.poll() is None else []
+                        alive = service.proc is not None and service.proc.poll() is None
+                        pids = _worker_pids(service, channel) if alive else []
                         if pids and _kill(rng.choice(pids)):
                             faults["worker_sigkill"] += 1
                     next_worker = now + WORKER_KILL_EVERY_S
@@ -322,10 +302,12 @@ def test_chaos(substrate: str, seaweed: S3Server, tmp_path: Path, tiny_model_pat
         (starts if what == "start" else ends)[int(ident)] += 1
     # A typed failure of a lost worker or engine must come after the retry budget (attempt 0..retries).
     early: dict[int, tuple[str, int]] = {}
+    ends_of: collections.Counter[str] = collections.Counter()  # kind, attempt and starts of each failure
     for i in failed:
         if i in ids and ids[i] in result_keys:
             record = json.loads(s3.get_object(Bucket=bucket, Key=result_keys[ids[i]])["Body"].read())
             kind, attempt = (record.get("error") or {}).get("kind", "?"), int(record.get("attempt", 0))
+            ends_of[f"{kind}@attempt{attempt}/started{starts[i]}x"] += 1
             if kind in ("worker_lost", "engine_lost") and attempt < RETRIES:
                 early[i] = (kind, attempt)
     wrong = {i: v for i, v in completed.items() if v != i}
@@ -348,6 +330,7 @@ def test_chaos(substrate: str, seaweed: S3Server, tmp_path: Path, tiny_model_pat
     print(f"chaos: failed-terminal by kind={dict(kinds)}")
     for kind in kinds:
         print(f"chaos: e.g. {next(v for v in failed.values() if v.startswith(kind + ':'))}")
+    print(f"chaos: failed-terminal by kind, attempt and executions started={dict(ends_of)}")
     print(f"chaos: failed-terminal before the retry budget was spent={len(early)}")
     orphans = set(results) - set(ids.values())  # committed for a submit the client saw refused
     print(f"chaos: results committed for refused submits={len(orphans)}")

@@ -271,6 +271,27 @@ class ModelEngine:
             raise BlockTaskError(str(message.data).strip())
         return self.serde.deserialize(message.data)
 
+    def describe(self, queued: int, inflight: int, fairness: Any, metrics: Any) -> dict[str, Any]:
+        """The model's entry in the pool's status: its blocks, its load and its settings."""
+        spec = self.spec
+        assert spec is not None  # the engine of functions without a model is not described
+        settings = ("min_replicas", "max_replicas", "max_inflight", "max_queue", "idle_timeout")
+        return {
+            "model": spec.ref,
+            "substrate": "globus-compute",
+            "run_dir": str(self.run_dir),
+            "queue_depth": queued,
+            "inflight": inflight,
+            "fairness": fairness,
+            "replicas": [r.describe() for r in self.replicas()],
+            "metrics": metrics.describe(),
+            "settings": {k: getattr(spec, k) for k in settings} | {"workers_per_node": self.workers_per_node},
+        }
+
+    def serves(self, url: str) -> bool:
+        """Whether a block of this engine reports a ready engine at ``url``."""
+        return any(r.url == url and r.state is ReplicaState.READY for r in self.replicas())
+
     def replicas(self) -> list[Replica]:
         """The blocks' engines as replicas, refreshed from their status files."""
         if self.spec is None:
@@ -368,3 +389,22 @@ def _sync(replica: Replica) -> None:
     replica.engine_model_path = engine.get("model_path")
     if state is not ReplicaState.STARTING:
         replica.ready_event.set()
+
+
+def probe() -> Callable[[], str]:
+    """The task that answers its block's engine URL (submitting it makes the scaler start a block)."""
+    from warmpool.globus_compute.task import engine_url
+
+    return engine_url
+
+
+def import_path(factory: str | Callable[..., Any]) -> str:
+    """``module:function`` of an engine factory, which blocks import by name."""
+    if isinstance(factory, str):
+        return factory
+    module, name = getattr(factory, "__module__", ""), getattr(factory, "__qualname__", "")
+    if not module or not name or "<" in name:
+        raise ValueError(
+            f"The engine factory {factory!r} must be a module-level function (blocks import it by name)."
+        )
+    return f"{module}:{name}"

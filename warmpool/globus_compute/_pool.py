@@ -18,9 +18,9 @@ tenants, interactive before batch), not in the interchange's arrival order.
 - Cancellation is best effort: the invocation finishes as cancelled at once; a
   task already handed to the executor still runs, and its answer is dropped.
 - An invocation lost with its worker or block, or to an engine that died under
-  it, is sent again within its ``retries``, like the local pool does.
-- A block whose engine failed to start is a failed replica (with the engine's
-  log tail); invocations of that model still waiting fail at once with that error.
+  it, is sent again within its ``retries`` (after an engine death, once that
+  engine's block is seen down). A block whose engine failed to start is a failed
+  replica (with the log tail); that model's waiting invocations fail with its error.
 """
 
 from __future__ import annotations
@@ -56,12 +56,20 @@ from warmpool._fair import Fairness, FairQueue, engine_priority
 from warmpool._metrics import ModelMetrics
 from warmpool._replica import Replica, ReplicaState
 from warmpool._runner import Dispatch
-from warmpool.globus_compute._engine import BlockTaskError, ModelEngine, ProviderFactory, local_provider
+from warmpool.globus_compute._engine import (
+    BlockTaskError,
+    ModelEngine,
+    ProviderFactory,
+    import_path,
+    local_provider,
+    probe,
+)
 
 log = logging.getLogger("faas.pool")
 
 _NO_MODEL = "-"  # key of the engine that runs functions without a model
 _SENDING = object()  # GceWork.future between leaving the fair queue and the executor's answer
+_HOLD_MAX_S = 10.0  # longest an engine-lost retry waits for its dead engine's block to be seen down
 
 
 @dataclass(eq=False)
@@ -130,7 +138,7 @@ class GlobusComputePool:
         self._workers_per_node = workers_per_node
         self._workers = workers
         self._provider_factory = provider_factory
-        self._engine_factory = _import_path(engine_factory)
+        self._engine_factory = import_path(engine_factory)
         self._engine_kw: dict[str, Any] = {
             "address": address,
             "strategy_period": strategy_period,
@@ -152,6 +160,7 @@ class GlobusComputePool:
         self._book: Book[GceWork] = Book(self._lock, time.monotonic, self._metrics_of)
         self._works = self._book.works
         self._failed_seen: set[str] = set()
+        self._held: list[tuple[GceWork, str, float]] = []  # engine-lost retries: (work, dead URL, since)
         self._ready_seen: set[str] = set()
         self._closed = False
         self._started = False
@@ -281,7 +290,7 @@ class GlobusComputePool:
             return spec
         engine = self._engine(spec)
         if not any(r.live for r in engine.replicas()):
-            engine.submit(_probe())  # an outstanding task makes the scaler start a block
+            engine.submit(probe())  # an outstanding task makes the scaler start a block
         return warm[0]
 
     def engine_url(self, model: ModelSpec, timeout: float | None = None) -> str:
@@ -296,7 +305,7 @@ class GlobusComputePool:
         if ready:
             return str(ready[0].url)
         wait = timeout or model.startup_timeout + 60
-        future = engine.submit(_probe())  # the probe task runs in a block of this engine
+        future = engine.submit(probe())  # the probe task runs in a block of this engine
         try:
             return str(engine.unpack(future.result(timeout=wait)))
         except TimeoutError:
@@ -327,25 +336,11 @@ class GlobusComputePool:
             fairness = {ref: q.describe() for ref, q in self._queues.items()}
         models: dict[str, Any] = {}
         for ref, engine in engines.items():
-            spec = engine.spec
-            if spec is None:
-                continue
-            mine = [w for w in works if w.model is not None and w.model.ref == ref]
-            models[ref] = {
-                "model": ref,
-                "substrate": "globus-compute",
-                "run_dir": str(engine.run_dir),
-                "queue_depth": sum(1 for w in mine if w.future is None),  # waiting in the fair queue
-                "inflight": sum(1 for w in mine if w.future is not None),
-                "fairness": fairness.get(ref),
-                "replicas": [r.describe() for r in engine.replicas()],
-                "metrics": self._metrics[ref].describe(),
-                "settings": {
-                    k: getattr(spec, k)
-                    for k in ("min_replicas", "max_replicas", "max_inflight", "max_queue", "idle_timeout")
-                }
-                | {"workers_per_node": engine.workers_per_node},
-            }
+            if engine.spec is not None:
+                mine = [w for w in works if w.model is not None and w.model.ref == ref]
+                queued = sum(1 for w in mine if w.future is None)  # in the fair queue, or held
+                sent = len(mine) - queued
+                models[ref] = engine.describe(queued, sent, fairness.get(ref), self._metrics[ref])
         return {"pool": self.id, "substrate": "globus-compute", "time": time.time(), "counters": counters,
                 "models": models, "workers": []}  # fmt: skip
 
@@ -447,7 +442,8 @@ class GlobusComputePool:
 
     def _settle(self, work: GceWork, result: Result) -> None:
         """Under the lock, once a finish is certain: cold start, and the tenant's charge."""
-        _cold_start(work, result)
+        if work.cold and result.engine and result.cold_start_seconds is None:
+            result.cold_start_seconds = result.engine.get("cold_start_s")
         queue = self._queues.get(work.model.ref) if work.model is not None else None
         if queue is not None:
             queue.complete(work, result)
@@ -505,19 +501,27 @@ class GlobusComputePool:
             return
         error = result.error
         if error is not None and error.kind == "engine_lost" and error.type_name.endswith("EngineLost"):
-            self._lost(work, EngineLost(error.message), "engine_lost")
+            self._lost(work, EngineLost(error.message), "engine_lost", (result.engine or {}).get("url"))
             return
         self._book.finish(work, result, self._settle)
 
-    def _lost(self, work: GceWork, exc: Exception, kind: ErrorKind) -> None:
-        """Send an invocation lost through no fault of its own again, or fail it."""
+    def _lost(self, work: GceWork, exc: Exception, kind: ErrorKind, dead_url: str | None = None) -> None:
+        """Send an invocation lost through no fault of its own again, or fail it.
+
+        A retry after its engine died (``dead_url``) is held until that engine's block is
+        seen down: until then the block's idle workers would take it and fail it at once,
+        spending the whole retry budget in a second.
+        """
         with self._lock:
             if work.finished or self._closed:
                 return
             retry = self._book.retry(work)
             if retry and work.model is not None:
                 work.future = None
-                self._queue(work.model.ref).push(work, front=True)  # retries go first
+                if dead_url:
+                    self._held.append((work, dead_url, time.monotonic()))
+                else:
+                    self._queue(work.model.ref).push(work, front=True)  # retries go first
         if not retry:
             self._book.fail(work, exc, kind, self._settle)
         elif work.model is None:
@@ -534,6 +538,7 @@ class GlobusComputePool:
             try:
                 self._expire()
                 self._watch_blocks()
+                self._release_held()
                 self._pump_all()  # blocks that became ready have room for queued invocations
                 if (
                     self._status_interval is not None
@@ -549,6 +554,20 @@ class GlobusComputePool:
     def _expire(self) -> None:
         for work in self._book.due():
             self._book.expire(work, self._settle)
+
+    def _release_held(self) -> None:
+        """Queue the engine-lost retries whose dead engine no longer has a ready block."""
+        now = time.monotonic()
+        with self._lock:  # (held is empty but after an engine death: no block files read then)
+            held, self._held = self._held, []
+            for work, url, since in held:
+                engine = self._engines.get(work.model.ref) if work.model is not None else None
+                if work.finished or engine is None:
+                    continue
+                if engine.serves(url) and now - since < _HOLD_MAX_S:
+                    self._held.append((work, url, since))
+                else:
+                    self._queue(engine.spec.ref if engine.spec else _NO_MODEL).push(work, front=True)
 
     def _watch_blocks(self) -> None:
         with self._lock:
@@ -569,31 +588,12 @@ class GlobusComputePool:
                         self._failed_seen.add(name)
                         metrics.engine_failures += 1
                         newly_failed.append(r)
-            if newly_failed and not any(r.state is ReplicaState.READY for r in replicas):
-                error = EngineError(newly_failed[-1].error or f"The engine of {ref} failed to start.")
+            # An engine that died while serving (it was ready once) is replaced by a new block, and
+            # its lost tasks are retried; only one that failed to start fails the waiting ones.
+            start_failures = [r for r in newly_failed if r.ready_at is None]
+            if start_failures and not any(r.state is ReplicaState.READY for r in replicas):
+                error = EngineError(start_failures[-1].error or f"The engine of {ref} failed to start.")
                 with self._lock:
                     waiting = [w for w in self._works.values() if w.model is not None and w.model.ref == ref]
                 for work in waiting:  # nothing ready will serve them: fail rather than hang
                     self._book.fail(work, error, "engine_lost", self._settle)
-
-
-def _probe() -> Callable[[], str]:
-    from warmpool.globus_compute.task import engine_url
-
-    return engine_url
-
-
-def _import_path(factory: str | Callable[..., Any]) -> str:
-    if isinstance(factory, str):
-        return factory
-    module, name = getattr(factory, "__module__", ""), getattr(factory, "__qualname__", "")
-    if not module or not name or "<" in name:
-        raise ValueError(
-            f"The engine factory {factory!r} must be a module-level function (blocks import it by name)."
-        )
-    return f"{module}:{name}"
-
-
-def _cold_start(work: GceWork, result: Result) -> None:
-    if work.cold and result.engine and result.cold_start_seconds is None:
-        result.cold_start_seconds = result.engine.get("cold_start_s")
