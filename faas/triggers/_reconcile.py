@@ -133,6 +133,8 @@ class Reconciler:
                 run.pending[item.id] = item
                 run.counters["claimed_listing"] += 1
             else:  # claimed elsewhere (or the store failed): look again later
+                if won is False:  # another runner won it: a duplicate, as for a second notification
+                    run.counters["duplicates"] += 1
                 run.unclaimed[item.id] = item.event.event_time
                 run.foreign[item.id] = now + (b.lease_seconds / 2 if won is False else 0.0)
         return changed + len(fresh)
@@ -170,7 +172,7 @@ class Reconciler:
         if claim.state == "claimed" and self._holder_alive(run, claim.runner, now):
             run.foreign[id] = now + b.lease_seconds / 2
             return 0
-        item = Item(id, claim.event(), attempt=n + 1, failures=claim.failures)
+        item = Item(id, claim.event(), attempt=n + 1, failures=claim.failures, takeover=True)
         if claim.state == "failed":
             if claim.failures >= b.max_attempts:
                 self._committer.dead_letter(run, item, claim.error or {}, now)
@@ -178,6 +180,5 @@ class Reconciler:
                 return 1
             item.not_before = claim.updated_at + self._backoff(claim.failures)
         run.pending[id] = item
-        run.foreign.pop(id, None)
-        run.counters["recovered"] += 1
+        run.foreign.pop(id, None)  # "recovered" is counted once the takeover's claim is won (in _dispatch)
         return 1

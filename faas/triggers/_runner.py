@@ -269,7 +269,11 @@ class TriggerRunner(Reconciler):
             if won is not True:
                 del run.pending[item.id]
                 run.foreign[item.id] = now if isinstance(won, Exception) else now + b.lease_seconds / 2
-            elif item.retry_of:
+                continue
+            if item.takeover:  # counted here, not when found: of runners racing to take over, one wins
+                item.takeover = False
+                run.counters["recovered"] += 1
+            if item.retry_of:
                 with contextlib.suppress(StoreError):
                     run.state.delete_dead(item.retry_of)
                     run.state.delete_retry(item.retry_of)

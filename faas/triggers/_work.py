@@ -39,6 +39,7 @@ class Item:
     claimed: bool = False
     not_before: float = 0.0
     retry_of: str | None = None
+    takeover: bool = False  # the next attempt of a claim whose holder died, not yet claimed
     future: concurrent.futures.Future[Any] | None = None
     started: float = 0.0
     claimed_at: float = 0.0

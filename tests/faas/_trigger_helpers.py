@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,6 +16,7 @@ import faas
 from faas.triggers import ObjectEvent, SqsSource, TriggerRunner
 
 EXEC_LOG_ENV = "FAAS_TRIGGER_EXEC_LOG"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def log_execution(path: str | None, line: str) -> None:
@@ -47,6 +51,40 @@ def paced_shout(ref: faas.ObjectRef) -> bytes:
     data = ref.read_bytes()
     time.sleep(float(os.environ.get(PACE_ENV) or 0))  # the workload's duration, not synchronisation
     return data.upper()
+
+
+GATE_ENV = "FAAS_TRIGGER_GATE"
+TAG_ENV = "FAAS_TRIGGER_TAG"
+
+
+@faas.function(timeout=120)
+def gated_shout(ref: faas.ObjectRef) -> bytes:
+    """:func:`shout` that logs ``start <tag> <bucket>/<key>`` and ``end <tag> <bucket>/<key>``.
+
+    Between the two it waits until the file $FAAS_TRIGGER_GATE exists (when set),
+    so a test can kill its runner while the invocation is held between the two.
+    The tag is $FAAS_TRIGGER_TAG (which runner process ran it).
+    """
+    path, tag, where = os.environ.get(EXEC_LOG_ENV), os.environ.get(TAG_ENV, "-"), f"{ref.bucket}/{ref.key}"
+    log_execution(path, f"start {tag} {where}")
+    gate = os.environ.get(GATE_ENV)
+    deadline = time.monotonic() + 100.0
+    while gate and not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the gate {gate} never opened")
+        time.sleep(0.02)  # polling the gate, which the test opens (or never does)
+    data = ref.read_bytes()
+    log_execution(path, f"end {tag} {where}")
+    return data.upper()
+
+
+def phases(path: Path) -> list[tuple[str, str, str]]:
+    """The ``(phase, tag, bucket/key)`` lines that :func:`gated_shout` logged."""
+    out = []
+    for line in executions(path):
+        phase, tag, where = line.split(" ", 2)
+        out.append((phase, tag, where))
+    return out
 
 
 def executions(path: Path) -> list[str]:
@@ -117,3 +155,35 @@ class DropAndDuplicate:
 def count_keys(store: Any, prefix: str) -> int:
     """How many keys a store holds under ``prefix``."""
     return sum(1 for _ in store.list(prefix))
+
+
+def spawn_runner(
+    store_url: str, binding: str, env: dict[str, str], log: Path, *args: str
+) -> subprocess.Popen[bytes]:
+    """Start :mod:`tests.faas._trigger_child` (``args``: function name, runner id) in its own session."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.faas._trigger_child", store_url, binding, *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log.open("ab"), start_new_session=True,
+    )  # fmt: skip
+
+
+def await_ready(proc: subprocess.Popen[bytes], log: Path) -> subprocess.Popen[bytes]:
+    """Wait for a spawned runner's ``ready`` (its first pass is done)."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # blocks until the first pass is done (or the child dies)
+    assert line.strip() == b"ready", f"the runner did not start:\n{log.read_text()[-3000:]}"
+    return proc
+
+
+def start_runner(
+    store_url: str, binding: str, env: dict[str, str], log: Path, *args: str
+) -> subprocess.Popen[bytes]:
+    """:func:`spawn_runner`, then :func:`await_ready`."""
+    return await_ready(spawn_runner(store_url, binding, env, log, *args), log)
+
+
+def kill_group(proc: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGKILL) -> None:
+    """Signal a spawned runner and its pool's worker processes; reap it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)  # the runner and its pool's worker processes
+    proc.wait(timeout=30)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,28 +16,17 @@ from faas.triggers import TriggerState
 from runtime._s3 import S3Store
 from tests import _s3_servers
 from tests._s3_servers import S3Server
-from tests.faas._trigger_helpers import EXEC_LOG_ENV, executions, shout, wait_for
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.faas._trigger_helpers import (
+    EXEC_LOG_ENV,
+    ROOT,
+    executions,
+    kill_group,
+    shout,
+    start_runner,
+    wait_for,
+)
 
 seaweedfs_server = _s3_servers.seaweedfs_server  # the session fixture, under its name
-
-
-def start_runner(store_url: str, binding: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.faas._trigger_child", store_url, binding],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log.open("ab"), start_new_session=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # blocks until the first pass is done (or the child dies)
-    assert line.strip() == b"ready", f"the runner did not start:\n{log.read_text()[-3000:]}"
-    return proc
-
-
-def kill_group(proc: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGKILL) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)  # the runner and its pool's worker processes
-    proc.wait(timeout=30)
 
 
 @pytest.fixture
