@@ -42,17 +42,9 @@ import tenacity
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from runtime._errors import IntegrityError, ObjectExists, ObjectNotFound, StoreAuthError, StoreError
+from runtime._errors import IntegrityError, ObjectExists, StoreError
 from runtime._s3_download import VerifyingBody, fetch_buffer, fetch_bytes, fetch_into
-from runtime._s3_errors import (
-    _AUTH_CODES,
-    _CREDENTIAL_ERRORS,
-    _NOT_FOUND_CODES,
-    _PRECONDITION_CODES,
-    _code,
-    _status,
-    is_transient,
-)
+from runtime._s3_errors import _NOT_FOUND_CODES, _PRECONDITION_CODES, _code, _status, is_transient, translate
 from runtime._s3_upload import upload_hashing
 from runtime._store import _check_key
 
@@ -244,33 +236,7 @@ class S3Store:
     # -- errors and retries -------------------------------------------------------
 
     def _translate(self, exc: Exception, action: str, key: str | None, tries: int) -> StoreError:
-        where = self._where(key)
-        after = f" (gave up after {tries} attempts)" if tries > 1 else ""
-        if isinstance(exc, bce.ClientError):
-            code, status = _code(exc), _status(exc)
-            detail = exc.response.get("Error", {}).get("Message") or "no message"
-            if code == "NoSuchBucket":
-                return StoreError(f"Cannot {action} {where}: the bucket {self.bucket!r} does not exist.")
-            if code in _NOT_FOUND_CODES and key is not None:
-                return ObjectNotFound(f"No object under {where}.")
-            if status == 403 or code in _AUTH_CODES:
-                return StoreAuthError(
-                    f"Access denied to {action} {where}: {code or status} ({detail}). Check the "
-                    "credentials in boto3's standard chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                    "AWS_PROFILE, ...) and the bucket policy."
-                )
-            if code == "NotImplemented":
-                return StoreError(
-                    f"The S3 endpoint {self.endpoint} does not implement what it takes to {action} "
-                    f"{where} ({detail}); commit-once writes need If-None-Match support."
-                )
-            return StoreError(f"Failed to {action} {where}: S3 answered {status} {code} ({detail}){after}.")
-        if isinstance(exc, _CREDENTIAL_ERRORS):
-            return StoreAuthError(
-                f"No usable credentials to {action} {where}: {exc}. Provide them through boto3's "
-                "standard chain (environment, ~/.aws, or an instance role)."
-            )
-        return StoreError(f"Failed to {action} {where}: {type(exc).__name__}: {exc}{after}.")
+        return translate(exc, action, self._where(key), key is not None, tries, self.endpoint, self.bucket)
 
     def _run(self, action: str, key: str | None, fn: Callable[[], T]) -> T:
         opts = self._options
@@ -298,7 +264,9 @@ class S3Store:
 
     # -- writes -------------------------------------------------------------------
 
-    def _write(self, key: str, send: Callable[[], None], digest: str, if_absent: bool, big: bool) -> None:
+    def _write(
+        self, key: str, send: Callable[[], None], digest: str, if_absent: bool, big: bool, size: int
+    ) -> None:
         attempts = 0
 
         def attempt() -> None:
@@ -307,29 +275,36 @@ class S3Store:
             try:
                 # Before a big commit-once upload, look first rather than send every part
                 # to be refused at the end; the conditional complete still decides.
-                if not (if_absent and big and self._head_digest(key) is not None):
+                if not (if_absent and big and self._head(key) is not None):
                     send()
                     return
             except bce.ClientError as exc:
                 if not (if_absent and _code(exc) in _PRECONDITION_CODES):
                     raise
             # A retry may find the object that its own earlier attempt committed.
-            if attempts > 1 and self._head_digest(key) == digest:
-                return
+            found = self._head(key) if attempts > 1 else None
+            if found is not None and found[0] == digest:
+                if found[1] == size:
+                    return
+                # Our own digest over other bytes: the server kept a torn write of our earlier
+                # attempt (seen on SeaweedFS SIGKILLed mid-PUT). Replace it with the whole object.
+                self._client.delete_object(Bucket=self.bucket, Key=self._full(key))
+                raise bce.ConnectionClosedError(endpoint_url=f"{self.endpoint} (torn object {key} removed)")
             raise ObjectExists(
                 f"An object already exists under {self._where(key)}; the commit-once write was refused."
             )
 
         self._run("write", key, attempt)
 
-    def _head_digest(self, key: str) -> str | None:
+    def _head(self, key: str) -> tuple[str, int] | None:
+        """The recorded sha256 and the size of the object under ``key``, or None if there is none."""
         try:
             head = self._client.head_object(Bucket=self.bucket, Key=self._full(key))
         except bce.ClientError as exc:
             if _code(exc) in _NOT_FOUND_CODES:
                 return None
             raise
-        return str(head.get("Metadata", {}).get(SHA256_META, ""))
+        return str(head.get("Metadata", {}).get(SHA256_META, "")), int(head.get("ContentLength", -1))
 
     def _upload(self, full: str, src: BinaryIO, start: int, digest: str, if_absent: bool) -> None:
         src.seek(start)
@@ -356,13 +331,15 @@ class S3Store:
         if len(data) >= self._options["multipart_threshold"]:
             buf = io.BytesIO(data)
             send = functools.partial(self._upload, full, buf, 0, digest, if_absent)
-            self._write(key, send, digest, if_absent, big=True)
+            self._write(key, send, digest, if_absent, big=True, size=len(data))
             return
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": full, "Body": data}
         args["Metadata"] = {SHA256_META: digest}
         if if_absent:
             args["IfNoneMatch"] = "*"
-        self._write(key, lambda: self._client.put_object(**args), digest, if_absent, big=False)
+        self._write(
+            key, lambda: self._client.put_object(**args), digest, if_absent, big=False, size=len(data)
+        )
 
     def put_file(
         self, key: str, fileobj: BinaryIO, *, if_absent: bool = False, sha256: str | None = None
@@ -401,7 +378,7 @@ class S3Store:
             digest = sha256.lower() if sha256 else hasher.hexdigest()
             big = size >= self._options["multipart_threshold"]
             send = functools.partial(self._upload, full, src, start, digest, if_absent)
-            self._write(key, send, digest, if_absent, big=big)
+            self._write(key, send, digest, if_absent, big=big, size=size)
 
     @property
     def stream_threshold(self) -> int:
@@ -514,7 +491,7 @@ class S3Store:
 
         A missing bucket reads as False too: S3 answers HEAD with a bare 404.
         """
-        return self._run("check", key, lambda: self._head_digest(key) is not None)
+        return self._run("check", key, lambda: self._head(key) is not None)
 
     def delete(self, key: str) -> None:
         """Delete ``key``; deleting a missing key is not an error."""

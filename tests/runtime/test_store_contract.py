@@ -464,6 +464,30 @@ def test_if_absent_retry_recognises_its_own_commit(
     assert store.get("k") == b"mine"
 
 
+def test_if_absent_retry_replaces_a_torn_object_of_its_own(
+    moto_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A server killed mid-PUT kept our digest over no bytes: the retry replaces it, whole."""
+    use_credentials(monkeypatch, tmp_path, moto_server)
+    store = s3_store(moto_server, moto_server.new_bucket("torn"), "p", retries=3)
+    raw = moto_server.client()
+    calls: list[str] = []
+
+    def tear_first_write(request: Any, **_: Any) -> AWSResponse | None:
+        calls.append(request.url)
+        if len(calls) > 1:
+            return None
+        raw.put_object(Bucket=store.bucket, Key="p/k", Body=b"", Metadata={"sha256": sha(b"mine")})
+        return AWSResponse(request.url, 503, {}, _Body(b"<Error><Code>SlowDown</Code></Error>"))
+
+    store.client.meta.events.register("before-send.s3.PutObject", tear_first_write)
+    store.put("k", b"mine", if_absent=True)
+    assert len(calls) == 3  # torn, refused (412: it exists, torn; removed), whole
+    assert store.get("k") == b"mine"
+    with pytest.raises(ObjectExists):  # still commit-once: a second writer is refused
+        store.put("k", b"other", if_absent=True)
+
+
 def test_if_absent_multipart_race_is_refused_by_the_server(s3: S3Store) -> None:
     """The look-before-upload check misses a racing writer; the conditional complete still refuses."""
     store = S3Store.from_config(
