@@ -40,6 +40,9 @@ the engine's log tail), which the pool reads to report replicas.
   the engines, record ``stopped``.
 - The worker pool exits, or an engine dies: stop the rest, record it, exit;
   the executor's scaler starts a new block when work is waiting.
+- A worker pool process dies while not running a task: restart the worker
+  pool, keeping the engine (an idle worker's death wedges HTEX's task queue;
+  see :mod:`warmpool.globus_compute._workers`).
 - ``--parent-pid P`` (the in-process pool on this host): when P is gone the
   block stops as on scale-in, so a SIGKILLed pool leaves no engine behind.
 - The engine fails to start: record ``failed`` with its log tail and still run
@@ -71,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from warmpool._procs import descendants, pid_alive
+from warmpool.globus_compute._workers import BUSY_DIR_ENV, WorkerWatch
 
 ENGINE_URL_ENV = "FAAS_ENGINE_URL"
 ENGINE_URLS_ENV = "FAAS_ENGINE_URLS"
@@ -491,15 +495,30 @@ def _run_pool(
     stop: threading.Event,
     args: argparse.Namespace,
 ) -> int:
+    busy_dir = block_dir / "busy"
+    busy_dir.mkdir(exist_ok=True)
+    env = {**env, BUSY_DIR_ENV: str(busy_dir)}
     # Same process group as this wrapper: the provider's group kill reaches both.
     child = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
-    status["worker_pool_pid"] = child.pid
+    status.update(worker_pool_pid=child.pid, worker_pool_restarts=0)
     _write_status(block_dir, status)
     failed_at = time.monotonic() if status["state"] == "failed" else None
+    watch = WorkerWatch(child.pid, busy_dir)
     try:
         while not stop.wait(0.25):  # a watch loop: the child, the engines and the clock
             if child.poll() is not None:
                 break
+            if idle := watch.idle_deaths():  # a wedged worker pool (see _workers): a new one
+                print(
+                    f"Worker pool process(es) {idle} died idle; restarting the worker pool.", file=sys.stderr
+                )
+                _stop_tree(child)
+                child = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+                status.update(
+                    worker_pool_pid=child.pid, worker_pool_restarts=status["worker_pool_restarts"] + 1
+                )
+                _write_status(block_dir, status)
+                watch = WorkerWatch(child.pid, busy_dir)
             dead = [e for e in engines if not e.alive()] if status["state"] == "ready" else []
             if dead:
                 tail = dead[0].log_tail(40)

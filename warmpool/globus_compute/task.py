@@ -23,6 +23,7 @@ from typing import Any
 
 from runtime import EngineError
 from warmpool._runner import Dispatch, Runner
+from warmpool.globus_compute._workers import busy
 from warmpool.globus_compute.block import ENGINE_ERROR_ENV, ENGINE_INFO_ENV, ENGINE_URL_ENV, ENGINE_URLS_ENV
 
 _runner = Runner()  # one per worker process: caches stores, registries and model handles
@@ -86,7 +87,8 @@ def run_invocation(dispatch_json: str) -> str:
             f"This Globus Compute block has no engine for {dispatch.model_name}: "
             f"{ENGINE_URL_ENV} is not set (the block was not started by warmpool.globus_compute.block)."
         )
-    result = _runner.run(dispatch, engine_error=error)
+    with busy():  # a worker that dies now is not wedging its pool (see _workers)
+        result = _runner.run(dispatch, engine_error=error)
     if dispatch.model_name and result.engine is None:
         result.engine = _engine_info(url, group)
     return result.model_dump_json()
