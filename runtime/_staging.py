@@ -35,6 +35,8 @@ Two layouts, both committed once under the content address ``staging/<sha256>``:
 Encodings of a staged object:
 
 - ``bytes``: a ``bytes`` value, stored as is (no pickling, no copy either way);
+- ``bytearray``: a ``bytearray`` value, stored as is and read back into a new
+  ``bytearray`` (pickle would copy it into the stream: two copies in memory);
 - ``pickle``: a pickle (protocol 5) stream, preceded by its out-of-band buffers
   (each at an offset that is a multiple of 64, zero-padded), whose sizes the
   reference lists. NumPy arrays (and anything else that hands pickle a
@@ -80,8 +82,8 @@ class StagedRef(BaseModel):
             for a streamed upload).
         size: Size of the object in bytes.
         sha256: Hex sha256 of the object's bytes (its content address).
-        encoding: ``bytes`` (the object is the value) or ``pickle`` (out-of-band
-            buffers, then a pickle stream).
+        encoding: ``bytes`` or ``bytearray`` (the object is the value's bytes) or
+            ``pickle`` (out-of-band buffers, then a pickle stream).
         buffers: Sizes of the out-of-band buffers at the start of a ``pickle``
             object; each starts at the next multiple of 64 bytes.
         python: ``major.minor`` of the Python that pickled it.
@@ -93,7 +95,7 @@ class StagedRef(BaseModel):
     key: str
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    encoding: Literal["bytes", "pickle"] = "pickle"
+    encoding: Literal["bytes", "bytearray", "pickle"] = "pickle"
     buffers: tuple[int, ...] = ()
     python: str = _PY
     what: str = "value"
@@ -222,7 +224,8 @@ def stage_object(store: ObjectStore, obj: Any, *, what: str = "value") -> Staged
 
     Args:
         store: Where to write it.
-        obj: Any cloudpickle-able value; ``bytes`` are stored as they are.
+        obj: Any cloudpickle-able value; ``bytes`` and ``bytearray`` are stored as they
+            are, from their own memory (never copied into a pickle stream).
         what: Describes the value in error messages.
 
     Raises:
@@ -232,6 +235,8 @@ def stage_object(store: ObjectStore, obj: Any, *, what: str = "value") -> Staged
     sizes: tuple[int, ...] = ()
     if type(obj) is bytes:
         pieces, encoding = [memoryview(obj)], "bytes"
+    elif type(obj) is bytearray:
+        pieces, encoding = [memoryview(obj)], "bytearray"
     else:
         pieces, sizes = pickle_pieces(obj, what)
         encoding = "pickle"
@@ -337,7 +342,7 @@ def load_staged(store: ObjectStore, ref: StagedRef, *, out: Any = None) -> Any:
         store: Where it is staged.
         ref: Its reference.
         out: A writable, C-contiguous buffer (a NumPy array, a bytearray, ...)
-            to receive the value's bytes directly: as many bytes as a ``bytes``
+            to receive the value's bytes directly: as many bytes as a ``bytes`` or ``bytearray``
             value, or as the first out-of-band buffer of a pickled one (a NumPy
             array's data). The value is rebuilt on ``out``'s memory (for an
             array of the same dtype and shape: a view of ``out``) and returned.
@@ -352,6 +357,8 @@ def load_staged(store: ObjectStore, ref: StagedRef, *, out: Any = None) -> Any:
     """
     if out is not None:
         return _load_into(store, ref, out)
+    if ref.encoding == "bytearray":
+        return _load_into(store, ref, bytearray(ref.size))  # straight into the value: one copy in memory
     if ref.encoding == "bytes":
         data = store.get(ref.key, sha256=ref.sha256)
         _check_size(ref, len(data))
@@ -377,7 +384,7 @@ def _load_into(store: ObjectStore, ref: StagedRef, out: Any) -> Any:
         ) from None
     if view.readonly:
         raise ValueError(f"out= must be writable; this {type(out).__name__} is read-only.")
-    if ref.encoding == "bytes":
+    if ref.encoding in ("bytes", "bytearray"):
         want = ref.size
     elif ref.buffers:
         want = ref.buffers[0]

@@ -87,6 +87,18 @@ def test_large_values_are_staged_content_addressed(store: CountingStore) -> None
     assert store.writes == [ref.key]  # staged twice, written once
 
 
+def test_bytearrays_are_staged_as_they_are_and_come_back_as_bytearrays(store: CountingStore) -> None:
+    value = bytearray(os.urandom(2 * MiB))
+    ref = parse_marker(stage_value(store, value, MiB))
+    assert ref.encoding == "bytearray" and ref.size == len(value) and ref.buffers == ()
+    assert store.get(ref.key) == value  # the object is the bytes themselves (pickle would copy them)
+    back = unstage_value(store, stage_value(store, value, MiB))
+    assert type(back) is bytearray and back == value
+    into = bytearray(len(value))
+    assert Ref(ref).load(store, out=into) is into and into == value
+    assert stage_object(store, value).key == stage_object(store, bytes(value)).key  # same content, once
+
+
 def test_threshold_is_strictly_above(store: CountingStore) -> None:
     blob = dumps(b"x" * 1000)
     assert not is_marker(stage_value(store, b"x" * 1000, len(blob)))

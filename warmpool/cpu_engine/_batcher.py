@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from warmpool.cpu_engine._fields import check_prompt_chars, longest_token
 from warmpool.cpu_engine._hooks import Hooks, make_probe
 from warmpool.cpu_engine._lora import Loras
 from warmpool.cpu_engine._requests import EmbedOutput, EmbedRequest, GenOutput, GenRequest
@@ -112,7 +113,7 @@ class Batcher:
         self.model = model
         # Line-buffered: every finished request is on disk even if the engine is killed next.
         self._request_log = open(request_log, "a", buffering=1) if request_log else None  # noqa: SIM115
-        self.tokenizer = tokenizer
+        self.tokenizer, self.token_chars = tokenizer, longest_token(tokenizer)  # (see check_prompt_chars)
         self.device = device
         self.max_batch_size = max_batch_size
         self.threads = threads
@@ -147,8 +148,7 @@ class Batcher:
             self.use_kv_cache = probe_kv_cache(self._run, self.pad_id, device)
         self._stats = {"requests_total": 0, "steps": 0, "rows_stepped": 0, "max_seen": 0}
         self._stats["tokens_generated"] = 0
-        # Exact usage counters of counted (non-health-check) requests, charged when each finishes,
-        # and the scheduler's busy time (every forward step and embedding group, timed).
+        # Usage of counted (non-health-check) requests, charged as each ends; busy: every step, timed.
         self._usage = {"prompt_tokens_total": 0, "generation_tokens_total": 0}
         self._busy = 0.0
 
@@ -169,7 +169,8 @@ class Batcher:
             self._thread.join(timeout)
 
     def encode(self, text: str) -> list[int]:
-        """Tokenize a prompt the way SGLang does (special tokens such as BOS added)."""
+        """Tokenize a prompt as SGLang does (BOS added); RequestError if it cannot fit the context."""
+        check_prompt_chars(len(text), self.context_len, self.token_chars)
         with self.tok_lock:
             ids: list[int] = self.tokenizer(text)["input_ids"]
         return ids

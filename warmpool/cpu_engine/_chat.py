@@ -104,6 +104,18 @@ class ChatSpec:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
+def message_chars(messages: list[dict[str, Any]]) -> int:
+    """The characters of the messages' text (string contents and text parts), before templating."""
+    total = 0
+    for m in messages:
+        content = m.get("content")
+        parts = content if isinstance(content, list) else [content]
+        for part in parts:
+            text = part.get("text") if isinstance(part, dict) else part
+            total += len(text) if isinstance(text, str) else 0
+    return total
+
+
 def render_messages(tokenizer: Any, lock: threading.Lock, messages: list[dict[str, Any]]) -> list[int]:
     """Apply the tokenizer's chat template (generation prompt added) and return token ids.
 

@@ -37,6 +37,47 @@ class UnsupportedError(RequestError):
     """
 
 
+def longest_token(tokenizer: Any) -> int:
+    """An upper bound on the characters one token of ``tokenizer`` stands for (its longest vocabulary entry).
+
+    Byte-level BPE spells each byte as one character and SentencePiece a space as
+    ``▁``, so no token decodes to more characters than its vocabulary entry has.
+    """
+    return max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
+
+
+def check_prompt_tokens(tokens: int, context_len: int) -> None:
+    """Refuse a prompt of ``tokens`` tokens that is longer than the context, as SGLang words it.
+
+    Checked before the output length, so the error names the prompt (not a
+    ``max_new_tokens`` range of 0 to 0).
+
+    Raises:
+        RequestError: The prompt is longer than the context.
+    """
+    if tokens > context_len:
+        raise RequestError(
+            f"the input ({tokens} tokens) is longer than the model's context length ({context_len} tokens)"
+        )
+
+
+def check_prompt_chars(chars: int, context_len: int, token_chars: int) -> None:
+    """Refuse, before tokenizing, a prompt of ``chars`` characters that cannot fit in the context.
+
+    Tokenizing costs time and memory in proportion to the text (a 200 MB prompt
+    took the engine down); a prompt of more than ``context_len * token_chars``
+    characters has more than ``context_len`` tokens whatever they are.
+
+    Raises:
+        RequestError: The prompt is longer than any prompt that fits.
+    """
+    if chars > context_len * token_chars:
+        raise RequestError(
+            f"the input ({chars} characters, so more than {context_len} tokens) is longer than the "
+            f"model's context length ({context_len} tokens)"
+        )
+
+
 _OFF: Any = None  # the default of most optional SGLang fields
 
 # ---- /generate -----------------------------------------------------------------------------

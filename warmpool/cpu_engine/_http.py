@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from warmpool.cpu_engine import _chat as chat
 from warmpool.cpu_engine import _openai as oa
+from warmpool.cpu_engine._fields import check_prompt_chars
 from warmpool.cpu_engine._requests import (
     EmbedOutput,
     EmbedRequest,
@@ -305,6 +306,7 @@ async def chat_completions(engine: Engine, batcher: Batcher, request: Request) -
         body = await _body(request)
 
         def render(messages: list[dict[str, Any]]) -> list[int]:
+            check_prompt_chars(chat.message_chars(messages), engine.context_len, batcher.token_chars)
             return chat.render_messages(batcher.tokenizer, batcher.tok_lock, messages)
 
         spec = chat.parse_chat(body, render, vocab_size=engine.vocab_size, context_len=engine.context_len)

@@ -32,6 +32,7 @@ from warmpool.cpu_engine._fields import (
     STREAM_OPTIONS_PARSED,
     STREAM_OPTIONS_UNSUPPORTED,
     check_fields,
+    check_prompt_tokens,
 )
 from warmpool.cpu_engine._requests import GenOutput, RequestError, SamplingParams, UnsupportedError
 
@@ -167,6 +168,7 @@ def parse_completion(
         n = 1
     elif not _is_int(n) or n < 1:
         raise RequestError(f"n must be an integer >= 1, got {n!r}")
+    check_prompt_tokens(max(len(p) for p in prompts), context_len)
     limit = max(context_len - min(len(p) for p in prompts), 0)
     params = openai_sampling_params(
         body, _SAME_NAME, limit=limit, vocab_size=vocab_size, default_max=DEFAULT_MAX_TOKENS

@@ -24,6 +24,7 @@ from warmpool.cpu_engine._fields import (
     SAMPLING_PARSED,
     SAMPLING_UNSUPPORTED,
     check_fields,
+    check_prompt_tokens,
 )
 from warmpool.cpu_engine._fields import RequestError as RequestError  # re-exported
 from warmpool.cpu_engine._fields import UnsupportedError as UnsupportedError
@@ -277,6 +278,7 @@ def parse_generate(
     else:
         spec.prompts, spec.is_batch = _parse_prompts(body, encode, vocab_size)
     n = len(spec.prompts)
+    check_prompt_tokens(max(len(p) for p in spec.prompts), context_len)
     limit = max(context_len - min(len(p) for p in spec.prompts), 0)
     raw_params = _as_list(body.get("sampling_params"), n, "sampling_params")
     spec.params = [parse_sampling_params(p, max_new_tokens_limit=limit) for p in raw_params]
