@@ -281,15 +281,18 @@ class S3Store:
             except bce.ClientError as exc:
                 if not (if_absent and _code(exc) in _PRECONDITION_CODES):
                     raise
-            # A retry may find the object that its own earlier attempt committed.
-            found = self._head(key) if attempts > 1 else None
+            # Our digest is there: our earlier attempt's commit (on a retry), another writer's
+            # commit of the same bytes, or a torn write (seen on SeaweedFS SIGKILLed mid-PUT:
+            # the digest over fewer bytes), which is replaced by the whole object.
+            found = self._head(key)
             if found is not None and found[0] == digest:
-                if found[1] == size:
+                if found[1] not in (size, -1):
+                    self._client.delete_object(Bucket=self.bucket, Key=self._full(key))
+                    raise bce.ConnectionClosedError(
+                        endpoint_url=f"{self.endpoint} (torn object {key} removed)"
+                    )
+                if attempts > 1:
                     return
-                # Our own digest over other bytes: the server kept a torn write of our earlier
-                # attempt (seen on SeaweedFS SIGKILLed mid-PUT). Replace it with the whole object.
-                self._client.delete_object(Bucket=self.bucket, Key=self._full(key))
-                raise bce.ConnectionClosedError(endpoint_url=f"{self.endpoint} (torn object {key} removed)")
             raise ObjectExists(
                 f"An object already exists under {self._where(key)}; the commit-once write was refused."
             )

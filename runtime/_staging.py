@@ -402,6 +402,8 @@ def _load_into(store: ObjectStore, ref: StagedRef, out: Any) -> Any:
 
     store.get_into(ref.key, layout, sha256=ref.sha256, first=want)
     if tail is None:
+        with contextlib.suppress(BufferError):  # a bytearray with a live export cannot be resized
+            view.release()
         return out
     buffers, start = [view], want + pad(want)
     for size in ref.buffers[1:]:

@@ -94,6 +94,7 @@ def test_bytearrays_are_staged_as_they_are_and_come_back_as_bytearrays(store: Co
     assert store.get(ref.key) == value  # the object is the bytes themselves (pickle would copy them)
     back = unstage_value(store, stage_value(store, value, MiB))
     assert type(back) is bytearray and back == value
+    back.append(1)  # its own, resizable buffer: no view of it is left exported
     into = bytearray(len(value))
     assert Ref(ref).load(store, out=into) is into and into == value
     assert stage_object(store, value).key == stage_object(store, bytes(value)).key  # same content, once

@@ -289,8 +289,18 @@ class ModelEngine:
         }
 
     def serves(self, url: str) -> bool:
-        """Whether a block of this engine reports a ready engine at ``url``."""
-        return any(r.url == url and r.state is ReplicaState.READY for r in self.replicas())
+        """Whether a block with an engine at ``url`` may still hand tasks to its workers.
+
+        True while it is ready, and while a block whose engine died is still stopping its
+        worker pool (the wrapper records ``stopped`` once that is done).
+        """
+        for r in self.replicas():
+            status = r.host.status if isinstance(r.host, BlockEngineHost) else {}
+            urls = {r.url, *(status.get("urls") or {}).values()}
+            urls |= {e.get("url") for e in status.get("engines") or [] if isinstance(e, dict)}
+            if url in urls and (r.state is ReplicaState.READY or r.stopped_at is None):
+                return True
+        return False
 
     def replicas(self) -> list[Replica]:
         """The blocks' engines as replicas, refreshed from their status files."""

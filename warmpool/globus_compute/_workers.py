@@ -21,6 +21,8 @@ import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from warmpool._procs import pid_alive
+
 BUSY_DIR_ENV = "FAAS_BLOCK_BUSY_DIR"
 
 
@@ -66,11 +68,15 @@ class WorkerWatch:
         self._seen = children(pool_pid)
 
     def idle_deaths(self) -> list[int]:
-        """The pids gone since the last call that were not running a task."""
+        """The pids gone since the last call that were not running a task.
+
+        A pid that left the listing but is still alive is forgotten (it was skipped or
+        re-parented, not killed): a restart of the whole pool must not rest on it.
+        """
         now = children(self._pool_pid)
         gone, self._seen = self._seen - now, now
         idle = []
-        for pid in sorted(gone):
+        for pid in sorted(p for p in gone if not pid_alive(p)):  # the listing may skip a live child
             mark = self._busy_dir / str(pid)
             if mark.exists():
                 with contextlib.suppress(OSError):

@@ -63,6 +63,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -75,6 +76,9 @@ from typing import Any
 
 from warmpool._procs import descendants, pid_alive
 from warmpool.globus_compute._workers import BUSY_DIR_ENV, WorkerWatch
+
+_RESTART_GRACE_S = 2.0  # a pool that ends its own workers (a shutdown) exits within this
+_MAX_RESTARTS_PER_MINUTE = 3
 
 ENGINE_URL_ENV = "FAAS_ENGINE_URL"
 ENGINE_URLS_ENV = "FAAS_ENGINE_URLS"
@@ -496,29 +500,36 @@ def _run_pool(
     args: argparse.Namespace,
 ) -> int:
     busy_dir = block_dir / "busy"
-    busy_dir.mkdir(exist_ok=True)
     env = {**env, BUSY_DIR_ENV: str(busy_dir)}
     # Same process group as this wrapper: the provider's group kill reaches both.
-    child = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+    child = _start_pool(argv, env, busy_dir)
     status.update(worker_pool_pid=child.pid, worker_pool_restarts=0)
     _write_status(block_dir, status)
     failed_at = time.monotonic() if status["state"] == "failed" else None
-    watch = WorkerWatch(child.pid, busy_dir)
+    watch, suspect, restarts = WorkerWatch(child.pid, busy_dir), None, list[float]()
     try:
         while not stop.wait(0.25):  # a watch loop: the child, the engines and the clock
             if child.poll() is not None:
                 break
-            if idle := watch.idle_deaths():  # a wedged worker pool (see _workers): a new one
-                print(
-                    f"Worker pool process(es) {idle} died idle; restarting the worker pool.", file=sys.stderr
-                )
+            now = time.monotonic()
+            if suspect is None and watch.idle_deaths():
+                suspect = now  # a wedge (see _workers), unless the pool is shutting itself down
+            if suspect is not None and now - suspect >= _RESTART_GRACE_S:
+                restarts = [t for t in restarts if now - t < 60.0] + [now]
+                if len(restarts) > _MAX_RESTARTS_PER_MINUTE:
+                    status.update(
+                        state="failed", error="The worker pool's processes keep dying; the block ends."
+                    )
+                    _write_status(block_dir, status)
+                    break
+                print("A worker pool process died idle; restarting the worker pool.", file=sys.stderr)
                 _stop_tree(child)
-                child = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+                child = _start_pool(argv, env, busy_dir)
                 status.update(
                     worker_pool_pid=child.pid, worker_pool_restarts=status["worker_pool_restarts"] + 1
                 )
                 _write_status(block_dir, status)
-                watch = WorkerWatch(child.pid, busy_dir)
+                watch, suspect = WorkerWatch(child.pid, busy_dir), None
             dead = [e for e in engines if not e.alive()] if status["state"] == "ready" else []
             if dead:
                 tail = dead[0].log_tail(40)
@@ -536,6 +547,13 @@ def _run_pool(
             status["error"] = f"The pool process (pid {args.parent_pid}) is gone; the block stopped with it."
         _stop_tree(child)
     return int(child.returncode or 0) if child.returncode and child.returncode > 0 else 0
+
+
+def _start_pool(argv: list[str], env: dict[str, str], busy_dir: Path) -> subprocess.Popen[bytes]:
+    """Start the worker pool, with no busy marks left from an earlier one (pids are reused)."""
+    shutil.rmtree(busy_dir, ignore_errors=True)
+    busy_dir.mkdir()
+    return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
 
 
 def _stop_tree(child: subprocess.Popen[bytes]) -> None:
