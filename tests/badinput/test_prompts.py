@@ -20,9 +20,8 @@ import pytest
 import faas
 from faas.service._api import MAX_INLINE_BYTES
 from tests.badinput._state import durable_files
-from tests.faas._service_proc import ServiceProc, args, register
+from tests.faas._service_proc import ServiceProc, args, register, wait_hot
 from tests.warmpool._cpu_engine_proc import running_engine
-from tests.warmpool._pool_helpers import wait_for
 from warmpool.cpu_engine._tiny_model import KNOWN_COMPLETIONS
 
 MiB = 1 << 20
@@ -122,12 +121,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProc]:
         with proc.client() as alice:
             register(alice, ask.fn, "ask", model="tiny-llama", model_param="model")
             alice.post("/v1/completions", json={"model": "tiny-llama", "prompt": SHORT, "max_tokens": 1})
-
-            def hot() -> bool:
-                data = alice.get("/v1/models").json()["data"]
-                return any(e["id"] == "tiny-llama" and e["state"] == "hot" for e in data)
-
-            wait_for(hot, 120, "tiny-llama's engine to start")
+            wait_hot(alice, "tiny-llama", 120)
         yield proc
     finally:
         proc.stop()

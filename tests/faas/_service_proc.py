@@ -197,3 +197,12 @@ def value(view: dict[str, Any]) -> Any:
     """The value of a succeeded ResultView."""
     assert view["status"] == "succeeded", view
     return _serde.loads(unb64(view["value"]), what="result")
+
+
+def wait_hot(http: httpx.Client, model: str, timeout: float) -> None:
+    """Poll ``/v1/models`` until ``model`` is hot (its engine answers)."""
+
+    def hot() -> bool:
+        return any(m["id"] == model and m["state"] == "hot" for m in http.get("/v1/models").json()["data"])
+
+    wait_for(hot, timeout, f"{model}'s engine to start")

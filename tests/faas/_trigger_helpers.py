@@ -8,12 +8,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import faas
 from faas.triggers import ObjectEvent, SqsSource, TriggerRunner
+from tests._s3_servers import S3Server
 
 EXEC_LOG_ENV = "FAAS_TRIGGER_EXEC_LOG"
 ROOT = Path(__file__).resolve().parents[2]
@@ -187,3 +190,13 @@ def kill_group(proc: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGKI
     if proc.poll() is None:
         os.killpg(proc.pid, sig)  # the runner and its pool's worker processes
     proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_env(seaweedfs_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """SeaweedFS's credentials in the environment (runners and pool workers inherit them), no gate."""
+    for name, value in {**seaweedfs_server.env(), "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv(GATE_ENV, raising=False)
+    monkeypatch.delenv(TAG_ENV, raising=False)
+    yield dict(os.environ)

@@ -13,8 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.faas._service_proc import TOKENS, ServiceProc
-from tests.warmpool._pool_helpers import wait_for
+from tests.faas._service_proc import TOKENS, ServiceProc, wait_hot
 
 CHAT = [{"role": "user", "content": "Once upon a time"}]
 
@@ -27,12 +26,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProc]:
         with proc.client() as alice:
             cold = alice.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": CHAT})
             assert cold.status_code == 503 and 1 <= int(cold.headers["retry-after"]) <= 120, cold.text
-
-            def hot() -> bool:
-                models = alice.get("/v1/models").json()["data"]
-                return any(m["id"] == "tiny-llama" and m["state"] == "hot" for m in models)
-
-            wait_for(hot, 180, "tiny-llama's block engine to start")
+            wait_hot(alice, "tiny-llama", 180)
         yield proc
     finally:
         proc.stop()

@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ from runtime import ObjectExists
 from runtime._s3 import S3Store
 from tests import _s3_servers
 from tests._s3_servers import S3Server
+from tests.faas import _trigger_helpers
 from tests.faas._service_proc import TOKENS, ServiceProc
 from tests.faas._trigger_helpers import (
     EXEC_LOG_ENV,
@@ -50,15 +51,7 @@ from tests.faas._trigger_helpers import (
 )
 
 seaweedfs_server = _s3_servers.seaweedfs_server  # the session fixture, under its name
-
-
-@pytest.fixture
-def s3_env(seaweedfs_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    for name, value in {**seaweedfs_server.env(), "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)  # the pools' workers inherit these
-    monkeypatch.delenv(GATE_ENV, raising=False)
-    monkeypatch.delenv(TAG_ENV, raising=False)
-    yield dict(os.environ)
+s3_env = _trigger_helpers.s3_env  # a fixture, shared with the other trigger tests
 
 
 class RecordingStore(S3Store):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from faas.triggers import TriggerState
 from runtime._s3 import S3Store
 from tests import _s3_servers
 from tests._s3_servers import S3Server
+from tests.faas import _trigger_helpers
 from tests.faas._trigger_helpers import (
     EXEC_LOG_ENV,
     ROOT,
@@ -27,13 +26,7 @@ from tests.faas._trigger_helpers import (
 )
 
 seaweedfs_server = _s3_servers.seaweedfs_server  # the session fixture, under its name
-
-
-@pytest.fixture
-def s3_env(seaweedfs_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    for name, value in {**seaweedfs_server.env(), "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    yield dict(os.environ)
+s3_env = _trigger_helpers.s3_env  # a fixture, shared with the other trigger tests
 
 
 @pytest.mark.parametrize("n", [120, pytest.param(500, marks=pytest.mark.slow)])

@@ -442,23 +442,28 @@ def test_unreachable_endpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, m
     assert len(sent) == 3
 
 
+def _first_put_lands_then_503(store: S3Store, raw: Any, body: bytes) -> list[str]:
+    """Before the first PutObject, put ``body`` under the digest of b"mine" ourselves; answer it 503."""
+    calls: list[str] = []
+
+    def hook(request: Any, **_: Any) -> AWSResponse | None:
+        calls.append(request.url)
+        if len(calls) > 1:
+            return None
+        raw.put_object(Bucket=store.bucket, Key="p/k", Body=body, Metadata={"sha256": sha(b"mine")})
+        return AWSResponse(request.url, 503, {}, _Body(b"<Error><Code>SlowDown</Code></Error>"))
+
+    store.client.meta.events.register("before-send.s3.PutObject", hook)
+    return calls
+
+
 def test_if_absent_retry_recognises_its_own_commit(
     moto_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A PutObject that committed but whose answer was lost is retried, meets 412, and succeeds."""
     use_credentials(monkeypatch, tmp_path, moto_server)
     store = s3_store(moto_server, moto_server.new_bucket("lost"), "p", retries=3)
-    raw = moto_server.client()
-    calls: list[str] = []
-
-    def lose_first_answer(request: Any, **_: Any) -> AWSResponse | None:
-        calls.append(request.url)
-        if len(calls) > 1:
-            return None
-        raw.put_object(Bucket=store.bucket, Key="p/k", Body=b"mine", Metadata={"sha256": sha(b"mine")})
-        return AWSResponse(request.url, 503, {}, _Body(b"<Error><Code>SlowDown</Code></Error>"))
-
-    store.client.meta.events.register("before-send.s3.PutObject", lose_first_answer)
+    calls = _first_put_lands_then_503(store, moto_server.client(), b"mine")
     store.put("k", b"mine", if_absent=True)
     assert len(calls) == 2
     assert store.get("k") == b"mine"
@@ -471,16 +476,7 @@ def test_if_absent_retry_replaces_a_torn_object_of_its_own(
     use_credentials(monkeypatch, tmp_path, moto_server)
     store = s3_store(moto_server, moto_server.new_bucket("torn"), "p", retries=3)
     raw = moto_server.client()
-    calls: list[str] = []
-
-    def tear_first_write(request: Any, **_: Any) -> AWSResponse | None:
-        calls.append(request.url)
-        if len(calls) > 1:
-            return None
-        raw.put_object(Bucket=store.bucket, Key="p/k", Body=b"", Metadata={"sha256": sha(b"mine")})
-        return AWSResponse(request.url, 503, {}, _Body(b"<Error><Code>SlowDown</Code></Error>"))
-
-    store.client.meta.events.register("before-send.s3.PutObject", tear_first_write)
+    calls = _first_put_lands_then_503(store, raw, b"")
     store.put("k", b"mine", if_absent=True)
     assert len(calls) == 3  # torn, refused (412: it exists, torn; removed), whole
     assert store.get("k") == b"mine"
