@@ -175,6 +175,14 @@ def _check_key(key: str) -> str:
     return key
 
 
+def _valid_key(key: str) -> bool:
+    try:
+        _check_key(key)
+    except ValueError:
+        return False
+    return True
+
+
 class LocalStore:
     """An ObjectStore on the local filesystem.
 
@@ -335,9 +343,16 @@ class LocalStore:
     def list(self, prefix: str = "") -> Iterator[str]:
         """Yield keys under ``prefix`` in lexicographic order."""
         keys: list[str] = []
-        for dirpath, _dirs, files in os.walk(self.root):
+        # Walk from the directory the prefix names, pruning what it rules out: the cost follows
+        # what is listed, not the size of the store (a long-running service's store grows).
+        head = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self._path(head) if head and _valid_key(head) else self.root
+        for dirpath, dirs, files in os.walk(start):
             rel = Path(dirpath).relative_to(self.root).as_posix()
             base = "" if rel == "." else rel + "/"
+            dirs[:] = [
+                d for d in dirs if (base + d + "/").startswith(prefix) or prefix.startswith(base + d + "/")
+            ]
             if not (base.startswith(prefix) or prefix.startswith(base)):
                 continue
             for name in files:

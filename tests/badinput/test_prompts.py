@@ -54,8 +54,8 @@ def engine(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     ("body", "size"),
     [({"text": JUST_OVER}, "603 tokens"), ({"text": HUGE}, "10485760 characters"),
      ({"text": [SHORT, "x" * (200 * MiB)]}, "209715200 characters"),
-     ({"input_ids": [7] * 513}, "513 tokens")],
-    ids=["just-over", "10MiB", "200MiB-in-a-batch", "513-token-ids"],
+     ({"input_ids": [7] * 513}, "513 tokens"), ({"input_ids": [7] * 512}, "512 tokens")],
+    ids=["just-over", "10MiB", "200MiB-in-a-batch", "513-token-ids", "512-token-ids-no-room"],
 )  # fmt: skip
 def test_prompt_over_the_context_through_generate_is_a_400(
     engine: httpx.Client, body: dict[str, object], size: str

@@ -47,15 +47,16 @@ def longest_token(tokenizer: Any) -> int:
 
 
 def check_prompt_tokens(tokens: int, context_len: int) -> None:
-    """Refuse a prompt of ``tokens`` tokens that is longer than the context, as SGLang words it.
+    """Refuse a prompt of ``tokens`` tokens that fills the context, as SGLang does and words it.
 
     Checked before the output length, so the error names the prompt (not a
-    ``max_new_tokens`` range of 0 to 0).
+    ``max_new_tokens`` range of 0 to 0): like SGLang, a prompt of exactly the
+    context length is refused too.
 
     Raises:
         RequestError: The prompt is longer than the context.
     """
-    if tokens > context_len:
+    if tokens >= context_len:
         raise RequestError(
             f"the input ({tokens} tokens) is longer than the model's context length ({context_len} tokens)"
         )
