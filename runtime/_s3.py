@@ -281,18 +281,15 @@ class S3Store:
             except bce.ClientError as exc:
                 if not (if_absent and _code(exc) in _PRECONDITION_CODES):
                     raise
-            # Our digest is there: our earlier attempt's commit (on a retry), another writer's
-            # commit of the same bytes, or a torn write (seen on SeaweedFS SIGKILLed mid-PUT:
-            # the digest over fewer bytes), which is replaced by the whole object.
-            found = self._head(key)
+            # On a retry, our digest there is our earlier attempt's commit -- or a torn write of it
+            # (seen on SeaweedFS SIGKILLed mid-PUT: the digest over fewer bytes), which is replaced
+            # by the whole object. A first attempt is refused without a look: a dedupe costs one PUT.
+            found = self._head(key) if attempts > 1 else None
             if found is not None and found[0] == digest:
                 if found[1] not in (size, -1):
                     self._client.delete_object(Bucket=self.bucket, Key=self._full(key))
-                    raise bce.ConnectionClosedError(
-                        endpoint_url=f"{self.endpoint} (torn object {key} removed)"
-                    )
-                if attempts > 1:
-                    return
+                    raise bce.ConnectionClosedError(endpoint_url=f"{self.endpoint} (torn {key} removed)")
+                return
             raise ObjectExists(
                 f"An object already exists under {self._where(key)}; the commit-once write was refused."
             )
