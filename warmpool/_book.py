@@ -128,6 +128,13 @@ class Book(Generic[W]):
                     expired.append(work)
         return expired
 
+    def _drop_stale_deadlines(self) -> None:
+        # Finished entries leave their deadline in the heap until it is due; at 100/s with a
+        # 600 s timeout that is 60,000 dead tuples. Rebuild once they outnumber the live ones.
+        if len(self._deadlines) > 2 * len(self.works) + 1024:
+            self._deadlines = [d for d in self._deadlines if d[1] in self.works]
+            heapq.heapify(self._deadlines)
+
     def retry(self, work: W) -> bool:
         """Move a lost entry to its next attempt if its budget allows (caller holds the lock).
 
@@ -166,6 +173,7 @@ class Book(Generic[W]):
                 return False
             work.finished = True
             self.works.pop(work.invocation.id, None)
+            self._drop_stale_deadlines()
             if prepare is not None:
                 prepare(work, result)
             if result.queue_seconds is None and result.started_at:

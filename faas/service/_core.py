@@ -47,6 +47,7 @@ from faas.service._ledger import MINUTE, Ledger
 from faas.service._shares import Shares, SharingRegistry
 from faas.service._state import (
     Pending,
+    RecentResults,
     TenantState,
     check_refs,
     digest,
@@ -101,7 +102,8 @@ class ServiceCore:
     """
 
     SPEC_CACHE_SECONDS = 0.5
-    DONE_CACHE = 50_000
+    DONE_CACHE = 10_000  # recent results, for the reads that follow a done event
+    DONE_CACHE_BYTES = 32 * 2**20  # each value may be as large as the staging threshold
 
     def __init__(
         self,
@@ -130,7 +132,7 @@ class ServiceCore:
         self._tenants: dict[str, TenantState] = {}
         self._where: dict[str, tuple[TenantState, Pending]] = {}  # accepted and not finished
         self._listeners: dict[str, list[Listener]] = {}
-        self._done: collections.OrderedDict[str, ResultView] = collections.OrderedDict()
+        self._done = RecentResults(self.DONE_CACHE, self.DONE_CACHE_BYTES)
         self._models: dict[str, tuple[ModelSpec, float]] = {}
         self.ledger = Ledger(self.index, minute_seconds=budget_minute_seconds)  # budgets, usage totals
         self.shares = Shares(store, self.audit)  # functions shared between tenants, as owner/name
@@ -436,11 +438,9 @@ class ServiceCore:
         with self._lock:
             for _ts, _pending, view, won in batch:
                 self._where.pop(view.id, None)
-                self._done[view.id] = view
+                self._done.put(view)
                 told.append((self._listeners.pop(view.id, []), view))
                 self.counters[f"finished_{view.status}" if won else "duplicate_results"] += 1
-            while len(self._done) > self.DONE_CACHE:
-                self._done.popitem(last=False)
         for listeners, view in told:
             for listener in listeners:
                 try:

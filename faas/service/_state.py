@@ -142,3 +142,46 @@ def check_refs(ts: TenantState, item: Item) -> None:
                 "stage it with this tenant's session before submitting.",
                 404,
             )
+
+
+class RecentResults:
+    """Finished results kept in memory for the reads that follow a done event.
+
+    Bounded by count and by bytes (a value may be as large as the staging threshold), oldest
+    first out; a miss falls back to the index and the store, so eviction never loses a result.
+
+    Args:
+        max_items: Results kept at most.
+        max_bytes: Value and error bytes kept at most.
+    """
+
+    def __init__(self, max_items: int, max_bytes: int) -> None:
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._views: collections.OrderedDict[str, ResultView] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def get(self, invocation_id: str) -> ResultView | None:
+        """The kept result of an invocation, or None."""
+        return self._views.get(invocation_id)
+
+    def put(self, view: ResultView) -> None:
+        """Keep ``view`` (replacing an earlier one of the same id), evicting the oldest."""
+        old = self._views.pop(view.id, None)
+        if old is not None:
+            self.bytes -= _weight(old)
+        self._views[view.id] = view
+        self.bytes += _weight(view)
+        while self._views and (len(self._views) > self.max_items or self.bytes > self.max_bytes):
+            self.bytes -= _weight(self._views.popitem(last=False)[1])
+
+
+def _weight(view: ResultView) -> int:
+    # The value's bytes, the error's text, and about 200 bytes of the objects around them.
+    size = 200 + len(view.value or b"")
+    if view.error is not None:
+        size += len(view.error.message) + len(view.error.traceback) + len(view.error.exception or b"")
+    return size
