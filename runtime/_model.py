@@ -146,6 +146,7 @@ class Model(OpenAIRoutes):
         """
         clone = copy.copy(self)
         clone._prefix = request_prefix
+        clone._counter = itertools.count()  # call numbers per invocation: the same on every attempt
         clone._priority = priority
         clone.calls = []  # each bound handle records its own invocation's engine calls
         return clone

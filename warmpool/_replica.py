@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import re
 import tempfile
 import threading
 import time
@@ -59,6 +60,7 @@ def default_engine_factory(spec: ModelSpec, log_dir: Path) -> EngineHost:
             device=str(args.get("device", "cpu")),
             log_dir=log_dir,
             request_log=args.get("request_log"),
+            answer_journal=args.get("answer_journal"),
             max_loras=args.get("max_loras"),
             max_lora_rank=args.get("max_lora_rank"),
         )
@@ -67,6 +69,14 @@ def default_engine_factory(spec: ModelSpec, log_dir: Path) -> EngineHost:
 
         return SGLangEngineHost.from_spec(spec, log_dir=log_dir)
     raise EngineError(f"Engine kind {spec.engine!r} of model {spec.ref!r} is not available in this pool.")
+
+
+def with_answer_journal(spec: ModelSpec, answer_dir: Path | None) -> ModelSpec:
+    """``spec`` with its CPU engine's answer journal in ``answer_dir`` (a directory per version)."""
+    if answer_dir is None or spec.engine != "cpu" or "answer_journal" in spec.engine_args:
+        return spec
+    where = Path(answer_dir) / re.sub(r"[^A-Za-z0-9._-]", "_", spec.ref)
+    return spec.model_copy(update={"engine_args": {**spec.engine_args, "answer_journal": str(where)}})
 
 
 @dataclass(eq=False)

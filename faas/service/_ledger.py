@@ -63,6 +63,7 @@ class Window:
         self._total += tokens
         if late:  # committed after a later finisher: keep the buckets in time order
             self._slots = collections.OrderedDict(sorted(self._slots.items()))
+        self._expire(when)  # a tenant without budgets is never checked: expire here too
 
     def _expire(self, now: float) -> None:
         while self._slots:

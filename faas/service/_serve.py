@@ -79,6 +79,8 @@ def build_core(
         config = SubstrateConfig(kind=substrate or "local")
     else:
         raise SubstrateConfigError(f"Unknown substrate {substrate!r}; expected 'local' or 'globus-compute'.")
+    if config.kind == "local":  # engines' answer journals outlive a SIGKILLed service (_journal)
+        pool_options.setdefault("answer_dir", Path(state) / "engine-answers")
     isolation = _tenant_workers(auth, config, tenant_workers, worker_limits or {})
     if isolation is not None:
         pool_options["tenant_workers"] = isolation

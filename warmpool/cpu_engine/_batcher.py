@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import inspect
-import json
 import logging
 import threading
 import time
@@ -30,6 +29,7 @@ import torch
 
 from warmpool.cpu_engine._fields import check_prompt_chars, longest_token
 from warmpool.cpu_engine._hooks import Hooks, make_probe
+from warmpool.cpu_engine._journal import RequestLedger
 from warmpool.cpu_engine._lora import Loras
 from warmpool.cpu_engine._requests import EmbedOutput, EmbedRequest, GenOutput, GenRequest
 from warmpool.cpu_engine._tensors import (
@@ -87,9 +87,9 @@ class Batcher:
         use_kv_cache: Keep a KV cache across steps (falls back to recompute when the
             model's cache layout is not the plain dynamic one).
         threads: ``torch.set_num_threads`` for the scheduler thread (None: torch's default).
-        request_log: Append one JSON line per request that ends here (``rid``, prompt and
-            generated tokens, ``finish``: ``length``, ``stop`` or ``abort``), as SGLang's
-            ``--log-requests`` does to its log.
+        request_log: Append one JSON line per request that ends here (see ``_journal``).
+        answer_journal: Directory of the answer journal (``_journal``; None: off): a retried
+            invocation's request that the engine already answered is answered again from it.
         max_loras: LoRA adapters resident at once (``_lora``; 0: LoRA off).
         max_lora_rank: Largest adapter rank.
     """
@@ -107,12 +107,12 @@ class Batcher:
         batch_window: float = 0.002,
         max_batch_wait: float = 0.02,
         request_log: Path | None = None,
+        answer_journal: Path | None = None,
         max_loras: int = 4,
         max_lora_rank: int = 16,
     ) -> None:
         self.model = model
-        # Line-buffered: every finished request is on disk even if the engine is killed next.
-        self._request_log = open(request_log, "a", buffering=1) if request_log else None  # noqa: SIM115
+        self.ledger = RequestLedger(request_log, answer_journal)
         self.tokenizer, self.token_chars = tokenizer, longest_token(tokenizer)  # (see check_prompt_chars)
         self.device = device
         self.max_batch_size = max_batch_size
@@ -181,24 +181,26 @@ class Batcher:
         Raises:
             ValueError: A rid is already in flight, or the batcher is stopped.
         """
+        answers = [self.ledger.replay(req) for req in reqs]  # answered for an earlier attempt
         with self._cond:
             if self._stopping:
                 raise ValueError("the engine is shutting down")
             taken = [r.rid for r in reqs if r.rid in self._inflight]
             if taken:
                 raise ValueError(f"rid {taken[0]!r} is already in flight")
-            now_done = []
-            for req in reqs:
+            now_done: list[tuple[GenRequest, GenOutput | None]] = []
+            for req, answer in zip(reqs, answers, strict=True):
                 self._stats["requests_total"] += req.counted
-                if req.params.max_new_tokens == 0:
-                    now_done.append(req)  # nothing to generate: never takes a batch slot
+                if answer is not None or req.params.max_new_tokens == 0:
+                    now_done.append((req, answer))  # nothing to generate: never takes a batch slot
                     continue
                 self._inflight.add(req.rid)
                 self._waiting.append(req)
             self._last_arrival = time.monotonic()
             self._cond.notify_all()
-        for req in now_done:
-            req.on_finish(self._output(_Row(req, torch.device("cpu")), {"type": "length", "length": 0}))
+        for req, answer in now_done:
+            empty = {"type": "length", "length": 0}
+            req.on_finish(answer or self._output(_Row(req, torch.device("cpu")), empty))
 
     def submit_embeds(self, reqs: list[EmbedRequest]) -> None:
         """Queue inputs to embed; each ``on_finish`` is called from the scheduler thread.
@@ -562,20 +564,7 @@ class Batcher:
             text = text.rstrip("\ufffd")  # hold back a partly generated UTF-8 character
             # Hold back a tail that may yet become a stop string, so streamed texts only grow.
             text = text[: len(text) - stop_prefix_len(text, p.stop)]
-        if finish is not None and row.req.counted:
-            with self._cond:
-                self._usage["prompt_tokens_total"] += len(row.req.input_ids)
-                self._usage["generation_tokens_total"] += len(row.out)
-                if self._request_log is not None:
-                    entry = {
-                        "rid": row.req.rid,
-                        "prompt_tokens": len(row.req.input_ids),
-                        "completion_tokens": len(row.out),
-                        "finish": finish["type"],
-                        "at": time.time(),
-                    }
-                    self._request_log.write(json.dumps(entry) + "\n")
-        return GenOutput(
+        out = GenOutput(
             rid=row.req.rid,
             output_ids=list(row.out),
             text=text,
@@ -590,6 +579,12 @@ class Batcher:
             else None,
             internals=row.probe.result(self.hooks.hidden) if row.probe is not None and finish else None,
         )
+        if finish is not None and row.req.counted:
+            with self._cond:
+                self._usage["prompt_tokens_total"] += len(row.req.input_ids)
+                self._usage["generation_tokens_total"] += len(row.out)
+            self.ledger.finished(row.req, out)
+        return out
 
 
 _ABORT: dict[str, Any] = {"type": "abort", "message": "Aborted by request."}

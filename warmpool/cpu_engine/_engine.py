@@ -135,6 +135,7 @@ class Engine:
                 threads=self.args.threads,
                 batch_window=self.args.batch_window_ms / 1000.0,
                 request_log=self.args.request_log,
+                answer_journal=self.args.answer_journal,
                 max_loras=self.args.max_loras,
                 max_lora_rank=self.args.max_lora_rank,
             )
@@ -387,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="append one JSON line per request that ends (finished or aborted) here",
+    )
+    p.add_argument(
+        "--answer-journal",
+        type=Path,
+        default=None,
+        help="directory of the answer journal: a retried invocation's answered request is not rerun",
     )
     p.add_argument("--max-loras", type=int, default=4, help="LoRA adapters resident at once (0: off)")
     p.add_argument("--max-lora-rank", type=int, default=16, help="largest LoRA adapter rank")

@@ -213,6 +213,8 @@ class CpuEngineHost(SubprocessEngineHost):
         device: ``cpu`` or ``cuda``.
         log_dir: Where logs and the port file go.
         request_log: File the engine appends one JSON line per finished request to (None: none).
+        answer_journal: Directory of the engine's answer journal (None: none; see
+            ``warmpool.cpu_engine._journal``).
         max_loras: LoRA adapters resident at once (None: the engine's default; 0: LoRA off).
         max_lora_rank: Largest LoRA adapter rank (None: the engine's default).
     """
@@ -227,6 +229,7 @@ class CpuEngineHost(SubprocessEngineHost):
         device: str = "cpu",
         log_dir: Path | None = None,
         request_log: str | Path | None = None,
+        answer_journal: str | Path | None = None,
         max_loras: int | None = None,
         max_lora_rank: int | None = None,
     ) -> None:
@@ -256,6 +259,8 @@ class CpuEngineHost(SubprocessEngineHost):
                 argv += ["--threads", str(threads)]
             if request_log:
                 argv += ["--request-log", str(request_log)]
+            if answer_journal:
+                argv += ["--answer-journal", str(answer_journal)]
             for flag, value in (("--max-loras", max_loras), ("--max-lora-rank", max_lora_rank)):
                 argv += [flag, str(int(value))] if value is not None else []
             return argv

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from runtime import EngineError, EngineLost
-from warmpool._replica import ModelPool, Replica, ReplicaState, new_log_dir
+from warmpool._replica import ModelPool, Replica, ReplicaState, new_log_dir, with_answer_journal
 from warmpool.weights import StagedEngineHost, needs_staging
 
 if TYPE_CHECKING:
@@ -44,10 +44,11 @@ def launch(pool: Pool, mp: ModelPool) -> Replica | None:
     """Build and boot one replica; the caller has already added it to ``mp.launching``."""
     try:
         log_dir = pool._log_dir or new_log_dir()
-        if needs_staging(mp.spec):  # the weights come from the store into the node's cache first
-            host: EngineHost = StagedEngineHost(mp.spec, pool._engine_factory, log_dir, pool.weights_cache)
+        spec = with_answer_journal(mp.spec, pool._answer_dir)
+        if needs_staging(spec):  # the weights come from the store into the node's cache first
+            host: EngineHost = StagedEngineHost(spec, pool._engine_factory, log_dir, pool.weights_cache)
         else:
-            host = pool._engine_factory(mp.spec, log_dir)
+            host = pool._engine_factory(spec, log_dir)
     except Exception as exc:
         with pool._lock:
             mp.launching -= 1

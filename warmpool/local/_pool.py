@@ -87,6 +87,9 @@ class Pool(PoolViews):
         clock: Monotonic clock (injectable: tests drive scaling with a fake one
             and call :meth:`tick`).
         log_dir: Where engine logs go (a temp dir per replica by default).
+        answer_dir: Where CPU engines keep their answer journals, a directory per model
+            version, so a retried invocation's answered engine request is not run again,
+            even by the engine of a restarted pool (None: no journal).
         tick_interval: Seconds between background :meth:`tick` calls; None
             disables the background thread (tests call ``tick`` themselves).
         health_interval: Seconds between HTTP health probes of ready replicas.
@@ -110,6 +113,7 @@ class Pool(PoolViews):
         engine_factory: EngineFactory = default_engine_factory,
         clock: Clock = time.monotonic,
         log_dir: Path | None = None,
+        answer_dir: Path | None = None,
         tick_interval: float | None = 0.1,
         health_interval: float = 2.0,
         status_interval: float | None = 2.0,
@@ -124,6 +128,7 @@ class Pool(PoolViews):
         self._engine_factory = engine_factory
         self._clock = clock
         self._log_dir = log_dir
+        self._answer_dir = answer_dir
         self._tick_interval = tick_interval
         self._health_interval = health_interval
         self._status_interval = status_interval
