@@ -166,13 +166,16 @@ def fail_replica(pool: Pool, mp: ModelPool, replica: Replica, reason: str) -> No
         replica.stopped_at = pool._clock()
         replica.error = f"{reason}. Log tail:\n{replica.host.log_tail(20)}"
         mp.metrics.engine_failures += 1
-        victims = [w for w in pool._works.values() if w.replica is replica and not w.finished]
+        victims = [
+            (w, w.invocation.attempt) for w in pool._works.values() if w.replica is replica and not w.finished
+        ]
     log.error("Engine replica %s of %s failed: %s", replica.id, mp.spec.ref, reason)
     pool._background(replica.host.stop, f"faas-reap-{replica.id}")
-    for work in victims:
+    for work, attempt in victims:
         if work.worker is not None:
-            pool._workers.abandon(work.worker, work.invocation.id, work.invocation.attempt)
-        pool._lost(work, EngineLost(f"The engine of {mp.spec.ref} was lost: {reason}."), "engine_lost")
+            pool._workers.abandon(work.worker, work.invocation.id, attempt)
+        lost = EngineLost(f"The engine of {mp.spec.ref} was lost: {reason}.")
+        pool._lost(work, lost, "engine_lost", attempt=attempt)
     apply_plan(pool, mp)
 
 

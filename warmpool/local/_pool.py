@@ -458,7 +458,7 @@ class Pool(PoolViews):
                 )
                 if work.finished or work.replica is None:
                     return
-            self._lost(work, EngineLost(result.error.message), "engine_lost")
+            self._lost(work, EngineLost(result.error.message), "engine_lost", attempt=result.attempt)
             return
         self._finish(work, result)
 
@@ -484,10 +484,10 @@ class Pool(PoolViews):
             f"The worker process running this invocation (pid {worker.pid}) "
             f"died (exit code {worker.exitcode})."
         )
-        for work in lost:
+        for work, attempt in [(w, w.invocation.attempt) for w in lost]:
             # Work sent to a worker that never started never ran: send it again
             # without spending a retry (a worker set that cannot start fails it).
-            self._lost(work, exc, "worker_lost", charge=worker.ready)
+            self._lost(work, exc, "worker_lost", charge=worker.ready, attempt=attempt)
         with self._lock:
             key = self._workers.key(worker.tenant)
             broken = self._workers.start_error(worker.tenant)
@@ -499,13 +499,18 @@ class Pool(PoolViews):
             for work in pending:  # queued for an engine: no worker could ever run it
                 self._finish(work, None, broken, "worker_lost")
 
-    def _lost(self, work: Work, exc: Exception, kind: ErrorKind, *, charge: bool = True) -> None:
+    def _lost(
+        self, work: Work, exc: Exception, kind: ErrorKind, *, charge: bool = True, attempt: int | None = None
+    ) -> None:
         """Retry an invocation lost through no fault of its own, or fail it.
 
         ``charge=False`` sends it again as the same attempt, outside its retry budget.
+        ``attempt``: the attempt that was lost; if the invocation has moved past it (the
+        replica's failure and its worker's engine-lost answer both report one loss), this
+        report is stale and does nothing: retrying twice queued one attempt twice.
         """
         with self._lock:
-            if work.finished:
+            if work.finished or (attempt is not None and work.invocation.attempt != attempt):
                 return
             self._detach(work)
             retry = self._book.retry(work) if charge else not work.finished
