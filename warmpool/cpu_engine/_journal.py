@@ -39,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from warmpool._procs import pid_alive
 from warmpool.cpu_engine._requests import GenOutput, GenRequest
 
 log = logging.getLogger("faas.cpu_engine")
@@ -61,16 +62,6 @@ def fingerprint(req: GenRequest) -> str | None:
         return None
     what = [req.input_ids, dataclasses.asdict(req.params), req.return_logprob, req.top_logprobs_num, req.lora]
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RequestLedger:
@@ -187,7 +178,7 @@ class RequestLedger:
                 log.warning("Cannot read the answer journal %s: %s", path, exc)
                 continue
             owner = path.name.split("-", 1)[0]
-            if not (owner.isdigit() and _alive(int(owner))):
+            if not (owner.isdigit() and pid_alive(int(owner))):
                 taken.append(path)  # a running engine (one still exiting, say) keeps its own file
             for line in lines:
                 try:
