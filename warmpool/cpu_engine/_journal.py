@@ -47,7 +47,8 @@ log = logging.getLogger("faas.cpu_engine")
 # inv-<invocation id>-<attempt>-<call>[-<sequence>]; ids are alphanumeric (32 hex digits; 38 for
 # a batch line), as the service's plausible_id accepts them.
 _RID = re.compile(r"^inv-([0-9A-Za-z]{16,64})-\d+-(\d+(?:-\d+)*)$")
-_KEPT = "output_ids text finish_reason prompt_tokens engine_share output_token_logprobs output_top_logprobs"
+_KEPT: tuple[str, ...] = ("output_ids", "text", "finish_reason", "prompt_tokens", "engine_share")
+_KEPT += ("output_token_logprobs", "output_top_logprobs")
 
 
 def answer_key(rid: str) -> str | None:
@@ -91,12 +92,11 @@ class RequestLedger:
         # Line-buffered: every finished request is on disk even if the engine is killed next.
         self._log = open(request_log, "a", buffering=1) if request_log else None  # noqa: SIM115
         self._answers: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._digests: dict[str, str] = {}  # rid -> digest, from arrival to finish
+        self._digests: dict[str, tuple[str, str]] = {}  # rid -> (key, digest), arrival to finish
         self._dir = Path(journal_dir) if journal_dir else None
         self._file: IO[str] | None = None
         self._path: Path | None = None
         self._written = 0
-        self.replays = 0
         if self._dir is not None:
             self._open_journal(self._dir)
 
@@ -114,11 +114,10 @@ class RequestLedger:
         with self._lock:
             entry = self._answers.get(key)
             if entry is None or entry["fp"] != fp:
-                self._digests[req.rid] = fp
+                self._digests[req.rid] = (key, fp)
                 if len(self._digests) > 4 * self.max_entries:  # refused at submit, never finished
                     self._digests.pop(next(iter(self._digests)))
                 return None
-            self.replays += 1
         out = GenOutput(rid=req.rid, e2e_latency=time.perf_counter() - req.created, **entry["out"])
         self._write_log(req, out, "replayed")
         return out
@@ -128,11 +127,11 @@ class RequestLedger:
         finish = (out.finish_reason or {}).get("type", "abort")
         self._write_log(req, out, finish)
         with self._lock:
-            fp = self._digests.pop(req.rid, None)
-        key = answer_key(req.rid)
-        if key is None or fp is None or out.error is not None or finish not in ("stop", "length"):
+            known = self._digests.pop(req.rid, None)  # taken at arrival: no second regex or digest
+        if known is None or out.error is not None or finish not in ("stop", "length"):
             return
-        answer = {k: getattr(out, k) for k in _KEPT.split()}
+        key, fp = known
+        answer = {k: getattr(out, k) for k in _KEPT}
         entry = {"key": key, "fp": fp, "at": self._clock(), "out": answer}
         with self._lock:
             self._keep(entry)
