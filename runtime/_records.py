@@ -25,9 +25,9 @@ import threading
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from runtime._errors import ObjectExists, ObjectNotFound, StoreError
+from runtime._errors import IntegrityError, ObjectExists, ObjectNotFound, StoreError
 from runtime._staging import StagedRef, is_marker, parse_marker
 from runtime._store import ObjectStore
 from runtime._wire import ErrorInfo, Invocation, Result
@@ -218,9 +218,29 @@ class RecordStore:
         return self._commit(self.key(record.invocation_id, "result"), record)
 
     def _commit(self, key: str, record: BaseModel) -> bool:
+        data = record.model_dump_json(exclude_none=True).encode()
         try:
-            self.store.put(key, record.model_dump_json(exclude_none=True).encode(), if_absent=True)
+            self.store.put(key, data, if_absent=True)
         except ObjectExists:
+            if self._whole(key, type(record)):
+                return False
+            # A writer killed mid-PUT can leave a torn object (SeaweedFS keeps a body cut short by a
+            # dropped connection). It is no one's record, and keeping it would lose ours.
+            log.warning("The record under %s is torn (cut short or altered); writing it again.", key)
+            self.store.delete(key)
+            try:
+                self.store.put(key, data, if_absent=True)
+            except ObjectExists:  # another writer replaced it first
+                return False
+        return True
+
+    def _whole(self, key: str, model: type[BaseModel]) -> bool:
+        """Whether the object under ``key`` is a readable record (it matches its digest and parses)."""
+        try:
+            model.model_validate_json(self.store.get(key))
+        except ObjectNotFound:  # gone meanwhile: nothing to keep
+            return False
+        except (IntegrityError, ValidationError):
             return False
         return True
 

@@ -286,7 +286,9 @@ class S3Store:
             # by the whole object. A first attempt is refused without a look: a dedupe costs one PUT.
             found = self._head(key) if attempts > 1 else None
             if found is not None and found[0] == digest:
-                if found[1] not in (size, -1):
+                # A single PUT can be torn with its length intact, so its bytes are read back;
+                # a multipart upload lands whole at its complete or not at all.
+                if found[1] not in (size, -1) or (not big and not self._holds(key, digest)):
                     self._client.delete_object(Bucket=self.bucket, Key=self._full(key))
                     raise bce.ConnectionClosedError(endpoint_url=f"{self.endpoint} (torn {key} removed)")
                 return
@@ -295,6 +297,16 @@ class S3Store:
             )
 
         self._run("write", key, attempt)
+
+    def _holds(self, key: str, digest: str) -> bool:
+        """Whether the bytes under ``key`` hash to ``digest`` (a missing object does not)."""
+        try:
+            body = self._client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"].read()
+        except bce.ClientError as exc:
+            if _code(exc) in _NOT_FOUND_CODES:
+                return False
+            raise
+        return hashlib.sha256(body).hexdigest() == digest
 
     def _head(self, key: str) -> tuple[str, int] | None:
         """The recorded sha256 and the size of the object under ``key``, or None if there is none."""

@@ -272,7 +272,7 @@ def test_chaos(substrate: str, seaweed: S3Server, tmp_path: Path, tiny_model_pat
                     future = client.attach(inv)
                     completed[i] = future.result(timeout=max(1.0, deadline - time.monotonic()))
                 except ServiceError as exc:  # the service or the connection, not the invocation's answer
-                    unresolved[i] = f"{type(exc).__name__}: {exc}"[:200]
+                    unresolved[i] = f"{type(exc).__name__}: {exc}"[:600]
                 except FaasError as exc:  # the invocation's own typed error, after its retries
                     failed[i] = f"{type(exc).__name__}: {exc}"[:200]
                 except Exception as exc:  # a timeout or an untyped error: not a clear terminal answer
@@ -336,6 +336,8 @@ def test_chaos(substrate: str, seaweed: S3Server, tmp_path: Path, tiny_model_pat
         print(f"chaos: refused at submit (first 3)={list(refused.items())[:3]}")
     if unresolved:
         print(f"chaos: unresolved (first 5)={list(unresolved.items())[:5]}")
+    torn = service.log.read_text(errors="replace").count(" is torn ")
+    print(f"chaos: torn records replaced by the service={torn}")
     assert not wrong, list(wrong.items())[:5]
     assert not missing_record, missing_record[:5]
     assert lost == 0, list(unresolved.items())[:5]

@@ -317,6 +317,26 @@ def test_records_are_commit_once_and_merge(store: CountingStore) -> None:
     assert record.args is not None and unstage_value(store, record.args.to_wire()) == ((1, 2), {})
 
 
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
+def test_a_torn_record_is_replaced_not_kept(store: CountingStore, damage: str) -> None:
+    """A writer killed mid-PUT left a torn record: the next commit-once write replaces it."""
+    records = RecordStore(store)
+    first = Result(invocation_id="t1", value=dumps(3), worker_pid=7)
+    assert records.write_result(first)
+    path = store.root / RecordStore.key("t1", "result")
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-5])
+    elif damage == "flip":
+        tamper(store, RecordStore.key("t1", "result"))
+    else:  # a body with a fresh digest that is not a record at all
+        store.delete(RecordStore.key("t1", "result"))
+        store.put(RecordStore.key("t1", "result"), b'{"invocation_id": "t1", "stat')
+    assert records.write_result(first)  # replaced: the write counts as the commit
+    record = records.result("t1")
+    assert record is not None and record.worker_pid == 7
+    assert not records.write_result(Result(invocation_id="t1", value=dumps(4)))  # whole now: kept
+
+
 def test_failed_and_cancelled_status(store: CountingStore) -> None:
     from runtime import error_info
 

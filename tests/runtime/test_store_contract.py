@@ -484,6 +484,18 @@ def test_if_absent_retry_replaces_a_torn_object_of_its_own(
         store.put("k", b"other", if_absent=True)
 
 
+def test_if_absent_retry_replaces_a_torn_object_of_full_length(
+    moto_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Torn with its length intact (our digest, other bytes): the retry reads it back and replaces it."""
+    use_credentials(monkeypatch, tmp_path, moto_server)
+    store = s3_store(moto_server, moto_server.new_bucket("tornlen"), "p", retries=3)
+    calls = _first_put_lands_then_503(store, moto_server.client(), b"m\0ne")
+    store.put("k", b"mine", if_absent=True)
+    assert len(calls) == 3  # torn, refused (412: it exists, read back, torn; removed), whole
+    assert store.get("k") == b"mine"
+
+
 def test_if_absent_multipart_race_is_refused_by_the_server(s3: S3Store) -> None:
     """The look-before-upload check misses a racing writer; the conditional complete still refuses."""
     store = S3Store.from_config(
