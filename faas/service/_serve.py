@@ -11,6 +11,7 @@ from typing import Any
 
 from faas.service._auth import Authenticator, load_authenticator
 from faas.service._core import ServiceCore
+from faas.service._malloc import tune_malloc
 from faas.service._triggers import TriggerHost
 from runtime import ServeConfigError, SubstrateConfigError, cache_dir, default_store_url, store_from_url
 from warmpool import SubstrateConfig, SubstrateKind, TenantWorkers, load_substrate_config
@@ -133,6 +134,7 @@ def serve(
 
     from faas.service._app import create_app
 
+    tune_malloc()  # before build_core starts the service's threads
     core = build_core(host=host, **options)
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and
     # without it every response waits ~40 ms on Nagle and delayed ACKs.
