@@ -457,43 +457,28 @@ def _first_put_lands_then_503(store: S3Store, raw: Any, body: bytes) -> list[str
     return calls
 
 
-def test_if_absent_retry_recognises_its_own_commit(
-    moto_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.parametrize(
+    ("landed", "puts"),
+    [(b"mine", 2), (b"", 3), (b"m\0ne", 3)],
+    ids=["its-own-commit", "torn-short", "torn-full-length"],
+)
+def test_if_absent_retry_after_a_lost_answer(
+    landed: bytes, puts: int, moto_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """A PutObject that committed but whose answer was lost is retried, meets 412, and succeeds."""
+    """A PutObject whose answer was lost is retried and meets 412 (the object exists).
+
+    Whole (our bytes under our digest), it is our own commit: done. Torn (a server killed
+    mid-PUT kept our digest over fewer or other bytes; a single PUT is read back), it is
+    removed and written again whole.
+    """
     use_credentials(monkeypatch, tmp_path, moto_server)
     store = s3_store(moto_server, moto_server.new_bucket("lost"), "p", retries=3)
-    calls = _first_put_lands_then_503(store, moto_server.client(), b"mine")
+    calls = _first_put_lands_then_503(store, moto_server.client(), landed)
     store.put("k", b"mine", if_absent=True)
-    assert len(calls) == 2
-    assert store.get("k") == b"mine"
-
-
-def test_if_absent_retry_replaces_a_torn_object_of_its_own(
-    moto_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """A server killed mid-PUT kept our digest over no bytes: the retry replaces it, whole."""
-    use_credentials(monkeypatch, tmp_path, moto_server)
-    store = s3_store(moto_server, moto_server.new_bucket("torn"), "p", retries=3)
-    raw = moto_server.client()
-    calls = _first_put_lands_then_503(store, raw, b"")
-    store.put("k", b"mine", if_absent=True)
-    assert len(calls) == 3  # torn, refused (412: it exists, torn; removed), whole
+    assert len(calls) == puts
     assert store.get("k") == b"mine"
     with pytest.raises(ObjectExists):  # still commit-once: a second writer is refused
         store.put("k", b"other", if_absent=True)
-
-
-def test_if_absent_retry_replaces_a_torn_object_of_full_length(
-    moto_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """Torn with its length intact (our digest, other bytes): the retry reads it back and replaces it."""
-    use_credentials(monkeypatch, tmp_path, moto_server)
-    store = s3_store(moto_server, moto_server.new_bucket("tornlen"), "p", retries=3)
-    calls = _first_put_lands_then_503(store, moto_server.client(), b"m\0ne")
-    store.put("k", b"mine", if_absent=True)
-    assert len(calls) == 3  # torn, refused (412: it exists, read back, torn; removed), whole
-    assert store.get("k") == b"mine"
 
 
 def test_if_absent_multipart_race_is_refused_by_the_server(s3: S3Store) -> None:
