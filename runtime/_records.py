@@ -238,9 +238,7 @@ class RecordStore:
         """Whether the object under ``key`` is a readable record (it matches its digest and parses)."""
         try:
             model.model_validate_json(self.store.get(key))
-        except ObjectNotFound:  # gone meanwhile: nothing to keep
-            return False
-        except (IntegrityError, ValidationError):
+        except (ObjectNotFound, IntegrityError, ValidationError):  # gone meanwhile, or torn
             return False
         return True
 
