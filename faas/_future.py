@@ -56,22 +56,57 @@ class Future(concurrent.futures.Future[T], Generic[T]):
     StoreError or IntegrityError (``exception()`` still reports None: the
     invocation itself succeeded).
 
+    A future from a pipelined submit (``RemoteClient.submit``) is made before
+    the service has named its invocation; reading ``invocation_id`` then waits
+    for the submit's batch to be answered, and raises the service's refusal if
+    it was refused.
+
     Attributes:
         invocation_id: The invocation's id, stable across retries.
     """
 
     def __init__(
         self,
-        invocation_id: str,
+        invocation_id: str | None,
         canceller: Callable[[str], bool] | None = None,
         phase: Callable[[str], str | None] | None = None,
         loader: Loader | None = None,
     ) -> None:
         super().__init__()
-        self.invocation_id = invocation_id
+        self._id = invocation_id
+        self._named = None if invocation_id is not None else threading.Event()
         self._canceller = canceller
         self._phase = phase
         self._loader = loader
+
+    @property
+    def invocation_id(self) -> str:
+        """The invocation's id (waits for a pipelined submit to be answered).
+
+        Raises:
+            SubmitError: The service refused the submit (its own subclass, as
+                ``result()`` raises it too).
+            ServiceError: The submit could not be sent.
+        """
+        if self._id is None and self._named is not None:
+            self._named.wait()
+        if self._id is None:
+            error = self.exception(0)
+            raise error if error is not None else InvocationError("This future's invocation has no id.")
+        return self._id
+
+    def _name(self, invocation_id: str) -> None:
+        """Give a pipelined submit's future the id the service chose (once)."""
+        self._id = invocation_id
+        if self._named is not None:
+            self._named.set()
+
+    def _refuse(self, error: BaseException) -> None:
+        """Fail a pipelined submit's future: the service refused it or could not be reached."""
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            self.set_exception(error)
+        if self._named is not None:
+            self._named.set()
 
     @classmethod
     def from_id(cls, invocation_id: str, *, client: FaasClient | None = None) -> Future[Any]:
@@ -121,7 +156,8 @@ class Future(concurrent.futures.Future[T], Generic[T]):
         return phase or "queued"
 
     def __repr__(self) -> str:
-        return f"<faas.Future {self.invocation_id} state={self._state.lower()}>"  # type: ignore[attr-defined]
+        name = self._id or ("(submit refused)" if self.done() else "(submitting)")
+        return f"<faas.Future {name} state={self._state.lower()}>"  # type: ignore[attr-defined]
 
     def cancel(self) -> bool:
         """Cancel the invocation, also when it is already running.
@@ -132,7 +168,11 @@ class Future(concurrent.futures.Future[T], Generic[T]):
         if self.done():
             return False
         if self._canceller is not None:
-            self._canceller(self.invocation_id)
+            try:
+                invocation_id = self.invocation_id  # a pipelined submit: waits for its answer
+            except FaasError:
+                return False  # refused, so never started: the future holds why
+            self._canceller(invocation_id)
         return super().cancel()
 
     def _resolve(self, result: Result) -> None:

@@ -209,7 +209,7 @@ class ClientBase(ABC):
     def _unsupported(self, operation: str, reason: str) -> UnsupportedOperationError:
         return UnsupportedOperationError(type(self).__name__, operation, reason)
 
-    def _future(self, invocation_id: str) -> Future[Any]:
+    def _future(self, invocation_id: str | None) -> Future[Any]:
         return Future(invocation_id, self._cancel_future, self._phase, self._load_value)
 
     def _cancel_future(self, invocation_id: str) -> bool:

@@ -23,12 +23,13 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from faas._future import Future
 from faas._usage import GroupBy, UsageReport
 from faas.clients._base import ClientBase
+from faas.clients._http_errors import error_for_response
+from faas.clients._pipeline import SubmitPipeline, chunks
 from faas.clients._protocol import Calls
 from faas.clients._sharing import SharingCalls
 from faas.clients._watch import Watcher
 from faas.service._api import (
     FINAL_STATES,
-    MAX_BATCH,
     MAX_INLINE_BYTES,
     BatchRequest,
     BatchView,
@@ -43,25 +44,14 @@ from faas.service._api import (
 )
 from registry import FunctionSpec, ModelSpec, TriggerBinding
 from runtime import (
-    AuthError,
-    BackPressureError,
-    BindingError,
-    BudgetExceededError,
     ErrorInfo,
     FaasError,
-    ForbiddenError,
-    FunctionDefinitionError,
-    InvalidParameterError,
     NotFoundError,
     ObjectStore,
-    PayloadTooLargeError,
     PoolClosedError,
-    QuotaExceededError,
     Result,
-    SerializationError,
     ServiceError,
     SubmitError,
-    UnknownModelError,
     stage_args,
     store_from_config,
     tcp_transport,
@@ -74,20 +64,6 @@ log = logging.getLogger("faas.remote")
 
 M = TypeVar("M", bound=BaseModel)
 
-_SUBMIT_ERRORS: dict[str, type[SubmitError]] = {
-    cls.__name__: cls
-    for cls in (
-        SubmitError,
-        UnknownModelError,
-        SerializationError,
-        FunctionDefinitionError,
-        QuotaExceededError,
-        BackPressureError,
-        BindingError,
-        InvalidParameterError,
-        PayloadTooLargeError,
-    )
-}
 _FUNCTIONS = TypeAdapter(list[FunctionSpec])
 _MODELS = TypeAdapter(list[ModelSpec])
 _INVOCATIONS = TypeAdapter(list[InvocationView])
@@ -163,6 +139,7 @@ class RemoteClient(SharingCalls, ClientBase):
             reconnect_deadline=reconnect_deadline,
             label=self.label,
         )
+        self._pipeline = SubmitPipeline(self._send_batch, self._watcher.add)
         self._session: SessionInfo | None = None
         self._store: ObjectStore | None = None
 
@@ -215,15 +192,42 @@ class RemoteClient(SharingCalls, ClientBase):
         return self._post("/v1/functions", body, FunctionSpec)
 
     def submit(self, function: Function[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
-        """Validate, stage and submit one invocation; return its future.
+        """Validate and stage one invocation, queue it for sending, and return its future at once.
+
+        Submits are pipelined: one sender thread sends what has queued as
+        batch requests, so a loop of submits does not wait a round trip each.
+        What the service answers arrives on the future: ``invocation_id``
+        waits for the id it chose, and a refusal is raised by ``result()``
+        (and by ``invocation_id``) as the same typed error.
 
         Raises:
-            SubmitError: Bad or unpicklable arguments, an unknown model, or a
-                refusal by the service (QuotaExceededError, BackPressureError).
-            AuthError: The token is missing or wrong.
-            ServiceError: The service failed or could not be reached.
+            SubmitError: Bad or unpicklable arguments, or the function cannot be
+                registered (raised here, before anything is queued).
+            AuthError: The token is missing or wrong (on registering a new function).
+            PoolClosedError: This client has been shut down.
+
+        The future then raises, where the service refuses: SubmitError
+        (UnknownModelError, QuotaExceededError, BackPressureError, ...),
+        AuthError, or ServiceError when the service could not be reached.
         """
-        return self._submit(function, args, kwargs)
+        function.check_arguments(args, kwargs)
+        spec = self.register(function)
+        future = self._future(None)
+        self._pipeline.put(_ref(spec), self._item(function, args, kwargs), future)
+        return future
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every submit so far has been answered by the service (ids or refusals).
+
+        Returns:
+            False if ``timeout`` seconds passed first.
+        """
+        return self._pipeline.flush(timeout)
+
+    def _send_batch(self, function: str, items: list[Item]) -> list[str]:
+        """The pipeline's sending: one batch request; the ids in item order."""
+        body = BatchRequest(function=function, items=items)
+        return self._post("/v1/invocation-batches", body, BatchView).ids
 
     def _start_call(
         self, function: Function[Any], args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float | None
@@ -261,17 +265,12 @@ class RemoteClient(SharingCalls, ClientBase):
         if not calls:
             return
         spec = self.register(function)
-        for start in range(0, len(calls), MAX_BATCH):
-            chunk = calls[start : start + MAX_BATCH]
-            items = [self._item(function, args, kwargs) for args, kwargs in chunk]
-            view = self._post(
-                "/v1/invocation-batches", BatchRequest(function=_ref(spec), items=items), BatchView
-            )
-            if len(view.ids) != len(chunk):
-                raise ServiceError(
-                    f"{self.label} answered a batch of {len(chunk)} with {len(view.ids)} ids.", 500
-                )
-            new = [(i, self._future(i)) for i in view.ids]
+        items = [self._item(function, args, kwargs) for args, kwargs in calls]
+        for span in chunks(items):  # by count and by inline bytes, as the service takes them
+            ids = self._send_batch(_ref(spec), [items[n] for n in span])
+            if len(ids) != len(span):
+                raise ServiceError(f"{self.label} answered a batch of {len(span)} with {len(ids)} ids.", 500)
+            new = [(i, self._future(i)) for i in ids]
             futures.extend(f for _, f in new)
             self._watcher.add(new)
 
@@ -411,10 +410,14 @@ class RemoteClient(SharingCalls, ClientBase):
         return remove
 
     def shutdown(self) -> None:
-        """Stop watching (pending futures fail with PoolClosedError) and close the connections.
+        """Send queued submits, stop watching (pending futures fail with PoolClosedError), close.
 
         Invocations already submitted keep running in the service.
         """
+        with self._lock:
+            if self._closed:
+                return
+        self._pipeline.close(self.timeout)  # queued submits are sent first, or fail: never dropped
         with self._lock:
             if self._closed:
                 return
@@ -514,69 +517,6 @@ class RemoteClient(SharingCalls, ClientBase):
 
     def _error_for(self, response: httpx.Response) -> FaasError:
         return error_for_response(response, self.label)
-
-
-def error_for_response(response: httpx.Response, label: str = "the faas service") -> FaasError:
-    """The typed error for an error response of the service (its body must have been read).
-
-    401 gives AuthError, 403 ForbiddenError (an AuthError), 404 NotFoundError (UnknownModelError when the
-    service names it), 429 QuotaExceededError (or BackPressureError, or
-    BudgetExceededError with ``retry_after`` from ``Retry-After``, when the
-    service names it), 400/413/422 SubmitError or the subclass the service
-    names, 503 PoolClosedError, anything else ServiceError. The message is
-    the service's own; every error carries the status as ``status_code``.
-    """
-    status = response.status_code
-    type_name, message = _error_body(response, label)
-    error: FaasError
-    if status == 403:
-        error = ForbiddenError(message, status)
-    elif status == 401:
-        error = AuthError(message, status)
-    elif status == 404 and type_name == UnknownModelError.__name__:  # a SubmitError and a LookupError
-        error = UnknownModelError(message)
-    elif status == 404:
-        error = NotFoundError(message, status)
-    elif status == 429 and type_name == BudgetExceededError.__name__:
-        error = BudgetExceededError(message, retry_after=_retry_after(response))
-    elif status == 429:
-        error = (
-            BackPressureError(message) if type_name == "BackPressureError" else QuotaExceededError(message)
-        )
-    elif status in (400, 413, 422):
-        error = _SUBMIT_ERRORS.get(type_name, SubmitError)(message)
-    elif status == 503:
-        error = PoolClosedError(message)
-    else:
-        error = ServiceError(message, status)
-    if not isinstance(error, ServiceError):
-        setattr(error, "status_code", status)  # noqa: B010 (not a declared attribute of these types)
-    return error
-
-
-def _retry_after(response: httpx.Response) -> float:
-    try:
-        return max(0.0, float(response.headers.get("retry-after", "0")))
-    except ValueError:  # an HTTP date: not what this service sends
-        return 0.0
-
-
-def _error_body(response: httpx.Response, label: str) -> tuple[str, str]:
-    request = response.request
-    where = f"{request.method} {request.url.path}"
-    fallback = f"{label} answered HTTP {response.status_code} to {where}"
-    try:
-        body = response.json()
-    except ValueError:
-        text = response.text.strip()
-        return "", f"{fallback}: {text[:500]}" if text else f"{fallback}."
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        error = body["error"]
-        message = str(error.get("message") or "").strip()
-        return str(error.get("type") or ""), message or f"{fallback}."
-    if isinstance(body, dict) and "detail" in body:  # FastAPI's own validation errors
-        return "", f"{fallback}: {body['detail']}"
-    return "", f"{fallback}: {str(body)[:500]}"
 
 
 def _ref(spec: FunctionSpec) -> str:

@@ -219,7 +219,7 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
                 waiter.set_result(view)
 
         listener = _listener(loop, put)
-        item = Item(args=body.args, refs=body.refs)
+        item = Item(args=body.args, refs=body.refs, priority=body.priority)  # the call's own priority
 
         def accept() -> tuple[str, list[ResultView]]:
             # One trip to the thread pool: accept, and listen before the result can arrive.

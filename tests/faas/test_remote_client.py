@@ -16,6 +16,8 @@ import concurrent.futures
 import contextlib
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -29,6 +31,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 import faas
 import faas.clients._default
+from faas.clients._pipeline import chunks
 from faas.service._api import (
     FINAL_STATES,
     BatchRequest,
@@ -54,6 +57,11 @@ from tests.faas._service_helpers import count_requests
 from tests.warmpool._pool_helpers import wait_for
 
 TOKEN = "stub-secret-token-5f1e2d3c"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def plausible(invocation_id: str) -> bool:
+    return invocation_id.isalnum() and len(invocation_id) >= 16
 
 
 @faas.function()
@@ -102,6 +110,9 @@ class StubService:
         self.open_watches = 0
         self.cancelled: list[str] = []
         self.items: list[Item] = []
+        self.batch_sizes: list[int] = []
+        self.batch_gate = threading.Event()  # batch requests wait here while it is clear
+        self.batch_gate.set()
         self.runner = concurrent.futures.ThreadPoolExecutor(32)
         self.app = self._app()
 
@@ -193,8 +204,13 @@ class StubService:
                 await asyncio.sleep(0.002)
             return stub._view(invocation_id)
 
-        @app.post("/v1/invocation-batches")
-        def batch(body: BatchRequest) -> BatchView:
+        @app.post("/v1/invocation-batches", response_model=None)
+        def batch(body: BatchRequest) -> BatchView | Response:
+            if stub.fail_submit is not None:
+                return error(*stub.fail_submit)
+            if not stub.batch_gate.wait(30):
+                return error(503, "PoolClosedError", "The test never opened the gate.")
+            stub.batch_sizes.append(len(body.items))
             ids = [stub._start(body.function, item) for item in body.items]
             return BatchView(batch_id=new_id(), ids=ids)
 
@@ -283,6 +299,7 @@ def stub(stub_service: tuple[StubService, str]) -> Iterator[StubService]:
     service = stub_service[0]
     yield service
     service.release.set()
+    service.batch_gate.set()
     service.fail_submit = None
     service.watch_unavailable = 0
     service.watch_always_unavailable = False
@@ -335,6 +352,76 @@ def test_map_of_2000_uses_batches_and_streams(client: faas.RemoteClient) -> None
     assert counter.count("POST /v1/invocation-batches") == 2
     assert counter.count("GET /v1/invocations/{id}") == 0
     assert counter.total <= 10, counter.by_route
+
+
+def test_a_loop_of_submits_is_pipelined_into_batches(client: faas.RemoteClient, stub: StubService) -> None:
+    fn = add.with_client(client)
+    fn.remote(0, 0)  # session and registration happen once
+    stub.batch_sizes.clear()
+    stub.batch_gate.clear()  # the first batch waits on the wire while the loop goes on
+    with count_requests(client) as counter:
+        futures = [fn.submit(i, i) for i in range(600)]  # returns at once: nothing is answered yet
+        assert wait_for(lambda: len(stub.batch_sizes) == 0 and not futures[0].done(), timeout=5)
+        stub.batch_gate.set()
+        ids = [f.invocation_id for f in futures]  # waits for the answers
+    assert [f.result(timeout=30) for f in futures] == [2 * i for i in range(600)]
+    assert len(set(ids)) == 600
+    assert sum(stub.batch_sizes) == 600
+    # The first request took what had queued when it left (a few); the rest went as one batch.
+    assert counter.count("POST /v1/invocation-batches") == len(stub.batch_sizes) <= 3, stub.batch_sizes
+    assert counter.count("POST /v1/invocations") == 0
+
+
+def test_batches_are_cut_by_count_and_by_inline_bytes() -> None:
+    items = [Item(args=b"x" * 10) for _ in range(5)]
+    assert list(chunks(items, max_items=3, max_bytes=25)) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert list(chunks(items, max_items=2, max_bytes=1000)) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert list(chunks([Item(args=b"x" * 50)], max_items=3, max_bytes=25)) == [range(0, 1)]
+    assert list(chunks([])) == []
+
+
+def test_shutdown_sends_the_queued_submits_first(
+    make_client: Callable[..., faas.RemoteClient], stub: StubService
+) -> None:
+    client = make_client()
+    fn = add.with_client(client)
+    fn.remote(0, 0)
+    before = len(stub.items)
+    stub.batch_gate.clear()
+    futures = [fn.submit(i, 1) for i in range(100)]
+    closer = threading.Thread(target=client.shutdown)
+    closer.start()
+    assert wait_for(lambda: closer.is_alive() and not futures[-1].done(), timeout=5)
+    stub.batch_gate.set()
+    closer.join(30)
+    assert not closer.is_alive()
+    assert len(stub.items) - before == 100  # every queued submit reached the service
+    assert all(plausible(f.invocation_id) for f in futures)
+    with pytest.raises(faas.PoolClosedError):
+        fn.submit(1, 1)
+
+
+def test_a_script_that_submits_and_exits_still_sends_them(
+    stub_service: tuple[StubService, str], tmp_path: Path
+) -> None:
+    stub, url = stub_service
+    before = len(stub.items)
+    script = tmp_path / "fire_and_forget.py"
+    script.write_text(
+        "import faas\n"
+        "@faas.function()\n"
+        "def double(x: int) -> int:\n"
+        "    return 2 * x\n"
+        f"client = faas.RemoteClient({url!r}, token={TOKEN!r})\n"
+        "futures = [double.with_client(client).submit(i) for i in range(50)]\n"
+        "print('submitted', len(futures))\n"  # and exits without waiting or shutting down
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "submitted 50" in done.stdout
+    assert len(stub.items) - before == 50
 
 
 def test_map_return_exceptions_keeps_order(client: faas.RemoteClient) -> None:
@@ -506,11 +593,18 @@ def test_error_mapping(
 ) -> None:
     message = f"The service says no ({status})."
     stub.fail_submit = (status, type_name, message)
+    fn = add.with_client(client)
     with pytest.raises(expected) as info:
-        add.with_client(client).submit(1, 2)
-    assert type(info.value) is expected
-    assert message in str(info.value)
-    assert getattr(info.value, "status_code", None) == status
+        fn.remote(1, 2)  # synchronous: raised by the call
+    future = fn.submit(1, 2)  # pipelined: the same error arrives on the future
+    refusal = future.exception(timeout=10)
+    for error in (info.value, refusal):
+        assert type(error) is expected
+        assert message in str(error)
+        assert getattr(error, "status_code", None) == status
+    with pytest.raises(expected):
+        future.invocation_id  # noqa: B018 (the refused submit has no id; reading it says why)
+    assert future.cancel() is False
 
 
 def test_tokens_never_show(
