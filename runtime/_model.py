@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import http.client
 import itertools
+import json
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,7 +56,7 @@ from runtime._model_results import (
     TextStream,
     hidden_states_array,
 )
-from runtime._net import tcp_transport
+from runtime._net import KeepAlivePosts, tcp_transport
 from runtime._policy import call_record, guard
 from runtime._sampling import (
     SamplingParams,
@@ -123,6 +125,9 @@ class Model(OpenAIRoutes):
             transport=transport
             or tcp_transport(httpx.Limits(max_connections=512, max_keepalive_connections=512)),
         )
+        # Plain calls skip httpx's pool: one keep-alive connection per thread (see KeepAlivePosts).
+        plain = transport is None and self.url.startswith("http://")
+        self._posts = KeepAlivePosts(self.url, timeout=timeout) if plain else None
         self._lock = threading.Lock()
         self._active: set[str] = set()  # shared with bind() clones, for abort_prefix()
         self._priority: int | None = None  # set by bind() from the invocation's priority
@@ -135,6 +140,8 @@ class Model(OpenAIRoutes):
     def close(self) -> None:
         """Close the keep-alive connections."""
         self._client.close()
+        if self._posts is not None:
+            self._posts.close()
 
     def bind(self, request_prefix: str, *, priority: int | None = None) -> Model:
         """A handle sharing this one's connections whose request ids start with ``request_prefix``.
@@ -505,16 +512,37 @@ class Model(OpenAIRoutes):
             self._guard(path, body)
         body = self._with_priority(body)
         started = time.time()
-        try:
-            response = self._client.post(path, json=body)
-            if lora is not None and self._adapters.missing(lora, response, self._client, self.name):
-                response = self._client.post(path, json=body)  # the engine lost it: loaded again
-        except httpx.TransportError as exc:
-            raise self._unreachable(exc) from exc
-        self._raise_for_status(path, response)
-        data = response.json()
+        if self._posts is not None and lora is None:
+            data = self._post_plain(path, body)
+        else:
+            try:
+                response = self._client.post(path, json=body)
+                if lora is not None and self._adapters.missing(lora, response, self._client, self.name):
+                    response = self._client.post(path, json=body)  # the engine lost it: loaded again
+            except httpx.TransportError as exc:
+                raise self._unreachable(exc) from exc
+            self._raise_for_status(path, response)
+            data = response.json()
         self.calls.append(call_record(path, body, data, started, internals) | call_fields(lora))
         return data
+
+    def _post_plain(self, path: str, body: dict[str, Any]) -> Any:
+        assert self._posts is not None
+        try:
+            status, payload, headers = self._posts.post(path, body)
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._unreachable(exc) from exc
+        if status >= 400:  # the rare path: the typed error from the same reading of the body
+            request = httpx.Request("POST", self.url + path)
+            answer = httpx.Response(status, headers=headers, content=payload, request=request)
+            self._raise_for_status(path, answer)
+        try:
+            return json.loads(payload)
+        except ValueError:
+            raise EngineError(
+                f"The engine for model {self.name!r} answered {path} with a body that is not JSON: "
+                f"{payload[:200]!r}"
+            ) from None
 
     def _stream(
         self, path: str, body: dict[str, Any], rids: list[str], decoder: Any, lora: AdapterRef | None = None

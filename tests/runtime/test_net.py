@@ -1,0 +1,113 @@
+"""KeepAlivePosts (the Model handle's plain path) against a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from runtime import EngineLost, EngineRejectedError, Model
+from runtime._net import KeepAlivePosts
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive
+    server: _Server
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.bodies.append(body)
+        status = 400 if body.get("bad") else 200
+        answer = {"error": {"message": "no such thing"}} if status == 400 else {"echo": body, "text": "ok"}
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        if self.server.drop_after_answer:
+            self.close_connection = True  # as a server closing an idle connection: no header says so
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.bodies: list[dict[str, object]] = []
+        self.connections = 0
+        self.drop_after_answer = False
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        self.connections += 1
+        return super().get_request()
+
+
+@pytest.fixture
+def server() -> Iterator[_Server]:
+    srv = _Server()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _url(srv: _Server) -> str:
+    return f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+def test_one_connection_per_thread_is_kept_alive(server: _Server) -> None:
+    posts = KeepAlivePosts(_url(server), timeout=10)
+    for i in range(20):
+        status, payload, _ = posts.post("/generate", {"i": i, "text": "é"})
+        assert status == 200 and json.loads(payload)["echo"] == {"i": i, "text": "é"}
+    assert server.connections == 1
+
+    def four() -> None:
+        for i in range(4):
+            posts.post("/generate", {"i": i})
+
+    threads = [threading.Thread(target=four) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert server.connections == 1 + 3
+    posts.close()
+    with pytest.raises(OSError):
+        posts.post("/generate", {})  # this thread's connection was closed; no new one opens
+
+
+def test_a_connection_closed_while_idle_is_reopened_once(server: _Server) -> None:
+    posts = KeepAlivePosts(_url(server), timeout=10)
+    server.drop_after_answer = True
+    for i in range(3):
+        assert posts.post("/generate", {"i": i})[0] == 200
+    assert [b["i"] for b in server.bodies] == [0, 1, 2]  # each sent once
+    assert server.connections == 3
+
+
+def test_the_model_handle_maps_answers_and_failures(server: _Server) -> None:
+    model = Model(_url(server), "stub")
+    assert model._post("/generate", {"text": "hi"}, checked=True)["text"] == "ok"
+    with pytest.raises(EngineRejectedError, match="HTTP 400: no such thing"):
+        model._post("/generate", {"bad": True}, checked=True)
+    model.close()
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(EngineLost, match="unreachable"):
+        Model(f"http://127.0.0.1:{port}", "gone")._post("/generate", {}, checked=True)
+
+
+def test_only_plain_http_urls() -> None:
+    with pytest.raises(ValueError, match="plain http"):
+        KeepAlivePosts("https://example.org", timeout=1)
