@@ -20,9 +20,11 @@ writer is closed, and ``flush()`` reports what could not be written.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -217,6 +219,35 @@ class RecordStore:
         """Record an already built ResultRecord; False (and nothing written) if one exists."""
         return self._commit(self.key(record.invocation_id, "result"), record)
 
+    def write_many(self, entries: Sequence[tuple[str, BaseModel | bytes]]) -> list[bool]:
+        """Commit-once writes of several records (or raw objects) at once; a flag per entry as ``_commit``.
+
+        A store that groups writes (``put_many``: the local filesystem) makes them
+        durable with one flush to disk; any other store gets them one by one.
+        """
+        put_many = getattr(self.store, "put_many", None)
+        if put_many is None or len(entries) < 2:
+            return [self._commit_any(key, value) for key, value in entries]
+        data = [
+            (k, v if isinstance(v, bytes) else v.model_dump_json(exclude_none=True).encode())
+            for k, v in entries
+        ]
+        fresh: list[bool] = put_many(data, if_absent=True)
+        # One already there: a record is checked whole (else replaced) as in _commit; raw objects are kept.
+        return [
+            new or (not isinstance(v, bytes) and self._commit(k, v))
+            for (k, v), new in zip(entries, fresh, strict=True)
+        ]
+
+    def _commit_any(self, key: str, value: BaseModel | bytes) -> bool:
+        if not isinstance(value, bytes):
+            return self._commit(key, value)
+        try:
+            self.store.put(key, value, if_absent=True)
+        except ObjectExists:
+            return False
+        return True
+
     def _commit(self, key: str, record: BaseModel) -> bool:
         data = record.model_dump_json(exclude_none=True).encode()
         try:
@@ -309,14 +340,25 @@ class RecordWriter:
         threads: Writer threads.
         max_pending: Records queued before producers wait.
         retry_delay: First pause after a failed write; doubles up to 10 s.
+        group: Most records a thread writes at once: what queued while it
+            wrote the last group goes out together, with one flush to disk on a
+            store that groups writes (group commit; a retry rewrites the whole
+            group, and commit-once keeps what was already written).
     """
 
     def __init__(
-        self, records: RecordStore, *, threads: int = 2, max_pending: int = 10_000, retry_delay: float = 0.2
+        self,
+        records: RecordStore,
+        *,
+        threads: int = 2,
+        max_pending: int = 10_000,
+        retry_delay: float = 0.2,
+        group: int = 256,
     ) -> None:
         self.records = records
         self._retry_delay = retry_delay
         self._max_pending = max_pending
+        self._group = group
         self._queues: list[collections.deque[_Item]] = [collections.deque() for _ in range(threads)]
         self._cond = threading.Condition()
         self._pending = 0  # queued or being written
@@ -351,17 +393,22 @@ class RecordWriter:
         """Queue a commit-once object of ``invocation_id`` (written after its records queued before it)."""
         self._put(invocation_id, (key, data))
 
-    def _write(self, item: _Item) -> None:
-        if isinstance(item, tuple):
-            try:
-                self.records.store.put(item[0], item[1], if_absent=True)
-            except ObjectExists:
-                log.info("%s was already written; kept the first.", item[0])
-        elif isinstance(item, Invocation):
-            if not self.records.write_request(item):
-                log.warning("Invocation %s was already recorded; kept the first request record.", item.id)
-        elif not self.records.write_result(item):
-            log.warning("Invocation %s already has a result record; kept the first.", item.invocation_id)
+    def _write(self, items: list[_Item]) -> None:
+        """Write queued items together (one flush to disk where the store groups writes)."""
+        entries: list[tuple[str, BaseModel | bytes]] = []
+        for item in items:
+            if isinstance(item, tuple):
+                entries.append(item)
+            elif isinstance(item, Invocation):
+                entries.append((self.records.key(item.id, "request"), RequestRecord.of(item)))
+            else:
+                entries.append((self.records.key(item.invocation_id, "result"), ResultRecord.of(item)))
+        flags = self.records.write_many(entries)
+        for item, (key, _), new in zip(items, entries, flags, strict=True):
+            if not new and isinstance(item, tuple):
+                log.info("%s was already written; kept the first.", key)
+            elif not new:
+                log.warning("%s was already recorded; kept the first.", key)
 
     def _run(self, queue: collections.deque[_Item]) -> None:
         delay = self._retry_delay
@@ -371,9 +418,9 @@ class RecordWriter:
                     self._cond.wait()
                 if not queue:
                     return
-                item = queue[0]
+                items = list(itertools.islice(queue, self._group))  # left queued until written
             try:
-                self._write(item)
+                self._write(items)
             except Exception as exc:
                 failure = exc if isinstance(exc, StoreError) else StoreError(f"{type(exc).__name__}: {exc}")
                 with self._cond:
@@ -385,8 +432,9 @@ class RecordWriter:
                     log.error("Could not write an invocation record while closing: %s", failure)
             delay = self._retry_delay
             with self._cond:
-                queue.popleft()
-                self._pending -= 1
+                for _ in items:
+                    queue.popleft()
+                self._pending -= len(items)
                 self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> None:

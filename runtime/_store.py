@@ -8,6 +8,7 @@ from it, and is rebuilt from ``config()`` by :func:`store_from_config`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import mmap
 import os
@@ -265,6 +266,54 @@ class LocalStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
+    def put_many(self, entries: Sequence[tuple[str, bytes]], *, if_absent: bool = False) -> list[bool]:
+        """Write several small objects with one flush to disk for all of them (group commit).
+
+        Each object is written to a temporary file, then one ``syncfs`` makes
+        all of them durable at once (``fsync`` of each where that call is
+        missing), then each is linked (or renamed) into place: as durable and
+        as atomic as ``put``, for a fraction of the disk flushes.
+
+        Returns:
+            One flag per entry: False where ``if_absent`` found an object already there
+            (that entry was not written).
+
+        Raises:
+            StoreError: The filesystem failed; some entries may be in place, none is half-written.
+        """
+        written: list[tuple[int, Path, str]] = []
+        try:
+            for key, data in entries:
+                path = self._path(key)
+                self._mkdirs(path.parent)
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                written.append((fd, path, tmp))
+                if self._ids is not None:
+                    os.fchown(fd, *self._ids)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            _flush_to_disk(self.root, [fd for fd, _, _ in written])
+            out = []
+            for _, path, tmp in written:
+                if not if_absent:
+                    os.replace(tmp, path)
+                    out.append(True)
+                    continue
+                try:
+                    os.link(tmp, path)
+                    out.append(True)
+                except FileExistsError:
+                    out.append(False)
+            return out
+        except OSError as exc:
+            raise StoreError(f"Writing {len(entries)} objects to {self!r} failed: {exc}") from exc
+        finally:
+            for fd, _, tmp in written:
+                os.close(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
     def get(self, key: str, *, sha256: str | None = None) -> bytes:
         """Return the bytes under ``key``, checked against ``sha256`` when given."""
         try:
@@ -381,6 +430,37 @@ class LocalStore:
         if unknown:
             raise ValueError(f"unknown file store options {sorted(unknown)}")
         return cls(options["root"], owner=options.get("owner"))
+
+
+def _syncfs() -> Callable[[int], int] | None:
+    """Linux's ``syncfs(fd)``, or None where libc has no such call."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int]
+    return call  # type: ignore[no-any-return]
+
+
+_SYNCFS = _syncfs()
+
+
+def _flush_to_disk(root: Path, fds: Sequence[int]) -> None:
+    """Make the written files durable: one ``syncfs`` for the filesystem, else one ``fsync`` each."""
+    if not fds:
+        return
+    if _SYNCFS is not None and len(fds) > 1:
+        dirfd = os.open(root, os.O_RDONLY)
+        try:
+            if _SYNCFS(dirfd) == 0:
+                return
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"syncfs failed: {os.strerror(errno)}")
+        finally:
+            os.close(dirfd)
+    for fd in fds:
+        os.fsync(fd)
 
 
 def _owner_ids(owner: str | None) -> tuple[int, int] | None:

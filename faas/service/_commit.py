@@ -3,9 +3,10 @@
 Results arrive from the pool one by one; one committer thread takes whatever
 has arrived, builds each result's provenance and record, and commits them all
 in one SQLite transaction (group commit: one WAL write for many results). Only
-then are waiting clients told. The store's commit-once result record is
-written afterwards by a few recorder threads, retried until the store takes
-it; the index keeps the record until then, so a restart writes what a crash
+then are waiting clients told. The store's commit-once result records (and
+usage rows) of a batch are written afterwards as one group per tenant by a few
+recorder threads (one flush to disk for the group on a local store), retried
+until the store takes them; the index keeps the record until then, so a restart writes what a crash
 left unwritten. The first result of an id wins everywhere: a second one (a
 rerun after a crash, a late duplicate) changes neither the index nor the store.
 """
@@ -19,11 +20,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from faas._usage import UsageRow, usage_row, write_usage
+from pydantic import BaseModel
+
+from faas._usage import UsageRow, usage_key, usage_row
 from faas.service._api import ResultView
 from faas.service._index import Index
 from faas.service._state import Pending, TenantState, view_of
-from runtime import Result, ResultRecord, StoreError
+from runtime import RecordStore, Result, ResultRecord, StoreError
 from warmpool import ensure_provenance
 
 log = logging.getLogger("faas.service")
@@ -72,7 +75,7 @@ class ResultCommitter:
 
     def record_later(self, ts: TenantState, record: ResultRecord) -> None:
         """Write a result record the index already holds (after a restart)."""
-        self._recorders.submit(self._record, ts, record)
+        self._recorders.submit(self._record, ts, [(record, None)])
 
     def close(self, timeout: float = 30.0) -> None:
         """Commit what is queued, stop, and give the recorders ``timeout`` seconds to finish."""
@@ -123,14 +126,17 @@ class ResultCommitter:
         )
         out = []
         charged = []
+        to_record: dict[int, tuple[TenantState, list[tuple[ResultRecord, UsageRow | None]]]] = {}
         for (ts, pending, _result), record, row, first in zip(batch, records, usage, won, strict=True):
             if first:
-                self._recorders.submit(self._record, ts, record, row)
+                to_record.setdefault(id(ts), (ts, []))[1].append((record, row))
                 out.append((ts, pending, view_of(record), True))
                 if row is not None:
                     charged.append(row)
             else:
                 out.append((ts, pending, self._existing(ts, record.invocation_id), False))
+        for ts, items in to_record.values():  # one group write per tenant's store
+            self._recorders.submit(self._record, ts, items)
         if charged and self._on_usage is not None:
             try:
                 self._on_usage(charged)
@@ -147,20 +153,26 @@ class ResultCommitter:
             raise StoreError(f"Invocation {invocation_id} is finished but its result record is missing.")
         return view_of(stored)
 
-    def _record(self, ts: TenantState, record: ResultRecord, usage: UsageRow | None = None) -> None:
+    def _record(self, ts: TenantState, items: list[tuple[ResultRecord, UsageRow | None]]) -> None:
+        """Write the store copies of committed results (and their usage rows) as one group."""
+        entries: list[tuple[str, BaseModel | bytes]] = [
+            (RecordStore.key(record.invocation_id, "result"), record) for record, _ in items
+        ]
+        # The tenant's own copy of its ledger rows (the index has them already).
+        entries += [(usage_key(row), row.model_dump_json().encode()) for _, row in items if row is not None]
         delay = 0.1
         while True:
             try:
-                if not ts.records.write_result_record(record):
-                    log.info("Invocation %s already had a store record; kept it.", record.invocation_id)
-                if usage is not None:  # the tenant's own copy of its ledger row (the index has it already)
-                    write_usage(ts.store, usage)
-                self.index.mark_recorded([record.invocation_id])
+                written = ts.records.write_many(entries)
+                for (record, _), new in zip(items, written, strict=False):
+                    if not new:
+                        log.info("Invocation %s already had a store record; kept it.", record.invocation_id)
+                self.index.mark_recorded([record.invocation_id for record, _ in items])
                 return
             except StoreError as exc:
                 if self._closing.is_set():
-                    log.warning("Result record of %s left for the next start: %s", record.invocation_id, exc)
+                    log.warning("%d result records left for the next start: %s", len(items), exc)
                     return
-                log.warning("Result record of %s not written yet (%s); retrying.", record.invocation_id, exc)
-            time.sleep(delay)  # the store is down; the index keeps the result meanwhile
+                log.warning("%d result records not written yet (%s); retrying.", len(items), exc)
+            time.sleep(delay)  # the store is down; the index keeps the results meanwhile
             delay = min(delay * 2, 5.0)
