@@ -172,12 +172,18 @@ class Index:
         return won
 
     def mark_recorded(self, invocation_ids: list[str]) -> None:
-        """The store holds these results' records now: drop the local copies."""
+        """The store holds these results' records now: drop the local copies (one transaction)."""
         with self._lock:
-            self._db.executemany(
-                "UPDATE invocations SET recorded = 1, result = NULL WHERE id = ?",
-                [(i,) for i in invocation_ids],
-            )
+            self._db.execute("BEGIN")  # autocommit would make each row its own transaction
+            try:
+                self._db.executemany(
+                    "UPDATE invocations SET recorded = 1, result = NULL WHERE id = ?",
+                    [(i,) for i in invocation_ids],
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def unrecorded(self) -> list[Row]:
         """Finished invocations whose result record is not in the store yet."""
