@@ -360,13 +360,16 @@ class RecordWriter:
         self._max_pending = max_pending
         self._group = group
         self._queues: list[collections.deque[_Item]] = [collections.deque() for _ in range(threads)]
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # flushers and back-pressured producers wait here
+        # One condition per writer thread: a put wakes only the thread that will write it.
+        self._ready = [threading.Condition(lock) for _ in self._queues]
         self._pending = 0  # queued or being written
         self._failure: StoreError | None = None
         self._closed = False
         self._threads = [
-            threading.Thread(target=self._run, args=(q,), name=f"faas-records-{i}", daemon=True)
-            for i, q in enumerate(self._queues)
+            threading.Thread(target=self._run, args=(q, r), name=f"faas-records-{i}", daemon=True)
+            for i, (q, r) in enumerate(zip(self._queues, self._ready, strict=True))
         ]
         for thread in self._threads:
             thread.start()
@@ -385,9 +388,10 @@ class RecordWriter:
                 self._cond.wait()  # back-pressure: the store is slower than the submitters
             if self._closed:
                 raise StoreError("The record writer is closed; the record was not queued.")
-            self._queues[hash(invocation_id) % len(self._queues)].append(item)
+            n = hash(invocation_id) % len(self._queues)
+            self._queues[n].append(item)
             self._pending += 1
-            self._cond.notify_all()
+            self._ready[n].notify()
 
     def put_once(self, invocation_id: str, key: str, data: bytes) -> None:
         """Queue a commit-once object of ``invocation_id`` (written after its records queued before it)."""
@@ -410,12 +414,12 @@ class RecordWriter:
             elif not new:
                 log.warning("%s was already recorded; kept the first.", key)
 
-    def _run(self, queue: collections.deque[_Item]) -> None:
+    def _run(self, queue: collections.deque[_Item], ready: threading.Condition) -> None:
         delay = self._retry_delay
         while True:
-            with self._cond:
+            with ready:
                 while not queue and not self._closed:
-                    self._cond.wait()
+                    ready.wait()
                 if not queue:
                     return
                 items = list(itertools.islice(queue, self._group))  # left queued until written
@@ -423,10 +427,10 @@ class RecordWriter:
                 self._write(items)
             except Exception as exc:
                 failure = exc if isinstance(exc, StoreError) else StoreError(f"{type(exc).__name__}: {exc}")
-                with self._cond:
+                with ready:
                     self._failure = failure
                     if not self._closed:
-                        self._cond.wait(delay)  # then retry; close() wakes us to give up sooner
+                        ready.wait(delay)  # then retry; close() wakes us to give up sooner
                         delay = min(delay * 2, 10.0)
                         continue
                     log.error("Could not write an invocation record while closing: %s", failure)
@@ -466,5 +470,7 @@ class RecordWriter:
             with self._cond:
                 self._closed = True
                 self._cond.notify_all()
+                for ready in self._ready:
+                    ready.notify_all()
             for thread in self._threads:
                 thread.join(timeout)

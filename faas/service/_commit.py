@@ -13,12 +13,12 @@ rerun after a crash, a late duplicate) changes neither the index nor the store.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import BaseModel
 
@@ -33,6 +33,7 @@ log = logging.getLogger("faas.service")
 
 Committed = Callable[[list[tuple[TenantState, Pending, ResultView, bool]]], None]
 Charged = Callable[[list[UsageRow]], None]
+_Recording = tuple[TenantState, ResultRecord, UsageRow | None]
 _STOP = object()
 
 
@@ -64,8 +65,18 @@ class ResultCommitter:
         self._on_usage = on_usage
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._recorders = ThreadPoolExecutor(record_threads, thread_name_prefix="faas-record")
+        # Results waiting for their store records. A recorder takes all that waits at once: a busy
+        # one needs no wake-up per batch (each wake-up of an idle thread cost as much as the batch).
+        self._to_record: collections.deque[_Recording] = collections.deque()
+        self._record_cond = threading.Condition()
+        self._recorders_stop = False
         self._closing = threading.Event()
+        self._recorders = [
+            threading.Thread(target=self._record_loop, name=f"faas-record-{n}", daemon=True)
+            for n in range(record_threads)
+        ]
+        for thread in self._recorders:
+            thread.start()
         self._thread = threading.Thread(target=self._run, name="faas-commit", daemon=True)
         self._thread.start()
 
@@ -75,14 +86,37 @@ class ResultCommitter:
 
     def record_later(self, ts: TenantState, record: ResultRecord) -> None:
         """Write a result record the index already holds (after a restart)."""
-        self._recorders.submit(self._record, ts, [(record, None)])
+        self._enqueue([(ts, record, None)])
 
     def close(self, timeout: float = 30.0) -> None:
         """Commit what is queued, stop, and give the recorders ``timeout`` seconds to finish."""
         self._queue.put(_STOP)
         self._thread.join(timeout)
         self._closing.set()  # recorders still failing give up; the next start writes their records
-        self._recorders.shutdown(wait=True)
+        with self._record_cond:
+            self._recorders_stop = True
+            self._record_cond.notify_all()
+        for thread in self._recorders:
+            thread.join(timeout)
+
+    def _enqueue(self, items: list[_Recording]) -> None:
+        with self._record_cond:
+            self._to_record.extend(items)
+            self._record_cond.notify()
+
+    def _record_loop(self) -> None:
+        while True:
+            with self._record_cond:
+                while not self._to_record and not self._recorders_stop:
+                    self._record_cond.wait()
+                if not self._to_record:
+                    return  # stopping, and everything was written (or given up on while closing)
+                taken = [self._to_record.popleft() for _ in range(min(len(self._to_record), 1024))]
+            by_tenant: dict[int, tuple[TenantState, list[tuple[ResultRecord, UsageRow | None]]]] = {}
+            for ts, record, row in taken:  # one group write per tenant's store
+                by_tenant.setdefault(id(ts), (ts, []))[1].append((record, row))
+            for ts, items in by_tenant.values():
+                self._record(ts, items)
 
     def _run(self) -> None:
         while True:
@@ -126,17 +160,16 @@ class ResultCommitter:
         )
         out = []
         charged = []
-        to_record: dict[int, tuple[TenantState, list[tuple[ResultRecord, UsageRow | None]]]] = {}
+        to_record: list[_Recording] = []
         for (ts, pending, _result), record, row, first in zip(batch, records, usage, won, strict=True):
             if first:
-                to_record.setdefault(id(ts), (ts, []))[1].append((record, row))
+                to_record.append((ts, record, row))
                 out.append((ts, pending, view_of(record), True))
                 if row is not None:
                     charged.append(row)
             else:
                 out.append((ts, pending, self._existing(ts, record.invocation_id), False))
-        for ts, items in to_record.values():  # one group write per tenant's store
-            self._recorders.submit(self._record, ts, items)
+        self._enqueue(to_record)
         if charged and self._on_usage is not None:
             try:
                 self._on_usage(charged)

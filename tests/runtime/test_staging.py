@@ -372,12 +372,19 @@ class FlakyStore(LocalStore):
         self.failures = failures
         self.lock = threading.Lock()
 
-    def put(self, key: str, data: bytes, **kw: Any) -> None:
+    def _fail(self) -> None:
         with self.lock:
             if self.failures > 0:
                 self.failures -= 1
                 raise StoreError("Injected failure.")
+
+    def put(self, key: str, data: bytes, **kw: Any) -> None:
+        self._fail()
         super().put(key, data, **kw)
+
+    def put_many(self, entries: Any, **kw: Any) -> list[bool]:  # a group write fails as a whole
+        self._fail()
+        return super().put_many(entries, **kw)
 
 
 def test_record_writer_retries_and_never_drops(tmp_path: Path) -> None:
