@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
-import threading
-import weakref
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,30 +24,34 @@ def tcp_transport(limits: httpx.Limits) -> httpx.HTTPTransport:
 
 
 class KeepAlivePosts:
-    """JSON POSTs over one plain keep-alive HTTP/1.1 connection per calling thread.
+    """JSON POSTs over plain keep-alive HTTP/1.1 connections, taken from a stack of idle ones.
 
     The ``Model`` handle's calls from a worker's hundred threads go here:
     httpx's pool takes one lock and scans every connection per request, and in a
     worker that cost more CPU than the rest of an invocation (measured with
-    py-spy: 70% of a worker's busy time, a fifth of it in that lock). One
-    ``http.client`` connection per thread needs no lock at all.
+    py-spy: 70% of a worker's busy time, a fifth of it in that lock). Here a
+    call pops an idle ``http.client`` connection (or opens one) and pushes it
+    back when the answer is read: no lock (``list.pop``/``append`` are atomic),
+    no scan, and as many connections as calls at once, whichever threads make them.
 
     Args:
         url: ``http://host:port`` (https is left to httpx).
         timeout: Seconds a response may take.
         connect_timeout: Seconds a connection may take to open.
+        max_idle: Idle connections kept; more are closed when they come back.
     """
 
-    def __init__(self, url: str, *, timeout: float, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, *, timeout: float, connect_timeout: float = 10.0, max_idle: int = 512
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"KeepAlivePosts speaks plain http to a host; got {url!r}.")
         self._host, self._port = parts.hostname, parts.port or 80
         self._base = parts.path.rstrip("/")
         self._timeout, self._connect_timeout = timeout, connect_timeout
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._open: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._max_idle = max_idle
+        self._idle: list[_Connection] = []
         self._closed = False
 
     def post(self, path: str, body: Any) -> tuple[int, bytes, list[tuple[str, str]]]:
@@ -64,48 +67,40 @@ class KeepAlivePosts:
         data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         headers = {"Content-Type": "application/json", "Content-Length": str(len(data))}
         for attempt in (0, 1):
-            conn, reused = self._connection()
+            if self._closed:
+                raise ConnectionAbortedError("This engine connection pool is closed.")
+            try:
+                conn, reused = self._idle.pop(), True
+            except IndexError:
+                conn, reused = (
+                    _Connection(self._host, self._port, self._timeout, self._connect_timeout),
+                    False,
+                )
             try:
                 conn.request("POST", self._base + path, data, headers)
                 response = conn.getresponse()
                 payload = response.read()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                self._drop(conn)
+                conn.close()
                 if reused and attempt == 0:
                     continue  # closed while idle: the request never arrived
                 raise
             except BaseException:
-                self._drop(conn)
+                conn.close()
                 raise
-            if response.will_close:
-                self._drop(conn)
+            if response.will_close or self._closed or len(self._idle) >= self._max_idle:
+                conn.close()
+            else:
+                self._idle.append(conn)
             return response.status, payload, response.getheaders()
         raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
-        """Close every thread's connection; later posts fail."""
-        with self._lock:
-            self._closed = True
-            conns = list(self._open)
-        for conn in conns:
-            conn.close()
-
-    def _connection(self) -> tuple[_Connection, bool]:
-        conn: _Connection | None = getattr(self._local, "conn", None)
-        if conn is not None and not self._closed:
-            return conn, True
-        with self._lock:
-            if self._closed:
-                raise ConnectionAbortedError("This engine connection pool is closed.")
-            conn = _Connection(self._host, self._port, self._timeout, self._connect_timeout)
-            self._open.add(conn)
-        self._local.conn = conn
-        return conn, False
-
-    def _drop(self, conn: _Connection) -> None:
-        conn.close()
-        if getattr(self._local, "conn", None) is conn:
-            self._local.conn = None
+        """Close the idle connections (those in use close when they come back); later posts fail."""
+        self._closed = True
+        while self._idle:
+            with contextlib.suppress(IndexError):
+                self._idle.pop().close()
 
 
 class _Connection(http.client.HTTPConnection):

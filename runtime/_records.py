@@ -344,6 +344,8 @@ class RecordWriter:
             wrote the last group goes out together, with one flush to disk on a
             store that groups writes (group commit; a retry rewrites the whole
             group, and commit-once keeps what was already written).
+        linger: Seconds a thread woken by a first record waits for more before
+            it writes (none while ``flush`` or ``close`` waits).
     """
 
     def __init__(
@@ -354,11 +356,14 @@ class RecordWriter:
         max_pending: int = 10_000,
         retry_delay: float = 0.2,
         group: int = 256,
+        linger: float = 0.02,
     ) -> None:
         self.records = records
         self._retry_delay = retry_delay
         self._max_pending = max_pending
         self._group = group
+        self._linger = linger
+        self._flushers = 0  # threads in flush(): writers write at once meanwhile
         self._queues: list[collections.deque[_Item]] = [collections.deque() for _ in range(threads)]
         lock = threading.Lock()
         self._cond = threading.Condition(lock)  # flushers and back-pressured producers wait here
@@ -389,9 +394,11 @@ class RecordWriter:
             if self._closed:
                 raise StoreError("The record writer is closed; the record was not queued.")
             n = hash(invocation_id) % len(self._queues)
-            self._queues[n].append(item)
+            queue = self._queues[n]
+            queue.append(item)
             self._pending += 1
-            self._ready[n].notify()
+            if len(queue) == 1 or len(queue) >= self._group or self._flushers:
+                self._ready[n].notify()  # else its thread, lingering on the first, takes it too
 
     def put_once(self, invocation_id: str, key: str, data: bytes) -> None:
         """Queue a commit-once object of ``invocation_id`` (written after its records queued before it)."""
@@ -422,6 +429,14 @@ class RecordWriter:
                     ready.wait()
                 if not queue:
                     return
+                # Linger a moment for more (unless flushing or closing): one wake-up and one flush to
+                # disk per group, not per record.
+                deadline = time.monotonic() + self._linger
+                while len(queue) < self._group and not self._closed and not self._flushers:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    ready.wait(left)
                 items = list(itertools.islice(queue, self._group))  # left queued until written
             try:
                 self._write(items)
@@ -449,14 +464,20 @@ class RecordWriter:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._pending:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise StoreError(
-                        f"{self._pending} invocation records are not written yet to "
-                        f"{self.records.store.url()}; last error: {self._failure or 'none'}."
-                    )
-                self._cond.wait(remaining)
+            self._flushers += 1  # writers stop lingering
+            for ready in self._ready:
+                ready.notify_all()
+            try:
+                while self._pending:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise StoreError(
+                            f"{self._pending} invocation records are not written yet to "
+                            f"{self.records.store.url()}; last error: {self._failure or 'none'}."
+                        )
+                    self._cond.wait(remaining)
+            finally:
+                self._flushers -= 1
 
     def close(self, timeout: float = 30.0) -> None:
         """Write what is queued (retrying for up to ``timeout`` s), then stop the threads.

@@ -35,6 +35,8 @@ Committed = Callable[[list[tuple[TenantState, Pending, ResultView, bool]]], None
 Charged = Callable[[list[UsageRow]], None]
 _Recording = tuple[TenantState, ResultRecord, UsageRow | None]
 _STOP = object()
+_RECORD_GROUP = 256  # results that wake a recorder at once
+_RECORD_LINGER = 0.02  # seconds fewer results wait for a recorder
 
 
 class ResultCommitter:
@@ -101,14 +103,25 @@ class ResultCommitter:
 
     def _enqueue(self, items: list[_Recording]) -> None:
         with self._record_cond:
+            was_empty = not self._to_record
             self._to_record.extend(items)
-            self._record_cond.notify()
+            if was_empty or len(self._to_record) >= _RECORD_GROUP:
+                self._record_cond.notify()  # else the recorder lingering on the first takes them too
 
     def _record_loop(self) -> None:
         while True:
             with self._record_cond:
                 while not self._to_record and not self._recorders_stop:
                     self._record_cond.wait()
+                # Records are off the commit path (the index holds each result until its record is
+                # written), so the first lingers a moment for more: waking an idle thread per
+                # committed batch cost the service more CPU than writing the batch.
+                deadline = time.monotonic() + _RECORD_LINGER
+                while len(self._to_record) < _RECORD_GROUP and not self._recorders_stop:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._record_cond.wait(left)
                 if not self._to_record:
                     return  # stopping, and everything was written (or given up on while closing)
                 taken = [self._to_record.popleft() for _ in range(min(len(self._to_record), 1024))]
