@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from faas.service import ServiceCore
 from faas.service._api import Item, RegisterFunction
+from faas.service._app import create_app
 from faas.service._auth import TokenAuth
 from registry import FunctionSpec, ModelSpec
 from runtime import AuthConfigError, Invocation, LocalStore, Result, dumps
+from tests.faas.test_remote_client import serve
 from warmpool import Replica
 
 
@@ -94,3 +98,25 @@ def test_tenant_weight_and_priority_travel_with_each_invocation(tmp_path: Path) 
 def test_a_weight_that_is_not_positive_is_refused(tmp_path: Path) -> None:
     with pytest.raises(AuthConfigError, match="bad limits"):
         TokenAuth.from_file(token_file(tmp_path, 0))
+
+
+def test_a_single_submit_over_http_keeps_the_calls_priority(tmp_path: Path) -> None:
+    auth = TokenAuth.from_file(token_file(tmp_path, 1))
+    lab = auth.authenticate("lab-token-0123456789")
+    assert lab is not None
+    pool = RecordingPool()
+    core = ServiceCore(LocalStore(tmp_path / "store"), auth, state_dir=tmp_path / "state", pool=pool).start()
+    try:
+        core.register(lab, RegisterFunction(name="f", artifact=dumps("artifact"), priority="batch"))
+        args = base64.b64encode(dumps(((), {}))).decode()
+        headers = {"Authorization": "Bearer lab-token-0123456789"}
+        with (
+            serve(create_app(core, manage=False)) as url,
+            httpx.Client(base_url=url, headers=headers) as http,
+        ):
+            for priority in ("interactive", None):
+                body = {"function": "f", "args": args, **({"priority": priority} if priority else {})}
+                assert http.post("/v1/invocations", json=body).status_code == 200
+        assert [i.priority for i in pool.invocations] == ["interactive", "batch"]
+    finally:
+        core.shutdown()
