@@ -321,6 +321,13 @@ class ServiceProcess:
                 raise RuntimeError("faas serve does not answer /health")
             time.sleep(0.05)
 
+    @property
+    def pid(self) -> int:
+        """The service's process id (after :meth:`start`)."""
+        if self.proc is None:
+            raise RuntimeError("The service has not been started.")
+        return self.proc.pid
+
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 30 s."""
         if self.proc is None or self.proc.poll() is not None:
@@ -331,3 +338,62 @@ class ServiceProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+
+
+class CpuMeter:
+    """CPU seconds per call by process role: a process tree on Linux (``/proc``), and this process.
+
+    Roles are ``service`` (the root), ``engine`` and ``workers`` (its children, by
+    command line) and ``client`` (this process, every thread). Elsewhere it
+    measures nothing and reports an empty dict.
+
+    Args:
+        root_pid: The service process.
+    """
+
+    def __init__(self, root_pid: int) -> None:
+        self.root_pid = root_pid
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._start: dict[str, float] = {}
+
+    def _roles(self) -> dict[str, list[int]]:
+        roles: dict[str, list[int]] = {"service": [self.root_pid], "engine": [], "workers": []}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    command = f.read()
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile
+            if parent == self.root_pid:
+                roles["engine" if b"cpu_engine" in command else "workers"].append(int(entry))
+        return roles
+
+    def _cpu(self, pid: int) -> float:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / self._tick
+
+    def snapshot(self) -> dict[str, float]:
+        """CPU seconds used so far by each role."""
+        if not os.path.isdir("/proc"):
+            return {}
+        out = {role: sum(self._cpu(pid) for pid in pids) for role, pids in self._roles().items()}
+        times = os.times()
+        out["client"] = times.user + times.system
+        return out
+
+    def start(self) -> None:
+        """Begin a measured interval."""
+        self._start = self.snapshot()
+
+    def per_call_ms(self, calls: int) -> dict[str, float]:
+        """Milliseconds of CPU per call by role since :meth:`start`."""
+        end = self.snapshot()
+        return {role: (end[role] - self._start.get(role, 0.0)) / calls * 1000 for role in end}

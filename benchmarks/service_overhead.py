@@ -15,7 +15,8 @@ calling thread), the call a function makes itself. Service: ``fn.remote(prompt)`
 ``fn.submit`` in a sliding window (saturation) through ``faas.RemoteClient``.
 
 Goals (issue 8): added p50 <= 5 ms at light load; service / direct >= 1.0 at
-saturation.
+saturation. Each saturation run also reports the CPU milliseconds per call of
+the service process, its workers, the engine and this client (Linux ``/proc``).
 
 The ``openai`` row (issue 19): the same greedy 16-token request as a chat
 completion, ``POST /v1/chat/completions`` on the service (an invocation of the
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import (
+    CpuMeter,
     Goal,
     ServiceProcess,
     ensure_repo_importable,
@@ -275,14 +277,19 @@ def main(argv: list[str] | None = None) -> int:
         rates: dict[str, list[float]] = {name: [] for name in paths}
         submits = {name: (lambda p, c=call: pool.submit(c, p)) for name, call in paths.items()}
         submits["service"] = fn.submit
+        meter = CpuMeter(service.pid)
+        cpu: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
         for _ in range(args.repeats):
             for name, submit in submits.items():
+                meter.start()
                 rates[name].append(_window(submit, args.total, args.outstanding))
+                cpu[name].append(meter.per_call_ms(args.total))
         pool.shutdown()
         for http in clients:
             http.close()
         chats.close()
         saturation = {k: {"runs_per_s": v, "median_per_s": median(v)} for k, v in rates.items()}
+        cpu_ms = {k: {r: median([run[r] for run in v]) for r in v[0]} for k, v in cpu.items() if v[0]}
         sat_ratio = ratio(saturation["service"]["median_per_s"], saturation["direct"]["median_per_s"])
         openai_ratio = ratio(saturation["openai"]["median_per_s"], saturation["engine chat"]["median_per_s"])
         status = client.pool_status()
@@ -313,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
             f"openai/engine chat, {args.outstanding} outstanding", openai_ratio, ">=", GOAL_OPENAI_RATIO, "x"
         ),
     ]
+    if cpu_ms:
+        roles = list(next(iter(cpu_ms.values())))
+        print_table(
+            "CPU ms per call at saturation (median of the runs), by process",
+            ["path", *roles, "total"],
+            [[name, *[v[r] for r in roles], sum(v.values())] for name, v in cpu_ms.items()],
+        )
     print(
         f"\nstreamed chat, time to first content chunk: openai p50 {ttft['openai']['p50_ms']:.1f} ms, "
         f"engine chat p50 {ttft['engine chat']['p50_ms']:.1f} ms"
@@ -329,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             "added_p50_ms": added_p50_ms,
             "saturation": saturation,
             "saturation_ratio": sat_ratio,
+            "cpu_ms_per_call": cpu_ms,
             "openai_added_p50_ms": openai_added_p50_ms,
             "openai_ttft": ttft,
             "openai_saturation_ratio": openai_ratio,

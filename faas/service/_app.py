@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -370,9 +371,28 @@ def _trigger_host(core: ServiceCore) -> TriggerHost:
 
 
 def _listener(loop: asyncio.AbstractEventLoop, put: Callable[[ResultView], Any]) -> Listener:
+    """A core listener that hands results to ``put`` on the loop, waking it once per burst.
+
+    Results committed while the loop has not yet taken the earlier ones join
+    them: one wake-up of the loop (a write to its self-pipe) for all of them.
+    """
+    pending: list[ResultView] = []
+    lock = threading.Lock()
+
+    def drain() -> None:
+        with lock:
+            views = pending.copy()
+            pending.clear()
+        for view in views:
+            put(view)
+
     def listener(view: ResultView) -> None:
+        with lock:
+            pending.append(view)
+            if len(pending) > 1:
+                return  # a drain is scheduled already
         with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody waits any more
-            loop.call_soon_threadsafe(put, view)
+            loop.call_soon_threadsafe(drain)
 
     return listener
 
@@ -411,15 +431,20 @@ async def _stream(core: ServiceCore, who: Tenant, ids: list[str]) -> StreamingRe
                 sent.add(view.id)
                 yield _event("result", view.model_dump_json())
             while len(sent) < len(ids):
-                try:
-                    view = await asyncio.wait_for(queue.get(), PING_SECONDS)
-                except TimeoutError:
-                    yield b": ping\n\n"
-                    continue
-                if view.id in sent or view.status not in FINAL_STATES:
-                    continue
-                sent.add(view.id)
-                yield _event("result", view.model_dump_json())
+                if queue.empty():
+                    try:
+                        await asyncio.wait_for(_ready(queue), PING_SECONDS)
+                    except TimeoutError:
+                        yield b": ping\n\n"
+                        continue
+                chunk = []  # every result waiting goes out in one write
+                while not queue.empty():
+                    view = queue.get_nowait()
+                    if view.id not in sent and view.status in FINAL_STATES:
+                        sent.add(view.id)
+                        chunk.append(_event("result", view.model_dump_json()))
+                if chunk:
+                    yield b"".join(chunk)
             yield _event("end", json.dumps({"count": len(sent)}))
         finally:
             core.unlisten(ids, listener)
@@ -429,6 +454,12 @@ async def _stream(core: ServiceCore, who: Tenant, ids: list[str]) -> StreamingRe
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
+
+
+async def _ready(queue: asyncio.Queue[ResultView]) -> None:
+    """Wait until ``queue`` holds something, taking nothing from it."""
+    view = await queue.get()
+    queue.put_nowait(view)  # back at the end: order among results waiting together does not matter
 
 
 def _event(name: str, data: str) -> bytes:
