@@ -340,6 +340,34 @@ class ServiceProcess:
             self.proc.wait(10)
 
 
+def children_by_parent() -> dict[int, list[int]]:
+    """Every process's children, from /proc (empty where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    if not os.path.isdir("/proc"):
+        return children
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        children.setdefault(parent, []).append(int(entry))
+    return children
+
+
+def process_tree(root_pid: int) -> list[int]:
+    """``root_pid`` and its descendants (from /proc)."""
+    children = children_by_parent()
+    out, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
 class CpuMeter:
     """CPU seconds per call by process role: a process tree on Linux (``/proc``), and this process.
 
@@ -358,18 +386,13 @@ class CpuMeter:
 
     def _roles(self) -> dict[str, list[int]]:
         roles: dict[str, list[int]] = {"service": [self.root_pid], "engine": [], "workers": []}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
+        for pid in children_by_parent().get(self.root_pid, []):
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
                     command = f.read()
-            except (OSError, ValueError, IndexError):
+            except OSError:
                 continue  # gone meanwhile
-            if parent == self.root_pid:
-                roles["engine" if b"cpu_engine" in command else "workers"].append(int(entry))
+            roles["engine" if b"cpu_engine" in command else "workers"].append(pid)
         return roles
 
     def _cpu(self, pid: int) -> float:

@@ -40,6 +40,7 @@ from benchmarks._common import (
     exit_cleanly_on_sigterm,
     latency_summary,
     print_table,
+    process_tree,
     write_result,
 )
 
@@ -83,26 +84,6 @@ def open_loop(fn: Any, rate: float, seconds: float) -> tuple[list[float], int, i
     concurrent.futures.wait(pending, timeout=600)
     unanswered = sum(1 for f in pending if not f.done())
     return latencies, errors + unanswered, n
-
-
-def process_tree(root_pid: int) -> list[int]:
-    """``root_pid`` and its descendants (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    out, todo = [], [root_pid]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
 
 
 def sample(pid: int) -> dict[str, Any] | None:
