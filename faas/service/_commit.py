@@ -129,7 +129,10 @@ class ResultCommitter:
             for ts, record, row in taken:  # one group write per tenant's store
                 by_tenant.setdefault(id(ts), (ts, []))[1].append((record, row))
             for ts, items in by_tenant.values():
-                self._record(ts, items)
+                try:
+                    self._record(ts, items)
+                except Exception:  # a bug must not cost a recorder; the index keeps these for the next start
+                    log.exception("Could not record %d results of tenant %s.", len(items), ts.tenant.name)
 
     def _run(self) -> None:
         while True:
