@@ -220,7 +220,7 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
                 waiter.set_result(view)
 
         listener = _listener(loop, put)
-        item = Item(args=body.args, refs=body.refs, priority=body.priority)  # the call's own priority
+        item: Item = body  # a SubmitRequest is an Item: every per-call field (priority, ...) travels
 
         def accept() -> tuple[str, list[ResultView]]:
             # One trip to the thread pool: accept, and listen before the result can arrive.
@@ -431,15 +431,17 @@ async def _stream(core: ServiceCore, who: Tenant, ids: list[str]) -> StreamingRe
                 sent.add(view.id)
                 yield _event("result", view.model_dump_json())
             while len(sent) < len(ids):
+                views = []
                 if queue.empty():
                     try:
-                        await asyncio.wait_for(_ready(queue), PING_SECONDS)
+                        views.append(await asyncio.wait_for(queue.get(), PING_SECONDS))
                     except TimeoutError:
                         yield b": ping\n\n"
                         continue
-                chunk = []  # every result waiting goes out in one write
-                while not queue.empty():
-                    view = queue.get_nowait()
+                while not queue.empty():  # every result waiting goes out in one write
+                    views.append(queue.get_nowait())
+                chunk = []
+                for view in views:
                     if view.id not in sent and view.status in FINAL_STATES:
                         sent.add(view.id)
                         chunk.append(_event("result", view.model_dump_json()))
@@ -454,12 +456,6 @@ async def _stream(core: ServiceCore, who: Tenant, ids: list[str]) -> StreamingRe
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
-
-
-async def _ready(queue: asyncio.Queue[ResultView]) -> None:
-    """Wait until ``queue`` holds something, taking nothing from it."""
-    view = await queue.get()
-    queue.put_nowait(view)  # back at the end: order among results waiting together does not matter
 
 
 def _event(name: str, data: str) -> bytes:
