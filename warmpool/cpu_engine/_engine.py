@@ -42,6 +42,7 @@ from fastapi.responses import JSONResponse, Response
 
 from warmpool.cpu_engine import _http as _cpu_http
 from warmpool.cpu_engine import _openai as _cpu_openai
+from warmpool.cpu_engine._front import WorkFront
 from warmpool.cpu_engine._http import error as _error
 from warmpool.cpu_engine._lora_http import add_lora_routes
 from warmpool.cpu_engine._requests import GenerateSpec, GenOutput, GenRequest, SamplingParams
@@ -318,13 +319,17 @@ def create_app(engine: Engine) -> FastAPI:
 
         return endpoint
 
-    app.add_api_route("/generate", work("generate_requests", _cpu_http.generate), methods=["POST"])
-    app.add_api_route("/encode", work("encode_requests", _cpu_http.encode), methods=["POST", "PUT"])
-    chat = work("chat_requests", _cpu_http.chat_completions)
-    app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
-    completions = work("completion_requests", _cpu_http.completions)
-    app.add_api_route("/v1/completions", completions, methods=["POST"])
-    app.add_api_route("/v1/embeddings", work("embedding_requests", _cpu_http.embeddings), methods=["POST"])
+    routes = {
+        ("/generate", ("POST",)): work("generate_requests", _cpu_http.generate),
+        ("/encode", ("POST", "PUT")): work("encode_requests", _cpu_http.encode),
+        ("/v1/chat/completions", ("POST",)): work("chat_requests", _cpu_http.chat_completions),
+        ("/v1/completions", ("POST",)): work("completion_requests", _cpu_http.completions),
+        ("/v1/embeddings", ("POST",)): work("embedding_requests", _cpu_http.embeddings),
+    }
+    for (path, methods), endpoint in routes.items():
+        app.add_api_route(path, endpoint, methods=list(methods))
+    # What serve_app answers without FastAPI's stack (see _front): the same endpoints.
+    app.state.work_routes = {(m, path): e for (path, methods), e in routes.items() for m in methods}
     add_lora_routes(app, engine)
 
     @app.get("/v1/models")
@@ -442,8 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
+    app = create_app(engine)
     config = uvicorn.Config(
-        create_app(engine),
+        WorkFront(app, app.state.work_routes),
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,

@@ -1,0 +1,95 @@
+"""The CPU engine's work-route front (``_front.WorkFront``) on a real uvicorn socket.
+
+The engine's own tests exercise its work routes through the front end to end; these pin
+what the front promises on its own: exact routes answered without FastAPI's stack, an
+endpoint's unexpected error answered as the engine's 500 body, everything else passed to
+the app unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tests.warmpool._pool_helpers import wait_for
+from warmpool.cpu_engine._front import WorkFront
+
+
+def _app() -> tuple[FastAPI, dict[tuple[str, str], object]]:
+    app = FastAPI()
+    calls: list[str] = []
+
+    async def work(request: Request) -> Response:
+        calls.append(request.url.path)
+        return JSONResponse({"echo": (await request.json())["x"], "via": "front"})
+
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("the handler broke")
+
+    async def stream(request: Request) -> Response:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"data: 1\n\n"
+            raise RuntimeError("the stream broke")
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    app.add_api_route("/generate", work, methods=["POST"])
+
+    @app.get("/health")
+    async def health() -> Response:
+        return JSONResponse({"via": "app"})
+
+    routes = {("POST", "/generate"): work, ("POST", "/broken"): broken, ("POST", "/stream"): stream}
+    app.state.calls = calls
+    return app, routes  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _serve(app: object) -> Iterator[str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off"))  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, what="the front to start")
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def test_the_front_answers_its_routes_and_passes_the_rest_to_the_app() -> None:
+    app, routes = _app()
+    with _serve(WorkFront(app, routes)) as url, httpx.Client(base_url=url) as http:  # type: ignore[arg-type]
+        answer = http.post("/generate", json={"x": 7})
+        assert answer.status_code == 200 and answer.json() == {"echo": 7, "via": "front"}
+        assert app.state.calls == ["/generate"]
+        assert http.get("/health").json() == {"via": "app"}  # not a work route: FastAPI's
+        assert http.get("/generate").status_code == 405  # another method: FastAPI answers as before
+        assert http.post("/nothing", json={}).status_code == 404
+
+        broken = http.post("/broken", json={})
+        assert broken.status_code == 500
+        assert broken.json() == {
+            "error": {"message": "internal error: RuntimeError: the handler broke", "code": 500}
+        }
+        assert http.post("/generate", json={"x": 8}).json()["echo"] == 8  # and it keeps serving
+
+        # A stream that breaks after its first chunk cannot be answered 500: the response ends.
+        with http.stream("POST", "/stream", json={}) as events:
+            assert events.status_code == 200
+            received = b""
+            with contextlib.suppress(httpx.HTTPError):
+                for chunk in events.iter_bytes():
+                    received += chunk
+        assert received.startswith(b"data: 1")
+        assert http.post("/generate", json={"x": 9}).json()["echo"] == 9
