@@ -47,7 +47,7 @@ from faas.service._limits import check_batch_bytes, install_limits
 from faas.service._metrics import render_metrics
 from faas.service._openai_batch_routes import install_openai_batch_routes
 from faas.service._openai_routes import install_openai_routes, openai_error
-from faas.service._tenant import Tenant, authorize
+from faas.service._tenant import Tenant, authorize_request
 from faas.service._triggers import TriggerHost
 from registry import FunctionSpec, TriggerBinding
 from runtime import (
@@ -104,10 +104,15 @@ def _error(status: int, type_name: str, message: str, headers: dict[str, str] | 
     return JSONResponse({"error": {"type": type_name, "message": message}}, status, headers=headers)
 
 
-def _tenant(request: Request) -> Tenant:
-    """The request's tenant, from its bearer token and the method's scope (a FastAPI dependency)."""
+async def _tenant(request: Request) -> Tenant:
+    """The request's tenant, from its bearer token and the method's scope (a FastAPI dependency).
+
+    Async so that FastAPI runs it on the event loop: a sync dependency would cost every
+    request a trip to the thread pool (see ``authorize_request``).
+    """
     core: ServiceCore = request.app.state.core
-    return authorize(core.auth, request.headers.get("authorization", ""), request.method, request.url.path)
+    header = request.headers.get("authorization", "")
+    return await authorize_request(core.auth, header, request.method, request.url.path)
 
 
 Who = Annotated[Tenant, Depends(_tenant)]
@@ -256,7 +261,7 @@ def create_app(core: ServiceCore, *, manage: bool = True) -> FastAPI:
         except ValueError:
             raw = None
         if isinstance(raw, dict) and "function" in raw and "items" in raw:
-            who = _tenant(request)
+            who = await _tenant(request)
             try:
                 body = BatchRequest.model_validate_json(data)  # JSON mode: bytes arrive as base64
             except ValidationError as exc:

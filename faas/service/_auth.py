@@ -81,6 +81,13 @@ class Authenticator(Protocol):
         """The token's tenant, or None when the token is missing or unknown."""
         ...
 
+    def may_block(self, token: str | None) -> bool:
+        """Whether :meth:`authenticate` of ``token`` may wait on I/O (the network, a file).
+
+        Routes authenticate on the event loop when this is False, and on a thread otherwise.
+        """
+        ...
+
     @property
     def requires_token(self) -> bool:
         """Whether requests must carry a token."""
@@ -156,6 +163,14 @@ class TokenAuth:
     def requires_token(self) -> bool:
         """Always True."""
         return True
+
+    def may_block(self, token: str | None) -> bool:
+        """True only for a token that no entry matches and Globus Auth must be asked about."""
+        if not token or self._globus is None:
+            return False
+        digest = _digest(token)
+        local = [hmac.compare_digest(known, digest) for known, *_ in self._digests]  # no early exit
+        return not any(local) and not self._globus.cached(token)
 
     def authenticate(self, token: str | None) -> Tenant | None:
         """The token's tenant, or None (unknown, expired or revoked); compares in constant time."""
@@ -353,6 +368,10 @@ class OpenAuth:
         """The one tenant, whatever the token."""
         return self._tenant
 
+    def may_block(self, token: str | None) -> bool:
+        """Never: there is nothing to look up."""
+        return False
+
     def tenants(self) -> list[Tenant]:
         """The one tenant."""
         return [self._tenant]
@@ -404,6 +423,10 @@ class ReloadingTokenAuth:
     def requires_token(self) -> bool:
         """Always True."""
         return True
+
+    def may_block(self, token: str | None) -> bool:
+        """When the file is due a check (a stat, maybe a re-read), or the tokens need the network."""
+        return time.monotonic() >= self._next_check or self._auth.may_block(token)
 
     def authenticate(self, token: str | None) -> Tenant | None:
         """The token's tenant under the file as it is now (re-read if it changed)."""

@@ -123,6 +123,13 @@ class GlobusIntrospection:
             clock=clock,
         )
 
+    def cached(self, token: str) -> bool:
+        """Whether :meth:`identify` can answer ``token`` from its cache (no introspection)."""
+        key = hashlib.sha256(token.encode()).digest()
+        with self._lock:
+            hit = self._cache.get(key)
+        return hit is not None and self._clock() < hit[1]
+
     def identify(self, token: str) -> Identity | None:
         """The token's identity, or None (inactive, expired, without the scope, or unreachable)."""
         key = hashlib.sha256(token.encode()).digest()

@@ -34,7 +34,7 @@ async def _call(fn: Callable[[], Any]) -> Response:
 async def _as_tenant(core: ServiceCore, request: Request, fn: Callable[[Tenant], Any]) -> Response:
     """Authenticate, then run ``fn`` for the tenant in the thread pool; errors OpenAI-shaped."""
     try:
-        who = _who(core, request)
+        who = await _who(core, request)
     except FaasError as exc:
         return openai_error(exc)
     return await _call(lambda: fn(who))
@@ -51,7 +51,7 @@ def install_openai_batch_routes(app: FastAPI, core: ServiceCore, gateway: OpenAI
 
     async def create_batch(request: Request) -> Response:
         try:
-            who = _who(core, request)
+            who = await _who(core, request)
             raw = await _body(request)
         except FaasError as exc:
             return openai_error(exc)
@@ -78,7 +78,7 @@ def install_openai_batch_routes(app: FastAPI, core: ServiceCore, gateway: OpenAI
     async def upload(request: Request) -> Response:
         """Upload a file (multipart form: ``file`` and ``purpose``), kept in your store."""
         try:
-            who = _who(core, request)
+            who = await _who(core, request)
             size = int(request.headers.get("content-length") or 0)
             if size > MAX_FILE_BYTES + 64 * 1024:
                 raise InvalidParameterError(
@@ -107,7 +107,7 @@ def install_openai_batch_routes(app: FastAPI, core: ServiceCore, gateway: OpenAI
     async def list_files(request: Request, purpose: str | None = None) -> Response:
         """Your files, newest first."""
         try:
-            who = _who(core, request)
+            who = await _who(core, request)
         except FaasError as exc:
             return openai_error(exc)
 
@@ -126,7 +126,7 @@ def install_openai_batch_routes(app: FastAPI, core: ServiceCore, gateway: OpenAI
     async def file_content(request: Request, file_id: str) -> Response:
         """A file's bytes."""
         try:
-            who = _who(core, request)
+            who = await _who(core, request)
             data = await run_in_threadpool(files.content, who, file_id)
         except FaasError as exc:
             return openai_error(exc)

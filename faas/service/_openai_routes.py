@@ -27,7 +27,7 @@ from faas.openai import Kind
 from faas.service._api import ResultView
 from faas.service._core import ServiceCore
 from faas.service._openai import OpenAIGateway, Prepared
-from faas.service._tenant import Tenant, authorize
+from faas.service._tenant import Tenant, authorize_request
 from runtime import (
     AuthError,
     BackPressureError,
@@ -110,9 +110,9 @@ def openai_error(exc: BaseException) -> JSONResponse:
     return JSONResponse(body, status, headers=headers)
 
 
-def _who(core: ServiceCore, request: Request) -> Tenant:
+async def _who(core: ServiceCore, request: Request) -> Tenant:
     header = request.headers.get("authorization", "")
-    return authorize(core.auth, header, request.method, request.url.path, what="API key")
+    return await authorize_request(core.auth, header, request.method, request.url.path, what="API key")
 
 
 async def _body(request: Request) -> object:
@@ -134,7 +134,7 @@ def install_openai_routes(app: FastAPI, core: ServiceCore) -> OpenAIGateway:
     async def models(request: Request) -> Response:
         """Every model version and alias, with its state (``hot``, ``starting``, ``cold``)."""
         try:
-            _who(core, request)
+            await _who(core, request)
             data = await run_in_threadpool(gateway.catalog)
         except FaasError as exc:
             return openai_error(exc)
@@ -144,7 +144,7 @@ def install_openai_routes(app: FastAPI, core: ServiceCore) -> OpenAIGateway:
     async def model(request: Request, model_id: str) -> Response:
         """One model version or alias."""
         try:
-            _who(core, request)
+            await _who(core, request)
             data = await run_in_threadpool(gateway.catalog)
             found = next((entry for entry in data if entry["id"] == model_id), None)
             if found is None:
@@ -156,7 +156,7 @@ def install_openai_routes(app: FastAPI, core: ServiceCore) -> OpenAIGateway:
     async def run(request: Request, kind: Kind) -> Response:
         waiting: _Waiting | None = None
         try:
-            who = _who(core, request)
+            who = await _who(core, request)
             waiting = _Waiting(gateway, who)
             prepared = await waiting.begin(kind, await _body(request))
             if prepared.request.stream:

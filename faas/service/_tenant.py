@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from starlette.concurrency import run_in_threadpool
+
 from faas.service._api import Limits
 from runtime import (
     MODES,
@@ -219,6 +221,8 @@ def parse_scopes(raw: object, tenant: str, where: str) -> frozenset[str] | None:
 class _Auth(Protocol):
     def authenticate(self, token: str | None) -> Tenant | None: ...
 
+    def may_block(self, token: str | None) -> bool: ...
+
 
 def authorize(auth: _Auth, header: str, method: str, path: str, *, what: str = "bearer token") -> Tenant:
     """The one authorisation step of every route: bearer token to tenant, then the method's scope.
@@ -248,3 +252,19 @@ def authorize(auth: _Auth, header: str, method: str, path: str, *, what: str = "
             f"This token of tenant {found.name!r} lacks the '{needs}' scope that {method} {path} needs.", 403
         )
     return found
+
+
+async def authorize_request(
+    auth: _Auth, header: str, method: str, path: str, *, what: str = "bearer token"
+) -> Tenant:
+    """:func:`authorize` from a route: on the event loop when no I/O is needed, else on a thread.
+
+    A token the service knows (or Globus Auth answered recently) costs microseconds, and a
+    trip to the thread pool and back costs more than that on every request. A token that
+    must be introspected, or a token file due a check, waits on a thread instead of
+    holding up the event loop.
+    """
+    scheme, _, token = header.partition(" ")
+    if auth.may_block(token.strip() if scheme.lower() == "bearer" else None):
+        return await run_in_threadpool(authorize, auth, header, method, path, what=what)
+    return authorize(auth, header, method, path, what=what)

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import faas
-from faas.service._auth import TokenAuth
+from faas.service._auth import OpenAuth, ReloadingTokenAuth, TokenAuth
 from faas.service._globus_auth import GlobusIntrospection
 from tests.faas._service_helpers import running_service
 
@@ -126,6 +126,30 @@ def test_tokens_are_introspected_once_until_they_expire(
     assert auth.authenticate("AgAlice") is None and globus.calls == 4
     bob = auth.authenticate("bob-token-0123456789abcdef")
     assert bob is not None and bob.name == "bob" and globus.calls == 4  # static tokens never ask
+
+
+def test_only_a_token_globus_must_be_asked_about_may_block_the_event_loop(
+    globus: GlobusStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Routes authenticate on the event loop unless ``may_block``: then on a thread (issue 15)."""
+    monkeypatch.setenv("FAAS_GLOBUS_CLIENT_SECRET", SECRET)
+    now = [1_000_000.0]
+    auth = TokenAuth.from_file(token_file(tmp_path, globus.url), clock=lambda: now[0])
+    grant(globus, "AgAlice", exp=now[0] + 100)
+    assert not auth.may_block("bob-token-0123456789abcdef")  # a static token: no network
+    assert not auth.may_block(None) and not auth.may_block("")
+    assert auth.may_block("AgAlice") and globus.calls == 0  # asking is not introspecting
+    assert auth.authenticate("AgAlice") is not None and globus.calls == 1
+    assert not auth.may_block("AgAlice")  # cached now
+    now[0] += 101  # the cached answer expired: Globus Auth must be asked again
+    assert auth.may_block("AgAlice")
+    assert not OpenAuth().may_block("anything")
+    static = tmp_path / "static.toml"
+    static.write_text('[[tenants]]\nname = "bob"\ntokens = ["bob-token-0123456789abcdef"]\n')
+    reloading = ReloadingTokenAuth(static, check_every=3600)
+    assert not reloading.may_block("bob-token-0123456789abcdef")  # not due a check of its file
+    reloading = ReloadingTokenAuth(static, check_every=0)
+    assert reloading.may_block("bob-token-0123456789abcdef")  # due: a stat, maybe a re-read
 
 
 def test_bad_client_credentials_deny_and_a_missing_secret_is_a_config_error(
