@@ -224,6 +224,8 @@ def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
         "rows_stepped": round(stepped),
         "mean_batch_size": stepped / steps if steps else float("nan"),
         "max_batch_size_seen": after.get("max_batch_size_seen"),
+        # HTTP requests that reached the engine's work routes (the pool's workers batch theirs).
+        "requests": int(after.get("generate_requests", 0)) - int(before.get("generate_requests", 0)),
     }
 
 
@@ -353,7 +355,7 @@ def run_pool_and_direct(args: argparse.Namespace, model_path: str, prompts: list
                 )
                 print(
                     f"[multiplex] {name}: {tokens} tokens in {elapsed:.3f} s = {tokens / elapsed:.0f} tok/s, "
-                    f"engine mean batch {delta['mean_batch_size']:.1f} over {delta['steps']} steps, "
+                    f"engine mean batch {delta['mean_batch_size']:.1f} over {delta['steps']} steps, {delta['requests']} engine requests, "
                     f"CPU s: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
                 )
         server_info: dict[str, Any] = {}

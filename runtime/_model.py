@@ -29,6 +29,7 @@ import httpx
 import numpy as np
 
 from runtime._adapters import AdapterRef, AdapterResolver, EngineAdapters, call_fields
+from runtime._coalesce import Coalescer
 from runtime._errors import (
     EngineError,
     EngineLost,
@@ -128,6 +129,12 @@ class Model(OpenAIRoutes):
         # Plain calls skip httpx's pool: one keep-alive connection per thread (see KeepAlivePosts).
         plain = transport is None and self.url.startswith("http://")
         self._posts = KeepAlivePosts(self.url, timeout=timeout) if plain else None
+        # Concurrent plain /generate calls gather into streamed batches (see _coalesce); shared by clones.
+        self._batches = (
+            Coalescer(self._posts.post_lines, lambda: self.engine_info().get("batched_streams") is True)
+            if self._posts is not None
+            else None
+        )
         self._lock = threading.Lock()
         self._active: set[str] = set()  # shared with bind() clones, for abort_prefix()
         self._priority: int | None = None  # set by bind() from the invocation's priority
@@ -513,7 +520,10 @@ class Model(OpenAIRoutes):
         body = self._with_priority(body)
         started = time.time()
         if self._posts is not None and lora is None:
-            data = self._post_plain(path, body)
+            if path == "/generate" and self._batches is not None:
+                data = self._batches.post(body, lambda: self._post_plain(path, body))
+            else:
+                data = self._post_plain(path, body)
         else:
             try:
                 response = self._client.post(path, json=body)

@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import json
 import socket
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -64,6 +65,29 @@ class KeepAlivePosts:
             OSError: The engine could not be reached, or the connection broke.
             http.client.HTTPException: The answer was not HTTP.
         """
+        return self._exchange(path, body, lambda response: response.read())
+
+    def post_lines(
+        self, path: str, body: Any, on_line: Callable[[bytes], None]
+    ) -> tuple[int, bytes, list[tuple[str, str]]]:
+        """:meth:`post`, reading a successful answer line by line (server-sent events) as it comes.
+
+        Each line of a 2xx answer goes to ``on_line`` as it arrives (the returned body is
+        then empty); an error answer is read whole and returned as :meth:`post` does.
+        """
+
+        def read(response: http.client.HTTPResponse) -> bytes:
+            if response.status >= 400:
+                return response.read()
+            while line := response.readline():
+                on_line(line)
+            return b""
+
+        return self._exchange(path, body, read)
+
+    def _exchange(
+        self, path: str, body: Any, read: Callable[[http.client.HTTPResponse], bytes]
+    ) -> tuple[int, bytes, list[tuple[str, str]]]:
         data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         headers = {"Content-Type": "application/json", "Content-Length": str(len(data))}
         for attempt in (0, 1):
@@ -76,14 +100,15 @@ class KeepAlivePosts:
                     _Connection(self._host, self._port, self._timeout, self._connect_timeout),
                     False,
                 )
+            response: http.client.HTTPResponse | None = None
             try:
                 conn.request("POST", self._base + path, data, headers)
                 response = conn.getresponse()
-                payload = response.read()
+                payload = read(response)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 conn.close()
-                if reused and attempt == 0:
-                    continue  # closed while idle: the request never arrived
+                if reused and attempt == 0 and response is None:
+                    continue  # closed while idle: the request never arrived (no answer began)
                 raise
             except BaseException:
                 conn.close()

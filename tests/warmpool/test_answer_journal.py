@@ -58,6 +58,9 @@ def test_replays_only_the_same_request_and_bounds_what_it_keeps(tmp_path: Path) 
     assert ledger.replay(request(f"inv-{inv}-1-0", [5, 7], temperature=0.7)) is None  # other prompt
     assert ledger.replay(request(f"inv-{inv}-1-0", [5, 6], temperature=0.8)) is None  # other params
     assert ledger.replay(request(f"inv-{inv}-1-1", [5, 6], temperature=0.7)) is None  # other call
+    # Sent in a streamed batch this time (finals only): the same request, the same answer.
+    batched = ledger.replay(request(f"inv-{inv}-1-0", [5, 6], temperature=0.7, stream_interval=2**31 - 1))
+    assert batched is not None and batched.text == "first"
     aborted = new_id()
     run(ledger, request(f"inv-{aborted}-0-0", [1]), output("x", "cut", finish="abort"))
     assert ledger.replay(request(f"inv-{aborted}-1-0", [1])) is None  # only clean finishes are kept
@@ -65,7 +68,7 @@ def test_replays_only_the_same_request_and_bounds_what_it_keeps(tmp_path: Path) 
         run(ledger, request(f"inv-{new_id()}-0-0", [i]), output("x", f"n{i}"))
     assert ledger.replay(request(f"inv-{inv}-2-0", [5, 6], temperature=0.7)) is None
     finishes = [json.loads(line)["finish"] for line in log.read_text().splitlines()]
-    assert finishes == ["length", "replayed", "abort", "length", "length", "length"]
+    assert finishes == ["length", "replayed", "replayed", "abort", "length", "length", "length"]
     ledger.close()
     now[0] += 61  # past the ttl: a new engine takes nothing in
     assert RequestLedger(None, tmp_path / "j", ttl=60, clock=lambda: now[0])._answers == {}

@@ -419,8 +419,10 @@ def test_health_endpoints(engine: Engine) -> None:
 
 def test_model_info(engine: Engine, tiny_model_path: Path) -> None:
     info = engine.client.get("/model_info").json()
-    # hook_points and internals are the engine's own (test_internals_engine checks them).
-    assert {k: v for k, v in info.items() if k not in ("hook_points", "internals")} == {
+    # hook_points, internals and batched_streams are the engine's own (test_internals_engine
+    # and test_coalesce_engine check them).
+    own = ("hook_points", "internals", "batched_streams")
+    assert {k: v for k, v in info.items() if k not in own} == {
         "model_path": str(tiny_model_path),
         "tokenizer_path": str(tiny_model_path),
         "is_generation": True,

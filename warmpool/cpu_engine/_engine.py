@@ -286,6 +286,9 @@ def create_app(engine: Engine) -> FastAPI:
             # Not SGLang's: the hook points /generate's "internals" field reads and writes.
             "hook_points": [{"name": n, "shape": [hooks.hidden]} for n in names if hooks is not None],
             "internals": {"read": bool(names), "write": bool(names)},
+            # Not SGLang's: a streamed batch answers each item's final output, tagged with its
+            # index, as soon as that item ends (runtime._coalesce sends concurrent calls so).
+            "batched_streams": True,
         }
 
     @app.get("/server_info")

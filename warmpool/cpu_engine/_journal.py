@@ -61,7 +61,11 @@ def fingerprint(req: GenRequest) -> str | None:
     """A digest of everything that decides a request's answer (None: not journaled)."""
     if req.return_hidden_states or req.internals is not None or req.input_embeds is not None:
         return None
-    what = [req.input_ids, dataclasses.asdict(req.params), req.return_logprob, req.top_logprobs_num, req.lora]
+    params = dataclasses.asdict(req.params)
+    # How often partial outputs are streamed does not decide the answer; a worker's call may
+    # go in a streamed batch on one attempt and alone on the next (runtime._coalesce).
+    params.pop("stream_interval", None)
+    what = [req.input_ids, params, req.return_logprob, req.top_logprobs_num, req.lora]
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 

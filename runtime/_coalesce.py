@@ -1,0 +1,212 @@
+"""Concurrent ``/generate`` calls of one process, sent to the engine together as one streamed batch.
+
+A worker runs many invocations at once, and each one's ``model.generate`` is an
+HTTP request the engine must parse, tokenise and answer on its own. Profiled on the
+CPU engine (64 concurrent one-token requests, py-spy), that per-request work held
+the engine's event loop longer than the forward steps held the scheduler, and it
+shares their GIL: the requests of a burst reached the scheduler over ~50 ms, so
+batches started small. Here, while other calls are in flight, a call waits up to
+``window`` for company; the calls that gathered go as one batch request with
+``stream: true`` and a ``stream_interval`` no generation reaches, so the engine
+sends each item's final output (tagged with its ``index``) the moment that item
+ends. Nobody waits for the slowest item of their batch.
+
+A call with fewer than ``min_company`` others in flight is sent at once, alone,
+exactly as before, so light load pays nothing. Only plain calls gather (a single text or token prompt,
+sampling params, rid, priority); anything else goes alone. A batch the engine
+refuses, or a stream that breaks, sends each of its unanswered calls again alone,
+so each caller gets its own answer or its own typed error.
+
+Engines opt in through ``/model_info``'s ``batched_streams``: the CPU engine does.
+SGLang streams batches the same way (``index`` per chunk, cumulative text), but that
+has not been checked here against a real SGLang server, so its handles send alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("runtime.model")
+
+# Keys of a body that can join a batch: SGLang takes each as a per-item list except
+# priority, which is per request (so calls gather by priority).
+_PLAIN = frozenset({"text", "input_ids", "sampling_params", "rid", "priority"})
+FINALS_ONLY = 2**31 - 1  # a stream_interval no generation reaches: only final chunks
+DEFAULT_WINDOW = 0.002  # seconds a call waits for company while others are in flight
+DEFAULT_MAX_BATCH = 64
+
+Lines = Callable[[str, dict[str, Any], Callable[[bytes], None]], tuple[int, bytes, list[tuple[str, str]]]]
+
+
+@dataclass(eq=False)
+class _Call:
+    body: dict[str, Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    answer: dict[str, Any] | None = None  # done and None: send it alone
+    lead: bool = False  # gather the next batch (the queue's first call after a full one left)
+
+
+class Coalescer:
+    """Gathers concurrent plain ``/generate`` calls into streamed batches.
+
+    Args:
+        post_lines: Sends one JSON POST and feeds a 2xx answer's lines to a callback
+            (``KeepAlivePosts.post_lines``).
+        probe: Whether the engine streams batches (``/model_info``'s ``batched_streams``);
+            asked once, the first time calls could gather.
+        window: Seconds a call waits for company while other calls are in flight.
+        max_batch: Most calls in one batch.
+        min_company: Calls already in flight before a new one waits for company: with
+            fewer, a burst is not under way and the call goes at once.
+    """
+
+    def __init__(
+        self,
+        post_lines: Lines,
+        probe: Callable[[], bool],
+        *,
+        window: float = DEFAULT_WINDOW,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        min_company: int = 2,
+    ) -> None:
+        self._post_lines = post_lines
+        self.min_company = min_company
+        self._probe = probe
+        self.window = window
+        self.max_batch = max_batch
+        self.enabled: bool | None = None  # None: not asked yet
+        self._cond = threading.Condition()
+        self._busy = 0  # calls inside post() now
+        self._queues: dict[tuple[str, Any], list[_Call]] = {}
+        self.batches = 0  # batch requests sent (for tests and profiling)
+        self.batched = 0  # calls answered through them
+
+    def post(self, body: dict[str, Any], alone: Callable[[], Any]) -> Any:
+        """The engine's answer to one call's ``body``: from a batch, or from ``alone()``.
+
+        ``alone`` sends the call by itself (and raises its typed errors); it runs when
+        nothing else is in flight, when the body cannot join a batch, and when a batch
+        could not answer this call.
+        """
+        key = _key(body)
+        with self._cond:
+            company = self._busy
+            self._busy += 1
+        try:
+            if key is None or company < self.min_company or not self._enabled():
+                return alone()
+            answer = self._gathered(key, _Call(body))
+            return alone() if answer is None else answer
+        finally:
+            with self._cond:
+                self._busy -= 1
+
+    def _enabled(self) -> bool:
+        if self.enabled is None:
+            try:
+                self.enabled = bool(self._probe())
+            except Exception as exc:  # unreachable now: ask again next time
+                log.debug("Could not ask the engine whether it streams batches: %s", exc)
+                return False
+        return self.enabled
+
+    def _gathered(self, key: tuple[str, Any], mine: _Call) -> dict[str, Any] | None:
+        with self._cond:
+            queue = self._queues.setdefault(key, [])
+            queue.append(mine)
+            self._cond.notify_all()  # a gatherer waiting for a full batch
+            mine.lead = len(queue) == 1
+        while True:
+            with self._cond:  # lead and done are set together under the lock (see _gather_and_send)
+                lead, mine.lead = mine.lead, False
+                if lead:
+                    mine.done.clear()
+            if lead:
+                self._gather_and_send(key)
+            mine.done.wait()
+            with self._cond:
+                if not mine.lead:  # answered, or told to go alone; else: gather the next batch
+                    return mine.answer
+
+    def _gather_and_send(self, key: tuple[str, Any]) -> None:
+        deadline = time.monotonic() + self.window
+        with self._cond:
+            queue = self._queues[key]
+            while len(queue) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            batch = queue[: self.max_batch]
+            del queue[: self.max_batch]
+            if queue:  # more came than fit: the first of the rest gathers the next batch
+                queue[0].lead = True
+                queue[0].done.set()
+            else:
+                del self._queues[key]
+        if len(batch) == 1:
+            batch[0].done.set()  # nobody came: send it alone
+            return
+        try:  # read on a thread of the batch's own: each call returns as soon as its item ends
+            threading.Thread(target=self._send, args=(key, batch), name="engine-batch", daemon=True).start()
+        except RuntimeError:  # no thread to be had: everyone alone
+            for call in batch:
+                call.done.set()
+
+    def _send(self, key: tuple[str, Any], batch: list[_Call]) -> None:
+        field_name, priority = key
+        body: dict[str, Any] = {
+            field_name: [call.body[field_name] for call in batch],
+            "sampling_params": [
+                {**(call.body.get("sampling_params") or {}), "stream_interval": FINALS_ONLY} for call in batch
+            ],
+            "rid": [call.body["rid"] for call in batch],
+            "stream": True,
+        }
+        if priority is not None:
+            body["priority"] = priority
+
+        def on_line(line: bytes) -> None:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                return
+            chunk = json.loads(line[6:])
+            index = chunk.pop("index", None) if isinstance(chunk, dict) else None
+            if not isinstance(index, int) or not 0 <= index < len(batch) or "error" in chunk:
+                raise _Broken(f"the engine streamed a chunk this batch cannot place: {line[:200]!r}")
+            if (chunk.get("meta_info") or {}).get("finish_reason") is None:
+                return  # a partial output (an engine that ignores stream_interval)
+            batch[index].answer = chunk
+            batch[index].done.set()
+
+        try:
+            status, _, _ = self._post_lines("/generate", body, on_line)
+            if status < 400:
+                self.batches += 1
+                self.batched += sum(call.answer is not None for call in batch)
+        except Exception as exc:  # each call learns its own fate alone
+            log.debug("A batch of %d engine calls failed; sending them alone: %s", len(batch), exc)
+        finally:
+            for call in batch:
+                call.done.set()  # unanswered ones (answer None) are sent alone
+
+
+class _Broken(Exception):
+    """A streamed batch's answer did not fit the batch."""
+
+
+def _key(body: dict[str, Any]) -> tuple[str, Any] | None:
+    """The batch a body may join (its prompt field, its priority), or None: it goes alone."""
+    if not body.keys() <= _PLAIN or not isinstance(body.get("rid"), str):
+        return None
+    params = body.get("sampling_params")
+    if params is not None and not isinstance(params, dict):
+        return None
+    if isinstance(body.get("text"), str) and "input_ids" not in body:
+        return ("text", body.get("priority"))
+    ids = body.get("input_ids")
+    if isinstance(ids, list) and ids and isinstance(ids[0], int) and "text" not in body:
+        return ("input_ids", body.get("priority"))
+    return None
