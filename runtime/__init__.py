@@ -74,7 +74,7 @@ from runtime._model import (
     TextStream,
     validate_sampling_params,
 )
-from runtime._net import tcp_transport
+from runtime._net import KeepAlivePosts, tcp_transport
 from runtime._objectref import ObjectRef, current_store
 from runtime._outputs import (
     REPORT_STATES,
@@ -151,6 +151,7 @@ __all__ = [
     "InvocationError",
     "InvocationRecord",
     "InvocationTimeout",
+    "KeepAlivePosts",
     "LocalStore",
     "MissingScopeError",
     "ModeNotAllowedError",

@@ -40,10 +40,17 @@ class KeepAlivePosts:
         timeout: Seconds a response may take.
         connect_timeout: Seconds a connection may take to open.
         max_idle: Idle connections kept; more are closed when they come back.
+        headers: Sent with every request (a client's ``Authorization``, say).
     """
 
     def __init__(
-        self, url: str, *, timeout: float, connect_timeout: float = 10.0, max_idle: int = 512
+        self,
+        url: str,
+        *,
+        timeout: float,
+        connect_timeout: float = 10.0,
+        max_idle: int = 512,
+        headers: dict[str, str] | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
@@ -54,6 +61,7 @@ class KeepAlivePosts:
         self._max_idle = max_idle
         self._idle: list[_Connection] = []
         self._closed = False
+        self._headers = {"Content-Type": "application/json", **(headers or {})}
 
     def post(self, path: str, body: Any) -> tuple[int, bytes, list[tuple[str, str]]]:
         """POST ``body`` as JSON to ``path``; the status, body and headers of the answer.
@@ -65,7 +73,14 @@ class KeepAlivePosts:
             OSError: The engine could not be reached, or the connection broke.
             http.client.HTTPException: The answer was not HTTP.
         """
-        return self._exchange(path, body, lambda response: response.read())
+        data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        return self._exchange(path, data, lambda response: response.read())
+
+    def post_bytes(
+        self, path: str, data: bytes, *, timeout: float | None = None
+    ) -> tuple[int, bytes, list[tuple[str, str]]]:
+        """:meth:`post` of a body already encoded as JSON; ``timeout`` overrides the pool's for this call."""
+        return self._exchange(path, data, lambda response: response.read(), timeout)
 
     def post_lines(
         self, path: str, body: Any, on_line: Callable[[bytes], None]
@@ -83,13 +98,17 @@ class KeepAlivePosts:
                 on_line(line)
             return b""
 
-        return self._exchange(path, body, read)
+        data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        return self._exchange(path, data, read)
 
     def _exchange(
-        self, path: str, body: Any, read: Callable[[http.client.HTTPResponse], bytes]
+        self,
+        path: str,
+        data: bytes,
+        read: Callable[[http.client.HTTPResponse], bytes],
+        timeout: float | None = None,
     ) -> tuple[int, bytes, list[tuple[str, str]]]:
-        data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-        headers = {"Content-Type": "application/json", "Content-Length": str(len(data))}
+        headers = {**self._headers, "Content-Length": str(len(data))}
         for attempt in (0, 1):
             if self._closed:
                 raise ConnectionAbortedError("This engine connection pool is closed.")
@@ -102,6 +121,7 @@ class KeepAlivePosts:
                 )
             response: http.client.HTTPResponse | None = None
             try:
+                conn.use_timeout(self._timeout if timeout is None else timeout)
                 conn.request("POST", self._base + path, data, headers)
                 response = conn.getresponse()
                 payload = read(response)
@@ -139,3 +159,10 @@ class _Connection(http.client.HTTPConnection):
         self.sock = socket.create_connection((self.host, self.port), self._connect_timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one send per request anyway
         self.sock.settimeout(self.timeout)
+
+    def use_timeout(self, timeout: float) -> None:
+        """Seconds the next exchange may wait on a read (set on the socket if it is open)."""
+        if timeout != self.timeout:
+            self.timeout = timeout
+            if self.sock is not None:
+                self.sock.settimeout(timeout)

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from http.client import HTTPException
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
@@ -46,6 +47,7 @@ from registry import FunctionSpec, ModelSpec, TriggerBinding
 from runtime import (
     ErrorInfo,
     FaasError,
+    KeepAlivePosts,
     NotFoundError,
     ObjectStore,
     PoolClosedError,
@@ -130,6 +132,15 @@ class RemoteClient(SharingCalls, ClientBase):
             timeout=httpx.Timeout(timeout, connect=connect, read=stream_read_timeout),
             transport=transport
             or tcp_transport(httpx.Limits(max_connections=64, max_keepalive_connections=16)),
+        )
+        # JSON POSTs (submits, calls, batches) go over plain keep-alive connections: one send
+        # per request and a fraction of httpx's client CPU (runtime._net.KeepAlivePosts).
+        # httpx keeps everything else, https, URLs with credentials, and test transports.
+        plain = transport is None and url.startswith("http://") and urlsplit(url).username is None
+        self._posts = (
+            KeepAlivePosts(self.url, timeout=timeout, connect_timeout=connect, headers=headers, max_idle=128)
+            if plain
+            else None
         )
         self._watcher = Watcher(
             self._stream_http,
@@ -425,6 +436,8 @@ class RemoteClient(SharingCalls, ClientBase):
         self._watcher.close()
         self._http.close()
         self._stream_http.close()
+        if self._posts is not None:
+            self._posts.close()
 
     # -- internals -----------------------------------------------------------------------------
     def _item(self, function: Function[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Item:
@@ -481,14 +494,37 @@ class RemoteClient(SharingCalls, ClientBase):
 
     def _post(self, path: str, body: BaseModel | None, model: type[M], *, timeout: float | None = None) -> M:
         content = body.model_dump_json().encode() if body is not None else b"{}"
-        response = self._request("POST", path, content=content, timeout=timeout)
+        if self._posts is not None:
+            status, payload = self._post_plain(path, content, timeout)
+        else:
+            response = self._request("POST", path, content=content, timeout=timeout)
+            status, payload = response.status_code, response.content
         try:
-            return model.model_validate_json(response.content)
+            return model.model_validate_json(payload)
         except ValidationError as exc:
             raise ServiceError(
                 f"{self.label} answered POST {path} with a body this client does not understand: {exc}",
-                response.status_code,
+                status,
             ) from None
+
+    def _post_plain(self, path: str, content: bytes, timeout: float | None) -> tuple[int, bytes]:
+        assert self._posts is not None
+        if self._closed:
+            raise PoolClosedError("This faas remote client has been shut down.")
+        for hook in self._http.event_hooks.get("request", []):  # as httpx would call them
+            hook(self._http.build_request("POST", path, content=content, headers=_JSON))
+        try:
+            status, payload, headers = self._posts.post_bytes(path, content, timeout=timeout or self.timeout)
+        except TimeoutError:
+            raise ServiceError(f"{self.label} did not answer POST {path} in time.", 0) from None
+        except (OSError, HTTPException) as exc:
+            raise ServiceError(
+                f"Could not reach {self.label} for POST {path}: {type(exc).__name__}: {exc}.", 0
+            ) from None
+        if status >= 400:
+            request = self._http.build_request("POST", path, content=content, headers=_JSON)
+            raise self._error_for(httpx.Response(status, headers=headers, content=payload, request=request))
+        return status, payload
 
     def _request(
         self, method: str, path: str, *, content: bytes | None = None, timeout: float | None = None

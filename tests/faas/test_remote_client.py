@@ -620,10 +620,28 @@ def test_tokens_never_show(
     unreachable = faas.RemoteClient("http://127.0.0.1:9", token=wrong, timeout=2)
     with pytest.raises(faas.ServiceError) as down:
         unreachable.list_functions()
+    with pytest.raises(faas.ServiceError) as down_post:  # a POST: the plain keep-alive path
+        add.with_client(unreachable).remote(1, 2)
     unreachable.shutdown()
     assert "Could not reach the faas service at http://127.0.0.1:9" in str(down.value)
-    for text in (str(info.value), repr(info.value), str(down.value), repr(client), caplog.text):
+    assert "Could not reach the faas service at http://127.0.0.1:9 for POST /v1/functions" in str(
+        down_post.value
+    )
+    texts = (str(info.value), repr(info.value), str(down.value), str(down_post.value), repr(client))
+    for text in (*texts, caplog.text):
         assert wrong not in text and TOKEN not in text
+
+
+def test_a_service_that_never_answers_a_post_times_out() -> None:
+    with socket.socket() as mute:  # accepts connections (the kernel does) and never answers
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        client = faas.RemoteClient(f"http://127.0.0.1:{mute.getsockname()[1]}", token=TOKEN, timeout=0.5)
+        try:
+            with pytest.raises(faas.ServiceError, match="did not answer POST /v1/functions in time"):
+                add.with_client(client).remote(1, 2)
+        finally:
+            client.shutdown()
 
 
 def test_faas_url_selects_the_remote_client(
