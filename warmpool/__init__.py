@@ -3,6 +3,7 @@
 from runtime import BackPressureError, SubstrateConfigError
 from warmpool._adapter_moves import AdapterMove, move_adapter_alias
 from warmpool._fair import Fairness, FairQueue, TokenWeights
+from warmpool._front import WorkFront
 from warmpool._provenance import build_provenance, ensure_provenance, wire_digest
 from warmpool._replica import EngineFactory, ModelPool, Replica, ReplicaState, default_engine_factory
 from warmpool._substrate import (
@@ -38,6 +39,7 @@ __all__ = [
     "TenantWorkers",
     "TokenWeights",
     "Work",
+    "WorkFront",
     "WorkerLimits",
     "build_provenance",
     "default_engine_factory",

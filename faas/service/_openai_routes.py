@@ -204,7 +204,21 @@ def install_openai_routes(app: FastAPI, core: ServiceCore) -> OpenAIGateway:
         """Embeddings of the inputs, run as ``openai.embeddings``."""
         return await run(request, "embeddings")
 
+    # What the service's front answers without FastAPI's stack (see faas.service._app.front).
+    app.state.work_routes = {
+        ("POST", "/v1/chat/completions"): chat,
+        ("POST", "/v1/completions"): completions,
+        ("POST", "/v1/embeddings"): embeddings,
+    }
     return gateway
+
+
+def internal_error(exc: Exception) -> Response:
+    """The answer to an OpenAI route's unexpected error (the front logs it): OpenAI-shaped, no internals."""
+    message = "The service failed on this request; its log says why."
+    return JSONResponse(
+        {"error": {"message": message, "type": "InternalServerError", "param": None, "code": None}}, 500
+    )
 
 
 class _Waiting:

@@ -132,7 +132,7 @@ def serve(
     """
     import uvicorn
 
-    from faas.service._app import create_app
+    from faas.service._app import create_app, front
 
     tune_malloc()  # before build_core starts the service's threads
     core = build_core(host=host, **options)
@@ -144,7 +144,7 @@ def serve(
     sock.bind((host, port))
     bound = sock.getsockname()[1]
     config = uvicorn.Config(
-        create_app(core), log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5
+        front(create_app(core)), log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5
     )
     server = uvicorn.Server(config)
     if port_file is not None:

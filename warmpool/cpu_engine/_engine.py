@@ -40,9 +40,9 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from warmpool._front import WorkFront
 from warmpool.cpu_engine import _http as _cpu_http
 from warmpool.cpu_engine import _openai as _cpu_openai
-from warmpool.cpu_engine._front import WorkFront
 from warmpool.cpu_engine._http import error as _error
 from warmpool.cpu_engine._lora_http import add_lora_routes
 from warmpool.cpu_engine._requests import GenerateSpec, GenOutput, GenRequest, SamplingParams
@@ -245,9 +245,9 @@ def create_app(engine: Engine) -> FastAPI:
     app = FastAPI(lifespan=lifespan, openapi_url=None)
 
     @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    async def internal_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error in %s", request.url.path, exc_info=exc)
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+        return _internal_error(exc)
 
     @app.get("/health")
     async def health() -> Response:
@@ -356,6 +356,11 @@ def create_app(engine: Engine) -> FastAPI:
 # ---- the server and CLI --------------------------------------------------------------------
 
 
+def _internal_error(exc: Exception) -> Response:
+    """The 500 answer to an unexpected error, on FastAPI's routes and the work front alike."""
+    return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
 class _Server(uvicorn.Server):
     """Uvicorn server that publishes its port once listening and aborts work on exit."""
 
@@ -452,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     sock.bind((args.host, args.port))
     app = create_app(engine)
     config = uvicorn.Config(
-        WorkFront(app, app.state.work_routes),
+        WorkFront(app, app.state.work_routes, on_error=_internal_error),
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,

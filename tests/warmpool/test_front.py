@@ -19,7 +19,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tests.warmpool._pool_helpers import wait_for
-from warmpool.cpu_engine._front import WorkFront
+from warmpool import WorkFront
+from warmpool.cpu_engine._http import error
 
 
 def _app() -> tuple[FastAPI, dict[tuple[str, str], object]]:
@@ -69,7 +70,14 @@ def _serve(app: object) -> Iterator[str]:
 
 def test_the_front_answers_its_routes_and_passes_the_rest_to_the_app() -> None:
     app, routes = _app()
-    with _serve(WorkFront(app, routes)) as url, httpx.Client(base_url=url) as http:  # type: ignore[arg-type]
+    with (
+        _serve(
+            WorkFront(
+                app, routes, on_error=lambda exc: error(500, f"internal error: {type(exc).__name__}: {exc}")
+            )
+        ) as url,
+        httpx.Client(base_url=url) as http,
+    ):  # type: ignore[arg-type]
         answer = http.post("/generate", json={"x": 7})
         assert answer.status_code == 200 and answer.json() == {"echo": 7, "via": "front"}
         assert app.state.calls == ["/generate"]
