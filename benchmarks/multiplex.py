@@ -355,7 +355,8 @@ def run_pool_and_direct(args: argparse.Namespace, model_path: str, prompts: list
                 )
                 print(
                     f"[multiplex] {name}: {tokens} tokens in {elapsed:.3f} s = {tokens / elapsed:.0f} tok/s, "
-                    f"engine mean batch {delta['mean_batch_size']:.1f} over {delta['steps']} steps, {delta['requests']} engine requests, "
+                    f"engine mean batch {delta['mean_batch_size']:.1f} over {delta['steps']} steps, "
+                    f"{delta['requests']} engine requests, "
                     f"CPU s: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
                 )
         server_info: dict[str, Any] = {}
