@@ -103,13 +103,22 @@ def grant(globus: GlobusStandIn, token: str, *, exp: float, scope: str = SCOPE) 
     }
 
 
-def test_tokens_are_introspected_once_until_they_expire(
+@pytest.fixture
+def clocked(
     globus: GlobusStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> tuple[TokenAuth, list[float]]:
+    """The token file's auth on a clock the test moves, with ``AgAlice`` granted for 100 s."""
     monkeypatch.setenv("FAAS_GLOBUS_CLIENT_SECRET", SECRET)
     now = [1_000_000.0]
     auth = TokenAuth.from_file(token_file(tmp_path, globus.url), clock=lambda: now[0])
     grant(globus, "AgAlice", exp=now[0] + 100)
+    return auth, now
+
+
+def test_tokens_are_introspected_once_until_they_expire(
+    globus: GlobusStandIn, clocked: tuple[TokenAuth, list[float]]
+) -> None:
+    auth, now = clocked
     globus.tokens["AgNoScope"] = {
         **globus.tokens["AgAlice"],
         "scope": "urn:globus:auth:scope:transfer.api.globus.org:all",
@@ -129,13 +138,10 @@ def test_tokens_are_introspected_once_until_they_expire(
 
 
 def test_only_a_token_globus_must_be_asked_about_may_block_the_event_loop(
-    globus: GlobusStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    globus: GlobusStandIn, clocked: tuple[TokenAuth, list[float]], tmp_path: Path
 ) -> None:
     """Routes authenticate on the event loop unless ``may_block``: then on a thread (issue 15)."""
-    monkeypatch.setenv("FAAS_GLOBUS_CLIENT_SECRET", SECRET)
-    now = [1_000_000.0]
-    auth = TokenAuth.from_file(token_file(tmp_path, globus.url), clock=lambda: now[0])
-    grant(globus, "AgAlice", exp=now[0] + 100)
+    auth, now = clocked
     assert not auth.may_block("bob-token-0123456789abcdef")  # a static token: no network
     assert not auth.may_block(None) and not auth.may_block("")
     assert auth.may_block("AgAlice") and globus.calls == 0  # asking is not introspecting

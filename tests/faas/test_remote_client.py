@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import socket
 import subprocess
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
@@ -53,6 +51,7 @@ from runtime._source import restore_function
 from runtime._staging import stage_value, unstage_value
 from runtime._store import LocalStore, new_id
 from runtime._wire import ErrorInfo
+from tests._asgi_server import serve
 from tests.faas._service_helpers import count_requests
 from tests.warmpool._pool_helpers import wait_for
 
@@ -267,23 +266,6 @@ class StubService:
             yield b"event: end\ndata: {}\n\n"
         finally:
             self.open_watches -= 1
-
-
-@contextlib.contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started, what="the stub service to start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,13 @@ the app unchanged.
 from __future__ import annotations
 
 import contextlib
-import socket
-import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tests.warmpool._pool_helpers import wait_for
+from tests._asgi_server import serve
 from warmpool import WorkFront
 from warmpool.cpu_engine._http import error
 
@@ -52,26 +49,10 @@ def _app() -> tuple[FastAPI, dict[tuple[str, str], object]]:
     return app, routes  # type: ignore[return-value]
 
 
-@contextlib.contextmanager
-def _serve(app: object) -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off"))  # type: ignore[arg-type]
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started, what="the front to start")
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 def test_the_front_answers_its_routes_and_passes_the_rest_to_the_app() -> None:
     app, routes = _app()
     with (
-        _serve(
+        serve(
             WorkFront(
                 app, routes, on_error=lambda exc: error(500, f"internal error: {type(exc).__name__}: {exc}")
             )
