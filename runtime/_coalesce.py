@@ -11,11 +11,15 @@ batches started small. Here, while other calls are in flight, a call waits up to
 sends each item's final output (tagged with its ``index``) the moment that item
 ends. Nobody waits for the slowest item of their batch.
 
-A call with fewer than ``min_company`` others in flight is sent at once, alone,
-exactly as before, so light load pays nothing. Only plain calls gather (a single text or token prompt,
-sampling params, rid, priority); anything else goes alone. A batch the engine
-refuses, or a stream that breaks, sends each of its unanswered calls again alone,
-so each caller gets its own answer or its own typed error.
+A call with fewer than ``min_company`` other plain calls in flight is sent at
+once, alone, exactly as before, so light load pays nothing. Only plain calls
+gather (a single text or token prompt, sampling params, rid, priority); anything
+else goes alone. A batch the engine refuses as a whole (HTTP 4xx/5xx: nothing of it
+ran) sends each call again alone, so each gets its own answer or typed error. An
+item the engine fails mid-stream fails that call with the engine's message; a
+stream that breaks fails the calls it had not answered with the error the broken
+connection means (the engine's rows for them are being aborted, so they are not
+sent again: a retry would find their ids still in flight).
 
 Engines opt in through ``/model_info``'s ``batched_streams``: the CPU engine does.
 SGLang streams batches the same way (``index`` per chunk, cumulative text), but that
@@ -40,6 +44,7 @@ _PLAIN = frozenset({"text", "input_ids", "sampling_params", "rid", "priority"})
 FINALS_ONLY = 2**31 - 1  # a stream_interval no generation reaches: only final chunks
 DEFAULT_WINDOW = 0.002  # seconds a call waits for company while others are in flight
 DEFAULT_MAX_BATCH = 64
+PROBE_BACKOFF = 5.0  # seconds before asking an unreachable engine again whether it streams batches
 
 Lines = Callable[[str, dict[str, Any], Callable[[bytes], None]], tuple[int, bytes, list[tuple[str, str]]]]
 
@@ -48,7 +53,8 @@ Lines = Callable[[str, dict[str, Any], Callable[[bytes], None]], tuple[int, byte
 class _Call:
     body: dict[str, Any]
     done: threading.Event = field(default_factory=threading.Event)
-    answer: dict[str, Any] | None = None  # done and None: send it alone
+    answer: dict[str, Any] | None = None  # done, no answer and no failure: send it alone
+    failure: Exception | None = None  # what the batch could say of this call's fate
     lead: bool = False  # gather the next batch (the queue's first call after a full one left)
 
 
@@ -82,41 +88,55 @@ class Coalescer:
         self.max_batch = max_batch
         self.enabled: bool | None = None  # None: not asked yet
         self._cond = threading.Condition()
-        self._busy = 0  # calls inside post() now
+        self._busy = 0  # plain calls inside post() now
+        self._probe_after = 0.0  # monotonic time before which an unreachable engine is not asked
+        self._warned = False
         self._queues: dict[tuple[str, Any], list[_Call]] = {}
         self.batches = 0  # batch requests sent (for tests and profiling)
         self.batched = 0  # calls answered through them
 
-    def post(self, body: dict[str, Any], alone: Callable[[], Any]) -> Any:
+    def post(
+        self, body: dict[str, Any], alone: Callable[[], Any], fail: Callable[[Exception], Exception]
+    ) -> Any:
         """The engine's answer to one call's ``body``: from a batch, or from ``alone()``.
 
         ``alone`` sends the call by itself (and raises its typed errors); it runs when
-        nothing else is in flight, when the body cannot join a batch, and when a batch
-        could not answer this call.
+        too few other calls are in flight, when the body cannot join a batch, and when
+        the engine refused the whole batch. ``fail`` turns what went wrong with this
+        call in a batch (an item the engine failed, a broken stream) into its typed error.
         """
         key = _key(body)
+        if key is None:
+            return alone()
         with self._cond:
             company = self._busy
             self._busy += 1
         try:
-            if key is None or company < self.min_company or not self._enabled():
+            if company < self.min_company or not self._enabled():
                 return alone()
-            answer = self._gathered(key, _Call(body))
-            return alone() if answer is None else answer
+            call = self._gathered(key, _Call(body))
         finally:
             with self._cond:
                 self._busy -= 1
+        if call.answer is not None:
+            return call.answer
+        if call.failure is not None:
+            raise fail(call.failure)
+        return alone()
 
     def _enabled(self) -> bool:
         if self.enabled is None:
+            if time.monotonic() < self._probe_after:
+                return False
             try:
                 self.enabled = bool(self._probe())
-            except Exception as exc:  # unreachable now: ask again next time
+            except Exception as exc:  # unreachable now: ask again a little later
                 log.debug("Could not ask the engine whether it streams batches: %s", exc)
+                self._probe_after = time.monotonic() + PROBE_BACKOFF
                 return False
         return self.enabled
 
-    def _gathered(self, key: tuple[str, Any], mine: _Call) -> dict[str, Any] | None:
+    def _gathered(self, key: tuple[str, Any], mine: _Call) -> _Call:
         with self._cond:
             queue = self._queues.setdefault(key, [])
             queue.append(mine)
@@ -131,8 +151,8 @@ class Coalescer:
                 self._gather_and_send(key)
             mine.done.wait()
             with self._cond:
-                if not mine.lead:  # answered, or told to go alone; else: gather the next batch
-                    return mine.answer
+                if not mine.lead:  # answered, failed or told to go alone; else: gather the next batch
+                    return mine
 
     def _gather_and_send(self, key: tuple[str, Any]) -> None:
         deadline = time.monotonic() + self.window
@@ -157,40 +177,65 @@ class Coalescer:
                 call.done.set()
 
     def _send(self, key: tuple[str, Any], batch: list[_Call]) -> None:
-        field_name, priority = key
-        body: dict[str, Any] = {
-            field_name: [call.body[field_name] for call in batch],
-            "sampling_params": [
-                {**(call.body.get("sampling_params") or {}), "stream_interval": FINALS_ONLY} for call in batch
-            ],
-            "rid": [call.body["rid"] for call in batch],
-            "stream": True,
-        }
-        if priority is not None:
-            body["priority"] = priority
-
         def on_line(line: bytes) -> None:
             if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                 return
             chunk = json.loads(line[6:])
             index = chunk.pop("index", None) if isinstance(chunk, dict) else None
-            if not isinstance(index, int) or not 0 <= index < len(batch) or "error" in chunk:
-                raise _Broken(f"the engine streamed a chunk this batch cannot place: {line[:200]!r}")
+            if not isinstance(index, int) or not 0 <= index < len(batch):
+                raise _Broken(f"The engine streamed a chunk this batch cannot place: {line[:200]!r}")
+            if "error" in chunk:  # this item failed; the others go on
+                error = chunk["error"]
+                message = error.get("message") if isinstance(error, dict) else error
+                batch[index].failure = ItemFailed(str(message))
+                batch[index].done.set()
+                return
             if (chunk.get("meta_info") or {}).get("finish_reason") is None:
                 return  # a partial output (an engine that ignores stream_interval)
             batch[index].answer = chunk
             batch[index].done.set()
 
         try:
-            status, _, _ = self._post_lines("/generate", body, on_line)
+            status, payload, _ = self._post_lines("/generate", _batch_body(key, batch), on_line)
             if status < 400:
                 self.batches += 1
                 self.batched += sum(call.answer is not None for call in batch)
-        except Exception as exc:  # each call learns its own fate alone
-            log.debug("A batch of %d engine calls failed; sending them alone: %s", len(batch), exc)
+                if any(call.answer is None and call.failure is None for call in batch):
+                    raise _Broken("The engine ended a batched answer before answering every item.")
+            else:  # refused whole, so nothing of it ran: each call goes again alone
+                self._warn(f"the engine refused it with HTTP {status}: {payload[:200]!r}")
+        except Exception as exc:  # the stream broke: the unanswered calls fail with it
+            self._warn(f"{type(exc).__name__}: {exc}")
+            for call in batch:
+                if call.answer is None and call.failure is None:
+                    call.failure = exc
         finally:
             for call in batch:
-                call.done.set()  # unanswered ones (answer None) are sent alone
+                call.done.set()
+
+    def _warn(self, why: str) -> None:
+        level = logging.DEBUG if self._warned else logging.WARNING
+        self._warned = True
+        log.log(level, "A batched /generate failed: %s", why)
+
+
+def _batch_body(key: tuple[str, Any], batch: list[_Call]) -> dict[str, Any]:
+    field_name, priority = key
+    body: dict[str, Any] = {
+        field_name: [call.body[field_name] for call in batch],
+        "sampling_params": [
+            {**(call.body.get("sampling_params") or {}), "stream_interval": FINALS_ONLY} for call in batch
+        ],
+        "rid": [call.body["rid"] for call in batch],
+        "stream": True,
+    }
+    if priority is not None:
+        body["priority"] = priority
+    return body
+
+
+class ItemFailed(Exception):
+    """The engine failed one item of a streamed batch; the message is the engine's."""
 
 
 class _Broken(Exception):

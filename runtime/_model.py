@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 
 from runtime._adapters import AdapterRef, AdapterResolver, EngineAdapters, call_fields
-from runtime._coalesce import Coalescer
+from runtime._coalesce import Coalescer, ItemFailed
 from runtime._errors import (
     EngineError,
     EngineLost,
@@ -521,7 +521,7 @@ class Model(OpenAIRoutes):
         started = time.time()
         if self._posts is not None and lora is None:
             if path == "/generate" and self._batches is not None:
-                data = self._batches.post(body, lambda: self._post_plain(path, body))
+                data = self._batches.post(body, lambda: self._post_plain(path, body), self._batch_failure)
             else:
                 data = self._post_plain(path, body)
         else:
@@ -535,6 +535,13 @@ class Model(OpenAIRoutes):
             data = response.json()
         self.calls.append(call_record(path, body, data, started, internals) | call_fields(lora))
         return data
+
+    def _batch_failure(self, exc: Exception) -> Exception:
+        """The typed error of a call whose gathered batch failed it (see ``_coalesce``)."""
+        if isinstance(exc, OSError | http.client.HTTPException):
+            return self._unreachable(exc)
+        what = "failed this request" if isinstance(exc, ItemFailed) else "broke off a batched answer"
+        return EngineError(f"The engine for model {self.name!r} {what} (/generate): {exc}")
 
     def _post_plain(self, path: str, body: dict[str, Any]) -> Any:
         assert self._posts is not None

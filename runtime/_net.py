@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import select
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -112,13 +113,7 @@ class KeepAlivePosts:
         for attempt in (0, 1):
             if self._closed:
                 raise ConnectionAbortedError("This engine connection pool is closed.")
-            try:
-                conn, reused = self._idle.pop(), True
-            except IndexError:
-                conn, reused = (
-                    _Connection(self._host, self._port, self._timeout, self._connect_timeout),
-                    False,
-                )
+            conn, reused = self._take()
             response: http.client.HTTPResponse | None = None
             try:
                 conn.use_timeout(self._timeout if timeout is None else timeout)
@@ -140,6 +135,17 @@ class KeepAlivePosts:
             return response.status, payload, response.getheaders()
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _take(self) -> tuple[_Connection, bool]:
+        """An idle connection the server has not closed (and True), else a new one (and False)."""
+        while True:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                return _Connection(self._host, self._port, self._timeout, self._connect_timeout), False
+            if not conn.stale():
+                return conn, True
+            conn.close()  # the server closed it while idle: sending into it could lose the request
+
     def close(self) -> None:
         """Close the idle connections (those in use close when they come back); later posts fail."""
         self._closed = True
@@ -159,6 +165,13 @@ class _Connection(http.client.HTTPConnection):
         self.sock = socket.create_connection((self.host, self.port), self._connect_timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one send per request anyway
         self.sock.settimeout(self.timeout)
+
+    def stale(self) -> bool:
+        """Whether an idle connection has something to read (the server's close): not reusable."""
+        if self.sock is None:
+            return False
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        return bool(readable)
 
     def use_timeout(self, timeout: float) -> None:
         """Seconds the next exchange may wait on a read (set on the socket if it is open)."""

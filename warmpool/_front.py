@@ -62,18 +62,28 @@ class WorkFront:
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = self.routes[(scope["method"], scope["path"])]
-        started = False
+        started = receive_failed = False
 
         async def tracked(message: MutableMapping[str, Any]) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
             await send(message)
 
+        async def receiving() -> MutableMapping[str, Any]:
+            nonlocal receive_failed
+            try:
+                return await receive()
+            except Exception:
+                receive_failed = True
+                raise
+
         try:
-            response = await endpoint(Request(scope, receive, send))
-            await response(scope, receive, tracked)
+            response = await endpoint(Request(scope, receiving, send))
+            await response(scope, receiving, tracked)
         except Exception as exc:
-            if started:  # a stream broke midway: nothing can be answered any more
+            # A stream that broke midway cannot be answered any more; an error of the request's
+            # own receiving (a guard's body limit, say) belongs to whoever raised it.
+            if started or receive_failed:
                 raise
             log.exception("unhandled error in %s", scope.get("path"), exc_info=exc)
             await self.on_error(exc)(scope, receive, send)

@@ -136,7 +136,7 @@ class RemoteClient(SharingCalls, ClientBase):
         # JSON POSTs (submits, calls, batches) go over plain keep-alive connections: one send
         # per request and a fraction of httpx's client CPU (runtime._net.KeepAlivePosts).
         # httpx keeps everything else, https, URLs with credentials, and test transports.
-        plain = transport is None and url.startswith("http://") and urlsplit(url).username is None
+        plain = transport is None and url.startswith("http://") and "@" not in urlsplit(url).netloc
         self._posts = (
             KeepAlivePosts(self.url, timeout=timeout, connect_timeout=connect, headers=headers, max_idle=128)
             if plain
@@ -518,6 +518,8 @@ class RemoteClient(SharingCalls, ClientBase):
         except TimeoutError:
             raise ServiceError(f"{self.label} did not answer POST {path} in time.", 0) from None
         except (OSError, HTTPException) as exc:
+            if self._closed:  # shut down while this call was on its way
+                raise PoolClosedError("This faas remote client has been shut down.") from None
             raise ServiceError(
                 f"Could not reach {self.label} for POST {path}: {type(exc).__name__}: {exc}.", 0
             ) from None

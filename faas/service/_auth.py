@@ -169,8 +169,12 @@ class TokenAuth:
         if not token or self._globus is None:
             return False
         digest = _digest(token)
-        local = [hmac.compare_digest(known, digest) for known, *_ in self._digests]  # no early exit
-        return not any(local) and not self._globus.cached(token)
+        now = self._clock()
+        local = [  # as authenticate decides: an unexpired entry, and no early exit
+            hmac.compare_digest(known, digest) and (expires is None or now < expires)
+            for known, _, expires, _ in self._digests
+        ]
+        return not any(local) and digest not in self._revoked and not self._globus.cached(token)
 
     def authenticate(self, token: str | None) -> Tenant | None:
         """The token's tenant, or None (unknown, expired or revoked); compares in constant time."""

@@ -23,7 +23,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from faas.service._api import ErrorBody
 from faas.service._dashboard import PANELS, logs_of, provenance_of
-from faas.service._tenant import Tenant, authorize
+from faas.service._tenant import Tenant, authorize, authorize_request
 from runtime import AuthError, ForbiddenError
 
 COOKIE = "faas_dashboard"
@@ -121,7 +121,7 @@ def install_dashboard_routes(app: FastAPI, core: Any) -> None:
             return JSONResponse({"error": {"type": "InvalidParameterError", "message": str(exc)}}, 400)
         token = (form.get("token") or [""])[0].strip()[:4096]
         try:
-            who = authorize(core.auth, f"Bearer {token}" if token else "", "GET", "/dashboard")
+            who = await authorize_request(core.auth, f"Bearer {token}" if token else "", "GET", "/dashboard")
             if not who.may("admin"):
                 raise ForbiddenError(f"Tenant {who.name!r}'s token lacks 'admin'.", 403)
         except (AuthError, ForbiddenError) as exc:

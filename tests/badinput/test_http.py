@@ -95,6 +95,22 @@ def test_chunked_body_over_the_limit_is_413(alice: httpx.Client, unchanged: Unch
     expect(r, 413, "PayloadTooLargeError")
 
 
+def test_chunked_body_over_the_limit_on_an_openai_route_is_413_and_logs_no_error(
+    service: ServiceProc, alice: httpx.Client, unchanged: Unchanged
+) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "'
+        for _ in range(MAX_BODY_BYTES // MiB + 1):
+            yield b"A" * MiB
+        yield b'"}]}'
+
+    before = service.log.read_text(errors="replace")
+    r = alice.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    expect(r, 413, "PayloadTooLargeError")  # the service's body limit, before the route parses
+    logged = service.log.read_text(errors="replace")[len(before) :]
+    assert "unhandled error" not in logged and "Traceback" not in logged, logged[-2000:]
+
+
 def test_inline_argument_over_its_limit_is_413(alice: httpx.Client, unchanged: Unchanged) -> None:
     blob = b64(b"x" * (MAX_INLINE_BYTES + 1))
     r = alice.post("/v1/invocations", json={"function": FUNCTION, "args": blob})

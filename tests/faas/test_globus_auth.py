@@ -25,6 +25,7 @@ import pytest
 import faas
 from faas.service._auth import OpenAuth, ReloadingTokenAuth, TokenAuth
 from faas.service._globus_auth import GlobusIntrospection
+from faas.service._tenant import Tenant
 from tests.faas._service_helpers import running_service
 
 CLIENT, SECRET = "faas-client-id", "faas-client-secret"
@@ -150,6 +151,14 @@ def test_only_a_token_globus_must_be_asked_about_may_block_the_event_loop(
     now[0] += 101  # the cached answer expired: Globus Auth must be asked again
     assert auth.may_block("AgAlice")
     assert not OpenAuth().may_block("anything")
+    # An expired static token is introspected by authenticate, so it may block too.
+    introspection = GlobusIntrospection(CLIENT, SECRET, url=globus.url, required_scope=SCOPE)
+    expired = TokenAuth(
+        [(Tenant("bob"), "bob-token-0123456789abcdef", now[0] - 1)],
+        clock=lambda: now[0],
+        globus=introspection,
+    )
+    assert expired.may_block("bob-token-0123456789abcdef")
     static = tmp_path / "static.toml"
     static.write_text('[[tenants]]\nname = "bob"\ntokens = ["bob-token-0123456789abcdef"]\n')
     reloading = ReloadingTokenAuth(static, check_every=3600)

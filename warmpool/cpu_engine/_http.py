@@ -235,7 +235,7 @@ def _stream_generate(engine: Engine, batcher: Batcher, spec: GenerateSpec) -> Re
                 body: dict[str, Any] = to_json(batcher, out, spec)
                 if out.error is not None:
                     body = {"error": {"message": out.error}}
-                elif spec.is_batch:
+                if spec.is_batch:  # an error's too, so a client can tell which item failed
                     body["index"] = i
                 yield _sse(body)
             yield b"data: [DONE]\n\n"
