@@ -68,8 +68,8 @@ class Coalescer:
             asked once, the first time calls could gather.
         window: Seconds a call waits for company while other calls are in flight.
         max_batch: Most calls in one batch.
-        min_company: Calls already in flight before a new one waits for company: with
-            fewer, a burst is not under way and the call goes at once.
+        min_company: Plain calls already in flight before a new one waits for company:
+            with fewer, a burst is not under way and the call goes at once.
     """
 
     def __init__(
@@ -177,8 +177,14 @@ class Coalescer:
                 call.done.set()
 
     def _send(self, key: tuple[str, Any], batch: list[_Call]) -> None:
+        ended = False  # the engine's [DONE]: a stream without it was cut (the engine died, say)
+
         def on_line(line: bytes) -> None:
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+            nonlocal ended
+            if line.startswith(b"data: [DONE]"):
+                ended = True
+                return
+            if not line.startswith(b"data: "):
                 return
             chunk = json.loads(line[6:])
             index = chunk.pop("index", None) if isinstance(chunk, dict) else None
@@ -201,6 +207,10 @@ class Coalescer:
                 self.batches += 1
                 self.batched += sum(call.answer is not None for call in batch)
                 if any(call.answer is None and call.failure is None for call in batch):
+                    if not ended:
+                        raise ConnectionResetError(
+                            "The engine's connection closed in the middle of its answer."
+                        )
                     raise _Broken("The engine ended a batched answer before answering every item.")
             else:  # refused whole, so nothing of it ran: each call goes again alone
                 self._warn(f"the engine refused it with HTTP {status}: {payload[:200]!r}")

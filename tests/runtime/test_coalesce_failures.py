@@ -115,7 +115,7 @@ def _one_answered_one_failed_then_cut(handler: _Handler, body: dict[str, Any]) -
             {**_item("batched", rids[0]), "index": 0},
             {"error": {"message": "engine error: RuntimeError: the step failed"}, "index": 1},
         ],
-        done=False,  # the stream ends with the third item unanswered
+        done=True,  # the stream ends properly with the third item unanswered
     )
 
 
@@ -152,5 +152,7 @@ def _dies(handler: _Handler, body: dict[str, Any]) -> None:
 def test_an_engine_that_dies_mid_batch_fails_the_unanswered_calls(engine: _Engine) -> None:
     results = _three_calls(engine)
     assert sum(isinstance(r, GenerateResult) for r in results) == 1
-    assert sum(isinstance(r, EngineError | EngineLost) for r in results) == 2, results
+    # Lost, as a call alone would be: the pool retries an invocation its engine lost.
+    lost = [r for r in results if isinstance(r, EngineLost)]
+    assert len(lost) == 2 and "closed in the middle of its answer" in str(lost[0]), results
     assert engine.alone == []

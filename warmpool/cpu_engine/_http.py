@@ -226,18 +226,24 @@ def _stream_generate(engine: Engine, batcher: Batcher, spec: GenerateSpec) -> Re
     except ValueError as exc:
         return error(400, str(exc))
 
+    def event(i: int, out: GenOutput) -> bytes:
+        body: dict[str, Any] = to_json(batcher, out, spec)
+        if out.error is not None:
+            body = {"error": {"message": out.error}}
+        if spec.is_batch:  # an error's too, so a client can tell which item failed
+            body["index"] = i
+        return _sse(body)
+
     async def events() -> AsyncIterator[bytes]:
         remaining = len(spec.rids)
         try:
             while remaining:
-                i, out = await queue.get()
-                remaining -= out.finish_reason is not None
-                body: dict[str, Any] = to_json(batcher, out, spec)
-                if out.error is not None:
-                    body = {"error": {"message": out.error}}
-                if spec.is_batch:  # an error's too, so a client can tell which item failed
-                    body["index"] = i
-                yield _sse(body)
+                # What has queued goes in one write: a batch's items often end in the same step.
+                ready = [await queue.get()]
+                while not queue.empty():
+                    ready.append(queue.get_nowait())
+                remaining -= sum(out.finish_reason is not None for _, out in ready)
+                yield b"".join(event(i, out) for i, out in ready)
             yield b"data: [DONE]\n\n"
         finally:
             if remaining:  # the client went away mid-stream
