@@ -92,7 +92,8 @@ class Coalescer:
         self._probe_after = 0.0  # monotonic time before which an unreachable engine is not asked
         self._warned = False
         self._queues: dict[tuple[str, Any], list[_Call]] = {}
-        self.batches = 0  # batch requests sent (for tests and profiling)
+        # Counted before the call they complete is told (exact once its callers return).
+        self.batches = 0  # batch requests that answered at least one call (tests, profiling)
         self.batched = 0  # calls answered through them
 
     def post(
@@ -198,14 +199,15 @@ class Coalescer:
                 return
             if (chunk.get("meta_info") or {}).get("finish_reason") is None:
                 return  # a partial output (an engine that ignores stream_interval)
+            if not any(call.answer is not None for call in batch):
+                self.batches += 1
+            self.batched += 1
             batch[index].answer = chunk
             batch[index].done.set()
 
         try:
             status, payload, _ = self._post_lines("/generate", _batch_body(key, batch), on_line)
             if status < 400:
-                self.batches += 1
-                self.batched += sum(call.answer is not None for call in batch)
                 if any(call.answer is None and call.failure is None for call in batch):
                     if not ended:
                         raise ConnectionResetError(

@@ -515,14 +515,10 @@ class RemoteClient(SharingCalls, ClientBase):
             hook(self._http.build_request("POST", path, content=content, headers=_JSON))
         try:
             status, payload, headers = self._posts.post_bytes(path, content, timeout=timeout or self.timeout)
-        except TimeoutError:
-            raise ServiceError(f"{self.label} did not answer POST {path} in time.", 0) from None
         except (OSError, HTTPException) as exc:
             if self._closed:  # shut down while this call was on its way
                 raise PoolClosedError("This faas remote client has been shut down.") from None
-            raise ServiceError(
-                f"Could not reach {self.label} for POST {path}: {type(exc).__name__}: {exc}.", 0
-            ) from None
+            raise self._not_reached("POST", path, exc, timed_out=isinstance(exc, TimeoutError)) from None
         if status >= 400:
             request = self._http.build_request("POST", path, content=content, headers=_JSON)
             raise self._error_for(httpx.Response(status, headers=headers, content=payload, request=request))
@@ -541,17 +537,22 @@ class RemoteClient(SharingCalls, ClientBase):
                 headers=_JSON if content is not None else None,
                 timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
             )
-        except httpx.TimeoutException as exc:
-            raise ServiceError(
-                f"{self.label} did not answer {method} {path} in time ({type(exc).__name__}).", 0
-            ) from None
         except httpx.HTTPError as exc:
-            raise ServiceError(
-                f"Could not reach {self.label} for {method} {path}: {type(exc).__name__}: {exc}.", 0
-            ) from None
+            timed_out = isinstance(exc, httpx.TimeoutException)
+            raise self._not_reached(method, path, exc, timed_out=timed_out) from None
         if response.status_code >= 400:
             raise self._error_for(response)
         return response
+
+    def _not_reached(self, method: str, path: str, exc: Exception, *, timed_out: bool) -> ServiceError:
+        """The error of a request that got no answer, from either HTTP path."""
+        if timed_out:
+            return ServiceError(
+                f"{self.label} did not answer {method} {path} in time ({type(exc).__name__}).", 0
+            )
+        return ServiceError(
+            f"Could not reach {self.label} for {method} {path}: {type(exc).__name__}: {exc}.", 0
+        )
 
     def _error_for(self, response: httpx.Response) -> FaasError:
         return error_for_response(response, self.label)

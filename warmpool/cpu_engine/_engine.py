@@ -322,17 +322,18 @@ def create_app(engine: Engine) -> FastAPI:
 
         return endpoint
 
-    routes = {
-        ("/generate", ("POST",)): work("generate_requests", _cpu_http.generate),
-        ("/encode", ("POST", "PUT")): work("encode_requests", _cpu_http.encode),
-        ("/v1/chat/completions", ("POST",)): work("chat_requests", _cpu_http.chat_completions),
-        ("/v1/completions", ("POST",)): work("completion_requests", _cpu_http.completions),
-        ("/v1/embeddings", ("POST",)): work("embedding_requests", _cpu_http.embeddings),
+    encode = work("encode_requests", _cpu_http.encode)
+    # Served by FastAPI and, in the engine process, answered by the WorkFront ahead of it (main).
+    app.state.work_routes = {
+        ("POST", "/generate"): work("generate_requests", _cpu_http.generate),
+        ("POST", "/encode"): encode,
+        ("PUT", "/encode"): encode,
+        ("POST", "/v1/chat/completions"): work("chat_requests", _cpu_http.chat_completions),
+        ("POST", "/v1/completions"): work("completion_requests", _cpu_http.completions),
+        ("POST", "/v1/embeddings"): work("embedding_requests", _cpu_http.embeddings),
     }
-    for (path, methods), endpoint in routes.items():
-        app.add_api_route(path, endpoint, methods=list(methods))
-    # What serve_app answers without FastAPI's stack (see _front): the same endpoints.
-    app.state.work_routes = {(m, path): e for (path, methods), e in routes.items() for m in methods}
+    for (method, path), endpoint in app.state.work_routes.items():
+        app.add_api_route(path, endpoint, methods=[method])
     add_lora_routes(app, engine)
 
     @app.get("/v1/models")

@@ -227,9 +227,9 @@ def _stream_generate(engine: Engine, batcher: Batcher, spec: GenerateSpec) -> Re
         return error(400, str(exc))
 
     def event(i: int, out: GenOutput) -> bytes:
-        body: dict[str, Any] = to_json(batcher, out, spec)
-        if out.error is not None:
-            body = {"error": {"message": out.error}}
+        body: dict[str, Any] = (
+            {"error": {"message": out.error}} if out.error is not None else to_json(batcher, out, spec)
+        )
         if spec.is_batch:  # an error's too, so a client can tell which item failed
             body["index"] = i
         return _sse(body)
