@@ -110,10 +110,12 @@ class Registry:
                 break
             except ObjectExists:
                 continue  # another process registered this version number first
-        self._put_json(f"registry/functions/{spec.name}/aliases/latest.json", {"version": version})
+        # The digest record before the alias: whoever finds this version through ``latest``
+        # (a concurrent registration of the same artifact returns it early) can resolve it.
         digest_key = f"registry/digests/{digest}.json"
         if not self.store.exists(digest_key):
             self._put_json(digest_key, stored.model_dump(mode="json"))
+        self._put_json(f"registry/functions/{spec.name}/aliases/latest.json", {"version": version})
         return stored
 
     def get_function(self, ref: str) -> FunctionSpec:

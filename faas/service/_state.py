@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,7 @@ class TenantState:
     running: int = 0
     specs: dict[str, tuple[FunctionSpec, float]] = field(default_factory=dict)
     builtins: dict[str, FunctionSpec] = field(default_factory=dict)
+    _builtin_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def builtin(self, name: str) -> FunctionSpec:
         """A built-in function's spec in this tenant's registry, registered there on first use.
@@ -70,6 +72,11 @@ class TenantState:
         fn = BUILTINS.get(name)
         if fn is None:
             raise NotFoundError(f"No built-in function {name!r}.", 404)
+        with self._builtin_lock:  # a burst of first requests registers it once, not once each
+            spec = self.builtins.get(name)
+            return spec if spec is not None else self._register_builtin(name, fn)
+
+    def _register_builtin(self, name: str, fn: Callable[..., Any]) -> FunctionSpec:
         artifact = dumps(fn, what=f"built-in function {name}")
         spec = FunctionSpec(  # retried when a worker or engine dies under it: a request has no side effects
             name=name,

@@ -85,6 +85,24 @@ def test_a_cold_model_answers_503_with_retry_after_and_starts(service: Service) 
     assert isinstance(service.starting["eta_seconds"], float) and service.starting["eta_seconds"] >= 1
 
 
+def test_a_burst_of_first_requests_all_run(service: Service) -> None:
+    """carol's first chat requests arrive together: each finds the built-in registered (once) and runs."""
+
+    async def main() -> list[str | None]:
+        client = openai.AsyncOpenAI(base_url=service.base_url, api_key=service.proc.tokens_of["carol"])
+        try:
+            create = client.chat.completions.create
+            replies = await asyncio.gather(
+                *(create(model="tiny-llama", messages=CHAT, max_tokens=2) for _ in range(16))
+            )
+        finally:
+            await client.close()
+        return [r.choices[0].message.content for r in replies]
+
+    contents = asyncio.run(main())
+    assert len(contents) == 16 and all(contents)
+
+
 def test_models_list_and_retrieve(service: Service) -> None:
     client = service.client()
     models = {m.id: m for m in client.models.list()}

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,3 +97,36 @@ def test_model_versions_lists_every_version_with_its_aliases(tmp_path: Path) -> 
     ]
     reg.register_model(ModelSpec(name="tiny-llama", version="2"))  # a stored latest shadows the built-in's
     assert dict((s.ref, a) for s, a in reg.model_versions())["tiny-llama@1"] == []
+
+
+def test_concurrent_registrations_of_one_artifact_resolve_by_digest(tmp_path: Path) -> None:
+    """Whoever sees a registered version can resolve its digest, even mid-race (a built-in's first use)."""
+    import threading
+    import time
+
+    class SlowStore(LocalStore):
+        """Each write takes a few ms (as on S3), which widens the window between a registration's writes."""
+
+        def put(self, key: str, data: bytes, **kw: Any) -> Any:
+            time.sleep(0.003)
+            return super().put(key, data, **kw)
+
+    blob = dumps(lambda x: x * 3)
+    failures: list[BaseException] = []
+    for attempt in range(5):
+        reg = Registry(SlowStore(tmp_path / str(attempt)))
+
+        def register_and_resolve(delay: float, reg: Registry = reg) -> None:
+            time.sleep(delay)  # staggered arrivals: some find a registration half written
+            try:
+                spec = reg.register_function(blob, _spec(blob))
+                assert reg.get_function(spec.digest).digest == spec.digest
+            except BaseException as exc:  # collected: an assert in a thread would vanish
+                failures.append(exc)
+
+        threads = [threading.Thread(target=register_and_resolve, args=(i * 0.002,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert failures == []
