@@ -14,7 +14,7 @@ Direct: ``POST /generate`` on the engine with httpx (one keep-alive client per
 calling thread), the call a function makes itself. Service: ``fn.remote(prompt)`` (light load) and
 ``fn.submit`` in a sliding window (saturation) through ``faas.RemoteClient``.
 
-Goals (issue 8): added p50 <= 5 ms at light load; service / direct >= 1.0 at
+Goals (issue 15): added p50 <= 3 ms at light load; service / direct >= 1.0 at
 saturation. Each saturation run also reports the CPU milliseconds per call of
 the service process, its workers, the engine and this client (Linux ``/proc``).
 
@@ -59,7 +59,7 @@ import faas  # noqa: E402
 
 PROMPTS = ["The quick brown", "Once upon a time", "The capital of France is", "In the beginning"]
 SAMPLING = {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}
-GOAL_ADDED_P50_MS = 5.0
+GOAL_ADDED_P50_MS = 3.0  # issue 15 (issue 8 asked for 5)
 GOAL_SATURATION_RATIO = 1.0
 GOAL_OPENAI_ADDED_P50_MS = 3.0
 GOAL_OPENAI_RATIO = 0.95
@@ -279,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         submits["service"] = fn.submit
         meter = CpuMeter(service.pid)
         cpu: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
+        # One untimed window per path first: the first burst of each path opens its 256
+        # connections and grows the thread pools on both sides (measured: the first openai
+        # run went at a third of the later ones), which is start-up, not the steady state.
+        for submit in submits.values():
+            _window(submit, args.outstanding, args.outstanding)
         for _ in range(args.repeats):
             for name, submit in submits.items():
                 meter.start()
