@@ -8,7 +8,8 @@ SQLite index, the pool, a worker, the commit-once result record, the answer):
 - light load: ``--n`` calls one at a time, alternating the two paths so drift
   on the machine hits both; p50/p95 latency, and the added p50 in ms.
 - saturation: ``--total`` calls with ``--outstanding`` in flight at once (a
-  sliding window); calls per second and the ratio service / direct.
+  sliding window); calls per second and the ratio service / direct. Each path
+  first runs one untimed window of ``--outstanding`` calls (connections, thread pools).
 
 Direct: ``POST /generate`` on the engine with httpx (one keep-alive client per
 calling thread), the call a function makes itself. Service: ``fn.remote(prompt)`` (light load) and
