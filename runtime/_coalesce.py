@@ -5,8 +5,12 @@ HTTP request the engine must parse, tokenise and answer on its own. Profiled on 
 CPU engine (64 concurrent one-token requests, py-spy), that per-request work held
 the engine's event loop longer than the forward steps held the scheduler, and it
 shares their GIL: the requests of a burst reached the scheduler over ~50 ms, so
-batches started small. Here, while other calls are in flight, a call waits up to
-``window`` for company; the calls that gathered go as one batch request with
+batches started small. Here, while other calls are in flight, a call waits for
+company as long as company keeps coming: until ``window`` passes with no new call,
+or ``max_wait`` in all (a burst reaches a worker over several milliseconds as the
+pool dispatches it; measured on the multiplex benchmark, a fixed 2 ms cut its 64
+calls into ~20 engine requests, waiting out the gaps into ~10, and 20% more tokens
+per second). The calls that gathered go as one batch request with
 ``stream: true`` and a ``stream_interval`` no generation reaches, so the engine
 sends each item's final output (tagged with its ``index``) the moment that item
 ends. Nobody waits for the slowest item of their batch.
@@ -42,7 +46,8 @@ log = logging.getLogger("runtime.model")
 # priority, which is per request (so calls gather by priority).
 _PLAIN = frozenset({"text", "input_ids", "sampling_params", "rid", "priority"})
 FINALS_ONLY = 2**31 - 1  # a stream_interval no generation reaches: only final chunks
-DEFAULT_WINDOW = 0.002  # seconds a call waits for company while others are in flight
+DEFAULT_WINDOW = 0.002  # seconds without a new call that end a gathering
+DEFAULT_MAX_WAIT = 0.010  # seconds a gathering lasts at most (a fraction of a short generation)
 DEFAULT_MAX_BATCH = 64
 PROBE_BACKOFF = 5.0  # seconds before asking an unreachable engine again whether it streams batches
 
@@ -66,7 +71,8 @@ class Coalescer:
             (``KeepAlivePosts.post_lines``).
         probe: Whether the engine streams batches (``/model_info``'s ``batched_streams``);
             asked once, the first time calls could gather.
-        window: Seconds a call waits for company while other calls are in flight.
+        window: Seconds without a new call that end a gathering (calls are in flight).
+        max_wait: Seconds a gathering lasts at most, however steadily calls arrive.
         max_batch: Most calls in one batch.
         min_company: Plain calls already in flight before a new one waits for company:
             with fewer, a burst is not under way and the call goes at once.
@@ -78,6 +84,7 @@ class Coalescer:
         probe: Callable[[], bool],
         *,
         window: float = DEFAULT_WINDOW,
+        max_wait: float = DEFAULT_MAX_WAIT,
         max_batch: int = DEFAULT_MAX_BATCH,
         min_company: int = 2,
     ) -> None:
@@ -85,6 +92,7 @@ class Coalescer:
         self.min_company = min_company
         self._probe = probe
         self.window = window
+        self.max_wait = max_wait
         self.max_batch = max_batch
         self.enabled: bool | None = None  # None: not asked yet
         self._cond = threading.Condition()
@@ -156,11 +164,18 @@ class Coalescer:
                     return mine
 
     def _gather_and_send(self, key: tuple[str, Any]) -> None:
-        deadline = time.monotonic() + self.window
+        start = time.monotonic()
+        deadline, seen = start, 0
         with self._cond:
             queue = self._queues[key]
-            while len(queue) < self.max_batch and (left := deadline - time.monotonic()) > 0:
-                self._cond.wait(left)
+            while len(queue) < self.max_batch:
+                now = time.monotonic()
+                if len(queue) > seen:  # company came: wait for more, within max_wait in all
+                    seen = len(queue)
+                    deadline = min(now + self.window, start + max(self.max_wait, self.window))
+                if now >= deadline:
+                    break
+                self._cond.wait(deadline - now)
             batch = queue[: self.max_batch]
             del queue[: self.max_batch]
             if queue:  # more came than fit: the first of the rest gathers the next batch

@@ -8,6 +8,7 @@ Against a real CPU engine process. The gathering is made deterministic by its kn
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -131,3 +132,26 @@ def test_the_engine_says_it_streams_batches(url: str) -> None:
     info = Model(url, "tiny").engine_info()
     assert info["batched_streams"] is True
     assert FINALS_ONLY > 2**30  # no generation reaches it: only final chunks are streamed
+
+
+@pytest.mark.parametrize(("max_wait", "counts"), [(30.0, (1, 4)), (1.0, (1, 3))])
+def test_a_gathering_lasts_while_calls_keep_coming_up_to_max_wait(
+    url: str, max_wait: float, counts: tuple[int, int]
+) -> None:
+    """Calls 0.4 s apart with a 0.6 s quiet window: all four gather (a fixed 0.6 s wait took two
+    batches of two); capped at 1 s, the first three do and the fourth, alone, goes alone."""
+    model = Model(url, "tiny")
+    gen = model._batches
+    assert gen is not None
+    gen.min_company, gen.window, gen.max_wait, gen.max_batch = 0, 0.6, max_wait, 64
+    sampling = {"max_new_tokens": 2, "temperature": 0}
+    start = threading.Barrier(4)
+
+    def call(i: int) -> GenerateResult:
+        start.wait()
+        time.sleep(0.4 * i)  # staggered arrivals (the spacing under test), not synchronisation
+        return model.bind(f"gap-{i}").generate(PROMPTS[i], sampling)
+
+    results, _ = _concurrently([(lambda i=i: call(i)) for i in range(4)])
+    assert all(isinstance(r, GenerateResult) for r in results)
+    assert (gen.batches, gen.batched) == counts
