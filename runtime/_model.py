@@ -124,7 +124,7 @@ class Model(OpenAIRoutes):
             base_url=self.url,
             timeout=httpx.Timeout(timeout, connect=10.0),
             transport=transport
-            or tcp_transport(httpx.Limits(max_connections=512, max_keepalive_connections=512)),
+            or tcp_transport(httpx.Limits(max_connections=512, max_keepalive_connections=512), url=self.url),
         )
         # Plain calls skip httpx's pool: one keep-alive connection per thread (see KeepAlivePosts).
         plain = transport is None and self.url.startswith("http://")

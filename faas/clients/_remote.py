@@ -124,14 +124,14 @@ class RemoteClient(SharingCalls, ClientBase):
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=connect),
             transport=transport
-            or tcp_transport(httpx.Limits(max_connections=512, max_keepalive_connections=128)),
+            or tcp_transport(httpx.Limits(max_connections=512, max_keepalive_connections=128), url=self.url),
         )
         self._stream_http = httpx.Client(
             base_url=self.url,
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=connect, read=stream_read_timeout),
             transport=transport
-            or tcp_transport(httpx.Limits(max_connections=64, max_keepalive_connections=16)),
+            or tcp_transport(httpx.Limits(max_connections=64, max_keepalive_connections=16), url=self.url),
         )
         # JSON POSTs (submits, calls, batches) go over plain keep-alive connections: one send
         # per request and a fraction of httpx's client CPU (runtime._net.KeepAlivePosts).
