@@ -21,9 +21,14 @@ def tcp_transport(limits: httpx.Limits, *, url: str) -> httpx.HTTPTransport:
 
     httpx writes a request's headers and body with separate sends; with Nagle
     on, the body can wait for the peer's (delayed) ACK of the headers. For an
-    ``http://`` URL no TLS context is built: loading the CA bundle cost 128 ms of
-    CPU per client here, paid by every worker's first engine handle and every CLI
-    command's client, for a context plain HTTP never uses.
+    ``http://`` URL no TLS context is built: loading the CA bundle cost 20-130 ms
+    of CPU per client here (more on a busy host), paid by every worker's first
+    engine handle and every CLI command's client, for a context plain HTTP never
+    uses. An ``https://`` URL's certificates are verified as before.
+
+    Args:
+        limits: The connection pool's limits.
+        url: The base URL the transport's requests go to (its scheme decides TLS).
     """
     tls = url.startswith("https://")
     return httpx.HTTPTransport(limits=limits, socket_options=_NODELAY, verify=tls)
