@@ -10,7 +10,6 @@ authenticates with it.
 from __future__ import annotations
 
 import base64
-import json
 import threading
 import time
 import urllib.parse
@@ -26,6 +25,7 @@ import faas
 from faas.service._auth import OpenAuth, ReloadingTokenAuth, TokenAuth
 from faas.service._globus_auth import GlobusIntrospection
 from faas.service._tenant import Tenant
+from tests._json_http import send_json
 from tests.faas._service_helpers import running_service
 
 CLIENT, SECRET = "faas-client-id", "faas-client-secret"
@@ -64,12 +64,7 @@ def globus() -> Iterator[GlobusStandIn]:
             self._send(200, body)
 
         def _send(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, body)
 
         def log_message(self, *args: Any) -> None:
             pass

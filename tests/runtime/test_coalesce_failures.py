@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from runtime import EngineError, EngineLost, GenerateResult, Model
+from tests._json_http import send_json
 
 
 def _item(text: str, rid: str) -> dict[str, Any]:
@@ -55,12 +56,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.answer(200, _item("alone", body["rid"]))
 
     def answer(self, status: int, obj: Any) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, status, obj)
 
     def stream(self, chunks: list[dict[str, Any]], *, done: bool) -> None:
         self.send_response(200)

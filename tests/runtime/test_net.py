@@ -12,6 +12,7 @@ import pytest
 
 from runtime import EngineLost, EngineRejectedError, Model
 from runtime._net import KeepAlivePosts
+from tests._json_http import send_json
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -23,12 +24,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.bodies.append(body)
         status = 400 if body.get("bad") else 200
         answer = {"error": {"message": "no such thing"}} if status == 400 else {"echo": body, "text": "ok"}
-        data = json.dumps(answer).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, status, answer)
         if self.server.drop_after_answer:
             self.close_connection = True  # as a server closing an idle connection: no header says so
 
