@@ -167,7 +167,10 @@ def _cases() -> list[Any]:
         cases.append(
             pytest.param("/encode", {"text": "x", name: non_default(default)}, name, id=f"encode.{name}")
         )
-    chat_sampling = {k: F.SAMPLING_UNSUPPORTED[k] for k in F.CHAT_PARSED & set(F.SAMPLING_UNSUPPORTED)}
+    # Sorted: the ids must come in one order in every process (pytest-xdist compares them).
+    chat_sampling = {
+        k: F.SAMPLING_UNSUPPORTED[k] for k in sorted(F.CHAT_PARSED & F.SAMPLING_UNSUPPORTED.keys())
+    }
     for name, default in {**F.CHAT_UNSUPPORTED, **chat_sampling}.items():
         body = {"messages": HI, name: non_default(default)}
         cases.append(pytest.param("/v1/chat/completions", body, name, id=f"chat.{name}"))
@@ -178,7 +181,8 @@ def _cases() -> list[Any]:
     cases.append(pytest.param("/v1/chat/completions", body, "stream_options.continuous_usage_stats", id="so"))
     # n is implemented on /v1/completions (n copies of each prompt), so it is no case there.
     completion_sampling = {
-        k: F.SAMPLING_UNSUPPORTED[k] for k in F.COMPLETION_PARSED & set(F.SAMPLING_UNSUPPORTED) - {"n"}
+        k: F.SAMPLING_UNSUPPORTED[k]
+        for k in sorted(F.COMPLETION_PARSED & F.SAMPLING_UNSUPPORTED.keys() - {"n"})
     }
     for name, default in {**F.COMPLETION_UNSUPPORTED, **completion_sampling}.items():
         body = {"prompt": "x", name: non_default(default)}
