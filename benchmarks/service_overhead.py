@@ -17,7 +17,9 @@ calling thread), the call a function makes itself. Service: ``fn.remote(prompt)`
 
 Goals (issue 15): added p50 <= 3 ms at light load; service / direct >= 1.0 at
 saturation. Each saturation run also reports the CPU milliseconds per call of
-the service process, its workers, the engine and this client (Linux ``/proc``).
+the service process, its workers, the engine and this client (Linux ``/proc``),
+and the engine's sequences per forward step while the path ran (how full it kept
+the engine's batch; from its ``/server_info``).
 
 The ``openai`` row (issue 19): the same greedy 16-token request as a chat
 completion, ``POST /v1/chat/completions`` on the service (an invocation of the
@@ -157,6 +159,12 @@ def _engine_url(client: Any) -> str:
     raise RuntimeError("The service has no ready replica after the warm-up call.")
 
 
+def _engine_steps(http: Any) -> tuple[int, float]:
+    """The engine's forward steps so far and the sequences they stepped (``/server_info``)."""
+    stats = http.get("/server_info").json()["stats"]
+    return int(stats["steps"]), float(stats["mean_batch_size"]) * int(stats["steps"])
+
+
 def _window(submit: Any, total: int, outstanding: int) -> float:
     """Run ``total`` calls with at most ``outstanding`` in flight; return calls per second."""
     t0 = time.perf_counter()
@@ -283,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         submits["service"] = fn.submit
         meter = CpuMeter(service.pid)
         cpu: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
+        # Sequences per forward step while each path ran: how full it kept the engine's batch.
+        batch: dict[str, list[float]] = {name: [] for name in paths}
+        info = httpx.Client(base_url=engine, timeout=30, verify=False)
         # One untimed window per path first: the first burst of each path opens its 256
         # connections and grows the thread pools on both sides (measured: the first openai
         # run went at a third of the later ones), which is start-up, not the steady state.
@@ -290,14 +301,21 @@ def main(argv: list[str] | None = None) -> int:
             _window(submit, args.outstanding, args.outstanding)
         for _ in range(args.repeats):
             for name, submit in submits.items():
+                steps0, rows0 = _engine_steps(info)
                 meter.start()
                 rates[name].append(_window(submit, args.total, args.outstanding))
                 cpu[name].append(meter.per_call_ms(args.total))
+                steps1, rows1 = _engine_steps(info)
+                batch[name].append((rows1 - rows0) / max(1, steps1 - steps0))
+        info.close()
         pool.shutdown()
         for http in clients:
             http.close()
         chats.close()
-        saturation = {k: {"runs_per_s": v, "median_per_s": median(v)} for k, v in rates.items()}
+        saturation = {
+            k: {"runs_per_s": v, "median_per_s": median(v), "engine_rows_per_step": median(batch[k])}
+            for k, v in rates.items()
+        }
         cpu_ms = {k: {r: median([run[r] for run in v]) for r in v[0]} for k, v in cpu.items() if v[0]}
         sat_ratio = ratio(saturation["service"]["median_per_s"], saturation["direct"]["median_per_s"])
         openai_ratio = ratio(saturation["openai"]["median_per_s"], saturation["engine chat"]["median_per_s"])
@@ -333,8 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         roles = list(next(iter(cpu_ms.values())))
         print_table(
             "CPU ms per call at saturation (median of the runs), by process",
-            ["path", *roles, "total"],
-            [[name, *[v[r] for r in roles], sum(v.values())] for name, v in cpu_ms.items()],
+            ["path", *roles, "total", "engine rows/step"],
+            [
+                [name, *[v[r] for r in roles], sum(v.values()), saturation[name]["engine_rows_per_step"]]
+                for name, v in cpu_ms.items()
+            ],
         )
     print(
         f"\nstreamed chat, time to first content chunk: openai p50 {ttft['openai']['p50_ms']:.1f} ms, "
