@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         for http in clients:
             http.close()
         chats.close()
-        saturation = {
+        saturation: dict[str, dict[str, Any]] = {
             k: {"runs_per_s": v, "median_per_s": median(v), "engine_rows_per_step": median(batch[k])}
             for k, v in rates.items()
         }
