@@ -236,17 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         first = fn.remote(PROMPTS[0])  # cold start of the engine, outside every measurement
         start_seconds = time.perf_counter() - t0
         engine = _engine_url(client)
-        # One keep-alive client per calling thread: a shared httpx pool under 256 threads
-        # fails now and then (EBADF on a connection another thread closed).
-        local = threading.local()
-        clients: list[httpx.Client] = []
+        # The direct path's per-thread clients are its own, apart from the chat paths'.
+        directs = ThreadClients()
 
         def direct(prompt: str) -> str:
-            http = getattr(local, "http", None)
-            if http is None:
-                http = local.http = httpx.Client(base_url=engine, timeout=600, verify=False)
-                clients.append(http)
-            r = http.post("/generate", json={"text": prompt, "sampling_params": SAMPLING})
+            r = directs.get(engine).post("/generate", json={"text": prompt, "sampling_params": SAMPLING})
             r.raise_for_status()
             return str(r.json()["text"])
 
@@ -309,8 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch[name].append((rows1 - rows0) / max(1, steps1 - steps0))
         info.close()
         pool.shutdown()
-        for http in clients:
-            http.close()
+        directs.close()
         chats.close()
         saturation: dict[str, dict[str, Any]] = {
             k: {"runs_per_s": v, "median_per_s": median(v), "engine_rows_per_step": median(batch[k])}
