@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._machine_share import machine_share
+
 # The local S3 servers are session fixtures for every module (one instance each per session).
 from tests._s3_servers import aws_env, moto_server, seaweedfs_server  # noqa: F401
 
@@ -20,6 +22,20 @@ os.environ["FAAS_CACHE_DIR"] = _SESSION_CACHE
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.pop("FAAS_STORE", None)
+
+
+@pytest.fixture(autouse=True)
+def _machine_share(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Under ``-n 2``, a test marked ``quiet`` runs while the other process waits (see _machine_share)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        yield  # one process: nothing runs beside the test
+        return
+    # Every worker's base temp is a folder of the run's own: the lock files live there.
+    folder = tmp_path_factory.getbasetemp().parent
+    with machine_share(folder, exclusive=request.node.get_closest_marker("quiet") is not None):
+        yield
 
 
 @pytest.fixture(scope="session")
