@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import fcntl
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from tests._machine_share import machine_share
+from tests._wait import wait_for
 
 
 def free(path: Path, op: int) -> bool:
@@ -20,13 +19,6 @@ def free(path: Path, op: int) -> bool:
             return False
         fcntl.flock(f, fcntl.LOCK_UN)
         return True
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def test_ordinary_tests_share_and_a_quiet_one_is_alone(tmp_path: Path) -> None:
@@ -51,7 +43,7 @@ def test_a_waiting_quiet_test_holds_the_gate_so_ordinary_tests_queue_behind_it(t
         writer.start()
         # It waits for the room holding the gate: an ordinary test, which passes the
         # gate first, cannot slip in ahead of it while this one is still running.
-        wait_until(lambda: not free(gate, fcntl.LOCK_EX))
+        wait_for(lambda: not free(gate, fcntl.LOCK_EX), 10, "the quiet test to hold the gate")
         assert not ran.is_set()
     assert ran.wait(10)
     writer.join(10)

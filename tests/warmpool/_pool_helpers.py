@@ -11,6 +11,7 @@ from registry import FunctionSpec, ModelSpec, Registry
 from runtime import Invocation, Model, Result, dumps, new_id
 from runtime._serde import digest_of
 from runtime._source import bundle_function
+from tests._wait import wait_for  # noqa: F401 - this module's users import it from here
 from warmpool import Pool
 
 
@@ -56,18 +57,6 @@ def submit(
     pool.submit(inv, spec, model, fut.set_result)
     fut.invocation_id = inv.id  # type: ignore[attr-defined]
     return fut
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def generate(model: Model, prompt: str, n: int) -> int:
